@@ -1,0 +1,92 @@
+// CPU kernel of task_sgd: the work of all tensors is cut into chunks that one at::parallel_for shares out,
+// so a call over many small tensors costs one parallel region, not one per tensor.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common/task_sgd_plan.h"
+
+namespace mamlext {
+namespace {
+
+constexpr int64_t kChunkElements = 1 << 14;
+constexpr int64_t kSerialBelowElements = 1 << 15;  // smaller calls are not worth waking the thread pool
+
+struct Chunk {
+  size_t tensor;
+  int64_t begin, end;  // flat output elements [begin, end)
+};
+
+// Updates elements [begin, end) one task row at a time, so the inner loop runs over contiguous memory.
+template <typename scalar_t>
+void update_range(const SgdOperands<scalar_t>& ops, int64_t begin, int64_t end, at::opmath_type<scalar_t> float_lr) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  for (int64_t e = begin; e < end;) {
+    const int64_t row_end = std::min(end, e - e % ops.per_task + ops.per_task);
+    const int64_t n = row_end - e;
+    scalar_t* __restrict__ out = ops.out + e;
+    const scalar_t* __restrict__ grad = ops.grad + e;
+    const scalar_t* __restrict__ param = ops.param + ops.param_index(e);
+    if (ops.lr_kind == LrKind::kPerElement) {
+      const scalar_t* __restrict__ lr = ops.lr + ops.lr_index(e);
+      for (int64_t j = 0; j < n; ++j) out[j] = sgd_update<opmath_t>(param[j], grad[j], lr[j]);
+    } else {
+      const opmath_t lr = ops.lr_kind == LrKind::kScalar ? float_lr : static_cast<opmath_t>(ops.lr[0]);
+      for (int64_t j = 0; j < n; ++j) out[j] = sgd_update<opmath_t>(param[j], grad[j], lr);
+    }
+    e = row_end;
+  }
+}
+
+void run(const TaskSgdPlan& plan, double float_lr) {
+  std::vector<Chunk> chunks;
+  int64_t total = 0;
+  for (size_t i = 0; i < plan.outs.size(); ++i) {
+    const int64_t numel = plan.outs[i].numel();
+    total += numel;
+    for (int64_t begin = 0; begin < numel; begin += kChunkElements) {
+      chunks.push_back({i, begin, std::min(numel, begin + kChunkElements)});
+    }
+  }
+  if (chunks.empty()) return;
+  const int64_t grain = total < kSerialBelowElements ? static_cast<int64_t>(chunks.size()) : 1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.dtype, "task_sgd_cpu", [&] {
+    std::vector<SgdOperands<scalar_t>> operands;
+    for (size_t i = 0; i < plan.outs.size(); ++i) operands.push_back(plan.operands<scalar_t>(i));
+    const auto lr = static_cast<at::opmath_type<scalar_t>>(float_lr);
+    at::parallel_for(0, static_cast<int64_t>(chunks.size()), grain, [&](int64_t first, int64_t last) {
+      for (int64_t c = first; c < last; ++c) {
+        update_range(operands[chunks[c].tensor], chunks[c].begin, chunks[c].end, lr);
+      }
+    });
+  });
+}
+
+std::vector<at::Tensor> task_sgd_cpu(at::TensorList params, at::TensorList grads, double lr) {
+  check_task_sgd_lr(lr);
+  TaskSgdPlan plan = plan_task_sgd(params, grads, std::nullopt);
+  run(plan, lr);
+  return plan.outs;
+}
+
+std::vector<at::Tensor> task_sgd_tensor_lr_cpu(at::TensorList params, at::TensorList grads, at::TensorList lr) {
+  TaskSgdPlan plan = plan_task_sgd(params, grads, lr);
+  for (size_t i = 0; i < plan.lrs.size(); ++i) {
+    TORCH_CHECK(at::isfinite(plan.lrs[i]).all().item<bool>(), "task_sgd: lr[", i, "] must be finite");
+  }
+  run(plan, 0.0);
+  return plan.outs;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mamlext, CPU, m) {
+  m.impl("task_sgd", &task_sgd_cpu);
+  m.impl("task_sgd.tensor_lr", &task_sgd_tensor_lr_cpu);
+}
+
+}  // namespace mamlext

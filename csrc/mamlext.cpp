@@ -1,0 +1,36 @@
+// The Python module mamlext._C and every op's schema. Kernels live in cpu/ and cuda/, shared math in common/.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#ifndef MAMLEXT_CUDA_ARCHS
+#define MAMLEXT_CUDA_ARCHS ""
+#endif
+
+TORCH_LIBRARY(mamlext, m) {
+  // out[i][t] = params[i][t, or shared] - lr * grads[i][t] for all tasks t; lr a float, or per parameter a
+  // scalar tensor or a tensor of the parameter's shape.
+  m.def("task_sgd(Tensor[] params, Tensor[] grads, float lr) -> Tensor[]");
+  m.def("task_sgd.tensor_lr(Tensor[] params, Tensor[] grads, Tensor[] lr) -> Tensor[]");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+#ifdef MAMLEXT_WITH_CUDA
+  info["cuda"] = true;
+#else
+  info["cuda"] = false;
+#endif
+  info["cuda_archs"] = std::string(MAMLEXT_CUDA_ARCHS);
+  info["debug"] = static_cast<bool>(MAMLEXT_DEBUG);
+  info["torch_version"] = std::string(MAMLEXT_TORCH_VERSION);
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "mamlext compiled kernels; the ops are registered as torch.ops.mamlext.*";
+  module.def("build_info", &build_info, "How this extension was compiled.");
+}

@@ -1,0 +1,8 @@
+"""mamlext: fused C++/CUDA kernels for task-batched MAML in PyTorch."""
+__version__ = "0.1.0"
+
+from mamlext._ext import backend_info  # noqa: E402  (loads the compiled extension first)
+from mamlext import ops, reference  # noqa: E402
+from mamlext.maml import MAML  # noqa: E402
+
+__all__ = ["MAML", "backend_info", "ops", "reference", "__version__"]
