@@ -2,7 +2,6 @@
 
 Each op runs its compiled kernel where one serves the tensors' device and its twin in mamlext.reference otherwise.
 """
-import numbers
 from typing import List, Sequence, Union
 
 import torch
@@ -25,22 +24,8 @@ def task_sgd(params: Sequence[Tensor], grads: Sequence[Tensor], lr: Lr) -> List[
     Returns N tensors ``[T, *S_i]``. Differentiable in params, grads and tensor rates, twice over.
     """
     params, grads = list(params), list(grads)
-    if isinstance(lr, bool) or not isinstance(lr, (numbers.Real, Tensor, list, tuple)):
-        raise TypeError(f"task_sgd: lr must be a float, a tensor or a sequence of tensors, got {type(lr).__name__}")
-    if isinstance(lr, Tensor):
-        if lr.dim() != 0:
-            raise ValueError(f"task_sgd: a single tensor lr must be a scalar, got shape {list(lr.shape)}; "
-                             "pass one tensor per parameter for per-element rates")
-        lr = [lr] * len(grads)
-    elif isinstance(lr, (list, tuple)):
-        lr = list(lr)
-        for i, r in enumerate(lr):
-            if not isinstance(r, Tensor):
-                raise TypeError(f"task_sgd: lr[{i}] must be a tensor, got {type(r).__name__}")
-    else:
-        lr = float(lr)
-    device_type = grads[0].device.type if grads else "cpu"
-    if not _ext.has_kernels(device_type):
+    lr = reference.normalize_task_sgd_lr(lr, len(grads))
+    if not grads or not _ext.has_kernels(grads[0].device.type):  # no tensor, no device to dispatch on
         return reference.task_sgd(params, grads, lr)
     if isinstance(lr, float):
         return torch.ops.mamlext.task_sgd.default(params, grads, lr)

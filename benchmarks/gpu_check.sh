@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# GPU check of mamlext on a machine with an NVIDIA GPU (reference: H200), torch preinstalled, no network:
+# builds the CUDA kernels in place, runs the CUDA tests and the CUDA benchmarks, and logs everything to $OUT.
+#
+#   OUT=/some/dir bash benchmarks/gpu_check.sh        # default OUT=./gpu-results (relative to the repo root)
+#
+# Environment:
+#   OUT                   where logs, junit xml, JSON results and summary.txt go
+#   GPU_CHECK_BUDGET_S    wall-clock budget of the whole script in seconds (default 450, i.e. under 8 minutes);
+#                         each stage's timeout is cut to what is left of it, a stage with no time left is skipped
+#   CUDA_HOME             CUDA toolkit root; default /usr/local/cuda if it has bin/nvcc, else from `which nvcc`
+#
+# Every stage runs under `timeout`; a failing stage is recorded and later stages still run; the script exits 1
+# when any stage failed. To add a benchmark, append one line at the end:
+#   stage NAME TIMEOUT_S command args...
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+REPO_ROOT=$(pwd)
+OUT=${OUT:-./gpu-results}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+export OUT
+exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+
+BUDGET_S=${GPU_CHECK_BUDGET_S:-450}
+KILL_AFTER_S=5
+START_S=$SECONDS
+STAGES=()
+FAILED=()
+
+echo "gpu_check: $(date -u +%Y-%m-%dT%H:%M:%SZ) host $(hostname) repo $REPO_ROOT commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD 2>/dev/null || echo ' (+local changes)')"
+echo "gpu_check: OUT=$OUT budget ${BUDGET_S}s"
+
+# stage NAME TIMEOUT_S CMD...: runs CMD under `timeout` (cut to the remaining budget), logs it to $OUT/NAME.log
+# (and the main log), records pass/fail and never stops the script.
+stage() {
+  local name=$1 limit=$2
+  shift 2
+  local left=$((BUDGET_S - (SECONDS - START_S) - KILL_AFTER_S))
+  if ((left < limit)); then limit=$left; fi
+  echo
+  echo "=== stage $name: $* (timeout ${limit}s) ==="
+  if ((limit < 5)); then
+    echo "=== stage $name: SKIPPED (no time left in the ${BUDGET_S}s budget) ==="
+    STAGES+=("$name skipped (no time left)")
+    FAILED+=("$name")
+    return 0
+  fi
+  local t0=$SECONDS rc
+  set +e
+  timeout --kill-after="$KILL_AFTER_S" "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  rc=${PIPESTATUS[0]}
+  set -e
+  local took=$((SECONDS - t0)) verdict
+  if ((rc == 0)); then
+    verdict="ok"
+  elif ((rc == 124 || rc == 137)); then
+    verdict="FAILED (timed out after ${limit}s, rc $rc)"
+  else
+    verdict="FAILED (rc $rc)"
+  fi
+  echo "=== stage $name: $verdict in ${took}s ==="
+  STAGES+=("$name $verdict in ${took}s")
+  if ((rc != 0)); then FAILED+=("$name"); fi
+  return 0
+}
+
+finish() {
+  local rc=$?
+  {
+    echo
+    echo "=== summary ($((SECONDS - START_S))s) ==="
+    local line
+    for line in "${STAGES[@]}"; do echo "  $line"; done
+    if ((${#FAILED[@]})); then
+      echo "FAILED stages: ${FAILED[*]}"
+    else
+      echo "all stages passed"
+    fi
+  } | tee "$OUT/summary.txt"
+  if ((rc == 0 && ${#FAILED[@]})); then rc=1; fi
+  exit "$rc"
+}
+trap finish EXIT
+
+# The toolkit: CUDA_HOME, else /usr/local/cuda when it has nvcc, else two levels above `which nvcc`.
+if [[ -z "${CUDA_HOME:-}" ]]; then
+  if [[ -x /usr/local/cuda/bin/nvcc ]]; then
+    CUDA_HOME=/usr/local/cuda
+  elif command -v nvcc >/dev/null 2>&1; then
+    CUDA_HOME=$(dirname "$(dirname "$(command -v nvcc)")")
+  else
+    CUDA_HOME=""
+  fi
+fi
+if [[ -n "$CUDA_HOME" ]]; then
+  export CUDA_HOME
+  export PATH="$CUDA_HOME/bin:$PATH"
+  if [[ ! -f "$CUDA_HOME/include/cuda_runtime.h" ]]; then
+    echo "gpu_check: WARNING: CUDA_HOME=$CUDA_HOME has no include/cuda_runtime.h (nvcc may be a wrapper);" \
+      "setup.py looks for the real toolkit itself"
+  fi
+else
+  echo "gpu_check: WARNING: no CUDA toolkit found (no CUDA_HOME, /usr/local/cuda/bin/nvcc or nvcc on PATH)"
+fi
+echo "gpu_check: CUDA_HOME=${CUDA_HOME:-<none>}"
+
+stage nvidia-smi 20 nvidia-smi
+stage environment 30 bash -c 'python --version; which python; (nvcc --version || echo "no nvcc on PATH"); python -c "import torch; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"gpu\", torch.cuda.is_available() and torch.cuda.get_device_name(0))"'
+stage build 180 env FORCE_CUDA=1 MAX_JOBS="$(nproc)" PIP_DISABLE_PIP_VERSION_CHECK=1 python -m pip install --no-build-isolation --no-deps --no-index -v -e .
+stage info 30 env MAMLEXT_REQUIRE_EXT=1 python -m mamlext info
+stage cuda-kernels 30 env MAMLEXT_REQUIRE_EXT=1 python -c 'import mamlext; i = mamlext.backend_info(); print(i); assert i["cuda_kernels"] and i["backend"]["cuda"] == "compiled", "the CUDA kernels are not serving cuda tensors"'
+stage tests-cuda 75 env MAMLEXT_REQUIRE_EXT=1 python -m pytest tests -q -m cuda -x -p no:cacheprovider --junitxml="$OUT/junit_cuda.xml"
+stage bench-task-sgd 150 env MAMLEXT_REQUIRE_EXT=1 python benchmarks/bench_task_sgd.py --device cuda --out "$OUT/task_sgd_cuda.json"
+# Further benchmarks: stage NAME TIMEOUT_S command args...  (write results under "$OUT")
