@@ -11,6 +11,13 @@ TORCH_LIBRARY(mamlext, m) {
   // scalar tensor or a tensor of the parameter's shape.
   m.def("task_sgd(Tensor[] params, Tensor[] grads, float lr) -> Tensor[]");
   m.def("task_sgd.tensor_lr(Tensor[] params, Tensor[] grads, Tensor[] lr) -> Tensor[]");
+  // Per task loss of an MLP (params [W_1, b_1, ..., W_L, b_L], each shared or per task) and its gradient.
+  m.def("mlp_loss_grad(Tensor[] params, Tensor x, Tensor y, int activation, float act_param, int loss) -> (Tensor, Tensor[])");
+  // Per task Hessian-vector product H_t v_t of the MLP loss, by Pearlmutter's R-operator.
+  m.def("mlp_hvp(Tensor[] params, Tensor[] vectors, Tensor x, Tensor y, int activation, float act_param, int loss) -> Tensor[]");
+  // Fused MAML of an MLP: N inner SGD steps per task, weighted query losses, per task meta- and rate gradients.
+  m.def("mlp_maml(Tensor[] params, Tensor xs, Tensor ys, Tensor xq, Tensor yq, Tensor[] lrs, Tensor step_weights, "
+        "bool first_order, int activation, float act_param, int loss) -> (Tensor, Tensor[], Tensor[])");
 }
 
 namespace {

@@ -4,5 +4,6 @@ __version__ = "0.1.0"
 from mamlext._ext import backend_info  # noqa: E402  (loads the compiled extension first)
 from mamlext import ops, reference  # noqa: E402
 from mamlext.maml import MAML  # noqa: E402
+from mamlext.batched import BatchedMAML  # noqa: E402
 
-__all__ = ["MAML", "backend_info", "ops", "reference", "__version__"]
+__all__ = ["BatchedMAML", "MAML", "backend_info", "ops", "reference", "__version__"]

@@ -2,12 +2,15 @@
 
 Each op runs its compiled kernel where one serves the tensors' device and its twin in mamlext.reference otherwise.
 """
-from typing import List, Sequence, Union
+import math
+import numbers
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from mamlext import _ext, reference
+from mamlext._mlp_codes import ACTIVATION_NAMES, ACTIVATIONS, DEFAULT_ACT_PARAM, LOSS_NAMES, LOSSES
 
 Lr = Union[float, Tensor, Sequence[Tensor]]
 
@@ -37,35 +40,310 @@ def _task_sgd_fake(params, grads, lr):
     return [g.new_empty(g.shape) for g in grads]
 
 
-def _task_sgd_setup_context(ctx, inputs, output):
-    params, grads, lr = inputs
-    ctx.param_shared = [p.dim() < g.dim() for p, g in zip(params, grads)]
-    ctx.float_lr = lr if isinstance(lr, float) else None
-    ctx.save_for_backward(*grads, *(() if isinstance(lr, float) else lr))
-
-
-def _task_sgd_backward(ctx, grad_outs):
-    """Made of differentiable torch ops, so that second-order MAML can differentiate through it again."""
-    n = len(grad_outs)
-    saved = ctx.saved_tensors
-    grads, lrs = saved[:n], saved[n:]
-    d_params, d_grads, d_lrs = [], [], []
-    for i, go in enumerate(grad_outs):
-        if go is None:
-            d_params.append(None)
-            d_grads.append(None)
-            d_lrs.append(None)
-            continue
-        lr = ctx.float_lr if ctx.float_lr is not None else lrs[i]
-        d_params.append(go.sum(0) if ctx.param_shared[i] else go)
-        d_grads.append(-lr * go)
-        if ctx.float_lr is None:
-            d_lr = -(go * grads[i])
-            d_lrs.append(d_lr.sum() if lrs[i].dim() == 0 else d_lr.sum(0))
-    return d_params, d_grads, (None if ctx.float_lr is not None else d_lrs)
-
-
 if _ext._C is not None:
+    # task_sgd's autograd is registered in C++ (csrc/autograd/task_sgd.cpp): a Python autograd layer would cost
+    # more than the kernel itself for the small tensors of an inner loop.
     for _name in ("mamlext::task_sgd", "mamlext::task_sgd.tensor_lr"):
         torch.library.register_fake(_name)(_task_sgd_fake)
-        torch.library.register_autograd(_name, _task_sgd_backward, setup_context=_task_sgd_setup_context)
+
+
+# ================================================================================================================
+# Fused task-batched MLP ops: mlp_loss_grad, mlp_hvp, mlp_maml (spec: params = [W_1, b_1, ..., W_L, b_L] in
+# nn.Linear layout, activation between layers, none after the last; see mamlext.reference for the twins).
+#
+# Gradients (the same on the compiled and the reference path):
+#   mlp_maml: query_losses is differentiable w.r.t. params and lrs (d params = sum_t go_t meta_grads_t,
+#     d lrs = sum_t go_t lr_grads_t: the exact meta-gradient, to second order unless first_order). No gradient flows
+#     to xs, ys, xq, yq or step_weights, and meta_grads / lr_grads are outputs without a graph. The backward is
+#     itself not differentiable (no third derivatives: do not double-backward through it).
+#   mlp_loss_grad: losses is differentiable w.r.t. params (through the returned grads: first-order use, e.g. a
+#     plain loss.backward()); no gradient flows to x or y, and grads carries no graph (to differentiate through an
+#     inner step use mlp_hvp, or mlp_maml).
+#   mlp_hvp: no autograd formula.
+
+Activation = Union[str, int]
+Loss = Union[str, int]
+MLPLr = Union[float, Tensor, Sequence[Tensor]]
+
+
+def _compiled(name: str, device: torch.device) -> bool:
+    """Whether the compiled op `name` exists and has a kernel for this device (the MLP ops may be built for CPU
+    only while task_sgd has CUDA kernels)."""
+    if not (_ext.has_kernels(device.type) and hasattr(torch.ops.mamlext, name)):
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"mamlext::{name}", key)
+
+
+def mlp_codes(op: str, activation: Activation, act_param: Optional[float], loss: Loss) -> Tuple[int, float, int]:
+    """(activation code, act_param, loss code) from names or codes; act_param defaults to nn.LeakyReLU's
+    negative_slope (0.01) and nn.ELU's alpha (1.0)."""
+    if isinstance(activation, str):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"{op}: activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+        act_code = ACTIVATIONS[activation]
+    elif isinstance(activation, int) and not isinstance(activation, bool) and activation in ACTIVATION_NAMES:
+        act_code = activation
+    else:
+        raise ValueError(f"{op}: activation must be one of {list(ACTIVATIONS)} (or its code), got {activation!r}")
+    if isinstance(loss, str):
+        if loss not in LOSSES:
+            raise ValueError(f"{op}: loss must be one of {list(LOSSES)}, got {loss!r}")
+        loss_code = LOSSES[loss]
+    elif isinstance(loss, int) and not isinstance(loss, bool) and loss in LOSS_NAMES:
+        loss_code = loss
+    else:
+        raise ValueError(f"{op}: loss must be one of {list(LOSSES)} (or its code), got {loss!r}")
+    if act_param is None:
+        act_param = DEFAULT_ACT_PARAM[ACTIVATION_NAMES[act_code]]
+    if isinstance(act_param, bool) or not isinstance(act_param, numbers.Real):
+        raise ValueError(f"{op}: act_param must be a float, got {act_param!r}")
+    return act_code, float(act_param), loss_code
+
+
+def _task_weighted_sum(go: Tensor, per_task: Tensor) -> Tensor:
+    """sum_t go[t] * per_task[t]."""
+    return torch.tensordot(go, per_task, dims=([0], [0]))
+
+
+def _loss_grad_param_grads(go: Optional[Tensor], grads: Sequence[Tensor], shared: Sequence[bool]):
+    if go is None:
+        return [None] * len(grads)
+    out = []
+    for g, s in zip(grads, shared):
+        out.append(_task_weighted_sum(go, g) if s else go.reshape(-1, *([1] * (g.dim() - 1))) * g)
+    return out
+
+
+def _is_shared(params: Sequence[Tensor]) -> List[bool]:
+    return [p.dim() == (2 if i % 2 == 0 else 1) for i, p in enumerate(params)]
+
+
+class _MLPLossGradReference(torch.autograd.Function):
+    """The reference mlp_loss_grad with the compiled op's autograd formula (see the comment above)."""
+
+    @staticmethod
+    def forward(ctx, act_code, act_param, loss_code, x, y, *params):
+        losses, grads = reference.mlp_loss_grad(list(params), x, y, act_code, act_param, loss_code)
+        ctx.shared = _is_shared(params)
+        ctx.mark_non_differentiable(*grads)
+        ctx.set_materialize_grads(False)  # no zero tensors for the outputs without a gradient
+        ctx.save_for_backward(*grads)
+        return (losses, *grads)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, go, *unused):
+        return (None, None, None, None, None, *_loss_grad_param_grads(go, ctx.saved_tensors, ctx.shared))
+
+
+def mlp_loss_grad(params: Sequence[Tensor], x: Tensor, y: Tensor, activation: Activation = "relu",
+                  act_param: Optional[float] = None, loss: Loss = "mse") -> Tuple[Tensor, List[Tensor]]:
+    """Per-task loss of an MLP and its gradient w.r.t. that task's parameters, for T tasks at once.
+
+    Args:
+        params: [W_1, b_1, ..., W_L, b_L] (nn.Linear layout), each shared (``S_i``) or per task (``[T, *S_i]``),
+            float32 or float64.
+        x: ``[T, K, in]``. y: ``[T, K, out]`` (loss "mse") or int64 class indices ``[T, K]`` (loss "ce").
+        activation: "relu", "leaky_relu", "tanh", "sigmoid", "gelu" (exact) or "elu", between layers.
+        act_param: negative_slope of leaky_relu (default 0.01) / alpha of elu (default 1.0); ignored otherwise.
+        loss: "mse" (mean over K*out elements) or "ce" (mean cross-entropy over the K rows).
+
+    Returns ``(losses [T], grads)``, grads P tensors ``[T, *S_i]``. ``losses`` is differentiable w.r.t. params
+    (first order: x, y get no gradient, grads carries no graph).
+    """
+    act_code, act_param, loss_code = mlp_codes("mlp_loss_grad", activation, act_param, loss)
+    params = list(params)
+    reference.check_mlp_loss_grad(params, x, y, act_code, act_param, loss_code,
+                                  check_values=x.device.type == "cpu")
+    if _compiled("mlp_loss_grad", x.device):
+        return torch.ops.mamlext.mlp_loss_grad(params, x, y, act_code, act_param, loss_code)
+    out = _MLPLossGradReference.apply(act_code, act_param, loss_code, x, y, *params)
+    return out[0], list(out[1:])
+
+
+def mlp_hvp(params: Sequence[Tensor], vectors: Sequence[Tensor], x: Tensor, y: Tensor,
+            activation: Activation = "relu", act_param: Optional[float] = None,
+            loss: Loss = "mse") -> List[Tensor]:
+    """Per-task Hessian-vector products ``H_t v_t`` of the MLP loss (arguments as in mlp_loss_grad; vectors:
+    P tensors ``[T, *S_i]``). Returns P tensors ``[T, *S_i]``. Not differentiable."""
+    act_code, act_param, loss_code = mlp_codes("mlp_hvp", activation, act_param, loss)
+    params, vectors = list(params), list(vectors)
+    reference.check_mlp_hvp(params, vectors, x, y, act_code, act_param, loss_code,
+                            check_values=x.device.type == "cpu")
+    if _compiled("mlp_hvp", x.device):
+        return torch.ops.mamlext.mlp_hvp(params, vectors, x, y, act_code, act_param, loss_code)
+    with torch.no_grad():
+        return reference.mlp_hvp(params, vectors, x, y, act_code, act_param, loss_code)
+
+
+def _mlp_maml_input_grads(go: Optional[Tensor], meta_grads: Sequence[Tensor], lr_grads: Sequence[Tensor]):
+    if go is None:
+        return [None] * len(meta_grads), [None] * len(lr_grads)
+    return [_task_weighted_sum(go, g) for g in meta_grads], [_task_weighted_sum(go, g) for g in lr_grads]
+
+
+class _MLPMAMLReference(torch.autograd.Function):
+    """The reference mlp_maml with the compiled op's autograd formula (see the comment above)."""
+
+    @staticmethod
+    def forward(ctx, first_order, act_code, act_param, loss_code, xs, ys, xq, yq, step_weights, n, *params_lrs):
+        params, lrs = list(params_lrs[:n]), list(params_lrs[n:])
+        losses, meta_grads, lr_grads = reference.mlp_maml(params, xs, ys, xq, yq, lrs, step_weights, first_order,
+                                                          act_code, act_param, loss_code)
+        ctx.n = n
+        ctx.mark_non_differentiable(*meta_grads, *lr_grads)
+        ctx.set_materialize_grads(False)  # no zero tensors for the outputs without a gradient
+        ctx.save_for_backward(*meta_grads, *lr_grads)
+        return (losses, *meta_grads, *lr_grads)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, go, *unused):
+        saved = ctx.saved_tensors
+        d_params, d_lrs = _mlp_maml_input_grads(go, saved[:ctx.n], saved[ctx.n:])
+        return (None,) * 10 + (*d_params, *d_lrs)
+
+
+def _mlp_maml_step_weights(step_weights, lrs, dtype, device) -> Tensor:
+    if step_weights is None:
+        steps = 1
+        if not isinstance(lrs, (numbers.Real, Tensor)):
+            steps = next((r.shape[0] for r in lrs if isinstance(r, Tensor) and r.dim() >= 1), 1)
+        weights = torch.zeros(steps, dtype=dtype, device=device)
+        weights[-1] = 1.0
+        return weights
+    if isinstance(step_weights, Tensor):
+        return step_weights
+    if isinstance(step_weights, (list, tuple)):
+        return torch.tensor([float(w) for w in step_weights], dtype=dtype, device=device)
+    raise TypeError(f"mlp_maml: step_weights must be None, a tensor or a sequence of floats, "
+                    f"got {type(step_weights).__name__}")
+
+
+def _mlp_maml_lrs(lrs, params: Sequence[Tensor], steps: int) -> List[Tensor]:
+    p0 = params[0]
+    if isinstance(lrs, bool) or not isinstance(lrs, (numbers.Real, Tensor, list, tuple)):
+        raise TypeError(f"mlp_maml: lrs must be a float, a scalar tensor or a sequence of tensors, "
+                        f"got {type(lrs).__name__}")
+    if isinstance(lrs, numbers.Real):
+        if not math.isfinite(lrs):
+            raise ValueError(f"mlp_maml: lrs must be finite, got {lrs}")
+        return [torch.full((steps,), float(lrs), dtype=p0.dtype, device=p0.device) for _ in params]
+    if isinstance(lrs, Tensor):
+        if lrs.dim() != 0:
+            raise ValueError(f"mlp_maml: a single tensor lrs must be a scalar, got shape {list(lrs.shape)}; "
+                             "pass one tensor per parameter ([N] or [N, *S_i]) otherwise")
+        return [lrs.expand(steps) for _ in params]
+    out = []
+    for i, r in enumerate(lrs):
+        if not isinstance(r, Tensor):
+            raise TypeError(f"mlp_maml: lrs[{i}] must be a tensor, got {type(r).__name__}")
+        out.append(r.expand(steps) if r.dim() == 0 else r)  # a per-tensor scalar: the same rate every step
+    return out
+
+
+def mlp_maml(params: Sequence[Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, lrs: MLPLr,
+             step_weights: Optional[Union[Tensor, Sequence[float]]] = None, first_order: bool = False,
+             activation: Activation = "relu", act_param: Optional[float] = None,
+             loss: Loss = "mse") -> Tuple[Tensor, List[Tensor], List[Tensor]]:
+    """MAML's inner loop, query losses and exact meta-gradients of an MLP for T tasks at once.
+
+    Args:
+        params: the meta-parameters [W_1, b_1, ..., W_L, b_L], shared (shapes ``S_i``), float32 or float64.
+        xs, ys: support set, ``[T, K, in]`` and ``[T, K, out]`` (mse) or int64 ``[T, K]`` (ce).
+        xq, yq: query set, ``[T, Kq, in]`` and ``[T, Kq, out]`` / ``[T, Kq]``.
+        lrs: inner rates: a float or scalar tensor (all parameters, every step), or P tensors, each a scalar,
+            ``[N]`` (one rate per step, MAML++ LSLR) or ``[N, *S_i]`` (per element per step, Meta-SGD expanded).
+        step_weights: ``[N]`` weights of the query loss after each of the N inner steps (MAML++ multi-step
+            loss); default ``[0, ..., 0, 1]`` (plain MAML) with N from lrs (1 for a float).
+        first_order: drop the second-order terms (FOMAML).
+        activation, act_param, loss: as in mlp_loss_grad.
+
+    Returns ``(query_losses [T], meta_grads, lr_grads)``: meta_grads P tensors ``[T, *S_i]`` and lr_grads P tensors
+    ``[T, *lrs[i].shape]``, per task (not summed). ``query_losses`` is differentiable w.r.t. params and lrs (the
+    meta-gradient); xs, ys, xq, yq and step_weights get no gradient.
+    """
+    act_code, act_param, loss_code = mlp_codes("mlp_maml", activation, act_param, loss)
+    params = list(params)
+    if not params or not isinstance(params[0], Tensor):
+        reference.check_mlp_maml(params, xs, ys, xq, yq, [], None, first_order, act_code, act_param, loss_code)
+    weights = _mlp_maml_step_weights(step_weights, lrs, params[0].dtype, params[0].device)
+    steps = weights.shape[0] if isinstance(weights, Tensor) and weights.dim() == 1 else 1
+    lrs = _mlp_maml_lrs(lrs, params, steps)
+    on_cpu = xs.device.type == "cpu" if isinstance(xs, Tensor) else False
+    reference.check_mlp_maml(params, xs, ys, xq, yq, lrs, weights, first_order, act_code, act_param, loss_code,
+                             check_values=on_cpu)
+    if _compiled("mlp_maml", xs.device):
+        return torch.ops.mamlext.mlp_maml(params, xs, ys, xq, yq, lrs, weights, first_order, act_code, act_param,
+                                          loss_code)
+    out = _MLPMAMLReference.apply(first_order, act_code, act_param, loss_code, xs, ys, xq, yq, weights,
+                                  len(params), *params, *lrs)
+    n = len(params)
+    return out[0], list(out[1:1 + n]), list(out[1 + n:])
+
+
+# --- fake (meta) implementations and autograd formulas of the compiled ops ---------------------------------------
+
+def _mlp_loss_grad_fake(params, x, y, activation, act_param, loss):
+    reference.check_mlp_loss_grad(params, x, y, activation, act_param, loss, check_values=False)
+    tasks = x.shape[0]
+    return x.new_empty(tasks), [params[0].new_empty(s) for s in reference._task_shapes(params, tasks)]
+
+
+def _mlp_hvp_fake(params, vectors, x, y, activation, act_param, loss):
+    reference.check_mlp_hvp(params, vectors, x, y, activation, act_param, loss, check_values=False)
+    return [v.new_empty(v.shape) for v in vectors]
+
+
+def _mlp_maml_fake(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss):
+    reference.check_mlp_maml(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss,
+                             check_values=False)
+    tasks = xs.shape[0]
+    return (xs.new_empty(tasks), [p.new_empty(tasks, *p.shape) for p in params],
+            [r.new_empty(tasks, *r.shape) for r in lrs])
+
+
+def _mlp_loss_grad_setup_context(ctx, inputs, output):
+    params = inputs[0]
+    _, grads = output
+    ctx.shared = _is_shared(params)
+    ctx.mark_non_differentiable(*grads)
+    ctx.set_materialize_grads(False)  # no zero tensors for the outputs without a gradient
+    ctx.save_for_backward(*grads)
+
+
+def _mlp_loss_grad_backward(ctx, go, grad_grads):
+    return _loss_grad_param_grads(go, ctx.saved_tensors, ctx.shared), None, None, None, None, None
+
+
+def _mlp_maml_setup_context(ctx, inputs, output):
+    _, meta_grads, lr_grads = output
+    ctx.n = len(meta_grads)
+    ctx.mark_non_differentiable(*meta_grads, *lr_grads)
+    ctx.set_materialize_grads(False)  # no zero tensors for the outputs without a gradient
+    ctx.save_for_backward(*meta_grads, *lr_grads)
+
+
+def _mlp_maml_backward(ctx, go, grad_meta_grads, grad_lr_grads):
+    saved = ctx.saved_tensors
+    d_params, d_lrs = _mlp_maml_input_grads(go, saved[:ctx.n], saved[ctx.n:])
+    return d_params, None, None, None, None, d_lrs, None, None, None, None, None
+
+
+def _registered(qualname: str, key: str) -> bool:
+    """Whether the op already has a kernel for this dispatch key (from C++, or from an earlier import)."""
+    return any(line.startswith(key) for line in torch._C._dispatch_dump(qualname).splitlines())
+
+
+# Only for the ops this build has (the import never fails on an older _C), and only where C++ did not register
+# its own fake / autograd kernel.
+if _ext._C is not None:
+    for _name, _fake in (("mlp_loss_grad", _mlp_loss_grad_fake), ("mlp_hvp", _mlp_hvp_fake),
+                         ("mlp_maml", _mlp_maml_fake)):
+        if hasattr(torch.ops.mamlext, _name) and not _registered(f"mamlext::{_name}", "Meta"):
+            torch.library.register_fake(f"mamlext::{_name}")(_fake)
+    for _name, _backward, _setup in (("mlp_loss_grad", _mlp_loss_grad_backward, _mlp_loss_grad_setup_context),
+                                     ("mlp_maml", _mlp_maml_backward, _mlp_maml_setup_context)):
+        if hasattr(torch.ops.mamlext, _name) and not _registered(f"mamlext::{_name}", "Autograd"):
+            torch.library.register_autograd(f"mamlext::{_name}", _backward, setup_context=_setup)

@@ -14,7 +14,7 @@ namespace mamlext {
 namespace {
 
 constexpr int64_t kChunkElements = 1 << 14;
-constexpr int64_t kSerialBelowElements = 1 << 15;  // smaller calls are not worth waking the thread pool
+constexpr int64_t kSerialBelowElements = 1 << 15;
 
 struct Chunk {
   size_t tensor;
@@ -43,22 +43,25 @@ void update_range(const SgdOperands<scalar_t>& ops, int64_t begin, int64_t end, 
 }
 
 void run(const TaskSgdPlan& plan, double float_lr) {
-  std::vector<Chunk> chunks;
   int64_t total = 0;
-  for (size_t i = 0; i < plan.outs.size(); ++i) {
-    const int64_t numel = plan.outs[i].numel();
-    total += numel;
-    for (int64_t begin = 0; begin < numel; begin += kChunkElements) {
-      chunks.push_back({i, begin, std::min(numel, begin + kChunkElements)});
-    }
-  }
-  if (chunks.empty()) return;
-  const int64_t grain = total < kSerialBelowElements ? static_cast<int64_t>(chunks.size()) : 1;
+  for (const auto& out : plan.outs) total += out.numel();
+  if (total == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.dtype, "task_sgd_cpu", [&] {
-    std::vector<SgdOperands<scalar_t>> operands;
-    for (size_t i = 0; i < plan.outs.size(); ++i) operands.push_back(plan.operands<scalar_t>(i));
     const auto lr = static_cast<at::opmath_type<scalar_t>>(float_lr);
-    at::parallel_for(0, static_cast<int64_t>(chunks.size()), grain, [&](int64_t first, int64_t last) {
+    if (total < kSerialBelowElements) {  // not worth waking the thread pool, nor cutting chunks
+      for (size_t i = 0; i < plan.outs.size(); ++i) update_range(plan.operands<scalar_t>(i), 0, plan.outs[i].numel(), lr);
+      return;
+    }
+    std::vector<SgdOperands<scalar_t>> operands;
+    std::vector<Chunk> chunks;
+    for (size_t i = 0; i < plan.outs.size(); ++i) {
+      operands.push_back(plan.operands<scalar_t>(i));
+      const int64_t numel = plan.outs[i].numel();
+      for (int64_t begin = 0; begin < numel; begin += kChunkElements) {
+        chunks.push_back({i, begin, std::min(numel, begin + kChunkElements)});
+      }
+    }
+    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
       for (int64_t c = first; c < last; ++c) {
         update_range(operands[chunks[c].tensor], chunks[c].begin, chunks[c].end, lr);
       }

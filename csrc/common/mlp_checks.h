@@ -1,0 +1,183 @@
+// Argument validation of the fused MLP ops (mlp_loss_grad, mlp_hvp, mlp_maml), shared by the CPU and CUDA
+// launchers (host code only). Every message names the op, the argument and its index.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <vector>
+
+#include "common/mlp_math.h"
+
+namespace mamlext {
+
+// What the checks learn about a call.
+struct MlpCall {
+  MlpConfig config;
+  int64_t tasks = 0;
+  std::vector<bool> per_task;  // params[i] is [T, *S_i] (else shared, S_i)
+};
+
+inline void check_mlp_codes(const char* op, int64_t activation, double act_param, int64_t loss) {
+  TORCH_CHECK(activation >= 0 && activation < kNumActivations, op,
+              ": activation must be 0 (relu), 1 (leaky_relu), 2 (tanh), 3 (sigmoid), 4 (gelu) or 5 (elu), got ",
+              activation);
+  TORCH_CHECK(std::isfinite(act_param), op, ": act_param must be finite, got ", act_param);
+  TORCH_CHECK(loss >= 0 && loss < kNumLosses, op, ": loss must be 0 (mse) or 1 (ce), got ", loss);
+}
+
+inline void check_mlp_floating(const char* op, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
+              " must be float32 or float64, got ", t.scalar_type());
+}
+
+inline void check_same_device_dtype(const char* op, const at::Tensor& t, const std::string& name, const at::Tensor& ref,
+                                    const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
+              ref.device());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ", ref_name,
+              " has dtype ", ref.scalar_type());
+}
+
+inline std::string indexed(const char* name, size_t i) { return std::string(name) + "[" + std::to_string(i) + "]"; }
+
+// The layer widths from params = [W_0, b_0, W_1, b_1, ...], each shared (S_i) or, when tasks >= 0, also per task
+// ([tasks, *S_i]); checks the ranks, the chaining of widths and each tensor's dtype and device against ref.
+inline MlpCall check_mlp_params(const char* op, at::TensorList params, int64_t tasks, const at::Tensor& ref,
+                                const char* ref_name) {
+  TORCH_CHECK(!params.empty() && params.size() % 2 == 0, op,
+              ": params must be [W_1, b_1, ..., W_L, b_L] (an even, nonzero number of tensors), got ", params.size(),
+              " tensors");
+  const int64_t layers = static_cast<int64_t>(params.size() / 2);
+  TORCH_CHECK(layers <= kMlpMaxLayers, op, ": at most ", kMlpMaxLayers, " layers are supported, got ", layers);
+  const bool allow_per_task = tasks >= 0;
+  MlpCall call;
+  call.tasks = tasks;
+  MlpDims& d = call.config.dims;
+  d.layers = static_cast<int>(layers);
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    check_same_device_dtype(op, p, indexed("params", i), ref, ref_name);
+    const int64_t l = static_cast<int64_t>(i / 2);
+    const bool weight = i % 2 == 0;
+    const int64_t rank = weight ? 2 : 1;
+    const char* shape = weight ? "[out, in]" : "[out]";
+    if (allow_per_task) {
+      TORCH_CHECK(p.dim() == rank || p.dim() == rank + 1, op, ": params[", i, "] (layer ", l + 1, "'s ",
+                  weight ? "weight" : "bias", ") must be ", shape, " (shared) or [T, ", shape + 1, " (per task), got ",
+                  p.sizes());
+    } else {
+      TORCH_CHECK(p.dim() == rank, op, ": params[", i, "] (layer ", l + 1, "'s ", weight ? "weight" : "bias",
+                  ") must be a shared ", shape, " tensor (the meta-parameters have no task dimension), got ",
+                  p.sizes());
+    }
+    const bool per_task = p.dim() == rank + 1;
+    if (per_task) {
+      TORCH_CHECK(p.size(0) == tasks, op, ": params[", i, "] is per task with ", p.size(0),
+                  " tasks (leading dimension), but ", ref_name, " has T = ", tasks, ", got shape ", p.sizes());
+    }
+    call.per_task.push_back(per_task);
+    const auto s = per_task ? p.sizes().slice(1) : p.sizes();
+    if (weight) {
+      if (l == 0) {
+        d.width[0] = s[1];
+      } else {
+        TORCH_CHECK(s[1] == d.width[l], op, ": params[", i, "] is ", p.sizes(), " but must have ", d.width[l],
+                    " input features, the outputs of params[", i - 2, "] ", params[i - 2].sizes());
+      }
+      d.width[l + 1] = s[0];
+    } else {
+      TORCH_CHECK(s[0] == d.width[l + 1], op, ": params[", i, "] must be [", d.width[l + 1], "]",
+                  allow_per_task ? " (shared) or [T, " + std::to_string(d.width[l + 1]) + "] (per task)" : "",
+                  " to match params[", i - 1, "] ", params[i - 1].sizes(), ", got ", p.sizes());
+    }
+  }
+  return call;
+}
+
+// x [T, K, in]; tasks < 0 takes T from x.
+inline void check_mlp_input(const char* op, const at::Tensor& x, const char* name, const MlpDims& d, int64_t tasks,
+                            at::TensorList params) {
+  TORCH_CHECK(x.dim() == 3 && x.size(2) == d.width[0] && (tasks < 0 || x.size(0) == tasks), op, ": ", name,
+              " must be [T, K, in] with ", tasks < 0 ? std::string() : "T = " + std::to_string(tasks) + ", ",
+              "in = ", d.width[0], " (params[0] is ", params[0].sizes(), "), got ", x.sizes());
+}
+
+// y for x [T, K, in]: mse [T, K, out] of x's dtype, ce [T, K] int64 class indices in [0, out).
+inline void check_mlp_target(const char* op, const at::Tensor& y, const char* name, const at::Tensor& x,
+                             const char* x_name, const MlpConfig& c, at::TensorList params) {
+  const int64_t out = c.dims.output_width();
+  const auto& last = params[params.size() - 2];
+  TORCH_CHECK(y.device() == x.device(), op, ": ", name, " is on ", y.device(), " but ", x_name, " is on ", x.device());
+  if (c.loss == Loss::kMse) {
+    TORCH_CHECK(y.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", y.scalar_type(), " but ", x_name,
+                " has dtype ", x.scalar_type(), " (loss mse takes real targets)");
+    TORCH_CHECK(y.dim() == 3 && y.size(0) == x.size(0) && y.size(1) == x.size(1) && y.size(2) == out, op, ": ", name,
+                " must be [T, K, out] = [", x.size(0), ", ", x.size(1), ", ", out, "] (", x_name, " is ", x.sizes(),
+                ", params[", params.size() - 2, "] is ", last.sizes(), "), got ", y.sizes());
+    return;
+  }
+  TORCH_CHECK(y.scalar_type() == at::kLong, op, ": ", name, " must hold int64 class indices for loss ce, got dtype ",
+              y.scalar_type());
+  TORCH_CHECK(y.dim() == 2 && y.size(0) == x.size(0) && y.size(1) == x.size(1), op, ": ", name, " must be [T, K] = [",
+              x.size(0), ", ", x.size(1), "] (", x_name, " is ", x.sizes(), "), got ", y.sizes());
+  if (y.numel() == 0 || y.device().type() != at::kCPU) return;  // values are checked where it costs no sync
+  const at::Tensor yc = y.contiguous();
+  const int64_t* cls = yc.data_ptr<int64_t>();
+  for (int64_t j = 0; j < yc.numel(); ++j) {
+    TORCH_CHECK(cls[j] >= 0 && cls[j] < out, op, ": ", name, " must hold class indices in [0, ", out, ") (params[",
+                params.size() - 2, "] is ", last.sizes(), "), got ", cls[j], " at ", name, "[", j / y.size(1), ", ",
+                j % y.size(1), "]");
+  }
+}
+
+inline MlpCall check_mlp_loss_grad(const char* op, at::TensorList params, const at::Tensor& x, const at::Tensor& y,
+                                   int64_t activation, double act_param, int64_t loss) {
+  check_mlp_codes(op, activation, act_param, loss);
+  check_mlp_floating(op, x, "x");
+  TORCH_CHECK(x.dim() == 3, op, ": x must be [T, K, in], got ", x.sizes());
+  MlpCall call = check_mlp_params(op, params, x.size(0), x, "x");
+  call.config.activation = static_cast<Activation>(activation);
+  call.config.act_param = act_param;
+  call.config.loss = static_cast<Loss>(loss);
+  check_mlp_input(op, x, "x", call.config.dims, -1, params);
+  check_mlp_target(op, y, "y", x, "x", call.config, params);
+  return call;
+}
+
+inline void check_mlp_vectors(const char* op, at::TensorList vectors, at::TensorList params, const MlpCall& call,
+                              const at::Tensor& x) {
+  TORCH_CHECK(vectors.size() == params.size(), op, ": vectors must hold one tensor per parameter (", params.size(),
+              "), got ", vectors.size());
+  for (size_t i = 0; i < vectors.size(); ++i) {
+    const at::Tensor& v = vectors[i];
+    check_same_device_dtype(op, v, indexed("vectors", i), x, "x");
+    const auto s = call.per_task[i] ? params[i].sizes().slice(1) : params[i].sizes();
+    std::vector<int64_t> want{call.tasks};
+    want.insert(want.end(), s.begin(), s.end());
+    TORCH_CHECK(v.sizes() == at::IntArrayRef(want), op, ": vectors[", i, "] must be [T, *S_", i, "] = ",
+                at::IntArrayRef(want), " (params[", i, "] is ", params[i].sizes(), "), got ", v.sizes());
+  }
+}
+
+// mlp_maml's lrs: lrs[i] is [N] or [N, *S_i].
+inline std::vector<bool> check_mlp_maml_lrs(const char* op, at::TensorList lrs, at::TensorList params, int64_t steps) {
+  TORCH_CHECK(lrs.size() == params.size(), op, ": lrs must hold one tensor per parameter (", params.size(), "), got ",
+              lrs.size());
+  std::vector<bool> per_element;
+  for (size_t i = 0; i < lrs.size(); ++i) {
+    const at::Tensor& lr = lrs[i];
+    check_same_device_dtype(op, lr, indexed("lrs", i), params[0], "params[0]");
+    std::vector<int64_t> full{steps};
+    full.insert(full.end(), params[i].sizes().begin(), params[i].sizes().end());
+    const bool is_per_tensor = lr.dim() == 1 && lr.size(0) == steps;
+    const bool is_per_element = lr.sizes() == at::IntArrayRef(full);
+    TORCH_CHECK(is_per_tensor || is_per_element, op, ": lrs[", i, "] must be [N] = [", steps,
+                "] (one rate per step) or [N, *S_", i, "] = ", at::IntArrayRef(full),
+                " (one rate per element per step), N = step_weights.numel(), got ", lr.sizes());
+    per_element.push_back(!is_per_tensor);
+  }
+  return per_element;
+}
+
+}  // namespace mamlext

@@ -1,0 +1,12 @@
+"""Integer codes of the fused MLP ops' activation and loss arguments: the only place they are defined in Python.
+
+They must agree with the enums in csrc/common/activations.h and csrc/common/losses.h.
+"""
+ACTIVATIONS = {"relu": 0, "leaky_relu": 1, "tanh": 2, "sigmoid": 3, "gelu": 4, "elu": 5}
+LOSSES = {"mse": 0, "ce": 1}
+
+ACTIVATION_NAMES = {code: name for name, code in ACTIVATIONS.items()}
+LOSS_NAMES = {code: name for name, code in LOSSES.items()}
+
+# act_param when none is given: nn.LeakyReLU's negative_slope and nn.ELU's alpha; ignored by the others.
+DEFAULT_ACT_PARAM = {"relu": 0.0, "leaky_relu": 0.01, "tanh": 0.0, "sigmoid": 0.0, "gelu": 0.0, "elu": 1.0}

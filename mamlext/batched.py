@@ -1,0 +1,336 @@
+"""BatchedMAML: MAML over a whole batch of tasks in one call, for models a fused engine supports.
+
+    maml = mamlext.BatchedMAML(nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(),
+                                             nn.Linear(40, 1)), inner_lr=0.01, inner_steps=1)
+    loss = maml.meta_loss(xs, ys, xq, yq)   # xs [T, K, in], ys [T, K, out] (mse) or [T, K] int64 (ce)
+    loss.backward()                         # the exact meta-gradient lands in model.parameters() (and inner_lrs)
+    adapted = maml.adapt(xs, ys)            # per-task adapted parameters, [T, *S_i] each
+    out = maml.predict(adapted, xq)         # [T, Kq, out]
+
+Engines: "fused_mlp" (ops.mlp_maml) serves an nn.Sequential of nn.Linear layers with one activation kind between
+them. Other models have no engine yet; _ENGINES is where a generic engine plugs in.
+"""
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from mamlext import ops, reference
+from mamlext._mlp_codes import ACTIVATIONS, LOSSES
+
+LR_MODES = ("fixed", "per_layer_step", "per_param")
+BACKENDS = ("auto", "fused")
+
+
+class UnsupportedModel(Exception):
+    """Why an engine cannot serve a model: the layer index and type, and the reason."""
+
+    def __init__(self, index: Optional[int], kind: str, reason: str):
+        self.index, self.kind, self.reason = index, kind, reason
+        where = f"layer {index} ({kind})" if index is not None else kind
+        super().__init__(f"{where}: {reason}")
+
+
+class MLPSpec(NamedTuple):
+    layers: List[nn.Linear]
+    activation: str
+    act_param: float
+
+
+def _activation_of(module: nn.Module) -> Optional[Tuple[str, float]]:
+    """(name, act_param) of a supported activation module, None for any other module. Exact types only: a
+    subclass may compute something else."""
+    kind = type(module)
+    if kind is nn.ReLU:
+        return "relu", 0.0
+    if kind is nn.LeakyReLU:
+        return "leaky_relu", float(module.negative_slope)
+    if kind is nn.Tanh:
+        return "tanh", 0.0
+    if kind is nn.Sigmoid:
+        return "sigmoid", 0.0
+    if kind is nn.GELU:
+        if module.approximate != "none":
+            raise UnsupportedModel(None, "GELU", f"approximate={module.approximate!r} is not supported, only "
+                                   "the exact GELU (approximate='none')")
+        return "gelu", 0.0
+    if kind is nn.ELU:
+        return "elu", float(module.alpha)
+    return None
+
+
+def parse_mlp(model: nn.Module) -> MLPSpec:
+    """The fused MLP engine's view of the model, or UnsupportedModel naming the first layer it cannot serve."""
+    if type(model) is not nn.Sequential:
+        raise UnsupportedModel(None, type(model).__name__, "the fused MLP engine needs an nn.Sequential of "
+                               "nn.Linear layers with activations between them")
+    modules = list(model)
+    if not modules:
+        raise UnsupportedModel(None, "Sequential", "the model is empty")
+    layers: List[nn.Linear] = []
+    activation: Optional[Tuple[str, float]] = None
+    for index, module in enumerate(modules):
+        kind = type(module).__name__
+        expect_linear = index % 2 == 0
+        if type(module) is nn.Linear:
+            if not expect_linear:
+                raise UnsupportedModel(index, kind, "two Linear layers in a row: an activation must sit "
+                                       "between Linear layers")
+            if module.bias is None:
+                raise UnsupportedModel(index, kind, "a Linear layer without bias is not supported")
+            if layers and module.in_features != layers[-1].out_features:
+                raise UnsupportedModel(index, kind, f"in_features = {module.in_features} but the previous Linear "
+                                       f"has out_features = {layers[-1].out_features}")
+            layers.append(module)
+            continue
+        try:
+            found = _activation_of(module)
+        except UnsupportedModel as error:
+            raise UnsupportedModel(index, kind, error.reason) from None
+        if found is None:
+            raise UnsupportedModel(index, kind, f"unsupported layer type; supported: Linear and one of "
+                                   "ReLU, LeakyReLU, Tanh, Sigmoid, GELU(approximate='none'), ELU between them")
+        if expect_linear:
+            where = "as the first layer" if index == 0 else "right after another activation"
+            raise UnsupportedModel(index, kind, f"an activation {where}: activations must sit between Linear layers")
+        if index == len(modules) - 1:
+            raise UnsupportedModel(index, kind, "an activation after the last Linear layer is not supported (the "
+                                   "model must end with a Linear layer; put the activation in the loss)")
+        if activation is not None and found != activation:
+            raise UnsupportedModel(index, kind, f"all activations must be the same kind; this one is {found} "
+                                   f"but an earlier one is {activation}")
+        activation = found
+    params = [p for layer in layers for p in (layer.weight, layer.bias)]
+    if {p.dtype for p in params} - {torch.float32, torch.float64} or len({p.dtype for p in params}) != 1:
+        raise UnsupportedModel(None, "Sequential", f"the parameters must all be float32 or all float64, got "
+                               f"{sorted({str(p.dtype) for p in params})}")
+    if len({p.device for p in params}) != 1:
+        raise UnsupportedModel(None, "Sequential", "the parameters must all be on one device")
+    name, act_param = activation if activation is not None else ("relu", 0.0)  # one layer: no activation
+    return MLPSpec(layers, name, act_param)
+
+
+# The engines, tried in order by backend="auto"; each is (name, backend that selects it explicitly, parser).
+# A generic engine (any model, torch.func) would be appended here.
+_ENGINES: List[Tuple[str, str, Callable[[nn.Module], object]]] = [("fused_mlp", "fused", parse_mlp)]
+
+
+def select_engine(model: nn.Module, backend: str) -> Tuple[str, object]:
+    """(engine name, its parsed view of the model) for the backend; the one place that decides."""
+    if backend not in BACKENDS:
+        raise ValueError(f"BatchedMAML: backend must be one of {list(BACKENDS)}, got {backend!r}")
+    reasons = []
+    for name, engine_backend, parse in _ENGINES:
+        if backend not in ("auto", engine_backend):
+            continue
+        try:
+            return name, parse(model)
+        except UnsupportedModel as error:
+            if backend != "auto":
+                raise ValueError(f"BatchedMAML(backend={backend!r}): the {name} engine cannot serve this model: "
+                                 f"{error}") from None
+            reasons.append(f"{name}: {error}")
+    raise NotImplementedError(f"BatchedMAML: no engine serves this model ({'; '.join(reasons)}); the generic "
+                              "engine for other models does not exist yet")
+
+
+class BatchedMAML(nn.Module):
+    """MAML over a batch of T tasks at once, with exact (second-order unless first_order) meta-gradients.
+
+    Args:
+        model: an nn.Sequential of nn.Linear layers (with bias) with one activation kind between them (ReLU,
+            LeakyReLU, Tanh, Sigmoid, GELU(approximate='none') or ELU) and none after the last.
+        inner_lr: the inner SGD step size (the initial value of the learnable rates).
+        inner_steps: N, the number of inner SGD steps of meta_loss (and adapt's default).
+        first_order: drop the second-order terms (FOMAML).
+        loss: "mse" (ys [T, K, out]) or "ce" (ys [T, K] int64 class indices).
+        lr_mode: "fixed" (inner_lr, not learned); "per_layer_step" (MAML++ LSLR: a learnable rate per parameter
+            tensor per step, ``inner_lrs[i]`` of shape [N]); "per_param" (Meta-SGD: a learnable rate per
+            parameter element, ``inner_lrs[i]`` shaped like the parameter, the same at every step).
+        step_weights: MAML++ multi-step loss: N weights of the query loss after each inner step (a buffer);
+            default plain MAML, [0, ..., 0, 1].
+        backend: "auto" (the fused engine where it serves the model, else NotImplementedError: no generic engine
+            yet) or "fused" (the fused MLP engine, else ValueError naming the layer).
+    """
+
+    def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 1, first_order: bool = False,
+                 loss: str = "mse", lr_mode: str = "fixed", step_weights: Optional[Sequence[float]] = None,
+                 backend: str = "auto"):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"BatchedMAML: model must be an nn.Module, got {type(model).__name__}")
+        if loss not in LOSSES:
+            raise ValueError(f"BatchedMAML: loss must be one of {list(LOSSES)}, got {loss!r}")
+        if lr_mode not in LR_MODES:
+            raise ValueError(f"BatchedMAML: lr_mode must be one of {list(LR_MODES)}, got {lr_mode!r}")
+        if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
+            raise ValueError(f"BatchedMAML: inner_steps must be an int >= 1, got {inner_steps!r}")
+        if isinstance(inner_lr, bool) or not isinstance(inner_lr, (int, float)) or not torch.isfinite(
+                torch.tensor(float(inner_lr))):
+            raise ValueError(f"BatchedMAML: inner_lr must be a finite float, got {inner_lr!r}")
+        self.engine, spec = select_engine(model, backend)
+        self.model = model
+        self.backend = backend
+        self.inner_lr = float(inner_lr)
+        self.inner_steps = inner_steps
+        self.first_order = bool(first_order)
+        self.loss = loss
+        self.lr_mode = lr_mode
+        self.activation, self.act_param = spec.activation, spec.act_param
+        self._layers = spec.layers
+        self.last_task_losses: Optional[Tensor] = None
+
+        params = self._params()
+        like = params[0]
+        if step_weights is None:
+            weights = torch.zeros(inner_steps, dtype=like.dtype, device=like.device)
+            weights[-1] = 1.0
+        else:
+            weights = torch.as_tensor(step_weights, dtype=torch.float64).to(dtype=like.dtype, device=like.device)
+            if weights.shape != (inner_steps,):
+                raise ValueError(f"BatchedMAML: step_weights must hold inner_steps = {inner_steps} weights, got "
+                                 f"shape {list(weights.shape)}")
+            if not torch.isfinite(weights).all():
+                raise ValueError("BatchedMAML: step_weights must be finite")
+        self.register_buffer("step_weights", weights)
+        if lr_mode == "per_layer_step":
+            rates = [torch.full((inner_steps,), self.inner_lr, dtype=like.dtype, device=like.device) for _ in params]
+        elif lr_mode == "per_param":
+            rates = [torch.full_like(p, self.inner_lr, memory_format=torch.contiguous_format).detach()
+                     for p in params]
+        else:
+            rates = []
+        self.inner_lrs = nn.ParameterList([nn.Parameter(r) for r in rates])
+
+    # --- the model's parameters and the rates as the ops take them ------------------------------------------------
+
+    def _params(self) -> List[Tensor]:
+        return [p for layer in self._layers for p in (layer.weight, layer.bias)]
+
+    def _step_lrs(self, steps: int) -> List[Tensor]:
+        """lrs of ops.mlp_maml: P tensors [N] or [N, *S_i]."""
+        params = self._params()
+        if self.lr_mode == "fixed":
+            return [torch.full((steps,), self.inner_lr, dtype=p.dtype, device=p.device) for p in params]
+        if self.lr_mode == "per_layer_step":
+            return list(self.inner_lrs)
+        return [r.unsqueeze(0).expand(steps, *r.shape).contiguous() for r in self.inner_lrs]
+
+    def _rate_at(self, step: int):
+        """task_sgd's rate for inner step `step` (per_layer_step beyond inner_steps keeps the last step's rate)."""
+        if self.lr_mode == "fixed":
+            return self.inner_lr
+        if self.lr_mode == "per_layer_step":
+            return [r[min(step, self.inner_steps - 1)] for r in self.inner_lrs]
+        return list(self.inner_lrs)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    # --- input checks -------------------------------------------------------------------------------------------
+
+    def _check_pair(self, method: str, x: Tensor, y: Tensor, x_name: str, y_name: str) -> None:
+        params = self._params()
+        like = params[0]
+        in_f, out_f = self._layers[0].in_features, self._layers[-1].out_features
+        for name, t in ((x_name, x), (y_name, y)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"BatchedMAML.{method}: {name} must be a tensor, got {type(t).__name__}")
+            if t.device != like.device:
+                raise ValueError(f"BatchedMAML.{method}: {name} is on {t.device} but the model is on {like.device}")
+        if x.dim() != 3:
+            raise ValueError(f"BatchedMAML.{method}: {x_name} must be [T, K, in] = [T, K, {in_f}] (3 dimensions), "
+                             f"got {list(x.shape)}")
+        if x.shape[2] != in_f:
+            raise ValueError(f"BatchedMAML.{method}: {x_name} must be [T, K, in] with in = {in_f} (the model's "
+                             f"in_features), got {list(x.shape)}")
+        if x.shape[0] < 1 or x.shape[1] < 1:
+            raise ValueError(f"BatchedMAML.{method}: {x_name} must hold T >= 1 tasks of K >= 1 rows, "
+                             f"got {list(x.shape)}")
+        if x.dtype != like.dtype:
+            raise ValueError(f"BatchedMAML.{method}: {x_name} has dtype {x.dtype} but the model's parameters are "
+                             f"{like.dtype}")
+        tasks, rows = x.shape[:2]
+        if self.loss == "mse":
+            if y.shape != (tasks, rows, out_f):
+                raise ValueError(f"BatchedMAML.{method}: {y_name} must be [T, K, out] = {[tasks, rows, out_f]} for "
+                                 f"loss 'mse' ({x_name} is {list(x.shape)}), got {list(y.shape)}")
+            if y.dtype != like.dtype:
+                raise ValueError(f"BatchedMAML.{method}: {y_name} has dtype {y.dtype} but the model's parameters "
+                                 f"are {like.dtype} (loss 'mse')")
+        else:
+            if y.dtype != torch.int64:
+                raise ValueError(f"BatchedMAML.{method}: {y_name} must hold int64 class indices for loss 'ce', "
+                                 f"got dtype {y.dtype}")
+            if y.shape != (tasks, rows):
+                raise ValueError(f"BatchedMAML.{method}: {y_name} must be [T, K] = {[tasks, rows]} for loss 'ce' "
+                                 f"({x_name} is {list(x.shape)}), got {list(y.shape)}")
+            low, high = int(y.min()), int(y.max())
+            if low < 0 or high >= out_f:
+                raise ValueError(f"BatchedMAML.{method}: {y_name} holds the class index "
+                                 f"{low if low < 0 else high}, outside [0, {out_f}) (the model has {out_f} outputs)")
+        if not torch.isfinite(x).all():
+            raise ValueError(f"BatchedMAML.{method}: {x_name} holds non-finite values (nan or inf)")
+        if self.loss == "mse" and not torch.isfinite(y).all():
+            raise ValueError(f"BatchedMAML.{method}: {y_name} holds non-finite values (nan or inf)")
+
+    # --- MAML ----------------------------------------------------------------------------------------------------
+
+    def meta_loss(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Tensor:
+        """The mean over tasks of the query loss after the inner loop (MAML++: the step_weights-weighted sum of the
+        query losses after each step). Its backward puts the exact meta-gradient into model.parameters() and
+        inner_lrs (no gradient flows to the data). The per-task losses are kept in ``last_task_losses``.
+
+        xs [T, K, in], ys [T, K, out] (mse) or [T, K] int64 (ce); xq [T, Kq, in], yq likewise."""
+        self._check_pair("meta_loss", xs, ys, "xs", "ys")
+        self._check_pair("meta_loss", xq, yq, "xq", "yq")
+        if xq.shape[0] != xs.shape[0]:
+            raise ValueError(f"BatchedMAML.meta_loss: xs has T = {xs.shape[0]} tasks but xq has {xq.shape[0]} "
+                             f"(xs {list(xs.shape)}, xq {list(xq.shape)})")
+        losses, _, _ = ops.mlp_maml(self._params(), xs, ys, xq, yq, self._step_lrs(self.inner_steps),
+                                    self.step_weights, self.first_order, self.activation, self.act_param, self.loss)
+        self.last_task_losses = losses.detach()
+        return losses.mean()
+
+    def adapt(self, xs: Tensor, ys: Tensor, steps: Optional[int] = None) -> List[Tensor]:
+        """Per-task adapted parameters after `steps` (default inner_steps) inner SGD steps on the support set:
+        P tensors [T, *S_i], without a graph (for evaluation). per_layer_step rates beyond inner_steps stay at the
+        last step's rate."""
+        steps = self.inner_steps if steps is None else steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"BatchedMAML.adapt: steps must be an int >= 0, got {steps!r}")
+        self._check_pair("adapt", xs, ys, "xs", "ys")
+        tasks = xs.shape[0]
+        with torch.no_grad():
+            current = [p.detach().unsqueeze(0).expand(tasks, *p.shape).clone() for p in self._params()]
+            for step in range(steps):
+                _, grads = ops.mlp_loss_grad(current, xs, ys, self.activation, self.act_param, self.loss)
+                current = ops.task_sgd(current, grads, self._rate_at(step))
+        return current
+
+    def predict(self, adapted: Sequence[Tensor], x: Tensor) -> Tensor:
+        """Each task's model output with its adapted parameters: x [T, K, in] -> [T, K, out]."""
+        params = self._params()
+        adapted = list(adapted)
+        if len(adapted) != len(params):
+            raise ValueError(f"BatchedMAML.predict: adapted must hold one tensor per parameter ({len(params)}), "
+                             f"got {len(adapted)}")
+        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[2] != self._layers[0].in_features:
+            shape = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"BatchedMAML.predict: x must be [T, K, in] with in = {self._layers[0].in_features}, "
+                             f"got {shape}")
+        tasks = x.shape[0]
+        for i, (a, p) in enumerate(zip(adapted, params)):
+            if not isinstance(a, Tensor) or list(a.shape) != [tasks, *p.shape]:
+                shape = list(a.shape) if isinstance(a, Tensor) else type(a).__name__
+                raise ValueError(f"BatchedMAML.predict: adapted[{i}] must be [T, *S_{i}] = {[tasks, *p.shape]} "
+                                 f"(T from x), got {shape}")
+            if a.device != x.device or a.dtype != x.dtype:
+                raise ValueError(f"BatchedMAML.predict: adapted[{i}] is {a.dtype} on {a.device} but x is "
+                                 f"{x.dtype} on {x.device}")
+        return reference.mlp_forward(adapted, x, ACTIVATIONS[self.activation], self.act_param)
+
+    def extra_repr(self) -> str:
+        return (f"engine={self.engine!r}, activation={self.activation!r}, loss={self.loss!r}, "
+                f"inner_lr={self.inner_lr}, inner_steps={self.inner_steps}, first_order={self.first_order}, "
+                f"lr_mode={self.lr_mode!r}")
