@@ -115,10 +115,11 @@ def parse_mlp(model: nn.Module) -> MLPSpec:
 _ENGINES: List[Tuple[str, str, Callable[[nn.Module], object]]] = [("fused_mlp", "fused", parse_mlp)]
 
 
-def select_engine(model: nn.Module, backend: str) -> Tuple[str, object]:
-    """(engine name, its parsed view of the model) for the backend; the one place that decides."""
+def select_engine(model: nn.Module, backend: str, owner: str = "BatchedMAML") -> Tuple[str, object]:
+    """(engine name, its parsed view of the model) for the backend; the one place that decides. owner names the
+    caller in the error messages."""
     if backend not in BACKENDS:
-        raise ValueError(f"BatchedMAML: backend must be one of {list(BACKENDS)}, got {backend!r}")
+        raise ValueError(f"{owner}: backend must be one of {list(BACKENDS)}, got {backend!r}")
     reasons = []
     for name, engine_backend, parse in _ENGINES:
         if backend not in ("auto", engine_backend):
@@ -127,14 +128,108 @@ def select_engine(model: nn.Module, backend: str) -> Tuple[str, object]:
             return name, parse(model)
         except UnsupportedModel as error:
             if backend != "auto":
-                raise ValueError(f"BatchedMAML(backend={backend!r}): the {name} engine cannot serve this model: "
+                raise ValueError(f"{owner}(backend={backend!r}): the {name} engine cannot serve this model: "
                                  f"{error}") from None
             reasons.append(f"{name}: {error}")
-    raise NotImplementedError(f"BatchedMAML: no engine serves this model ({'; '.join(reasons)}); the generic "
+    raise NotImplementedError(f"{owner}: no engine serves this model ({'; '.join(reasons)}); the generic "
                               "engine for other models does not exist yet")
 
 
-class BatchedMAML(nn.Module):
+class FusedMLPModule(nn.Module):
+    """What the task-batched algorithms on the fused MLP engine share (BatchedMAML, algorithms.iMAML): the model
+    binding, the input checks and predict. Subclasses call _bind_model, set ``loss`` and use ``_check_pair``;
+    error messages name the subclass."""
+
+    def _bind_model(self, model: nn.Module, backend: str) -> None:
+        """Selects the engine for the model (the ValueError / NotImplementedError of select_engine) and keeps the
+        parsed view: engine, model, backend, activation, act_param, _layers."""
+        self.engine, spec = select_engine(model, backend, owner=self._owner)
+        self.model = model
+        self.backend = backend
+        self.activation, self.act_param = spec.activation, spec.act_param
+        self._layers = spec.layers
+
+    @property
+    def _owner(self) -> str:
+        return type(self).__name__
+
+    def _params(self) -> List[Tensor]:
+        return [p for layer in self._layers for p in (layer.weight, layer.bias)]
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    # --- input checks ---------------------------------------------------------------------------------------------
+
+    def _check_pair(self, method: str, x: Tensor, y: Tensor, x_name: str, y_name: str) -> None:
+        params = self._params()
+        like = params[0]
+        in_f, out_f = self._layers[0].in_features, self._layers[-1].out_features
+        for name, t in ((x_name, x), (y_name, y)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{self._owner}.{method}: {name} must be a tensor, got {type(t).__name__}")
+            if t.device != like.device:
+                raise ValueError(f"{self._owner}.{method}: {name} is on {t.device} but the model is on {like.device}")
+        if x.dim() != 3:
+            raise ValueError(f"{self._owner}.{method}: {x_name} must be [T, K, in] = [T, K, {in_f}] (3 dimensions), "
+                             f"got {list(x.shape)}")
+        if x.shape[2] != in_f:
+            raise ValueError(f"{self._owner}.{method}: {x_name} must be [T, K, in] with in = {in_f} (the model's "
+                             f"in_features), got {list(x.shape)}")
+        if x.shape[0] < 1 or x.shape[1] < 1:
+            raise ValueError(f"{self._owner}.{method}: {x_name} must hold T >= 1 tasks of K >= 1 rows, "
+                             f"got {list(x.shape)}")
+        if x.dtype != like.dtype:
+            raise ValueError(f"{self._owner}.{method}: {x_name} has dtype {x.dtype} but the model's parameters are "
+                             f"{like.dtype}")
+        tasks, rows = x.shape[:2]
+        if self.loss == "mse":
+            if y.shape != (tasks, rows, out_f):
+                raise ValueError(f"{self._owner}.{method}: {y_name} must be [T, K, out] = {[tasks, rows, out_f]} for "
+                                 f"loss 'mse' ({x_name} is {list(x.shape)}), got {list(y.shape)}")
+            if y.dtype != like.dtype:
+                raise ValueError(f"{self._owner}.{method}: {y_name} has dtype {y.dtype} but the model's parameters "
+                                 f"are {like.dtype} (loss 'mse')")
+        else:
+            if y.dtype != torch.int64:
+                raise ValueError(f"{self._owner}.{method}: {y_name} must hold int64 class indices for loss 'ce', "
+                                 f"got dtype {y.dtype}")
+            if y.shape != (tasks, rows):
+                raise ValueError(f"{self._owner}.{method}: {y_name} must be [T, K] = {[tasks, rows]} for loss 'ce' "
+                                 f"({x_name} is {list(x.shape)}), got {list(y.shape)}")
+            low, high = int(y.min()), int(y.max())
+            if low < 0 or high >= out_f:
+                raise ValueError(f"{self._owner}.{method}: {y_name} holds the class index "
+                                 f"{low if low < 0 else high}, outside [0, {out_f}) (the model has {out_f} outputs)")
+        if not torch.isfinite(x).all():
+            raise ValueError(f"{self._owner}.{method}: {x_name} holds non-finite values (nan or inf)")
+        if self.loss == "mse" and not torch.isfinite(y).all():
+            raise ValueError(f"{self._owner}.{method}: {y_name} holds non-finite values (nan or inf)")
+
+    def predict(self, adapted: Sequence[Tensor], x: Tensor) -> Tensor:
+        """Each task's model output with its adapted parameters: x [T, K, in] -> [T, K, out]."""
+        params = self._params()
+        adapted = list(adapted)
+        if len(adapted) != len(params):
+            raise ValueError(f"{self._owner}.predict: adapted must hold one tensor per parameter ({len(params)}), "
+                             f"got {len(adapted)}")
+        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[2] != self._layers[0].in_features:
+            shape = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{self._owner}.predict: x must be [T, K, in] with in = {self._layers[0].in_features}, "
+                             f"got {shape}")
+        tasks = x.shape[0]
+        for i, (a, p) in enumerate(zip(adapted, params)):
+            if not isinstance(a, Tensor) or list(a.shape) != [tasks, *p.shape]:
+                shape = list(a.shape) if isinstance(a, Tensor) else type(a).__name__
+                raise ValueError(f"{self._owner}.predict: adapted[{i}] must be [T, *S_{i}] = {[tasks, *p.shape]} "
+                                 f"(T from x), got {shape}")
+            if a.device != x.device or a.dtype != x.dtype:
+                raise ValueError(f"{self._owner}.predict: adapted[{i}] is {a.dtype} on {a.device} but x is "
+                                 f"{x.dtype} on {x.device}")
+        return reference.mlp_forward(adapted, x, ACTIVATIONS[self.activation], self.act_param)
+
+
+class BatchedMAML(FusedMLPModule):
     """MAML over a batch of T tasks at once, with exact (second-order unless first_order) meta-gradients.
 
     Args:
@@ -168,16 +263,12 @@ class BatchedMAML(nn.Module):
         if isinstance(inner_lr, bool) or not isinstance(inner_lr, (int, float)) or not torch.isfinite(
                 torch.tensor(float(inner_lr))):
             raise ValueError(f"BatchedMAML: inner_lr must be a finite float, got {inner_lr!r}")
-        self.engine, spec = select_engine(model, backend)
-        self.model = model
-        self.backend = backend
+        self._bind_model(model, backend)
         self.inner_lr = float(inner_lr)
         self.inner_steps = inner_steps
         self.first_order = bool(first_order)
         self.loss = loss
         self.lr_mode = lr_mode
-        self.activation, self.act_param = spec.activation, spec.act_param
-        self._layers = spec.layers
         self.last_task_losses: Optional[Tensor] = None
 
         params = self._params()
@@ -204,9 +295,6 @@ class BatchedMAML(nn.Module):
 
     # --- the model's parameters and the rates as the ops take them ------------------------------------------------
 
-    def _params(self) -> List[Tensor]:
-        return [p for layer in self._layers for p in (layer.weight, layer.bias)]
-
     def _step_lrs(self, steps: int) -> List[Tensor]:
         """lrs of ops.mlp_maml: P tensors [N] or [N, *S_i]."""
         params = self._params()
@@ -223,56 +311,6 @@ class BatchedMAML(nn.Module):
         if self.lr_mode == "per_layer_step":
             return [r[min(step, self.inner_steps - 1)] for r in self.inner_lrs]
         return list(self.inner_lrs)
-
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
-
-    # --- input checks -------------------------------------------------------------------------------------------
-
-    def _check_pair(self, method: str, x: Tensor, y: Tensor, x_name: str, y_name: str) -> None:
-        params = self._params()
-        like = params[0]
-        in_f, out_f = self._layers[0].in_features, self._layers[-1].out_features
-        for name, t in ((x_name, x), (y_name, y)):
-            if not isinstance(t, Tensor):
-                raise TypeError(f"BatchedMAML.{method}: {name} must be a tensor, got {type(t).__name__}")
-            if t.device != like.device:
-                raise ValueError(f"BatchedMAML.{method}: {name} is on {t.device} but the model is on {like.device}")
-        if x.dim() != 3:
-            raise ValueError(f"BatchedMAML.{method}: {x_name} must be [T, K, in] = [T, K, {in_f}] (3 dimensions), "
-                             f"got {list(x.shape)}")
-        if x.shape[2] != in_f:
-            raise ValueError(f"BatchedMAML.{method}: {x_name} must be [T, K, in] with in = {in_f} (the model's "
-                             f"in_features), got {list(x.shape)}")
-        if x.shape[0] < 1 or x.shape[1] < 1:
-            raise ValueError(f"BatchedMAML.{method}: {x_name} must hold T >= 1 tasks of K >= 1 rows, "
-                             f"got {list(x.shape)}")
-        if x.dtype != like.dtype:
-            raise ValueError(f"BatchedMAML.{method}: {x_name} has dtype {x.dtype} but the model's parameters are "
-                             f"{like.dtype}")
-        tasks, rows = x.shape[:2]
-        if self.loss == "mse":
-            if y.shape != (tasks, rows, out_f):
-                raise ValueError(f"BatchedMAML.{method}: {y_name} must be [T, K, out] = {[tasks, rows, out_f]} for "
-                                 f"loss 'mse' ({x_name} is {list(x.shape)}), got {list(y.shape)}")
-            if y.dtype != like.dtype:
-                raise ValueError(f"BatchedMAML.{method}: {y_name} has dtype {y.dtype} but the model's parameters "
-                                 f"are {like.dtype} (loss 'mse')")
-        else:
-            if y.dtype != torch.int64:
-                raise ValueError(f"BatchedMAML.{method}: {y_name} must hold int64 class indices for loss 'ce', "
-                                 f"got dtype {y.dtype}")
-            if y.shape != (tasks, rows):
-                raise ValueError(f"BatchedMAML.{method}: {y_name} must be [T, K] = {[tasks, rows]} for loss 'ce' "
-                                 f"({x_name} is {list(x.shape)}), got {list(y.shape)}")
-            low, high = int(y.min()), int(y.max())
-            if low < 0 or high >= out_f:
-                raise ValueError(f"BatchedMAML.{method}: {y_name} holds the class index "
-                                 f"{low if low < 0 else high}, outside [0, {out_f}) (the model has {out_f} outputs)")
-        if not torch.isfinite(x).all():
-            raise ValueError(f"BatchedMAML.{method}: {x_name} holds non-finite values (nan or inf)")
-        if self.loss == "mse" and not torch.isfinite(y).all():
-            raise ValueError(f"BatchedMAML.{method}: {y_name} holds non-finite values (nan or inf)")
 
     # --- MAML ----------------------------------------------------------------------------------------------------
 
@@ -307,28 +345,6 @@ class BatchedMAML(nn.Module):
                 _, grads = ops.mlp_loss_grad(current, xs, ys, self.activation, self.act_param, self.loss)
                 current = ops.task_sgd(current, grads, self._rate_at(step))
         return current
-
-    def predict(self, adapted: Sequence[Tensor], x: Tensor) -> Tensor:
-        """Each task's model output with its adapted parameters: x [T, K, in] -> [T, K, out]."""
-        params = self._params()
-        adapted = list(adapted)
-        if len(adapted) != len(params):
-            raise ValueError(f"BatchedMAML.predict: adapted must hold one tensor per parameter ({len(params)}), "
-                             f"got {len(adapted)}")
-        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[2] != self._layers[0].in_features:
-            shape = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"BatchedMAML.predict: x must be [T, K, in] with in = {self._layers[0].in_features}, "
-                             f"got {shape}")
-        tasks = x.shape[0]
-        for i, (a, p) in enumerate(zip(adapted, params)):
-            if not isinstance(a, Tensor) or list(a.shape) != [tasks, *p.shape]:
-                shape = list(a.shape) if isinstance(a, Tensor) else type(a).__name__
-                raise ValueError(f"BatchedMAML.predict: adapted[{i}] must be [T, *S_{i}] = {[tasks, *p.shape]} "
-                                 f"(T from x), got {shape}")
-            if a.device != x.device or a.dtype != x.dtype:
-                raise ValueError(f"BatchedMAML.predict: adapted[{i}] is {a.dtype} on {a.device} but x is "
-                                 f"{x.dtype} on {x.device}")
-        return reference.mlp_forward(adapted, x, ACTIVATIONS[self.activation], self.act_param)
 
     def extra_repr(self) -> str:
         return (f"engine={self.engine!r}, activation={self.activation!r}, loss={self.loss!r}, "

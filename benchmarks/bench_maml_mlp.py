@@ -1,0 +1,468 @@
+#!/usr/bin/env python
+"""Benchmark of a MAML meta-iteration with the fused engine against plain PyTorch.
+
+One meta-iteration = the inner loop of every task, the query losses and the meta-gradient of their mean w.r.t. the
+meta-parameters theta (float32). Three implementations, in one process, on the same tasks and the same theta:
+
+  fused  mamlext.BatchedMAML(model, ...).meta_loss(xs, ys, xq, yq).backward()      (ops.mlp_maml)
+  (a)    loop: a plain per-task autograd loop, the learn2learn way: for each task, torch.func.functional_call +
+         torch.autograd.grad(create_graph=not first_order) inner steps, the query loss / T, .backward()
+  (b)    torch.func: torch.func.grad of  mean_t query_loss_t(theta)  where the per-task losses come from
+         torch.func.vmap over tasks of the inner adaptation written with torch.func.grad ("vmap(grad)" MAML);
+         first order detaches the inner gradients
+
+Before timing, the three meta-gradients are checked to agree (normwise per tensor, max|g - g_fused| <=
+1e-4 * max|g_fused|); a mismatch marks the row FAILED (and the script exits 1). (a) is skipped where it would take
+too long (T * N above --loop-max-task-steps inner steps per meta-iteration); the row says so.
+
+Cases (Finn et al.'s sinusoid regression, MSE, ReLU, K = 10 support + 10 query points per task):
+  sin40-T25-N1        1-40-40-1,   T = 25,   N = 1, second order
+  sin40-T1000-N5      1-40-40-1,   T = 1000, N = 5, second order
+  sin256-T25-N1       1-256-256-1, T = 25,   N = 1, second order
+  sin40-T25-N1-fo     1-40-40-1,   T = 25,   N = 1, first order
+  sin40-T250-N5-fo    1-40-40-1,   T = 250,  N = 5, first order
+Timing: a warm-up, then torch.utils.benchmark.Timer(...).blocked_autorange() (it synchronizes the GPU), --repeats
+rounds interleaved over the implementations; median and IQR over all measured blocks; tasks/s = T / median;
+speedups = the other implementation's median / fused's median. The issue's CPU goals (fused vs (b)): >= 10x on
+sin40-T25-N1, >= 5x on sin40-T1000-N5, >= 2x on sin256-T25-N1; the script reports whether each is met.
+
+Usage:
+  python benchmarks/bench_maml_mlp.py                       # full run; CUDA if available, else CPU
+  python benchmarks/bench_maml_mlp.py --device cpu --quick
+  python benchmarks/bench_maml_mlp.py --device cuda --cases sin40-T25-N1,sin256-T25-N1 --out gpu-results/m.json
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, NamedTuple, Optional
+
+import torch
+import torch.utils.benchmark as benchmark
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.nn import functional as F
+
+import mamlext
+from mamlext import _ext
+from mamlext.data.sinusoid import SinusoidTasks
+
+DTYPE = torch.float32
+INNER_LR = 0.01
+SHOTS = QUERIES = 10
+RTOL = 1e-4
+MIN_SAMPLES_FOR_NOISE = 4  # fewer timed blocks than this give no quartiles
+FOREIGN_LOAD_WARN = 0.1  # CPUs used by other processes during a case above which its row is flagged noisy
+IMPLS = ("fused", "loop", "func")  # fused, (a), (b)
+LABELS = {"fused": "fused", "loop": "(a) loop", "func": "(b) torch.func"}
+
+
+class Case(NamedTuple):
+    name: str
+    widths: List[int]
+    tasks: int
+    steps: int
+    first_order: bool
+    goal_vs_func: Optional[float]  # the issue's CPU goal: fused at least this many times faster than (b)
+
+
+CASES = [
+    Case("sin40-T25-N1", [1, 40, 40, 1], 25, 1, False, 10.0),
+    Case("sin40-T1000-N5", [1, 40, 40, 1], 1000, 5, False, 5.0),
+    Case("sin256-T25-N1", [1, 256, 256, 1], 25, 1, False, 2.0),
+    Case("sin40-T25-N1-fo", [1, 40, 40, 1], 25, 1, True, None),
+    Case("sin40-T250-N5-fo", [1, 40, 40, 1], 250, 5, True, None),
+]
+
+
+# --- the three implementations --------------------------------------------------------------------------------------
+
+def make_model(widths: List[int]) -> nn.Sequential:
+    layers: List[nn.Module] = []
+    for i in range(len(widths) - 1):
+        layers.append(nn.Linear(widths[i], widths[i + 1]))
+        if i + 2 < len(widths):
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def fused_impl(model: nn.Module, case: Case, data) -> Callable[[], List[torch.Tensor]]:
+    maml = mamlext.BatchedMAML(model, inner_lr=INNER_LR, inner_steps=case.steps, first_order=case.first_order)
+    params = list(model.parameters())
+
+    def run():
+        for p in params:
+            p.grad = None
+        maml.meta_loss(*data).backward()
+        return [p.grad for p in params]
+    return run
+
+
+def loop_impl(model: nn.Module, case: Case, data) -> Callable[[], List[torch.Tensor]]:
+    """(a): one task after the other, create_graph autograd, per-task backward (learn2learn's way)."""
+    xs, ys, xq, yq = data
+    named = dict(model.named_parameters())
+    params = list(named.values())
+    tasks = xs.shape[0]
+
+    def run():
+        for p in params:
+            p.grad = None
+        for t in range(tasks):
+            fast = named
+            for _ in range(case.steps):
+                support = F.mse_loss(functional_call(model, fast, (xs[t],)), ys[t])
+                grads = torch.autograd.grad(support, list(fast.values()), create_graph=not case.first_order)
+                fast = {name: p - INNER_LR * g for (name, p), g in zip(fast.items(), grads)}
+            (F.mse_loss(functional_call(model, fast, (xq[t],)), yq[t]) / tasks).backward()
+        return [p.grad for p in params]
+    return run
+
+
+def func_impl(model: nn.Module, case: Case, data) -> Callable[[], List[torch.Tensor]]:
+    """(b): torch.func.grad of the mean query loss of vmap(inner adaptation with torch.func.grad)."""
+    xs, ys, xq, yq = data
+    theta = {name: p.detach() for name, p in model.named_parameters()}
+
+    def loss(params, x, y):
+        return F.mse_loss(functional_call(model, params, (x,)), y)
+
+    def task_query_loss(params, x_s, y_s, x_q, y_q):
+        for _ in range(case.steps):
+            g = grad(loss)(params, x_s, y_s)
+            if case.first_order:
+                g = {name: v.detach() for name, v in g.items()}
+            params = {name: params[name] - INNER_LR * g[name] for name in params}
+        return loss(params, x_q, y_q)
+
+    def meta_objective(params):
+        return vmap(task_query_loss, in_dims=(None, 0, 0, 0, 0))(params, xs, ys, xq, yq).mean()
+
+    meta_grad = grad(meta_objective)
+
+    def run():
+        return list(meta_grad(theta).values())
+    return run
+
+
+# --- machine, timing, checks ------------------------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> Dict:
+    info = {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "torch_version": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "mamlext_backend_info": mamlext.backend_info(),
+        "fused_backend": _ext.backend_for(device.type),
+        "mlp_maml_compiled": mamlext.ops._compiled("mlp_maml", device),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_num_threads": torch.get_num_threads(),
+        "torch_num_interop_threads": torch.get_num_interop_threads(),
+        "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update({"gpu_name": props.name, "gpu_capability": f"{props.major}.{props.minor}",
+                     "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+                     "gpu_multiprocessors": props.multi_processor_count})
+    return info
+
+
+class ForeignLoad:
+    """CPU time other processes used during a span, in CPUs (0.0 = the machine was ours), from /proc/stat less this
+    process's own CPU time; None where /proc is missing."""
+
+    def __init__(self):
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample():
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        busy = sum(fields[:8]) - fields[3] - fields[4]  # all but idle and iowait
+        return busy / os.sysconf("SC_CLK_TCK"), time.process_time(), time.perf_counter()
+
+    def cpus(self) -> Optional[float]:
+        end = self._sample()
+        if self.start is None or end is None or end[2] <= self.start[2]:
+            return None
+        foreign = (end[0] - self.start[0]) - (end[1] - self.start[1])
+        return max(0.0, foreign / (end[2] - self.start[2]))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def summary(times: List[float]) -> Dict:
+    times = sorted(times)
+    if len(times) >= MIN_SAMPLES_FOR_NOISE:
+        q1, med, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    else:
+        q1, med, q3 = times[0], statistics.median(times), times[-1]
+    return {"median_ms": med * 1e3, "iqr_ms": (q3 - q1) * 1e3, "q1_ms": q1 * 1e3, "q3_ms": q3 * 1e3,
+            "samples": len(times)}
+
+
+def mismatch(actual: List[torch.Tensor], expected: List[torch.Tensor]) -> Optional[str]:
+    """None when every tensor agrees normwise to RTOL, else the worst disagreement as text."""
+    if len(actual) != len(expected):
+        return f"{len(actual)} gradient tensors instead of {len(expected)}"
+    worst = (0.0, -1)
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        if a is None or a.shape != e.shape:
+            return f"gradient {i}: {None if a is None else list(a.shape)} instead of {list(e.shape)}"
+        err = ((a.double() - e.double()).abs().max() / e.double().abs().max().clamp_min(1e-12)).item()
+        if not err <= worst[0]:  # nan counts as worst
+            worst = (err, i)
+    return None if worst[0] <= RTOL else f"gradient {worst[1]}: rel. error {worst[0]:.2e} > {RTOL:.0e}"
+
+
+def max_rel_error(actual: List[torch.Tensor], expected: List[torch.Tensor]) -> float:
+    return max(((a.double() - e.double()).abs().max() / e.double().abs().max().clamp_min(1e-12)).item()
+               for a, e in zip(actual, expected))
+
+
+def run_case(case: Case, device: torch.device, min_run_time: float, repeats: int, loop_max_task_steps: int,
+             seed: int) -> Dict:
+    row = {"case": case.name, "widths": case.widths, "tasks": case.tasks, "steps": case.steps,
+           "first_order": case.first_order, "shots": SHOTS, "queries": QUERIES, "goal_vs_func": case.goal_vs_func,
+           "status": "ok"}
+    torch.manual_seed(seed)
+    model = make_model(case.widths).to(device=device, dtype=DTYPE)
+    batch = SinusoidTasks(seed=seed + 1, dtype=DTYPE, device=device).sample(case.tasks, SHOTS, QUERIES)
+    data = (batch.x_support, batch.y_support, batch.x_query, batch.y_query)
+
+    impls = {"fused": fused_impl(model, case, data), "func": func_impl(model, case, data)}
+    if case.tasks * case.steps <= loop_max_task_steps:
+        impls["loop"] = loop_impl(model, case, data)
+    else:
+        row["loop_status"] = (f"skipped: T*N = {case.tasks * case.steps} per-task inner steps per meta-iteration "
+                              f"(> {loop_max_task_steps}; several seconds per call)")
+
+    # The check, which is also the first warm-up call of each implementation.
+    first_call_s = {}
+    grads = {}
+    for name, fn in impls.items():
+        t0 = time.perf_counter()
+        grads[name] = [g.detach().clone() for g in fn()]
+        sync(device)
+        first_call_s[name] = time.perf_counter() - t0
+    row["first_call_s"] = first_call_s
+    for name in impls:
+        if name == "fused":
+            continue
+        row[f"{name}_rel_error"] = max_rel_error(grads[name], grads["fused"])
+        bad = mismatch(grads[name], grads["fused"])
+        if bad:
+            row["status"] = f"FAILED: {LABELS[name]} disagrees with fused ({bad})"
+            return row
+
+    # One more warm-up each (caches, allocator), then interleaved timing rounds.
+    for fn in impls.values():
+        fn()
+    sync(device)
+    times: Dict[str, List[float]] = {name: [] for name in impls}
+    per_round = max(min_run_time / repeats, 0.01)
+    for _ in range(repeats):
+        for name, fn in impls.items():
+            timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+            times[name] += timer.blocked_autorange(min_run_time=per_round).times
+    for name in impls:
+        s = summary(times[name])
+        for key, value in s.items():
+            row[f"{name}_{key}"] = value
+        row[f"{name}_tasks_per_s"] = case.tasks / (s["median_ms"] * 1e-3)
+    for name in ("loop", "func"):
+        if name in impls:
+            row[f"speedup_vs_{name}"] = row[f"{name}_median_ms"] / row["fused_median_ms"]
+    if case.goal_vs_func is not None:
+        row["goal_met"] = row["speedup_vs_func"] >= case.goal_vs_func
+    return row
+
+
+# --- reporting --------------------------------------------------------------------------------------------------------
+
+def case_line(row: Dict) -> str:
+    head = f"{row['case']:<17} T={row['tasks']:<5} N={row['steps']} {'FO' if row['first_order'] else 'SO'}"
+    if row["status"] != "ok":
+        return f"{head}  {row['status']}"
+    parts = [f"fused {row['fused_median_ms']:9.3f} ms"]
+    parts.append(f"(a) {row['loop_median_ms']:9.1f} ms" if "loop_median_ms" in row else "(a) skipped")
+    parts.append(f"(b) {row['func_median_ms']:9.1f} ms")
+    if "speedup_vs_loop" in row:
+        parts.append(f"x{row['speedup_vs_loop']:.1f} vs (a)")
+    parts.append(f"x{row['speedup_vs_func']:.1f} vs (b)")
+    return f"{head}  " + "  ".join(parts)
+
+
+def ms_cell(row: Dict, name: str) -> str:
+    if f"{name}_median_ms" not in row:
+        return "skipped" if row.get(f"{name}_status") else ""
+    return f"{row[name + '_median_ms']:.4g} ({row[name + '_iqr_ms']:.2g})"
+
+
+def print_table(rows: List[Dict], device: torch.device) -> None:
+    cols = ["case", "widths", "T", "N", "order", "fused ms (IQR)", "(a) loop ms (IQR)", "(b) func ms (IQR)",
+            "fused tasks/s", "vs (a)", "vs (b)", "goal vs (b)", "status"]
+    table = []
+    for r in rows:
+        cells = [r["case"], "-".join(map(str, r["widths"])), str(r["tasks"]), str(r["steps"]),
+                 "first" if r["first_order"] else "second"]
+        if r["status"] == "ok":
+            cells += [ms_cell(r, "fused"), ms_cell(r, "loop"), ms_cell(r, "func"), f"{r['fused_tasks_per_s']:,.0f}",
+                      f"{r['speedup_vs_loop']:.1f}x" if "speedup_vs_loop" in r else "-",
+                      f"{r['speedup_vs_func']:.1f}x"]
+            goal = r["goal_vs_func"]
+            cells.append("" if goal is None else f">= {goal:g}x: {'met' if r['goal_met'] else 'NOT met'}")
+            status = "ok"
+            if "loop_status" in r:
+                status += "; (a) " + r["loop_status"]
+            if (r.get("foreign_cpu_load") or 0) > FOREIGN_LOAD_WARN:
+                status += f" [noisy: other processes used {r['foreign_cpu_load']:.1f} CPUs]"
+            cells.append(status)
+        else:
+            cells += [""] * (len(cols) - len(cells) - 1) + [r["status"]]
+        table.append(cells)
+    widths = [max(len(c), *(len(row[i]) for row in table)) if table else len(c) for i, c in enumerate(cols)]
+    print()
+    print(f"MAML meta-iteration (inner loop + query loss + meta-gradient) on {device}, float32, MSE, ReLU, "
+          f"K={SHOTS}+{QUERIES}, inner lr {INNER_LR}; ms = median per meta-iteration (IQR); vs = other's median / "
+          "fused median")
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    print("  ".join("-" * w for w in widths))
+    for cells in table:
+        print("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", help="JSON output path (default bench-results/maml_mlp_<device>.json)")
+    parser.add_argument("--quick", action="store_true", help="short timings (one round, 0.3 s per implementation)")
+    parser.add_argument("--cases", help="comma-separated case names (default all): "
+                        + ", ".join(c.name for c in CASES))
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="rounds of blocked_autorange per implementation, interleaved (default 2, quick 1)")
+    parser.add_argument("--min-run-time", type=float, default=None,
+                        help="measured seconds per implementation and case, over all rounds (default 1.5, quick 0.3)")
+    parser.add_argument("--loop-max-task-steps", type=int, default=2000,
+                        help="skip (a) where T*N exceeds this (default 2000)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch sees no CUDA GPU")
+    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 2)
+    min_run_time = args.min_run_time if args.min_run_time is not None else (0.3 if args.quick else 1.5)
+    if repeats < 1 or min_run_time <= 0:
+        parser.error("--repeats must be at least 1 and --min-run-time positive")
+    cases = CASES
+    if args.cases:
+        by_name = {c.name: c for c in CASES}
+        names = [n.strip() for n in args.cases.split(",") if n.strip()]
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            parser.error(f"unknown case(s) {unknown}; known: {list(by_name)}")
+        cases = [by_name[n] for n in names]
+    out_path = args.out or os.path.join("bench-results", f"maml_mlp_{args.device}.json")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+
+    meta = machine_info(device)
+    meta.update({"device": str(device), "dtype": str(DTYPE), "inner_lr": INNER_LR, "shots": SHOTS,
+                 "queries": QUERIES, "rtol": RTOL, "quick": args.quick, "repeats": repeats,
+                 "min_run_time_s": min_run_time, "loop_max_task_steps": args.loop_max_task_steps, "seed": args.seed})
+    print(f"torch {torch.__version__}, {meta['cpu_model']}, {meta['torch_num_threads']} threads, device {device}"
+          f"{' (' + meta['gpu_name'] + ')' if device.type == 'cuda' else ''}, mlp_maml "
+          f"{'compiled' if meta['mlp_maml_compiled'] else 'pure-PyTorch reference'}", flush=True)
+    if not meta["mlp_maml_compiled"]:
+        print(f"WARNING: mamlext has no compiled mlp_maml kernel for {device.type}; 'fused' runs the pure-PyTorch "
+              "reference", flush=True)
+    if meta["loadavg_start"] and meta["cpu_affinity"] and meta["loadavg_start"][0] > 0.5 * meta["cpu_affinity"]:
+        print(f"WARNING: 1-minute load average {meta['loadavg_start'][0]:.2f} on {meta['cpu_affinity']} CPUs: "
+              "other processes are running, timings will be noisy", flush=True)
+
+    def write_json():  # after every case, so that a run cut short (a stage timeout) keeps what it measured
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        with open(out_path, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+
+    rows = []
+    start = time.perf_counter()
+    for k, case in enumerate(cases, 1):
+        load = ForeignLoad()
+        try:
+            row = run_case(case, device, min_run_time, repeats, args.loop_max_task_steps, args.seed)
+        except torch.OutOfMemoryError as error:
+            row = {"case": case.name, "widths": case.widths, "tasks": case.tasks, "steps": case.steps,
+                   "first_order": case.first_order, "goal_vs_func": case.goal_vs_func,
+                   "status": f"skipped: out of memory ({str(error).splitlines()[0][:120]})"}
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        row["foreign_cpu_load"] = load.cpus()
+        row["wall_s"] = time.perf_counter() - start
+        rows.append(row)
+        note = ""
+        if row["foreign_cpu_load"] is not None and row["foreign_cpu_load"] > FOREIGN_LOAD_WARN:
+            note = f"  [other processes used {row['foreign_cpu_load']:.1f} CPUs: noisy]"
+        print(f"[{k}/{len(cases)} {row['wall_s']:6.1f}s] {case_line(row)}{note}", flush=True)
+        meta["wall_s"] = row["wall_s"]
+        write_json()
+
+    meta["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    meta["wall_s"] = time.perf_counter() - start
+    meta["noisy_rows"] = sum((r.get("foreign_cpu_load") or 0) > FOREIGN_LOAD_WARN for r in rows)
+    print_table(rows, device)
+
+    goals = [r for r in rows if r.get("goal_vs_func") is not None and r["status"] == "ok"]
+    if goals:
+        where = "" if device.type == "cpu" else f"; this run is on {device.type}"
+        print(f"\ngoals (fused vs (b) torch.func, stated for CPU{where}):")
+        for r in goals:
+            print(f"  {r['case']}: >= {r['goal_vs_func']:g}x  measured {r['speedup_vs_func']:.1f}x  "
+                  f"{'met' if r['goal_met'] else 'NOT met'}")
+    failed = [r for r in rows if r["status"].startswith("FAILED")]
+    if meta["noisy_rows"]:
+        print(f"\nWARNING: {meta['noisy_rows']} case(s) ran while other processes used more than "
+              f"{FOREIGN_LOAD_WARN} CPUs; their timings are not trustworthy: rerun on a quiet machine")
+    if failed:
+        print(f"\n{len(failed)} case(s) FAILED the meta-gradient check")
+
+    write_json()
+    print(f"\nwrote {out_path} ({len(rows)} rows, {meta['wall_s']:.0f} s)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
