@@ -30,9 +30,14 @@ def task_sgd(params: Sequence[Tensor], grads: Sequence[Tensor], lr: Lr) -> List[
     lr = reference.normalize_task_sgd_lr(lr, len(grads))
     if not grads or not _ext.has_kernels(grads[0].device.type):  # no tensor, no device to dispatch on
         return reference.task_sgd(params, grads, lr)
+    if torch.compiler.is_compiling():  # the registered op, which the compiler traces through its fake kernel
+        if isinstance(lr, float):
+            return torch.ops.mamlext.task_sgd.default(params, grads, lr)
+        return torch.ops.mamlext.task_sgd.tensor_lr(params, grads, lr)
+    # Eagerly, the same op through a direct binding: torch.ops' argument boxing costs as much as a small update.
     if isinstance(lr, float):
-        return torch.ops.mamlext.task_sgd.default(params, grads, lr)
-    return torch.ops.mamlext.task_sgd.tensor_lr(params, grads, lr)
+        return _ext._C.task_sgd(params, grads, lr)
+    return _ext._C.task_sgd_tensor_lr(params, grads, lr)
 
 
 def _task_sgd_fake(params, grads, lr):

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "common/task_sgd_plan.h"
@@ -21,6 +22,46 @@ struct Chunk {
   int64_t begin, end;  // flat output elements [begin, end)
 };
 
+// One contiguous row: out[j] = param[j] - lr * grad[j] with one rate, or with lr[j].
+template <typename scalar_t, typename opmath_t>
+inline void update_row(int64_t n, const scalar_t* __restrict__ param, const scalar_t* __restrict__ grad, opmath_t lr,
+                       scalar_t* __restrict__ out) {
+  for (int64_t j = 0; j < n; ++j) out[j] = sgd_update<opmath_t>(param[j], grad[j], lr);
+}
+
+template <typename scalar_t, typename opmath_t>
+inline void update_row(int64_t n, const scalar_t* __restrict__ param, const scalar_t* __restrict__ grad,
+                       const scalar_t* __restrict__ lr, scalar_t* __restrict__ out) {
+  for (int64_t j = 0; j < n; ++j) out[j] = sgd_update<opmath_t>(param[j], grad[j], lr[j]);
+}
+
+// float and double rows are also compiled for AVX2 and AVX-512 and picked when the library loads, as ATen does for
+// its own kernels: the build targets the baseline ISA, which would leave the op slower than torch's own add.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define MAMLEXT_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MAMLEXT_ISA_CLONES
+#endif
+
+#define MAMLEXT_ROW_CLONES(T, LR)                                                                                     \
+  MAMLEXT_ISA_CLONES void update_row_isa(int64_t n, const T* param, const T* grad, LR lr, T* out) {                 \
+    update_row<T, T>(n, param, grad, lr, out);                                                                        \
+  }
+MAMLEXT_ROW_CLONES(float, float)
+MAMLEXT_ROW_CLONES(float, const float*)
+MAMLEXT_ROW_CLONES(double, double)
+MAMLEXT_ROW_CLONES(double, const double*)
+#undef MAMLEXT_ROW_CLONES
+
+template <typename scalar_t, typename LR>
+inline void dispatch_row(int64_t n, const scalar_t* param, const scalar_t* grad, LR lr, scalar_t* out) {
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+    update_row_isa(n, param, grad, lr, out);
+  } else {
+    update_row<scalar_t, at::opmath_type<scalar_t>>(n, param, grad, lr, out);
+  }
+}
+
 // Updates elements [begin, end) one task row at a time, so the inner loop runs over contiguous memory.
 template <typename scalar_t>
 void update_range(const SgdOperands<scalar_t>& ops, int64_t begin, int64_t end, at::opmath_type<scalar_t> float_lr) {
@@ -28,15 +69,12 @@ void update_range(const SgdOperands<scalar_t>& ops, int64_t begin, int64_t end, 
   for (int64_t e = begin; e < end;) {
     const int64_t row_end = std::min(end, e - e % ops.per_task + ops.per_task);
     const int64_t n = row_end - e;
-    scalar_t* __restrict__ out = ops.out + e;
-    const scalar_t* __restrict__ grad = ops.grad + e;
-    const scalar_t* __restrict__ param = ops.param + ops.param_index(e);
+    const scalar_t* param = ops.param + ops.param_index(e);
     if (ops.lr_kind == LrKind::kPerElement) {
-      const scalar_t* __restrict__ lr = ops.lr + ops.lr_index(e);
-      for (int64_t j = 0; j < n; ++j) out[j] = sgd_update<opmath_t>(param[j], grad[j], lr[j]);
+      dispatch_row(n, param, ops.grad + e, ops.lr + ops.lr_index(e), ops.out + e);
     } else {
       const opmath_t lr = ops.lr_kind == LrKind::kScalar ? float_lr : static_cast<opmath_t>(ops.lr[0]);
-      for (int64_t j = 0; j < n; ++j) out[j] = sgd_update<opmath_t>(param[j], grad[j], lr);
+      dispatch_row(n, param, ops.grad + e, lr, ops.out + e);
     }
     e = row_end;
   }
