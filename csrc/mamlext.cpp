@@ -2,6 +2,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/mlp_path.h"
+
 #ifndef MAMLEXT_CUDA_ARCHS
 #define MAMLEXT_CUDA_ARCHS ""
 #endif
@@ -35,9 +37,31 @@ pybind11::dict build_info() {
   return info;
 }
 
+// task_sgd through the dispatcher (autograd, device kernels) for eager calls from mamlext.ops: the same op as
+// torch.ops.mamlext.task_sgd without the boxing of its arguments, which costs about as much as a small update.
+std::vector<at::Tensor> task_sgd_eager(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                                       double lr) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mamlext::task_sgd", "").typed<
+      std::vector<at::Tensor>(at::TensorList, at::TensorList, double)>();
+  return op.call(params, grads, lr);
+}
+
+std::vector<at::Tensor> task_sgd_tensor_lr_eager(const std::vector<at::Tensor>& params,
+                                                 const std::vector<at::Tensor>& grads,
+                                                 const std::vector<at::Tensor>& lr) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mamlext::task_sgd", "tensor_lr").typed<
+      std::vector<at::Tensor>(at::TensorList, at::TensorList, at::TensorList)>();
+  return op.call(params, grads, lr);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "mamlext compiled kernels; the ops are registered as torch.ops.mamlext.*";
   module.def("build_info", &build_info, "How this extension was compiled.");
+  module.def("task_sgd", &task_sgd_eager, "torch.ops.mamlext.task_sgd for eager calls");
+  module.def("task_sgd_tensor_lr", &task_sgd_tensor_lr_eager, "torch.ops.mamlext.task_sgd.tensor_lr for eager calls");
+  module.def("mlp_cpu_last_path", &mamlext::mlp_cpu_last_path,
+             "Which implementation the last CPU call of an MLP op ran: 'per_task', 'batched' or '' (none yet); "
+             "MAMLEXT_MLP_CPU_PATH=per_task|batched|auto forces one (see csrc/cpu/mlp.cpp).");
 }

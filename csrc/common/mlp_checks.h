@@ -180,4 +180,43 @@ inline std::vector<bool> check_mlp_maml_lrs(const char* op, at::TensorList lrs, 
   return per_element;
 }
 
+// All of mlp_maml's arguments: params shared only, xs/xq [T, K, in], ys/yq, step_weights (N >= 1 floating values),
+// lrs [N] or [N, *S_i].
+struct MlpMamlCall {
+  MlpCall call;
+  int64_t steps = 0;
+  std::vector<bool> lr_per_element;
+};
+
+inline MlpMamlCall check_mlp_maml(const char* op, at::TensorList params, const at::Tensor& xs, const at::Tensor& ys,
+                                  const at::Tensor& xq, const at::Tensor& yq, at::TensorList lrs,
+                                  const at::Tensor& step_weights, int64_t activation, double act_param, int64_t loss) {
+  check_mlp_codes(op, activation, act_param, loss);
+  TORCH_CHECK(!params.empty(), op, ": params must be [W_1, b_1, ..., W_L, b_L], got an empty list");
+  check_mlp_floating(op, params[0], "params[0]");
+  MlpMamlCall m;
+  m.call = check_mlp_params(op, params, -1, params[0], "params[0]");
+  MlpConfig& c = m.call.config;
+  c.activation = static_cast<Activation>(activation);
+  c.act_param = act_param;
+  c.loss = static_cast<Loss>(loss);
+  check_same_device_dtype(op, xs, "xs", params[0], "params[0]");
+  check_mlp_input(op, xs, "xs", c.dims, -1, params);
+  const int64_t tasks = xs.size(0);
+  m.call.tasks = tasks;
+  check_same_device_dtype(op, xq, "xq", params[0], "params[0]");
+  check_mlp_input(op, xq, "xq", c.dims, tasks, params);
+  check_mlp_target(op, ys, "ys", xs, "xs", c, params);
+  check_mlp_target(op, yq, "yq", xq, "xq", c, params);
+  TORCH_CHECK(step_weights.device() == params[0].device(), op, ": step_weights is on ", step_weights.device(),
+              " but params[0] is on ", params[0].device());
+  TORCH_CHECK(at::isFloatingType(step_weights.scalar_type()), op, ": step_weights must be a floating-point tensor, got ",
+              step_weights.scalar_type());
+  m.steps = step_weights.numel();
+  TORCH_CHECK(m.steps >= 1, op, ": step_weights must hold one weight per inner step (N >= 1), got shape ",
+              step_weights.sizes());
+  m.lr_per_element = check_mlp_maml_lrs(op, lrs, params, m.steps);
+  return m;
+}
+
 }  // namespace mamlext

@@ -1,20 +1,92 @@
-// CPU kernels of the fused MLP ops mlp_loss_grad, mlp_hvp and mlp_maml: validation and allocation on the host, then
-// one at::parallel_for over tasks, each chunk of tasks with its own scratch buffer; the per-task math is
-// common/mlp_math.h.
+// CPU kernels of the fused MLP ops mlp_loss_grad, mlp_hvp and mlp_maml. Two implementations:
+//   per task: validation and allocation on the host, then one at::parallel_for over tasks, each chunk of tasks with
+//     its own scratch buffer; the per-task math is common/mlp_math.h;
+//   batched:  batched/mlp_batched.h (ATen batched GEMMs over the tasks + the shared element-wise math).
+// mlp_cpu_path picks one per call (see there).
+#include "cpu/mlp_path.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 #include <tuple>
 #include <vector>
 
+#include "batched/mlp_batched.h"
 #include "common/mlp_checks.h"
 #include "common/mlp_math.h"
 
 namespace mamlext {
 namespace {
+
+// ---------------------------------------------------------------------------------------------------------------
+// Path selection.
+//
+// The environment variable MAMLEXT_MLP_CPU_PATH, read on every call, forces a path:
+//   per_task  the per-task kernel below;   batched  batched/mlp_batched.h;   auto (or unset/empty)  the rule below.
+// Rule (auto), from measurements of mlp_maml (second order, float32, 2 cores; 1-40-40-1 ... 1-256-256-1 and a
+// 784-256-256-5 classifier, K = 10/25, T = 25/1000, N = 1/5): with W = T * K * P multiply-adds per forward pass of
+// all tasks (P = parameters of the network) and T * P per-task parameter values,
+//   batched  iff  W >= 2^18  and  (T * P <= 8M  or  (K >= 20 and T * P <= 128M)).
+// The per-task kernel wins when there is little work (ATen's per-op overhead, ~100 ops a call, dominates the
+// batched path) and when the per-task parameter tensors are large and K is small: the batched path then streams
+// every [T, *S_i] tensor (theta_k, g_k, H v, ...) through memory a few times per step, while the per-task kernel
+// keeps one task's in cache. Everywhere else the batched GEMMs win (1.5-4x).
+
+enum class CpuPath : int { kUnset = 0, kPerTask = 1, kBatched = 2 };
+
+std::atomic<int> last_path{static_cast<int>(CpuPath::kUnset)};
+
+bool batched_is_faster(const MlpDims& d, int64_t tasks, int64_t rows) {
+  constexpr int64_t kMinWork = int64_t(1) << 18;
+  constexpr int64_t kSmallFootprint = int64_t(8) << 20;
+  constexpr int64_t kLargeFootprint = int64_t(128) << 20;
+  constexpr int64_t kManyRows = 20;
+  const int64_t footprint = tasks * d.total_param_numel();
+  if (footprint * rows < kMinWork) return false;
+  return footprint <= kSmallFootprint || (rows >= kManyRows && footprint <= kLargeFootprint);
+}
+
+// tasks, rows: T and K of x (of xs for mlp_maml).
+CpuPath mlp_cpu_path(const MlpDims& d, int64_t tasks, int64_t rows) {
+  const char* env = std::getenv("MAMLEXT_MLP_CPU_PATH");
+  CpuPath path;
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0) {
+    path = batched_is_faster(d, tasks, rows) ? CpuPath::kBatched : CpuPath::kPerTask;
+  } else if (std::strcmp(env, "per_task") == 0) {
+    path = CpuPath::kPerTask;
+  } else if (std::strcmp(env, "batched") == 0) {
+    path = CpuPath::kBatched;
+  } else {
+    TORCH_CHECK(false, "mamlext: MAMLEXT_MLP_CPU_PATH must be per_task, batched or auto (or unset), got '", env, "'");
+  }
+  last_path.store(static_cast<int>(path), std::memory_order_relaxed);
+  return path;
+}
+
+// Size dim of x [T, K, in] for the rule, 0 when x has another rank (the op's checks then fail on either path).
+int64_t peek_size(const at::Tensor& x, int64_t dim) { return x.dim() == 3 ? x.size(dim) : 0; }
+
+// The widths of the network in params (shared [out, in] or per task [T, out, in] weights), for the rule; the ops'
+// own checks run later, on either path, so this only reads shapes that exist.
+MlpDims peek_dims(at::TensorList params) {
+  MlpDims d;
+  const int64_t layers = std::min<int64_t>(static_cast<int64_t>(params.size() / 2), kMlpMaxLayers);
+  d.layers = static_cast<int>(layers);
+  for (int64_t l = 0; l < layers; ++l) {
+    const at::Tensor& W = params[2 * l];
+    if (W.dim() < 2) return MlpDims();
+    d.width[l] = W.size(-1);
+    d.width[l + 1] = W.size(-2);
+  }
+  return d;
+}
 
 // Multiply-adds a parallel chunk should hold at least, so that small calls are not spread over the thread pool.
 constexpr int64_t kMinWorkPerChunk = 1 << 16;
@@ -175,6 +247,9 @@ void maml_tasks(const MamlArgs<scalar_t>& m, int64_t begin, int64_t end, scalar_
 std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_loss_grad_cpu(at::TensorList params, const at::Tensor& x,
                                                                   const at::Tensor& y, int64_t activation,
                                                                   double act_param, int64_t loss) {
+  if (mlp_cpu_path(peek_dims(params), peek_size(x, 0), peek_size(x, 1)) == CpuPath::kBatched) {
+    return mlp_loss_grad_batched(params, x, y, activation, act_param, loss);
+  }
   const MlpCall call = check_mlp_loss_grad("mlp_loss_grad", params, x, y, activation, act_param, loss);
   const MlpConfig& c = call.config;
   const int64_t tasks = call.tasks, rows = x.size(1);
@@ -205,6 +280,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_loss_grad_cpu(at::TensorList
 
 std::vector<at::Tensor> mlp_hvp_cpu(at::TensorList params, at::TensorList vectors, const at::Tensor& x,
                                     const at::Tensor& y, int64_t activation, double act_param, int64_t loss) {
+  if (mlp_cpu_path(peek_dims(params), peek_size(x, 0), peek_size(x, 1)) == CpuPath::kBatched) {
+    return mlp_hvp_batched(params, vectors, x, y, activation, act_param, loss);
+  }
   const MlpCall call = check_mlp_loss_grad("mlp_hvp", params, x, y, activation, act_param, loss);
   check_mlp_vectors("mlp_hvp", vectors, params, call, x);
   const MlpConfig& c = call.config;
@@ -237,31 +315,15 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_mam
     at::TensorList params, const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
     at::TensorList lrs, const at::Tensor& step_weights, bool first_order, int64_t activation, double act_param,
     int64_t loss) {
-  const char* op = "mlp_maml";
-  check_mlp_codes(op, activation, act_param, loss);
-  TORCH_CHECK(!params.empty(), op, ": params must be [W_1, b_1, ..., W_L, b_L], got an empty list");
-  check_mlp_floating(op, params[0], "params[0]");
-  MlpCall call = check_mlp_params(op, params, -1, params[0], "params[0]");
-  MlpConfig& c = call.config;
-  c.activation = static_cast<Activation>(activation);
-  c.act_param = act_param;
-  c.loss = static_cast<Loss>(loss);
-  check_same_device_dtype(op, xs, "xs", params[0], "params[0]");
-  check_mlp_input(op, xs, "xs", c.dims, -1, params);
-  const int64_t tasks = xs.size(0);
-  call.tasks = tasks;
-  check_same_device_dtype(op, xq, "xq", params[0], "params[0]");
-  check_mlp_input(op, xq, "xq", c.dims, tasks, params);
-  check_mlp_target(op, ys, "ys", xs, "xs", c, params);
-  check_mlp_target(op, yq, "yq", xq, "xq", c, params);
-  TORCH_CHECK(step_weights.device() == params[0].device(), op, ": step_weights is on ", step_weights.device(),
-              " but params[0] is on ", params[0].device());
-  TORCH_CHECK(at::isFloatingType(step_weights.scalar_type()), op, ": step_weights must be a floating-point tensor, got ",
-              step_weights.scalar_type());
-  const int64_t steps = step_weights.numel();
-  TORCH_CHECK(steps >= 1, op, ": step_weights must hold one weight per inner step (N >= 1), got shape ",
-              step_weights.sizes());
-  const std::vector<bool> lr_per_element = check_mlp_maml_lrs(op, lrs, params, steps);
+  if (mlp_cpu_path(peek_dims(params), peek_size(xs, 0), peek_size(xs, 1)) == CpuPath::kBatched) {
+    return mlp_maml_batched(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss);
+  }
+  const MlpMamlCall checked =
+      check_mlp_maml("mlp_maml", params, xs, ys, xq, yq, lrs, step_weights, activation, act_param, loss);
+  const MlpCall& call = checked.call;
+  const MlpConfig& c = call.config;
+  const int64_t tasks = call.tasks, steps = checked.steps;
+  const std::vector<bool>& lr_per_element = checked.lr_per_element;
 
   const int64_t support_rows = xs.size(1), query_rows = xq.size(1);
   const auto options = params[0].options();
@@ -306,6 +368,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_mam
 }
 
 }  // namespace
+
+std::string mlp_cpu_last_path() {
+  switch (static_cast<CpuPath>(last_path.load(std::memory_order_relaxed))) {
+    case CpuPath::kPerTask: return "per_task";
+    case CpuPath::kBatched: return "batched";
+    default: return "";
+  }
+}
 
 TORCH_LIBRARY_IMPL(mamlext, CPU, m) {
   m.impl("mlp_loss_grad", &mlp_loss_grad_cpu);

@@ -1,0 +1,561 @@
+// The batched implementation of mlp_loss_grad, mlp_hvp and mlp_maml (see mlp_batched.h): the passes of
+// common/mlp_math.h over [T, K, width] tensors with ATen GEMMs, the element-wise parts in the kernels below (CPU) and
+// in cuda/mlp_elementwise.cu (CUDA). Also the CUDA registration of the three ops.
+#include "batched/mlp_batched.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+
+#include "common/mlp_checks.h"
+
+namespace mamlext {
+
+// ---------------------------------------------------------------------------------------------------------------
+// CPU element-wise kernels: at::parallel_for over elements (or tasks), each chunk one call of the shared loop.
+
+namespace cpu_elementwise {
+namespace {
+
+// Elements per parallel chunk of an element-wise pass (the transcendental activations cost ~10-50 flops each).
+constexpr int64_t kElementGrain = 1 << 14;
+
+// Tasks per chunk so that a chunk holds at least ~kElementGrain elements.
+int64_t task_grain(int64_t per_task) { return std::max<int64_t>(1, kElementGrain / std::max<int64_t>(per_task, 1)); }
+
+template <MamlUpdate U, typename scalar_t>
+void maml_update_rows(const MamlUpdateArgs<scalar_t>& m) {
+  const int64_t S = m.per_task;
+  at::parallel_for(0, m.tasks * S, kElementGrain, [&](int64_t begin, int64_t end) {
+    // [begin, end) split at task boundaries, so that the inner loop runs over one task's contiguous elements.
+    for (int64_t e = begin; e < end;) {
+      const int64_t t = e / S, s0 = e - t * S, s1 = std::min(S, s0 + (end - e));
+      scalar_t* out = m.out.ptr + t * m.out.task_stride;
+      for (int64_t s = s0; s < s1; ++s) {
+        out[s * m.out.elem_stride] = maml_update_value<U, scalar_t>(operand_value(m.a, t, s), operand_value(m.b, t, s),
+                                                              operand_value(m.c, t, s), m.w);
+      }
+      e += s1 - s0;
+    }
+  });
+}
+
+}  // namespace
+
+template <typename scalar_t>
+void activation_forward(Activation act, scalar_t param, int64_t n, const scalar_t* z, scalar_t* h) {
+  at::parallel_for(0, n, kElementGrain, [&](int64_t begin, int64_t end) {
+    ::mamlext::activation_forward(act, param, end - begin, z + begin, h + begin);
+  });
+}
+
+template <typename scalar_t>
+void activation_backward(Activation act, scalar_t param, int64_t n, const scalar_t* z, const scalar_t* h,
+                         const scalar_t* in, scalar_t* out) {
+  at::parallel_for(0, n, kElementGrain, [&](int64_t begin, int64_t end) {
+    ::mamlext::activation_backward(act, param, end - begin, z + begin, h + begin, in + begin, out + begin);
+  });
+}
+
+template <typename scalar_t>
+void activation_r_backward(Activation act, scalar_t param, int64_t n, const scalar_t* z, const scalar_t* h,
+                           const scalar_t* dh, const scalar_t* rz, scalar_t* rdz) {
+  at::parallel_for(0, n, kElementGrain, [&](int64_t begin, int64_t end) {
+    ::mamlext::activation_r_backward(act, param, end - begin, z + begin, h + begin, dh + begin, rz + begin,
+                                     rdz + begin);
+  });
+}
+
+template <typename scalar_t>
+void loss_forward_backward(Loss loss, int64_t tasks, int64_t K, int64_t O, const scalar_t* z,
+                           BatchedTargets<scalar_t> y, scalar_t* losses, scalar_t* dz) {
+  const int64_t n = K * O;
+  at::parallel_for(0, tasks, task_grain(n), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      losses[t] = ::mamlext::loss_forward_backward(loss, K, O, z + t * n, y.at(t), dz == nullptr ? dz : dz + t * n);
+    }
+  });
+}
+
+template <typename scalar_t>
+void loss_r_backward(Loss loss, int64_t tasks, int64_t K, int64_t O, const scalar_t* z, const scalar_t* rz,
+                     scalar_t* rdz) {
+  const int64_t n = K * O;
+  at::parallel_for(0, tasks, task_grain(n), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) ::mamlext::loss_r_backward(loss, K, O, z + t * n, rz + t * n, rdz + t * n);
+  });
+}
+
+template <typename scalar_t>
+void maml_update(const MamlUpdateArgs<scalar_t>& args) {
+  switch (args.update) {
+    case MamlUpdate::kSgdStep: maml_update_rows<MamlUpdate::kSgdStep>(args); break;
+    case MamlUpdate::kDirection: maml_update_rows<MamlUpdate::kDirection>(args); break;
+    case MamlUpdate::kLrGrad: maml_update_rows<MamlUpdate::kLrGrad>(args); break;
+    case MamlUpdate::kVUpdate: maml_update_rows<MamlUpdate::kVUpdate>(args); break;
+  }
+}
+
+}  // namespace cpu_elementwise
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------------------------
+// Device dispatch of the element-wise kernels.
+
+#ifdef MAMLEXT_WITH_CUDA
+#define MAMLEXT_ELEMENTWISE(cuda, call)  \
+  do {                                   \
+    if (cuda) {                          \
+      cuda_elementwise::call;            \
+    } else {                             \
+      cpu_elementwise::call;             \
+    }                                    \
+  } while (0)
+#else
+#define MAMLEXT_ELEMENTWISE(cuda, call)                                                           \
+  do {                                                                                            \
+    TORCH_CHECK(!(cuda), "mamlext: this build has no CUDA kernels (built without CUDA)");         \
+    cpu_elementwise::call;                                                                        \
+  } while (0)
+#endif
+
+// An operand of a maml_update on the host: element (t, s) is at t.data + offset + t * task_stride + s * elem_stride;
+// tensor null: the value 0.
+struct HostOperand {
+  const at::Tensor* tensor = nullptr;
+  int64_t offset = 0, task_stride = 0, elem_stride = 1;
+
+  template <typename scalar_t>
+  TaskOperand<const scalar_t*> get() const {
+    TaskOperand<const scalar_t*> o;
+    if (tensor != nullptr) o.ptr = tensor->data_ptr<scalar_t>() + offset;
+    o.task_stride = task_stride;
+    o.elem_stride = elem_stride;
+    return o;
+  }
+};
+
+// The per-call state: the network's configuration, T, the device and dtype; runs the passes.
+class BatchedMlp {
+ public:
+  BatchedMlp(const MlpConfig& config, int64_t tasks, const at::Tensor& like)
+      : c_(config), tasks_(tasks), cuda_(like.is_cuda()), dtype_(like.scalar_type()) {
+    TORCH_CHECK(like.device().type() == at::kCPU || like.is_cuda(),
+                "mamlext: the batched MLP ops run on CPU and CUDA tensors, got ", like.device());
+  }
+
+  // Per-layer values of one pass over [T, K, *] rows (see common/mlp_math.h MlpActivations).
+  struct Pass {
+    std::vector<at::Tensor> z, h, dz, dh, rz, rh;
+  };
+
+  // Forward: z_l = h_{l-1} W_l^T + b_l, h_l = f(z_l).
+  void forward(const at::Tensor& x, const std::vector<at::Tensor>& p, Pass& a) const {
+    const int L = c_.dims.layers;
+    a = Pass();
+    a.z.resize(L);
+    a.h.resize(L);
+    a.dz.resize(L);
+    a.dh.resize(L);
+    for (int l = 0; l < L; ++l) {
+      a.z[l] = linear(l == 0 ? x : a.h[l - 1], p[2 * l], p[2 * l + 1]);
+      if (l + 1 < L) a.h[l] = activation_forward(a.z[l]);
+    }
+  }
+
+  // The loss of the network's output against y ([T] per task) and the backward pass: fills a.dz and a.dh and, when
+  // grads is not null, the per-task parameter gradients [T, *S_i].
+  at::Tensor loss_backward(const at::Tensor& x, const at::Tensor& y, const std::vector<at::Tensor>& p, Pass& a,
+                           std::vector<at::Tensor>* grads) const {
+    const int L = c_.dims.layers;
+    at::Tensor losses = at::empty({tasks_}, a.z[L - 1].options());
+    a.dz[L - 1] = loss_forward_backward(a.z[L - 1], y, losses);
+    if (grads != nullptr) grads->resize(2 * L);
+    for (int l = L - 1; l >= 0; --l) {
+      const at::Tensor& in = l == 0 ? x : a.h[l - 1];
+      if (grads != nullptr) param_grad(a.dz[l], in, (*grads)[2 * l], (*grads)[2 * l + 1]);
+      if (l > 0) {
+        a.dh[l - 1] = input_grad(a.dz[l], p[2 * l]);
+        a.dz[l - 1] = activation_backward(a.z[l - 1], a.h[l - 1], a.dh[l - 1]);
+      }
+    }
+    return losses;
+  }
+
+  // H v by the R-forward and R-backward passes, after forward and loss_backward at p filled a; v per task. Writes
+  // into hv's tensors where they are defined (reused buffers), else allocates them.
+  void hessian_vector(const at::Tensor& x, const std::vector<at::Tensor>& p, const std::vector<at::Tensor>& v,
+                      Pass& a, std::vector<at::Tensor>& hv) const {
+    const int L = c_.dims.layers;
+    a.rz.assign(L, at::Tensor());
+    a.rh.assign(L, at::Tensor());
+    for (int l = 0; l < L; ++l) {
+      a.rz[l] = linear(l == 0 ? x : a.h[l - 1], v[2 * l], v[2 * l + 1]);  // h VW^T + Vb
+      if (l > 0) linear_add(a.rz[l], a.rh[l - 1], p[2 * l]);            // + Rh W^T
+      if (l + 1 < L) a.rh[l] = activation_backward(a.z[l], a.h[l], a.rz[l]);
+    }
+    at::Tensor rdz = loss_r_backward(a.z[L - 1], a.rz[L - 1]);
+    hv.resize(2 * L);
+    for (int l = L - 1; l >= 0; --l) {
+      const at::Tensor& in = l == 0 ? x : a.h[l - 1];
+      param_grad(rdz, in, hv[2 * l], hv[2 * l + 1]);  // Rdz^T h, sum_k Rdz
+      if (l == 0) break;
+      hv[2 * l].baddbmm_(a.dz[l].transpose(1, 2), a.rh[l - 1]);  // + dz^T Rh
+      at::Tensor rdh = input_grad(rdz, p[2 * l]);                // Rdz W + dz VW
+      input_grad_add(rdh, a.dz[l], v[2 * l]);
+      activation_r_backward(a.z[l - 1], a.h[l - 1], a.dh[l - 1], a.rz[l - 1], rdh);
+      rdz = rdh;
+    }
+  }
+
+  // out(t, s) = maml_update(a, b, c, w) over a [T, S] parameter; out at out_tensor + out_offset with task stride
+  // out_task_stride.
+  void maml_update(MamlUpdate update, int64_t per_task, const at::Tensor& out_tensor, int64_t out_offset,
+                   int64_t out_task_stride, HostOperand a, HostOperand b, HostOperand c, double w) const {
+    if (tasks_ == 0 || per_task == 0) return;
+    AT_DISPATCH_FLOATING_TYPES(dtype_, "mlp_batched_maml_update", [&] {
+      MamlUpdateArgs<scalar_t> m;
+      m.update = update;
+      m.tasks = tasks_;
+      m.per_task = per_task;
+      m.out.ptr = out_tensor.data_ptr<scalar_t>() + out_offset;
+      m.out.task_stride = out_task_stride;
+      m.out.elem_stride = 1;
+      m.a = a.get<scalar_t>();
+      m.b = b.get<scalar_t>();
+      m.c = c.get<scalar_t>();
+      m.w = static_cast<scalar_t>(w);
+      MAMLEXT_ELEMENTWISE(cuda_, maml_update<scalar_t>(m));
+    });
+  }
+
+ private:
+  // z = in W^T + b over [T, K, *]: W [out, in] (shared: one GEMM over the T * K rows) or [T, out, in] (batched),
+  // b [out] or [T, out].
+  static at::Tensor linear(const at::Tensor& in, const at::Tensor& W, const at::Tensor& b) {
+    const int64_t T = in.size(0), K = in.size(1), O = W.size(-2);
+    if (W.dim() == 2) {
+      const at::Tensor in2 = in.reshape({T * K, in.size(2)});
+      if (b.dim() == 1) return at::addmm(b, in2, W.t()).view({T, K, O});
+      return at::mm(in2, W.t()).view({T, K, O}).add_(b.unsqueeze(1));
+    }
+    return at::baddbmm(b.dim() == 1 ? b.view({1, 1, O}) : b.unsqueeze(1), in, W.transpose(1, 2));
+  }
+
+  // gW = d^T in [T, out, in], gb = sum_k d [T, out] for d [T, K, out]: into gW, gb when defined, else new tensors.
+  static void param_grad(const at::Tensor& d, const at::Tensor& in, at::Tensor& gW, at::Tensor& gb) {
+    if (gW.defined()) {
+      at::bmm_out(gW, d.transpose(1, 2), in);
+    } else {
+      gW = at::bmm(d.transpose(1, 2), in);
+    }
+    if (gb.defined()) {
+      at::sum_out(gb, d, 1);
+    } else {
+      gb = d.sum(1);
+    }
+  }
+
+  // out += in W^T.
+  static void linear_add(at::Tensor& out, const at::Tensor& in, const at::Tensor& W) {
+    const int64_t T = in.size(0), K = in.size(1);
+    if (W.dim() == 2) {
+      out.view({T * K, W.size(0)}).addmm_(in.reshape({T * K, in.size(2)}), W.t());
+    } else {
+      out.baddbmm_(in, W.transpose(1, 2));
+    }
+  }
+
+  // d W: the gradient w.r.t. a layer's input, d [T, K, out].
+  static at::Tensor input_grad(const at::Tensor& d, const at::Tensor& W) {
+    const int64_t T = d.size(0), K = d.size(1);
+    if (W.dim() == 2) return at::mm(d.reshape({T * K, d.size(2)}), W).view({T, K, W.size(1)});
+    return at::bmm(d, W);
+  }
+
+  // out += d W.
+  static void input_grad_add(at::Tensor& out, const at::Tensor& d, const at::Tensor& W) {
+    const int64_t T = d.size(0), K = d.size(1);
+    if (W.dim() == 2) {
+      out.view({T * K, W.size(1)}).addmm_(d.reshape({T * K, d.size(2)}), W);
+    } else {
+      out.baddbmm_(d, W);
+    }
+  }
+
+  at::Tensor activation_forward(const at::Tensor& z) const {
+    at::Tensor h = at::empty_like(z);
+    AT_DISPATCH_FLOATING_TYPES(dtype_, "mlp_batched_activation_forward", [&] {
+      MAMLEXT_ELEMENTWISE(cuda_, activation_forward<scalar_t>(c_.activation, static_cast<scalar_t>(c_.act_param),
+                                                              z.numel(), z.data_ptr<scalar_t>(),
+                                                              h.data_ptr<scalar_t>()));
+    });
+    return h;
+  }
+
+  // f'(z) * in.
+  at::Tensor activation_backward(const at::Tensor& z, const at::Tensor& h, const at::Tensor& in) const {
+    at::Tensor out = at::empty_like(z);
+    AT_DISPATCH_FLOATING_TYPES(dtype_, "mlp_batched_activation_backward", [&] {
+      MAMLEXT_ELEMENTWISE(cuda_, activation_backward<scalar_t>(
+                                     c_.activation, static_cast<scalar_t>(c_.act_param), z.numel(),
+                                     z.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), in.data_ptr<scalar_t>(),
+                                     out.data_ptr<scalar_t>()));
+    });
+    return out;
+  }
+
+  // rdz = f'(z) * rdz + f''(z) * dh * rz, in place.
+  void activation_r_backward(const at::Tensor& z, const at::Tensor& h, const at::Tensor& dh, const at::Tensor& rz,
+                             at::Tensor& rdz) const {
+    AT_DISPATCH_FLOATING_TYPES(dtype_, "mlp_batched_activation_r_backward", [&] {
+      MAMLEXT_ELEMENTWISE(cuda_, activation_r_backward<scalar_t>(
+                                     c_.activation, static_cast<scalar_t>(c_.act_param), z.numel(),
+                                     z.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), dh.data_ptr<scalar_t>(),
+                                     rz.data_ptr<scalar_t>(), rdz.data_ptr<scalar_t>()));
+    });
+  }
+
+  // Per task losses into `losses`; returns dL/dz.
+  at::Tensor loss_forward_backward(const at::Tensor& z, const at::Tensor& y, at::Tensor& losses) const {
+    at::Tensor dz = at::empty_like(z);
+    const int64_t K = z.size(1), O = z.size(2);
+    AT_DISPATCH_FLOATING_TYPES(dtype_, "mlp_batched_loss", [&] {
+      BatchedTargets<scalar_t> target;
+      target.stride = y.numel() / std::max<int64_t>(tasks_, 1);
+      if (c_.loss == Loss::kMse) {
+        target.values = y.data_ptr<scalar_t>();
+      } else {
+        target.classes = y.data_ptr<int64_t>();
+      }
+      MAMLEXT_ELEMENTWISE(cuda_, loss_forward_backward<scalar_t>(c_.loss, tasks_, K, O, z.data_ptr<scalar_t>(),
+                                                                 target, losses.data_ptr<scalar_t>(),
+                                                                 dz.data_ptr<scalar_t>()));
+    });
+    return dz;
+  }
+
+  at::Tensor loss_r_backward(const at::Tensor& z, const at::Tensor& rz) const {
+    at::Tensor rdz = at::empty_like(z);
+    const int64_t K = z.size(1), O = z.size(2);
+    AT_DISPATCH_FLOATING_TYPES(dtype_, "mlp_batched_loss_r", [&] {
+      MAMLEXT_ELEMENTWISE(cuda_, loss_r_backward<scalar_t>(c_.loss, tasks_, K, O, z.data_ptr<scalar_t>(),
+                                                           rz.data_ptr<scalar_t>(), rdz.data_ptr<scalar_t>()));
+    });
+    return rdz;
+  }
+
+  MlpConfig c_;
+  int64_t tasks_;
+  bool cuda_;
+  at::ScalarType dtype_;
+};
+
+std::vector<at::Tensor> contiguous(at::TensorList ts) {
+  std::vector<at::Tensor> out;
+  out.reserve(ts.size());
+  for (const auto& t : ts) out.push_back(t.contiguous());
+  return out;
+}
+
+// Shape S_i of params[i] without its task dimension.
+at::IntArrayRef param_shape(const at::Tensor& p, bool per_task) { return per_task ? p.sizes().slice(1) : p.sizes(); }
+
+std::vector<int64_t> with_tasks(int64_t tasks, at::IntArrayRef shape) {
+  std::vector<int64_t> out{tasks};
+  out.insert(out.end(), shape.begin(), shape.end());
+  return out;
+}
+
+std::vector<at::Tensor> empty_per_task(at::TensorList like, const std::vector<bool>& per_task, int64_t tasks,
+                                       const at::TensorOptions& options) {
+  std::vector<at::Tensor> out;
+  for (size_t i = 0; i < like.size(); ++i) out.push_back(at::empty(with_tasks(tasks, param_shape(like[i], per_task[i])), options));
+  return out;
+}
+
+// The ops run ATen ops on their inputs: no autograd graph (and no autograd / ADInplaceOrView dispatch) inside.
+using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------------------
+// The ops.
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_loss_grad_batched(at::TensorList params, const at::Tensor& x,
+                                                                      const at::Tensor& y, int64_t activation,
+                                                                      double act_param, int64_t loss) {
+  const MlpCall call = check_mlp_loss_grad("mlp_loss_grad", params, x, y, activation, act_param, loss);
+  const c10::OptionalDeviceGuard guard(x.device());
+  const BelowAutograd below_autograd;
+  const int64_t tasks = call.tasks;
+  if (tasks == 0) return {at::empty({0}, x.options()), empty_per_task(params, call.per_task, 0, x.options())};
+  const BatchedMlp net(call.config, tasks, x);
+  const at::Tensor xc = x.contiguous(), yc = y.contiguous();
+  const std::vector<at::Tensor> ps = contiguous(params);
+  BatchedMlp::Pass pass;
+  std::vector<at::Tensor> grads;
+  net.forward(xc, ps, pass);
+  at::Tensor losses = net.loss_backward(xc, yc, ps, pass, &grads);
+  return {losses, grads};
+}
+
+std::vector<at::Tensor> mlp_hvp_batched(at::TensorList params, at::TensorList vectors, const at::Tensor& x,
+                                        const at::Tensor& y, int64_t activation, double act_param, int64_t loss) {
+  const MlpCall call = check_mlp_loss_grad("mlp_hvp", params, x, y, activation, act_param, loss);
+  check_mlp_vectors("mlp_hvp", vectors, params, call, x);
+  const c10::OptionalDeviceGuard guard(x.device());
+  const BelowAutograd below_autograd;
+  const int64_t tasks = call.tasks;
+  if (tasks == 0) return empty_per_task(params, call.per_task, 0, x.options());
+  const BatchedMlp net(call.config, tasks, x);
+  const at::Tensor xc = x.contiguous(), yc = y.contiguous();
+  const std::vector<at::Tensor> ps = contiguous(params), vs = contiguous(vectors);
+  BatchedMlp::Pass pass;
+  net.forward(xc, ps, pass);
+  net.loss_backward(xc, yc, ps, pass, nullptr);
+  std::vector<at::Tensor> hv;
+  net.hessian_vector(xc, ps, vs, pass, hv);
+  return hv;
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_maml_batched(
+    at::TensorList params, const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
+    at::TensorList lrs, const at::Tensor& step_weights, bool first_order, int64_t activation, double act_param,
+    int64_t loss) {
+  const MlpMamlCall checked =
+      check_mlp_maml("mlp_maml", params, xs, ys, xq, yq, lrs, step_weights, activation, act_param, loss);
+  const c10::OptionalDeviceGuard guard(xs.device());
+  const BelowAutograd below_autograd;
+  const MlpCall& call = checked.call;
+  const MlpDims& d = call.config.dims;
+  const int64_t tasks = call.tasks, steps = checked.steps;
+  const int P = d.num_params();
+  const auto options = params[0].options();
+  std::vector<at::Tensor> meta_grads, lr_grads;
+  for (int i = 0; i < P; ++i) {
+    meta_grads.push_back(at::empty(with_tasks(tasks, params[i].sizes()), options));
+    lr_grads.push_back(at::empty(with_tasks(tasks, lrs[i].sizes()), options));
+  }
+  at::Tensor query_losses = at::zeros({tasks}, options);
+  if (tasks == 0) return {query_losses, meta_grads, lr_grads};
+
+  // The step weights on the host (one small copy: a sync on CUDA), to skip the query passes of zero weights.
+  const at::Tensor weights =
+      step_weights.reshape({-1}).to(params[0].scalar_type()).to(at::kCPU).to(at::kDouble).contiguous();
+  const double* w = weights.data_ptr<double>();
+
+  const BatchedMlp net(call.config, tasks, params[0]);
+  const at::Tensor xsc = xs.contiguous(), ysc = ys.contiguous(), xqc = xq.contiguous(), yqc = yq.contiguous();
+  const std::vector<at::Tensor> lrc = contiguous(lrs);
+  // theta[k]: theta_k, P tensors ([S_i] for k = 0, the shared meta-parameters; [T, *S_i] after); g[k]: g_k.
+  std::vector<std::vector<at::Tensor>> theta(steps + 1), g(steps);
+  theta[0] = contiguous(params);
+
+  auto rate = [&](int i, int64_t k) {  // alpha_k of params[i]: one value, or [S_i]
+    HostOperand o;
+    o.tensor = &lrc[i];
+    const int64_t n = d.param_numel(i);
+    o.offset = checked.lr_per_element[i] ? k * n : k;
+    o.elem_stride = checked.lr_per_element[i] ? 1 : 0;
+    return o;
+  };
+  auto per_task = [&](const at::Tensor& t, int i) {  // a [T, *S_i] tensor, or [S_i] shared
+    HostOperand o;
+    o.tensor = &t;
+    o.task_stride = t.dim() > params[i].dim() ? d.param_numel(i) : 0;
+    return o;
+  };
+
+  // Inner loop. The support pass of the last step (theta_{N-1}) stays in `support` for the first HVP.
+  BatchedMlp::Pass support;
+  for (int64_t k = 0; k < steps; ++k) {
+    net.forward(xsc, theta[k], support);
+    net.loss_backward(xsc, ysc, theta[k], support, &g[k]);
+    for (int i = 0; i < P; ++i) {
+      const int64_t n = d.param_numel(i);
+      theta[k + 1].push_back(at::empty(with_tasks(tasks, params[i].sizes()), options));
+      net.maml_update(MamlUpdate::kSgdStep, n, theta[k + 1][i], 0, n, per_task(theta[k][i], i), per_task(g[k][i], i),
+                      rate(i, k), 0.0);
+    }
+  }
+
+  // The reverse recursion's [T, *S_i] temporaries are allocated once and reused by every step: fresh allocations of
+  // this size cost more (page faults on the CPU) than the element-wise passes over them.
+  std::vector<at::Tensor> qg, hv, direction;
+
+  // w L_query(theta_k) into query_losses; grad L_query(theta_k) into qg.
+  auto query_grad = [&](int64_t k, double weight) {
+    BatchedMlp::Pass q;
+    net.forward(xqc, theta[k], q);
+    const at::Tensor losses = net.loss_backward(xqc, yqc, theta[k], q, &qg);
+    query_losses.add_(losses, weight);
+  };
+
+  std::vector<at::Tensor>& v = meta_grads;  // the running v_k
+  if (w[steps - 1] != 0.0) {
+    query_grad(steps, w[steps - 1]);
+    for (int i = 0; i < P; ++i) {  // v_N = w_N grad L_query(theta_N)
+      net.maml_update(MamlUpdate::kVUpdate, d.param_numel(i), v[i], 0, d.param_numel(i), HostOperand(),
+                      HostOperand(), per_task(qg[i], i), w[steps - 1]);
+    }
+  } else {
+    for (auto& t : v) t.zero_();
+  }
+
+  for (int64_t k = steps - 1; k >= 0; --k) {
+    for (int i = 0; i < P; ++i) {  // lr_grad_k = -v_{k+1} * g_k, summed over the tensor for a per-tensor rate
+      const int64_t n = d.param_numel(i);
+      if (checked.lr_per_element[i]) {
+        net.maml_update(MamlUpdate::kLrGrad, n, lr_grads[i], k * n, steps * n, per_task(v[i], i),
+                        per_task(g[k][i], i), HostOperand(), 0.0);
+      } else {  // -<v_t, g_t> per task, as a batched [1, n] x [n, 1] product
+        lr_grads[i].select(1, k).copy_(
+            at::bmm(v[i].view({tasks, 1, n}), g[k][i].view({tasks, n, 1})).view({tasks}).neg_());
+      }
+    }
+    if (!first_order) {  // H_support(theta_k) (alpha_k * v_{k+1})
+      if (k != steps - 1) {
+        net.forward(xsc, theta[k], support);
+        net.loss_backward(xsc, ysc, theta[k], support, nullptr);
+      }
+      for (int i = 0; i < P && direction.size() < static_cast<size_t>(P); ++i) {
+        direction.push_back(at::empty(with_tasks(tasks, params[i].sizes()), options));
+      }
+      for (int i = 0; i < P; ++i) {
+        const int64_t n = d.param_numel(i);
+        net.maml_update(MamlUpdate::kDirection, n, direction[i], 0, n, per_task(v[i], i), HostOperand(), rate(i, k),
+                        0.0);
+      }
+      net.hessian_vector(xsc, theta[k], direction, support, hv);
+    }
+    const double weight = k >= 1 ? w[k - 1] : 0.0;
+    if (weight != 0.0) query_grad(k, weight);
+    if (first_order && weight == 0.0) continue;
+    for (int i = 0; i < P; ++i) {  // v_k = v_{k+1} - H(alpha_k * v_{k+1}) + w_k grad L_query(theta_k)
+      const int64_t n = d.param_numel(i);
+      net.maml_update(MamlUpdate::kVUpdate, n, v[i], 0, n, per_task(v[i], i),
+                      first_order ? HostOperand() : per_task(hv[i], i),
+                      weight == 0.0 ? HostOperand() : per_task(qg[i], i), weight);
+    }
+  }
+  return {query_losses, meta_grads, lr_grads};
+}
+
+}  // namespace mamlext
+
+#ifdef MAMLEXT_WITH_CUDA
+// The CUDA kernels of the fused MLP ops are the batched implementation (its element-wise kernels in
+// cuda/mlp_elementwise.cu, GEMMs by ATen/cuBLAS).
+TORCH_LIBRARY_IMPL(mamlext, CUDA, m) {
+  m.impl("mlp_loss_grad", &mamlext::mlp_loss_grad_batched);
+  m.impl("mlp_hvp", &mamlext::mlp_hvp_batched);
+  m.impl("mlp_maml", &mamlext::mlp_maml_batched);
+}
+#endif

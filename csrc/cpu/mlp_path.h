@@ -1,0 +1,15 @@
+// Which implementation the CPU kernels of the fused MLP ops (cpu/mlp.cpp) run: the per-task kernel of
+// common/mlp_math.h (one task per thread, all in registers/L1: fastest for narrow networks) or the batched GEMM one
+// of batched/mlp_batched.h (fastest for wide networks). See mlp_cpu_path in cpu/mlp.cpp for the rule and the
+// MAMLEXT_MLP_CPU_PATH environment variable that overrides it.
+#pragma once
+
+#include <string>
+
+namespace mamlext {
+
+// The path of the most recent CPU call of mlp_loss_grad / mlp_hvp / mlp_maml in this process: "per_task",
+// "batched", or "" before the first (for tests; exposed as mamlext._C.mlp_cpu_last_path()).
+std::string mlp_cpu_last_path();
+
+}  // namespace mamlext
