@@ -1,4 +1,4 @@
-"""Command line: python -m mamlext info | demo"""
+"""Command line: python -m mamlext info | demo | train | eval"""
 import argparse
 import json
 import sys
@@ -26,6 +26,153 @@ def _print_info(as_json: bool) -> None:
         print(f"ops on {device:4s} -> {backend}")
 
 
+
+def _int_list(text: str):
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    return values
+
+
+def _name_list(text: str):
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated alphabet names, got {text!r}")
+    return values
+
+
+# argparse dest -> config key, for every train option that goes into the config
+_TRAIN_OPTIONS = ("algo", "first_order", "iterations", "meta_batch", "shots", "query", "inner_lr", "inner_steps",
+                  "test_steps", "meta_lr", "hidden", "seed", "dtype", "device", "checkpoint_every", "log_every",
+                  "eval_tasks", "eval_seed", "eval_shots", "eval_steps", "eval_query", "plot_tasks", "data", "ways",
+                  "train_alphabets", "test_alphabets", "cache_dir")
+
+
+def _add_train_parser(commands) -> None:
+    from mamlext.train import ALGOS, DEFAULT_SINE_ITERATIONS, DTYPES, TASKS
+
+    train = commands.add_parser(
+        "train", help="meta-train: sine (Finn et al.'s sinusoids, the default main job) or omniglot",
+        description="Meta-train a model, then evaluate it on new tasks. Every option defaults to the paper's setting "
+                    "for the task (Finn et al. 2017); a run directory gets config.json, metrics.jsonl and "
+                    "checkpoint.pt. Examples:  python -m mamlext train sine;  python -m mamlext train omniglot "
+                    "--data DIR --ways 5 --shots 1;  python -m mamlext train --resume runs/sine-...")
+    train.add_argument("task", nargs="?", choices=TASKS, help="the task family (not needed with --resume)")
+    g = train.add_argument_group("algorithm")
+    g.add_argument("--algo", choices=ALGOS, help="maml (default), fomaml; sine also metasgd (learned per-parameter "
+                   "rates); the others have no engine in `train` yet")
+    g.add_argument("--first-order", action="store_true", default=None, help="first-order MAML (same as --algo fomaml)")
+    g.add_argument("--iterations", type=int, help=f"meta-iterations (sine: {DEFAULT_SINE_ITERATIONS}; omniglot: "
+                   "60000 as in the paper)")
+    g.add_argument("--meta-batch", type=int, help="tasks per meta-iteration (sine 25; omniglot 5-way 32, 20-way 16)")
+    g.add_argument("--shots", type=int, help="K support examples per task (sine) or per class (omniglot)")
+    g.add_argument("--query", type=int, help="query examples per task (sine 10) or per class (omniglot 15)")
+    g.add_argument("--inner-lr", type=float, help="alpha, the inner SGD step (sine 0.001, as in the paper's code; "
+                   "omniglot 5-way 0.4, 20-way 0.1)")
+    g.add_argument("--inner-steps", type=int, help="inner SGD steps in meta-training (sine 1; omniglot 5-way 1, "
+                   "20-way 5)")
+    g.add_argument("--meta-lr", type=float, help="Adam's learning rate (1e-3)")
+    g.add_argument("--hidden", type=int, help="hidden width (sine 40) or conv filters (omniglot 64)")
+    g = train.add_argument_group("omniglot")
+    g.add_argument("--data", help="folder (or archive) with images_background*.zip / images_evaluation*.zip")
+    g.add_argument("--ways", type=int, help="N classes per task (5)")
+    g.add_argument("--test-steps", type=int, help="inner steps at test time (5-way 3, 20-way 5)")
+    g.add_argument("--train-alphabets", type=_name_list, help="comma-separated alphabets to train on (default: "
+                   "the data's train split)")
+    g.add_argument("--test-alphabets", type=_name_list, help="comma-separated alphabets to test on, none of them "
+                   "trained on (default: the data's test split)")
+    g.add_argument("--cache-dir", help="where the decoded images are cached (default: beside the data, or "
+                   "~/.cache/mamlext)")
+    g = train.add_argument_group("evaluation")
+    g.add_argument("--eval-tasks", type=int, help="new tasks to evaluate on after training (600)")
+    g.add_argument("--eval-seed", type=int, help="seed of the evaluation tasks (default: --seed + 1000003)")
+    g.add_argument("--eval-shots", type=_int_list, help="sine: K values to evaluate, comma-separated (5,10,20)")
+    g.add_argument("--eval-steps", type=_int_list, help="sine: inner step counts to evaluate (1,5,10)")
+    g.add_argument("--eval-query", type=int, help="sine: query points per evaluation task (100)")
+    g.add_argument("--plot-tasks", type=int, help="sine: tasks in the PNG of adapted curves (4; 0: no plot)")
+    g.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+    g = train.add_argument_group("run")
+    g.add_argument("--seed", type=int, help="seed of the model's initialisation and the task sampler (0)")
+    g.add_argument("--dtype", choices=tuple(DTYPES), help="float32 (default) or float64")
+    g.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--out", help="run directory (default: runs/<name>-<timestamp>)")
+    g.add_argument("--resume", metavar="RUN_DIR_OR_CHECKPOINT", help="continue a run exactly where its checkpoint "
+                   "left it (only --iterations, --checkpoint-every, --log-every, --device and the evaluation "
+                   "options may change)")
+    g.add_argument("--checkpoint-every", type=int, help="iterations between checkpoints (sine 5000, omniglot 500)")
+    g.add_argument("--log-every", type=int, help="iterations between metrics.jsonl lines (sine 250, omniglot 10)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--threads", type=int, help="CPU threads of torch (torch.set_num_threads; default: torch's). On a "
+                   "shared machine whose cores are busy, --threads 1 can be several times faster for conv nets")
+
+
+def _add_eval_parser(commands) -> None:
+    ev = commands.add_parser("eval", help="re-evaluate a saved run on new tasks",
+                             description="Rebuild a run from its checkpoint and evaluate it on new tasks (by default "
+                                         "the run's own evaluation tasks, so the numbers match the run's eval.txt).")
+    ev.add_argument("checkpoint", help="a run directory or a checkpoint file")
+    ev.add_argument("--tasks", type=int, help="number of new tasks (default: the run's, 600)")
+    ev.add_argument("--seed", type=int, help="seed of the evaluation tasks (default: the run's)")
+    ev.add_argument("--device", help="cpu or cuda (default: the run's when available)")
+    ev.add_argument("--out", help="folder for eval.json / eval.txt (and the sine plot); default: print only")
+    ev.add_argument("--no-progress", action="store_true")
+    ev.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's)")
+
+
+def _set_threads(parser, threads) -> None:
+    if threads is not None:
+        if threads < 1:
+            parser.error(f"--threads must be at least 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _train(parser, args) -> int:
+    from mamlext import train as train_module
+
+    _set_threads(parser, args.threads)
+
+    options = {name: getattr(args, name) for name in _TRAIN_OPTIONS}
+    try:
+        if args.resume is not None:
+            given = {k: v for k, v in options.items() if v is not None}
+            if args.task is not None:
+                saved = train_module.load_checkpoint(args.resume)["config"]["task"]
+                if saved != args.task:
+                    raise train_module.ConfigError(f"--resume {args.resume} is a {saved} run, not {args.task}")
+            train_module.train(resume=args.resume, out=args.out, overrides=given, progress=not args.no_progress,
+                               evaluate=not args.no_eval)
+        else:
+            if args.task is None:
+                parser.error("train needs a task (sine or omniglot), or --resume RUN_DIR")
+            config = train_module.make_config(args.task, **options)
+            train_module.train(config, out=args.out, progress=not args.no_progress, evaluate=not args.no_eval)
+    except KeyboardInterrupt:
+        return 130
+    except (train_module.ConfigError, FileNotFoundError) as error:
+        print(f"python -m mamlext train: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _eval(parser, args) -> int:
+    from mamlext import evaluate, train as train_module
+
+    _set_threads(parser, args.threads)
+    try:
+        evaluate.run_eval(args.checkpoint, tasks=args.tasks, seed=args.seed, device=args.device, out=args.out,
+                          progress=not args.no_progress)
+    except KeyboardInterrupt:
+        return 130
+    except (train_module.ConfigError, FileNotFoundError) as error:
+        print(f"python -m mamlext eval: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mamlext", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -35,8 +182,14 @@ def main(argv=None) -> int:
     demo.add_argument("--iterations", type=int, default=300)
     demo.add_argument("--meta-batch", type=int, default=25)
     demo.add_argument("--seed", type=int, default=0)
+    _add_train_parser(commands)
+    _add_eval_parser(commands)
     args = parser.parse_args(argv)
 
+    if args.command == "train":
+        return _train(parser, args)
+    if args.command == "eval":
+        return _eval(parser, args)
     if args.command == "info":
         _print_info(args.json)
     elif args.command == "demo":

@@ -7,10 +7,7 @@ from torch import nn
 
 from mamlext.data import SinusoidTasks
 from mamlext.maml import MAML
-
-
-def sine_mlp() -> nn.Sequential:
-    return nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
+from mamlext.models import sine_mlp
 
 
 def adapted_query_mse(maml: MAML, batch, steps: int) -> torch.Tensor:
