@@ -91,13 +91,16 @@ def _extension():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     defines = [f'-DMAMLEXT_CUDA_ARCHS="{archs}"', f"-DMAMLEXT_DEBUG={int(debug)}",
                f'-DMAMLEXT_TORCH_VERSION="{torch.__version__}"']
-    cxx = opt + defines
+    # -fopenmp: at::parallel_for is inlined into our kernels and runs them serially unless they are built with the
+    # OpenMP backend ATen itself uses.
+    cxx = opt + defines + ["-fopenmp"]
+    link = ["-fopenmp"]
     if not with_cuda:
-        return CppExtension("mamlext._C", sources, extra_compile_args={"cxx": cxx},
+        return CppExtension("mamlext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link,
                             include_dirs=[os.path.join(ROOT, "csrc")])
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     nvcc = opt + (["-G"] if debug else []) + defines + ["-DMAMLEXT_WITH_CUDA", "--expt-relaxed-constexpr"]
-    return CUDAExtension("mamlext._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
+    return CUDAExtension("mamlext._C", sources, include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=link,
                          extra_compile_args={"cxx": cxx + ["-DMAMLEXT_WITH_CUDA"], "nvcc": nvcc})
 
 

@@ -49,7 +49,9 @@ TASK_COUNTS = [1, 32]
 SHARED_TASK_COUNTS = [32]  # shared params with T = 1 are the per-task case with a squeezed dimension
 # Total measured time per implementation and case (split over the repeats), by total size.
 FULL_MIN_RUN_TIME = {10**4: 0.3, 10**5: 0.3, 10**6: 0.45, 10**7: 0.6, 10**8: 1.5}
-QUICK_MIN_RUN_TIME = 0.05
+QUICK_MIN_RUN_TIME = 0.15
+MIN_SAMPLES_FOR_NOISE = 4  # fewer timed blocks than this give no quartiles
+FOREIGN_LOAD_WARN = 0.1  # CPUs used by other processes during a case above which its row is flagged noisy
 # Widths of consecutive layers relative to each other: uneven, like a real network's.
 WIDTH_PATTERN = [1.0, 1.7, 0.6, 1.3, 0.8, 2.1, 0.9, 1.5, 1.1, 0.7]
 
@@ -146,6 +148,44 @@ def _cuda_driver_version():
         return None
 
 
+class ForeignLoad:
+    """CPU time that other processes used during a span, in CPUs (0.0 = the machine was ours, 1.0 = one core busy
+    elsewhere), from /proc/stat less this process's own CPU time. Timings taken while it is high are not to be
+    trusted: the OpenMP threads of ATen's parallel ops wait for descheduled peers. None where /proc is missing."""
+
+    def __init__(self):
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample():
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        busy = sum(fields[:8]) - fields[3] - fields[4]  # all but idle and iowait, without guest (counted in user)
+        return busy / os.sysconf("SC_CLK_TCK"), time.process_time(), time.perf_counter()
+
+    def cpus(self):
+        end = self._sample()
+        if self.start is None or end is None or end[2] <= self.start[2]:
+            return None
+        foreign = (end[0] - self.start[0]) - (end[1] - self.start[1])
+        return max(0.0, foreign / (end[2] - self.start[2]))
+
+
+def wait_quiet(max_s):
+    """Waits until other processes used under FOREIGN_LOAD_WARN CPUs over two consecutive 1 s spans, or max_s."""
+    deadline, calm = time.perf_counter() + max_s, 0
+    while time.perf_counter() < deadline and calm < 2:
+        load = ForeignLoad()
+        time.sleep(1.0)
+        cpus = load.cpus()
+        if cpus is None:
+            return
+        calm = calm + 1 if cpus < FOREIGN_LOAD_WARN else 0
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -169,7 +209,7 @@ def time_impls(impls, device, min_run_time, repeats, warmup):
 
 def summary(times):
     times = sorted(times)
-    if len(times) >= 4:
+    if len(times) >= MIN_SAMPLES_FOR_NOISE:
         q = statistics.quantiles(times, n=4, method="inclusive")
         q1, med, q3 = q[0], q[1], q[2]
     else:
@@ -269,8 +309,9 @@ def run_case(device, size, n_tensors, tasks, shared, min_run_time, repeats, copy
     row["speedup_vs_loop"] = row["loop_median_ms"] / row["fused_median_ms"]
     row["speedup_vs_foreach"] = row["foreach_median_ms"] / row["fused_median_ms"]
     row["slower_than_foreach"] = row["speedup_vs_foreach"] < 1.0
-    # the quartile ranges do not overlap: the difference is larger than the measured noise
-    row["slower_than_foreach_beyond_noise"] = row["fused_q1_ms"] > row["foreach_q3_ms"]
+    # the quartile ranges do not overlap: the difference is larger than the measured noise (None: too few samples)
+    enough = min(row["fused_samples"], row["foreach_samples"]) >= MIN_SAMPLES_FOR_NOISE
+    row["slower_than_foreach_beyond_noise"] = (row["fused_q1_ms"] > row["foreach_q3_ms"]) if enough else None
     if copy_gbps:
         row["fused_fraction_of_copy_bw"] = row["fused_gbps"] / copy_gbps
     return row
@@ -302,6 +343,10 @@ def case_line(row):
             f"x{row['speedup_vs_loop']:.2f} vs loop  x{row['speedup_vs_foreach']:.2f} vs foreach")
 
 
+NOISE_NOTE = {True: " (beyond noise: IQRs do not overlap)", False: " (within noise: IQRs overlap)",
+              None: " (too few samples to tell noise)"}
+
+
 def print_table(rows, copy, device):
     cols = ["size", "N", "T", "params", "elements", "fused ms (IQR)", "loop ms (IQR)", "foreach ms (IQR)",
             "foreach form", "fused GB/s", "vs loop", "vs foreach"]
@@ -319,7 +364,9 @@ def print_table(rows, copy, device):
                 cells.append(f"{100 * r['fused_fraction_of_copy_bw']:.0f}%" if r["size"] >= 10**7 else "")
             status = "ok"
             if r["slower_than_foreach"]:
-                status = "SLOWER than foreach" + (" (beyond noise)" if r["slower_than_foreach_beyond_noise"] else "")
+                status = "SLOWER than foreach" + NOISE_NOTE[r["slower_than_foreach_beyond_noise"]]
+            if (r.get("foreign_cpu_load") or 0) > FOREIGN_LOAD_WARN:
+                status += f" [noisy: other processes used {r['foreign_cpu_load']:.1f} CPUs]"
             cells.append(status)
         else:
             cells += [""] * (len(cols) - len(cells) - 1) + [r["status"]]
@@ -343,6 +390,12 @@ def main(argv=None):
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", help="JSON output path (default bench-results/task_sgd_<device>.json)")
     parser.add_argument("--quick", action="store_true", help="tiny run (sizes 1e4 and 1e6, short timings)")
+    parser.add_argument("--sizes", help="comma-separated total sizes to run instead, e.g. 1e7,1e8")
+    parser.add_argument("--wait-quiet", type=float, default=0, metavar="S",
+                        help="before each case, wait up to S seconds for other processes to leave the CPUs idle "
+                             "(for shared machines; default 0: do not wait)")
+    parser.add_argument("--retry-noisy", type=int, default=0, metavar="K",
+                        help="measure a case again, up to K times, when other processes used the CPUs meanwhile")
     parser.add_argument("--repeats", type=int, default=None,
                         help="rounds of blocked_autorange per implementation, interleaved (default 3, quick 1)")
     args = parser.parse_args(argv)
@@ -365,7 +418,7 @@ def main(argv=None):
         print(f"WARNING: mamlext has no compiled kernels for {device.type}; 'fused' is the pure-PyTorch reference",
               flush=True)
     if meta["loadavg_start"] and meta["cpu_affinity"] and meta["loadavg_start"][0] > 0.5 * meta["cpu_affinity"]:
-        print(f"WARNING: load average {meta['loadavg_start'][0]:.2f} on {meta['cpu_affinity']} CPUs: "
+        print(f"WARNING: 1-minute load average {meta['loadavg_start'][0]:.2f} on {meta['cpu_affinity']} CPUs: "
               "other processes are running, timings will be noisy", flush=True)
 
     copy = None
@@ -374,6 +427,8 @@ def main(argv=None):
         print(f"device-to-device copy bandwidth: {copy['gbps']:.0f} GB/s", flush=True)
 
     sizes = QUICK_SIZES if args.quick else FULL_SIZES
+    if args.sizes:
+        sizes = [int(float(x)) for x in args.sizes.split(",") if x.strip()]
     cases = []
     for size in sizes:
         for n_tensors in TENSOR_COUNTS:
@@ -385,21 +440,35 @@ def main(argv=None):
     rows = []
     start = time.perf_counter()
     for k, (size, n_tensors, tasks, shared) in enumerate(cases, 1):
-        min_run_time = QUICK_MIN_RUN_TIME if args.quick else FULL_MIN_RUN_TIME[size]
-        try:
-            row = run_case(device, size, n_tensors, tasks, shared, min_run_time, repeats,
-                           copy["gbps"] if copy else None)
-        except torch.OutOfMemoryError as error:  # a skip, not a failure of the op
-            row = {"size": size, "size_label": fmt_size(size), "n_tensors": n_tensors, "tasks": tasks,
-                   "params": "shared" if shared else "per_task", "elements": 0,
-                   "status": f"skipped: out of memory ({str(error).splitlines()[0][:120]})"}
-        finally:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        min_run_time = QUICK_MIN_RUN_TIME if args.quick else FULL_MIN_RUN_TIME.get(size, 0.5)
+        for attempt in range(1 + args.retry_noisy):
+            if args.wait_quiet:
+                wait_quiet(args.wait_quiet)
+            load = ForeignLoad()
+            try:
+                row = run_case(device, size, n_tensors, tasks, shared, min_run_time, repeats,
+                               copy["gbps"] if copy else None)
+            except torch.OutOfMemoryError as error:  # a skip, not a failure of the op
+                row = {"size": size, "size_label": fmt_size(size), "n_tensors": n_tensors, "tasks": tasks,
+                       "params": "shared" if shared else "per_task", "elements": 0,
+                       "status": f"skipped: out of memory ({str(error).splitlines()[0][:120]})"}
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            row["foreign_cpu_load"] = load.cpus()
+            row["attempts"] = attempt + 1
+            noisy = row["foreign_cpu_load"] is not None and row["foreign_cpu_load"] > FOREIGN_LOAD_WARN
+            note = f"  [other processes used {row['foreign_cpu_load']:.1f} CPUs: noisy]" if noisy else ""
+            print(f"[{k:>2}/{len(cases)} {time.perf_counter() - start:6.1f}s] {case_line(row)}{note}", flush=True)
+            if not noisy or row["status"] != "ok":
+                break
+            if attempt < args.retry_noisy:
+                print("        ... measuring this case again", flush=True)
         rows.append(row)
-        print(f"[{k:>2}/{len(cases)} {time.perf_counter() - start:6.1f}s] {case_line(row)}", flush=True)
 
     meta["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    noisy = [r for r in rows if (r.get("foreign_cpu_load") or 0) > FOREIGN_LOAD_WARN]
+    meta["noisy_rows"] = len(noisy)
     meta["wall_s"] = time.perf_counter() - start
     print_table(rows, copy, device)
 
@@ -410,10 +479,13 @@ def main(argv=None):
         for r in slower:
             print(f"  {r['size_label']} N={r['n_tensors']} T={r['tasks']} {r['params']}: "
                   f"{r['fused_median_ms']:.4g} ms vs {r['foreach_median_ms']:.4g} ms "
-                  f"({100 * (r['fused_median_ms'] / r['foreach_median_ms'] - 1):.0f}% slower"
-                  f"{', beyond noise' if r['slower_than_foreach_beyond_noise'] else ', within noise'})")
+                  f"= {100 * (r['fused_median_ms'] / r['foreach_median_ms'] - 1):.1f}% slower"
+                  f"{NOISE_NOTE[r['slower_than_foreach_beyond_noise']]}")
     else:
         print("\nfused is at least as fast as torch._foreach_* in every measured case")
+    if noisy:
+        print(f"\nWARNING: {len(noisy)} case(s) ran while other processes used more than {FOREIGN_LOAD_WARN} CPUs; "
+              "their timings (above all the multi-threaded ones) are not trustworthy: rerun on a quiet machine")
     if failed:
         print(f"\n{len(failed)} case(s) FAILED the equality check")
 

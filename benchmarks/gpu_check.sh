@@ -114,3 +114,4 @@ stage cuda-kernels 30 env MAMLEXT_REQUIRE_EXT=1 python -c 'import mamlext; i = m
 stage tests-cuda 75 env MAMLEXT_REQUIRE_EXT=1 python -m pytest tests -q -m cuda -x -p no:cacheprovider --junitxml="$OUT/junit_cuda.xml"
 stage bench-task-sgd 150 env MAMLEXT_REQUIRE_EXT=1 python benchmarks/bench_task_sgd.py --device cuda --out "$OUT/task_sgd_cuda.json"
 # Further benchmarks: stage NAME TIMEOUT_S command args...  (write results under "$OUT")
+stage bench-maml-mlp 120 env MAMLEXT_REQUIRE_EXT=1 python benchmarks/bench_maml_mlp.py --device cuda --repeats 2 --min-run-time 0.6 --out "$OUT/maml_mlp_cuda.json"
