@@ -62,12 +62,14 @@ inline void dispatch_row(int64_t n, const scalar_t* param, const scalar_t* grad,
   }
 }
 
-// Updates elements [begin, end) one task row at a time, so the inner loop runs over contiguous memory.
+// Updates elements [begin, end) in runs over contiguous memory: one task row at a time where the param or the rate
+// repeats per task, else in one run.
 template <typename scalar_t>
 void update_range(const SgdOperands<scalar_t>& ops, int64_t begin, int64_t end, at::opmath_type<scalar_t> float_lr) {
   using opmath_t = at::opmath_type<scalar_t>;
+  const bool by_row = ops.param_shared || ops.lr_kind == LrKind::kPerElement;
   for (int64_t e = begin; e < end;) {
-    const int64_t row_end = std::min(end, e - e % ops.per_task + ops.per_task);
+    const int64_t row_end = by_row ? std::min(end, e - e % ops.per_task + ops.per_task) : end;
     const int64_t n = row_end - e;
     const scalar_t* param = ops.param + ops.param_index(e);
     if (ops.lr_kind == LrKind::kPerElement) {
