@@ -1,4 +1,5 @@
-# The README's two commands: `make demo` (the main job) and `make test` (the whole test suite).
+# The README's two commands: `make demo` (info, then the main job: sinusoid MAML training and evaluation) and
+# `make test` (the whole test suite).
 # Each installs the requirements and builds the extension first, and is safe to re-run: the build is redone
 # only when a source, the requirements or the build configuration changed.
 #   make test TORCH=torch==2.14.1    pin torch (CI does)
@@ -17,7 +18,7 @@ endif
 
 demo: install
 	$(PYTHON) -m mamlext info
-	$(PYTHON) -m mamlext demo
+	$(PYTHON) -m mamlext train sine
 
 test: install
 	MAMLEXT_REQUIRE_EXT=1 $(PYTHON) -m pytest tests -q
