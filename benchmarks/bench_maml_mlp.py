@@ -34,8 +34,6 @@ Usage:
 import argparse
 import json
 import os
-import platform
-import statistics
 import sys
 import time
 from typing import Callable, Dict, List, NamedTuple, Optional
@@ -47,15 +45,13 @@ from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 
 import mamlext
-from mamlext import _ext
 from mamlext.data.sinusoid import SinusoidTasks
+from _common import FOREIGN_LOAD_WARN, ForeignLoad, machine_info, summary, sync
 
 DTYPE = torch.float32
 INNER_LR = 0.01
 SHOTS = QUERIES = 10
 RTOL = 1e-4
-MIN_SAMPLES_FOR_NOISE = 4  # fewer timed blocks than this give no quartiles
-FOREIGN_LOAD_WARN = 0.1  # CPUs used by other processes during a case above which its row is flagged noisy
 IMPLS = ("fused", "loop", "func")  # fused, (a), (b)
 LABELS = {"fused": "fused", "loop": "(a) loop", "func": "(b) torch.func"}
 
@@ -149,83 +145,6 @@ def func_impl(model: nn.Module, case: Case, data) -> Callable[[], List[torch.Ten
 
 
 # --- machine, timing, checks ------------------------------------------------------------------------------------------
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info(device: torch.device) -> Dict:
-    info = {
-        "hostname": platform.node(),
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "torch_version": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "mamlext_backend_info": mamlext.backend_info(),
-        "fused_backend": _ext.backend_for(device.type),
-        "mlp_maml_compiled": mamlext.ops._compiled("mlp_maml", device),
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "torch_num_threads": torch.get_num_threads(),
-        "torch_num_interop_threads": torch.get_num_interop_threads(),
-        "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update({"gpu_name": props.name, "gpu_capability": f"{props.major}.{props.minor}",
-                     "gpu_memory_gib": round(props.total_memory / 2**30, 1),
-                     "gpu_multiprocessors": props.multi_processor_count})
-    return info
-
-
-class ForeignLoad:
-    """CPU time other processes used during a span, in CPUs (0.0 = the machine was ours), from /proc/stat less this
-    process's own CPU time; None where /proc is missing."""
-
-    def __init__(self):
-        self.start = self._sample()
-
-    @staticmethod
-    def _sample():
-        try:
-            with open("/proc/stat") as f:
-                fields = [int(x) for x in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        busy = sum(fields[:8]) - fields[3] - fields[4]  # all but idle and iowait
-        return busy / os.sysconf("SC_CLK_TCK"), time.process_time(), time.perf_counter()
-
-    def cpus(self) -> Optional[float]:
-        end = self._sample()
-        if self.start is None or end is None or end[2] <= self.start[2]:
-            return None
-        foreign = (end[0] - self.start[0]) - (end[1] - self.start[1])
-        return max(0.0, foreign / (end[2] - self.start[2]))
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def summary(times: List[float]) -> Dict:
-    times = sorted(times)
-    if len(times) >= MIN_SAMPLES_FOR_NOISE:
-        q1, med, q3 = statistics.quantiles(times, n=4, method="inclusive")
-    else:
-        q1, med, q3 = times[0], statistics.median(times), times[-1]
-    return {"median_ms": med * 1e3, "iqr_ms": (q3 - q1) * 1e3, "q1_ms": q1 * 1e3, "q3_ms": q3 * 1e3,
-            "samples": len(times)}
-
 
 def mismatch(actual: List[torch.Tensor], expected: List[torch.Tensor]) -> Optional[str]:
     """None when every tensor agrees normwise to RTOL, else the worst disagreement as text."""
@@ -398,7 +317,7 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
 
-    meta = machine_info(device)
+    meta = machine_info(device, mlp_maml_compiled=mamlext.ops._compiled("mlp_maml", device))
     meta.update({"device": str(device), "dtype": str(DTYPE), "inner_lr": INNER_LR, "shots": SHOTS,
                  "queries": QUERIES, "rtol": RTOL, "quick": args.quick, "repeats": repeats,
                  "min_run_time_s": min_run_time, "loop_max_task_steps": args.loop_max_task_steps, "seed": args.seed})
