@@ -13,29 +13,9 @@ import mamlext
 from mamlext import iMAML, ops
 
 from conftest import DEVICES
+from mlp_cases import make_tasks, mlp
 
-ACT_MODULES = {"tanh": nn.Tanh, "gelu": nn.GELU, "sigmoid": nn.Sigmoid, "relu": nn.ReLU}
 LOSS_FNS = {"mse": F.mse_loss, "ce": F.cross_entropy}
-
-
-def mlp(widths, act):
-    layers = []
-    for i in range(len(widths) - 1):
-        layers.append(nn.Linear(widths[i], widths[i + 1]))
-        if i + 2 < len(widths):
-            layers.append(ACT_MODULES[act]())
-    return nn.Sequential(*layers)
-
-
-def make_tasks(widths, tasks, shots, queries, loss, dtype, device, gen):
-    def pair(rows):
-        x = torch.randn(tasks, rows, widths[0], generator=gen, dtype=torch.float64)
-        if loss == "mse":
-            y = torch.randn(tasks, rows, widths[-1], generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
-        else:
-            y = torch.randint(0, widths[-1], (tasks, rows), generator=gen).to(device)
-        return x.to(device=device, dtype=dtype), y
-    return (*pair(shots), *pair(queries))
 
 
 def num_params(model):
