@@ -306,7 +306,7 @@ def test_auto_picks_per_task_for_narrow_and_batched_for_wide(monkeypatch, env):
         monkeypatch.delenv(PATH_ENV, raising=False)
     else:
         monkeypatch.setenv(PATH_ENV, env)
-    cases = {"per_task": _maml_args([1, 8, 8, 1], 4, 5, 1), "batched": _maml_args([1, 256, 256, 1], 4, 10, 1)}
+    cases = {"per_task": _maml_args([1, 8, 8, 1], 4, 5, 1), "batched": _maml_args([1, 256, 256, 1], 4, 25, 1)}
     for expected, args in cases.items():
         torch.ops.mamlext.mlp_maml(*args)
         assert last_path() == expected

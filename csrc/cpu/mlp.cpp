@@ -30,27 +30,25 @@ namespace {
 //
 // The environment variable MAMLEXT_MLP_CPU_PATH, read on every call, forces a path:
 //   per_task  the per-task kernel below;   batched  batched/mlp_batched.h;   auto (or unset/empty)  the rule below.
-// Rule (auto), from measurements of mlp_maml (second order, float32, 2 cores; 1-40-40-1 ... 1-256-256-1 and a
-// 784-256-256-5 classifier, K = 10/25, T = 25/1000, N = 1/5): with W = T * K * P multiply-adds per forward pass of
-// all tasks (P = parameters of the network) and T * P per-task parameter values,
-//   batched  iff  W >= 2^18  and  (T * P <= 8M  or  (K >= 20 and T * P <= 128M)).
-// The per-task kernel wins when there is little work (ATen's per-op overhead, ~100 ops a call, dominates the
-// batched path) and when the per-task parameter tensors are large and K is small: the batched path then streams
-// every [T, *S_i] tensor (theta_k, g_k, H v, ...) through memory a few times per step, while the per-task kernel
-// keeps one task's in cache. Everywhere else the batched GEMMs win (1.5-4x).
+// Rule (auto), from measurements of mlp_maml (second order, float32, 2 cores with OpenMP; 1-40-40-1 ... 1-256-256-1
+// and a 784-256-256-5 classifier, K = 10/25, T = 25/250/1000, N = 1/5): with W = T * K * P multiply-adds per
+// forward pass of all tasks (P = parameters of the network) and T * P per-task parameter values,
+//   batched  iff  K >= 20  and  W >= 2^18  and  T * P <= 2M.
+// The per-task kernel, parallel over tasks with one task's matrices in cache, wins almost everywhere: 1.3-2.5x at
+// K = 10 (1-40-40-1 T = 25: 0.22 vs 0.34 ms; 1-128-128-1 T = 1000: 63 vs 156 ms) and when T * P is large (the
+// batched path streams every [T, *S_i] tensor through memory a few times per step). The batched GEMMs only win,
+// by 5-8%, with many rows per task and a moderate footprint (1-256-256-1, K = 25, T = 25: 13.2 vs 14.2 ms).
 
 enum class CpuPath : int { kUnset = 0, kPerTask = 1, kBatched = 2 };
 
 std::atomic<int> last_path{static_cast<int>(CpuPath::kUnset)};
 
 bool batched_is_faster(const MlpDims& d, int64_t tasks, int64_t rows) {
+  constexpr int64_t kMinRows = 20;
   constexpr int64_t kMinWork = int64_t(1) << 18;
-  constexpr int64_t kSmallFootprint = int64_t(8) << 20;
-  constexpr int64_t kLargeFootprint = int64_t(128) << 20;
-  constexpr int64_t kManyRows = 20;
+  constexpr int64_t kMaxFootprint = int64_t(2) << 20;
   const int64_t footprint = tasks * d.total_param_numel();
-  if (footprint * rows < kMinWork) return false;
-  return footprint <= kSmallFootprint || (rows >= kManyRows && footprint <= kLargeFootprint);
+  return rows >= kMinRows && footprint * rows >= kMinWork && footprint <= kMaxFootprint;
 }
 
 // tasks, rows: T and K of x (of xs for mlp_maml).
