@@ -161,6 +161,14 @@ class FusedMLPModule(nn.Module):
 
     # --- input checks ---------------------------------------------------------------------------------------------
 
+    def _check_support_query(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> None:
+        """meta_loss's inputs: each pair fits the model, and support and query hold the same tasks."""
+        self._check_pair("meta_loss", xs, ys, "xs", "ys")
+        self._check_pair("meta_loss", xq, yq, "xq", "yq")
+        if xq.shape[0] != xs.shape[0]:
+            raise ValueError(f"{self._owner}.meta_loss: xs has T = {xs.shape[0]} tasks but xq has {xq.shape[0]} "
+                             f"(xs {list(xs.shape)}, xq {list(xq.shape)})")
+
     def _check_pair(self, method: str, x: Tensor, y: Tensor, x_name: str, y_name: str) -> None:
         params = self._params()
         like = params[0]
@@ -320,11 +328,7 @@ class BatchedMAML(FusedMLPModule):
         inner_lrs (no gradient flows to the data). The per-task losses are kept in ``last_task_losses``.
 
         xs [T, K, in], ys [T, K, out] (mse) or [T, K] int64 (ce); xq [T, Kq, in], yq likewise."""
-        self._check_pair("meta_loss", xs, ys, "xs", "ys")
-        self._check_pair("meta_loss", xq, yq, "xq", "yq")
-        if xq.shape[0] != xs.shape[0]:
-            raise ValueError(f"BatchedMAML.meta_loss: xs has T = {xs.shape[0]} tasks but xq has {xq.shape[0]} "
-                             f"(xs {list(xs.shape)}, xq {list(xq.shape)})")
+        self._check_support_query(xs, ys, xq, yq)
         losses, _, _ = ops.mlp_maml(self._params(), xs, ys, xq, yq, self._step_lrs(self.inner_steps),
                                     self.step_weights, self.first_order, self.activation, self.act_param, self.loss)
         self.last_task_losses = losses.detach()

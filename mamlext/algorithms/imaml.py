@@ -161,11 +161,7 @@ class iMAML(FusedMLPModule):  # noqa: N801  (the algorithm's name)
         are kept in ``last_task_losses``, the CG residuals in ``last_cg_residuals``.
 
         xs [T, K, in], ys [T, K, out] (mse) or [T, K] int64 (ce); xq [T, Kq, in], yq likewise."""
-        self._check_pair("meta_loss", xs, ys, "xs", "ys")
-        self._check_pair("meta_loss", xq, yq, "xq", "yq")
-        if xq.shape[0] != xs.shape[0]:
-            raise ValueError(f"iMAML.meta_loss: xs has T = {xs.shape[0]} tasks but xq has {xq.shape[0]} "
-                             f"(xs {list(xs.shape)}, xq {list(xq.shape)})")
+        self._check_support_query(xs, ys, xq, yq)
         params = self._params()
         with torch.no_grad():
             phi = self._inner(xs, ys, self.inner_steps)
