@@ -20,6 +20,9 @@ TORCH_LIBRARY(mamlext, m) {
   // Fused MAML of an MLP: N inner SGD steps per task, weighted query losses, per task meta- and rate gradients.
   m.def("mlp_maml(Tensor[] params, Tensor xs, Tensor ys, Tensor xq, Tensor yq, Tensor[] lrs, Tensor step_weights, "
         "bool first_order, int activation, float act_param, int loss) -> (Tensor, Tensor[], Tensor[])");
+  // One step of MAML's reverse recursion for any model: v_next = v - hv (per task, or summed over tasks) and,
+  // when grads (the support gradients) are given, the rate gradient lr_grads = -sum_t grads_t * v_t.
+  m.def("maml_reverse_step(Tensor[] v, Tensor[] hv, Tensor[] grads, bool sum_tasks) -> (Tensor[], Tensor[])");
 }
 
 namespace {

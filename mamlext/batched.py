@@ -8,18 +8,20 @@
     out = maml.predict(adapted, xq)         # [T, Kq, out]
 
 Engines: "fused_mlp" (ops.mlp_maml) serves an nn.Sequential of nn.Linear layers with one activation kind between
-them. Other models have no engine yet; _ENGINES is where a generic engine plugs in.
+them and the losses "mse" / "ce"; "generic" (mamlext.engines.generic: torch.func over tasks, any nn.Module, any
+loss callable) serves every other model.
 """
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from mamlext import ops, reference
 from mamlext._mlp_codes import ACTIVATIONS, LOSSES
+from mamlext.engines.generic import MEMORY_MODES, GenericEngine, LossFn
 
 LR_MODES = ("fixed", "per_layer_step", "per_param")
-BACKENDS = ("auto", "fused")
+BACKENDS = ("auto", "fused", "generic")
 
 
 class UnsupportedModel(Exception):
@@ -59,8 +61,11 @@ def _activation_of(module: nn.Module) -> Optional[Tuple[str, float]]:
     return None
 
 
-def parse_mlp(model: nn.Module) -> MLPSpec:
+def parse_mlp(model: nn.Module, loss: Union[str, LossFn] = "mse") -> MLPSpec:
     """The fused MLP engine's view of the model, or UnsupportedModel naming the first layer it cannot serve."""
+    if not isinstance(loss, str):
+        raise UnsupportedModel(None, "loss", "a loss callable needs the generic engine (the fused MLP engine has "
+                               "'mse' and 'ce')")
     if type(model) is not nn.Sequential:
         raise UnsupportedModel(None, type(model).__name__, "the fused MLP engine needs an nn.Sequential of "
                                "nn.Linear layers with activations between them")
@@ -110,50 +115,74 @@ def parse_mlp(model: nn.Module) -> MLPSpec:
     return MLPSpec(layers, name, act_param)
 
 
+def parse_generic(model: nn.Module, loss: Union[str, LossFn] = "mse") -> None:
+    """The generic engine serves any model with floating-point parameters on one device; UnsupportedModel else.
+    (Layers that cannot run batched over tasks are found, and named, on the first call: GenericEngine.validate.)"""
+    params = list(model.parameters())
+    if not params:
+        raise UnsupportedModel(None, type(model).__name__, "the model has no parameters to meta-learn")
+    if len({p.dtype for p in params}) != 1 or not params[0].dtype.is_floating_point:
+        raise UnsupportedModel(None, type(model).__name__, f"the parameters must all have one floating-point dtype, "
+                               f"got {sorted({str(p.dtype) for p in params})}")
+    if len({p.device for p in params}) != 1:
+        raise UnsupportedModel(None, type(model).__name__, "the parameters must all be on one device")
+
+
 # The engines, tried in order by backend="auto"; each is (name, backend that selects it explicitly, parser).
-# A generic engine (any model, torch.func) would be appended here.
-_ENGINES: List[Tuple[str, str, Callable[[nn.Module], object]]] = [("fused_mlp", "fused", parse_mlp)]
+_ENGINES: List[Tuple[str, str, Callable[..., object]]] = [("fused_mlp", "fused", parse_mlp),
+                                                          ("generic", "generic", parse_generic)]
 
 
-def select_engine(model: nn.Module, backend: str, owner: str = "BatchedMAML") -> Tuple[str, object]:
-    """(engine name, its parsed view of the model) for the backend; the one place that decides. owner names the
-    caller in the error messages."""
-    if backend not in BACKENDS:
-        raise ValueError(f"{owner}: backend must be one of {list(BACKENDS)}, got {backend!r}")
+def select_engine(model: nn.Module, backend: str, owner: str = "BatchedMAML", loss: Union[str, LossFn] = "mse",
+                  engines: Sequence[str] = ("fused_mlp", "generic")) -> Tuple[str, object]:
+    """(engine name, its parsed view of the model) for the backend, among the engines the caller can use; the one
+    place that decides. owner names the caller in the error messages."""
+    backends = ["auto"] + [b for name, b, _ in _ENGINES if name in engines]
+    if backend not in backends:
+        raise ValueError(f"{owner}: backend must be one of {backends}, got {backend!r}")
     reasons = []
     for name, engine_backend, parse in _ENGINES:
-        if backend not in ("auto", engine_backend):
+        if name not in engines or backend not in ("auto", engine_backend):
             continue
         try:
-            return name, parse(model)
+            return name, parse(model, loss)
         except UnsupportedModel as error:
             if backend != "auto":
                 raise ValueError(f"{owner}(backend={backend!r}): the {name} engine cannot serve this model: "
                                  f"{error}") from None
             reasons.append(f"{name}: {error}")
-    raise NotImplementedError(f"{owner}: no engine serves this model ({'; '.join(reasons)}); the generic "
-                              "engine for other models does not exist yet")
+    raise ValueError(f"{owner}: no engine serves this model ({'; '.join(reasons)})")
 
 
 class FusedMLPModule(nn.Module):
-    """What the task-batched algorithms on the fused MLP engine share (BatchedMAML, algorithms.iMAML): the model
-    binding, the input checks and predict. Subclasses call _bind_model, set ``loss`` and use ``_check_pair``;
-    error messages name the subclass."""
+    """What the task-batched algorithms share (BatchedMAML, algorithms.iMAML): the model binding to an engine, the
+    input checks and predict. Subclasses set ``loss``, call _bind_model and use ``_check_pair``; error messages name
+    the subclass. ``_engines`` lists the engines the subclass can run on."""
+
+    _engines: Tuple[str, ...] = ("fused_mlp",)
 
     def _bind_model(self, model: nn.Module, backend: str) -> None:
-        """Selects the engine for the model (the ValueError / NotImplementedError of select_engine) and keeps the
-        parsed view: engine, model, backend, activation, act_param, _layers."""
-        self.engine, spec = select_engine(model, backend, owner=self._owner)
+        """Selects the engine for the model (the ValueError of select_engine) and keeps its view of the model:
+        engine, model, backend and, for the fused MLP engine, activation, act_param, _layers; for the generic engine,
+        _generic (a GenericEngine)."""
+        self.engine, spec = select_engine(model, backend, owner=self._owner, loss=self.loss, engines=self._engines)
         self.model = model
         self.backend = backend
-        self.activation, self.act_param = spec.activation, spec.act_param
-        self._layers = spec.layers
+        if self.engine == "fused_mlp":
+            self.activation, self.act_param = spec.activation, spec.act_param
+            self._layers = spec.layers
+            self._generic = None
+        else:
+            self.activation = self.act_param = self._layers = None
+            self._generic = GenericEngine(model, self.loss, self._owner)
 
     @property
     def _owner(self) -> str:
         return type(self).__name__
 
     def _params(self) -> List[Tensor]:
+        if self._generic is not None:
+            return self._generic.params()
         return [p for layer in self._layers for p in (layer.weight, layer.bias)]
 
     def forward(self, *args, **kwargs):
@@ -170,6 +199,8 @@ class FusedMLPModule(nn.Module):
                              f"(xs {list(xs.shape)}, xq {list(xq.shape)})")
 
     def _check_pair(self, method: str, x: Tensor, y: Tensor, x_name: str, y_name: str) -> None:
+        if self._generic is not None:
+            return self._check_pair_generic(method, x, y, x_name, y_name)
         params = self._params()
         like = params[0]
         in_f, out_f = self._layers[0].in_features, self._layers[-1].out_features
@@ -214,14 +245,59 @@ class FusedMLPModule(nn.Module):
         if self.loss == "mse" and not torch.isfinite(y).all():
             raise ValueError(f"{self._owner}.{method}: {y_name} holds non-finite values (nan or inf)")
 
+    def _check_pair_generic(self, method: str, x: Tensor, y: Tensor, x_name: str, y_name: str) -> None:
+        """The generic engine's view: x [T, K, *in], y [T, K, *out] (mse: like the model's output; ce: int64
+        [T, K]; a loss callable: any tensor with T leading), the model's dtype and device. The first call of each
+        input shape also runs one task through the model to check that it can be batched (GenericEngine.validate)."""
+        like = self._params()[0]
+        for name, t in ((x_name, x), (y_name, y)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{self._owner}.{method}: {name} must be a tensor, got {type(t).__name__}")
+            if t.device != like.device:
+                raise ValueError(f"{self._owner}.{method}: {name} is on {t.device} but the model is on {like.device}")
+        if x.dim() < 2 or x.shape[0] < 1 or x.shape[1] < 1:
+            raise ValueError(f"{self._owner}.{method}: {x_name} must be [T, K, *input shape] with T >= 1 tasks of "
+                             f"K >= 1 examples, got {list(x.shape)}")
+        if x.dtype != like.dtype:
+            raise ValueError(f"{self._owner}.{method}: {x_name} has dtype {x.dtype} but the model's parameters are "
+                             f"{like.dtype}")
+        tasks, rows = x.shape[:2]
+        if y.dim() < 1 or y.shape[0] != tasks:
+            raise ValueError(f"{self._owner}.{method}: {y_name} must hold the same T = {tasks} tasks as {x_name} "
+                             f"({list(x.shape)}), got {list(y.shape)}")
+        if isinstance(self.loss, str) and (y.dim() < 2 or y.shape[1] != rows):
+            raise ValueError(f"{self._owner}.{method}: {y_name} must be [T, K, ...] with K = {rows} like {x_name} "
+                             f"({list(x.shape)}), got {list(y.shape)}")
+        if self.loss == "ce" and (y.dtype != torch.int64 or y.dim() != 2):
+            raise ValueError(f"{self._owner}.{method}: {y_name} must be int64 class indices [T, K] = {[tasks, rows]} "
+                             f"for loss 'ce', got {y.dtype} {list(y.shape)}")
+        if self.loss == "mse" and y.dtype != like.dtype:
+            raise ValueError(f"{self._owner}.{method}: {y_name} has dtype {y.dtype} but the model's parameters are "
+                             f"{like.dtype} (loss 'mse')")
+        if not torch.isfinite(x).all():
+            raise ValueError(f"{self._owner}.{method}: {x_name} holds non-finite values (nan or inf)")
+        if y.dtype.is_floating_point and not torch.isfinite(y).all():
+            raise ValueError(f"{self._owner}.{method}: {y_name} holds non-finite values (nan or inf)")
+        out_features = self._generic.validate(method, x, y)
+        if self.loss == "ce":
+            low, high = int(y.min()), int(y.max())
+            if low < 0 or high >= out_features:
+                raise ValueError(f"{self._owner}.{method}: {y_name} holds the class index "
+                                 f"{low if low < 0 else high}, outside [0, {out_features}) (the model has "
+                                 f"{out_features} outputs)")
+
     def predict(self, adapted: Sequence[Tensor], x: Tensor) -> Tensor:
-        """Each task's model output with its adapted parameters: x [T, K, in] -> [T, K, out]."""
+        """Each task's model output with its adapted parameters: x [T, K, *in] -> [T, K, *out]."""
         params = self._params()
         adapted = list(adapted)
         if len(adapted) != len(params):
             raise ValueError(f"{self._owner}.predict: adapted must hold one tensor per parameter ({len(params)}), "
                              f"got {len(adapted)}")
-        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[2] != self._layers[0].in_features:
+        if self._generic is not None:
+            if not isinstance(x, Tensor) or x.dim() < 2:
+                shape = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
+                raise ValueError(f"{self._owner}.predict: x must be [T, K, *input shape], got {shape}")
+        elif not isinstance(x, Tensor) or x.dim() != 3 or x.shape[2] != self._layers[0].in_features:
             shape = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"{self._owner}.predict: x must be [T, K, in] with in = {self._layers[0].in_features}, "
                              f"got {shape}")
@@ -234,6 +310,8 @@ class FusedMLPModule(nn.Module):
             if a.device != x.device or a.dtype != x.dtype:
                 raise ValueError(f"{self._owner}.predict: adapted[{i}] is {a.dtype} on {a.device} but x is "
                                  f"{x.dtype} on {x.device}")
+        if self._generic is not None:
+            return self._generic.predict(adapted, x)
         return reference.mlp_forward(adapted, x, ACTIVATIONS[self.activation], self.act_param)
 
 
@@ -241,42 +319,58 @@ class BatchedMAML(FusedMLPModule):
     """MAML over a batch of T tasks at once, with exact (second-order unless first_order) meta-gradients.
 
     Args:
-        model: an nn.Sequential of nn.Linear layers (with bias) with one activation kind between them (ReLU,
-            LeakyReLU, Tanh, Sigmoid, GELU(approximate='none') or ELU) and none after the last.
+        model: any nn.Module. An nn.Sequential of nn.Linear layers (with bias) with one activation kind between them
+            (ReLU, LeakyReLU, Tanh, Sigmoid, GELU(approximate='none') or ELU) and none after the last runs on the
+            fused MLP kernels; every other model on the generic engine (mamlext.engines.generic).
         inner_lr: the inner SGD step size (the initial value of the learnable rates).
         inner_steps: N, the number of inner SGD steps of meta_loss (and adapt's default).
         first_order: drop the second-order terms (FOMAML).
-        loss: "mse" (ys [T, K, out]) or "ce" (ys [T, K] int64 class indices).
+        loss: "mse" (ys [T, K, out]), "ce" (ys [T, K] int64 class indices) or, on the generic engine, a callable
+            ``loss_fn(output, target) -> scalar``: one task's mean loss (output [K, ...], target one task's ys).
         lr_mode: "fixed" (inner_lr, not learned); "per_layer_step" (MAML++ LSLR: a learnable rate per parameter
             tensor per step, ``inner_lrs[i]`` of shape [N]); "per_param" (Meta-SGD: a learnable rate per
             parameter element, ``inner_lrs[i]`` shaped like the parameter, the same at every step).
         step_weights: MAML++ multi-step loss: N weights of the query loss after each inner step (a buffer);
             default plain MAML, [0, ..., 0, 1].
-        backend: "auto" (the fused engine where it serves the model, else NotImplementedError: no generic engine
-            yet) or "fused" (the fused MLP engine, else ValueError naming the layer).
+        backend: "auto" (the fused engine where it serves the model, else the generic engine), "fused" (the fused
+            MLP engine, else ValueError naming the layer) or "generic".
+        memory: the generic engine's way to the second-order meta-gradient: "graph" (autograd through the unrolled
+            inner loop: fastest for few steps) or "low" (the reverse recursion with Hessian-vector products,
+            recomputing activations: memory does not grow with inner_steps; no gradient reaches the inputs). The
+            fused engine never builds a graph, whatever this says.
+
+    The generic engine normalizes BatchNorm layers with each task's own batch statistics in every forward (inner
+    steps and query) and never updates their running statistics; see mamlext.engines.generic.
     """
 
+    _engines = ("fused_mlp", "generic")
+
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 1, first_order: bool = False,
-                 loss: str = "mse", lr_mode: str = "fixed", step_weights: Optional[Sequence[float]] = None,
-                 backend: str = "auto"):
+                 loss: Union[str, LossFn] = "mse", lr_mode: str = "fixed",
+                 step_weights: Optional[Sequence[float]] = None, backend: str = "auto", memory: str = "graph"):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"BatchedMAML: model must be an nn.Module, got {type(model).__name__}")
-        if loss not in LOSSES:
-            raise ValueError(f"BatchedMAML: loss must be one of {list(LOSSES)}, got {loss!r}")
+        if not callable(loss) and loss not in LOSSES:
+            raise ValueError(f"BatchedMAML: loss must be one of {list(LOSSES)} or a callable loss_fn(output, target), "
+                             f"got {loss!r}")
         if lr_mode not in LR_MODES:
             raise ValueError(f"BatchedMAML: lr_mode must be one of {list(LR_MODES)}, got {lr_mode!r}")
+        if memory not in MEMORY_MODES:
+            raise ValueError(f"BatchedMAML: memory must be one of {list(MEMORY_MODES)}, got {memory!r}")
         if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
             raise ValueError(f"BatchedMAML: inner_steps must be an int >= 1, got {inner_steps!r}")
         if isinstance(inner_lr, bool) or not isinstance(inner_lr, (int, float)) or not torch.isfinite(
                 torch.tensor(float(inner_lr))):
             raise ValueError(f"BatchedMAML: inner_lr must be a finite float, got {inner_lr!r}")
+        self.loss = loss
         self._bind_model(model, backend)
         self.inner_lr = float(inner_lr)
         self.inner_steps = inner_steps
         self.first_order = bool(first_order)
-        self.loss = loss
         self.lr_mode = lr_mode
+        self.memory = memory
+        self._multi_step = step_weights is not None
         self.last_task_losses: Optional[Tensor] = None
 
         params = self._params()
@@ -329,8 +423,22 @@ class BatchedMAML(FusedMLPModule):
 
         xs [T, K, in], ys [T, K, out] (mse) or [T, K] int64 (ce); xq [T, Kq, in], yq likewise."""
         self._check_support_query(xs, ys, xq, yq)
-        losses, _, _ = ops.mlp_maml(self._params(), xs, ys, xq, yq, self._step_lrs(self.inner_steps),
-                                    self.step_weights, self.first_order, self.activation, self.act_param, self.loss)
+        weights = self.step_weights if self._multi_step else None
+        if self._generic is None:
+            losses, _, _ = ops.mlp_maml(self._params(), xs, ys, xq, yq, self._step_lrs(self.inner_steps),
+                                        self.step_weights, self.first_order, self.activation, self.act_param,
+                                        self.loss)
+        elif self.memory == "graph":
+            losses = self._generic.task_losses_graph(xs, ys, xq, yq, self.inner_steps, self._rate_at, weights,
+                                                     self.first_order)
+        else:
+            if any(t.requires_grad for t in (xs, ys, xq, yq)):
+                raise ValueError("BatchedMAML.meta_loss: memory='low' gives no gradient to the inputs, but one of "
+                                 "xs, ys, xq, yq requires grad; use memory='graph' to differentiate w.r.t. the data")
+            mean, losses = self._generic.meta_loss_low(xs, ys, xq, yq, self.inner_steps, self._rate_at,
+                                                       list(self.inner_lrs), self.lr_mode, weights, self.first_order)
+            self.last_task_losses = losses.detach()
+            return mean
         self.last_task_losses = losses.detach()
         return losses.mean()
 
@@ -342,6 +450,8 @@ class BatchedMAML(FusedMLPModule):
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"BatchedMAML.adapt: steps must be an int >= 0, got {steps!r}")
         self._check_pair("adapt", xs, ys, "xs", "ys")
+        if self._generic is not None:
+            return self._generic.adapt(xs, ys, steps, self._rate_at)
         tasks = xs.shape[0]
         with torch.no_grad():
             current = [p.detach().unsqueeze(0).expand(tasks, *p.shape).clone() for p in self._params()]
@@ -351,6 +461,7 @@ class BatchedMAML(FusedMLPModule):
         return current
 
     def extra_repr(self) -> str:
-        return (f"engine={self.engine!r}, activation={self.activation!r}, loss={self.loss!r}, "
+        engine = f"activation={self.activation!r}" if self._generic is None else f"memory={self.memory!r}"
+        return (f"engine={self.engine!r}, {engine}, loss={self.loss!r}, "
                 f"inner_lr={self.inner_lr}, inner_steps={self.inner_steps}, first_order={self.first_order}, "
                 f"lr_mode={self.lr_mode!r}")

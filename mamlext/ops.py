@@ -352,3 +352,77 @@ if _ext._C is not None:
                                      ("mlp_maml", _mlp_maml_backward, _mlp_maml_setup_context)):
         if hasattr(torch.ops.mamlext, _name) and not _registered(f"mamlext::{_name}", "Autograd"):
             torch.library.register_autograd(f"mamlext::{_name}", _backward, setup_context=_setup)
+
+
+# ================================================================================================================
+# maml_reverse_step: the combine step of MAML's reverse recursion for any model (the generic engine, memory="low").
+#
+# Gradients (register_autograd below; the same formulas for the reference twin through plain autograd): v_next is
+# linear in v and hv; lr_grads = -sum_t grads_t * v_t is bilinear in grads and v. Differentiable twice over.
+
+
+def maml_reverse_step(v: Sequence[Tensor], hv: Sequence[Tensor], grads: Sequence[Tensor] = (),
+                      sum_tasks: bool = False) -> Tuple[List[Tensor], List[Tensor]]:
+    """One step of MAML's reverse recursion, for all tasks and parameters in one call.
+
+    With theta_{k+1} = theta_k - alpha_k * g_k per task, the meta-gradient v carried back to theta_{k+1} becomes
+    ``v - H(alpha_k * v)`` at theta_k; pass that Hessian-vector product as hv.
+
+    Args:
+        v: P tensors ``[T, *S_i]``, the per-task meta-gradients w.r.t. theta_{k+1}.
+        hv: P tensors ``[T, *S_i]``, the per-task products H_t(alpha_k * v_t) of the support loss's Hessian at theta_k.
+        grads: empty (no rate gradients), or P tensors ``[T, *S_i]``: the support gradients g_k at theta_k.
+        sum_tasks: sum v_next over the tasks (the last step, whose theta_0 all tasks share).
+
+    Returns ``(v_next, lr_grads)``: v_next P tensors ``[T, *S_i]`` (``[S_i]`` when sum_tasks); lr_grads P tensors
+    ``[S_i]``, ``-sum_t g_t * v_t`` (per-element d meta-loss / d alpha_k; sum it for one rate per tensor), or empty.
+    """
+    v, hv, grads = list(v), list(hv), list(grads)
+    reference.check_maml_reverse_step(v, hv, grads, sum_tasks)
+    if v and _compiled("maml_reverse_step", v[0].device):
+        v_next, lr_grads = torch.ops.mamlext.maml_reverse_step(v, hv, grads, sum_tasks)
+        return list(v_next), list(lr_grads)
+    return reference.maml_reverse_step(v, hv, grads, sum_tasks)
+
+
+def _maml_reverse_step_fake(v, hv, grads, sum_tasks):
+    reference.check_maml_reverse_step(v, hv, grads, sum_tasks)
+    v_next = [t.new_empty(t.shape[1:] if sum_tasks else t.shape) for t in v]
+    return v_next, [t.new_empty(t.shape[1:]) for t in v] if grads else []
+
+
+def _maml_reverse_step_setup_context(ctx, inputs, output):
+    v, _, grads, sum_tasks = inputs
+    ctx.sum_tasks = sum_tasks
+    ctx.has_grads = bool(grads)
+    ctx.save_for_backward(*v, *grads)
+
+
+def _maml_reverse_step_backward(ctx, d_v_next, d_lr_grads):
+    saved = ctx.saved_tensors
+    n = len(d_v_next)
+    v, grads = saved[:n], saved[n:]
+    d_v, d_hv, d_grads = [], [], []
+    for i in range(n):
+        dv = d_v_next[i]
+        if dv is None:
+            dv = torch.zeros_like(v[i])
+        elif ctx.sum_tasks:
+            dv = dv.unsqueeze(0).expand_as(v[i])
+        d_hv.append(-dv)
+        if ctx.has_grads and d_lr_grads[i] is not None:
+            dl = d_lr_grads[i].unsqueeze(0)
+            dv = dv - grads[i] * dl
+            d_grads.append(-v[i] * dl)
+        elif ctx.has_grads:
+            d_grads.append(None)
+        d_v.append(dv)
+    return d_v, d_hv, d_grads, None
+
+
+if _ext._C is not None and hasattr(torch.ops.mamlext, "maml_reverse_step"):
+    if not _registered("mamlext::maml_reverse_step", "Meta"):
+        torch.library.register_fake("mamlext::maml_reverse_step")(_maml_reverse_step_fake)
+    if not _registered("mamlext::maml_reverse_step", "Autograd"):
+        torch.library.register_autograd("mamlext::maml_reverse_step", _maml_reverse_step_backward,
+                                        setup_context=_maml_reverse_step_setup_context)

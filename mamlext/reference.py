@@ -422,3 +422,62 @@ def mlp_maml(params: Sequence[Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: T
         return (xs.new_empty(0), [p.new_empty(0, *p.shape) for p in theta0],
                 [r.new_empty(0, *r.shape) for r in rates])
     return (torch.stack(losses), [torch.stack(g) for g in meta_grads], [torch.stack(g) for g in lr_grads])
+
+
+# ================================================================================================================
+# maml_reverse_step: one step of MAML's reverse recursion for any model (the generic engine's combine step).
+
+
+def check_maml_reverse_step(v: Sequence[Tensor], hv: Sequence[Tensor], grads: Sequence[Tensor],
+                            sum_tasks: bool) -> None:
+    """Raises ValueError naming the argument and index when maml_reverse_step's arguments do not fit together."""
+    op = "maml_reverse_step"
+    for name, seq in (("v", v), ("hv", hv), ("grads", grads)):
+        if not isinstance(seq, (list, tuple)):
+            raise TypeError(f"{op}: {name} must be a sequence of tensors, got {type(seq).__name__}")
+        for i, t in enumerate(seq):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{op}: {name}[{i}] must be a tensor, got {type(t).__name__}")
+    if len(v) != len(hv):
+        raise ValueError(f"{op}: v and hv must have the same length, got {len(v)} and {len(hv)}")
+    if grads and len(grads) != len(v):
+        raise ValueError(f"{op}: grads must be empty (no lr gradients) or hold one tensor per v ({len(v)}), "
+                         f"got {len(grads)}")
+    if not isinstance(sum_tasks, bool):
+        raise TypeError(f"{op}: sum_tasks must be a bool, got {type(sum_tasks).__name__}")
+    if not v:
+        return
+    if v[0].dim() < 1:
+        raise ValueError(f"{op}: v[0] must be [T, *S_0] with a leading task dimension, got shape {_shape(v[0])}")
+    tasks, device, dtype = v[0].shape[0], v[0].device, v[0].dtype
+    if not dtype.is_floating_point:
+        raise ValueError(f"{op}: v[0] must be a floating-point tensor, got {dtype}")
+    for i in range(len(v)):
+        if v[i].dim() < 1 or v[i].shape[0] != tasks:
+            raise ValueError(f"{op}: v[{i}] must be [T, *S_{i}] with T = {tasks} (from v[0]), got shape {_shape(v[i])}")
+        for name, t in (("v", v[i]), ("hv", hv[i])) + ((("grads", grads[i]),) if grads else ()):
+            if t.device != device:
+                raise ValueError(f"{op}: {name}[{i}] is on {t.device} but v[0] is on {device}")
+            if t.dtype != dtype:
+                raise ValueError(f"{op}: {name}[{i}] has dtype {t.dtype} but v[0] has dtype {dtype}")
+            if t.shape != v[i].shape:
+                raise ValueError(f"{op}: {name}[{i}] has shape {_shape(t)} but v[{i}] has shape {_shape(v[i])}")
+
+
+def maml_reverse_step(v: Sequence[Tensor], hv: Sequence[Tensor], grads: Sequence[Tensor],
+                      sum_tasks: bool) -> Tuple[List[Tensor], List[Tensor]]:
+    """v_next = v - hv per task ([T, *S_i]; summed over tasks, [S_i], when sum_tasks) and, when grads is not empty,
+    lr_grads = -sum_t grads_t * v_t ([S_i]); arithmetic in float32 for half types."""
+    check_maml_reverse_step(v, hv, grads, sum_tasks)
+    v_next, lr_grads = [], []
+    for i in range(len(v)):
+        vi, hvi = v[i], hv[i]
+        wide = vi.dtype in (torch.float16, torch.bfloat16)
+        if wide:
+            vi, hvi = vi.float(), hvi.float()
+        out = vi - hvi
+        v_next.append((out.sum(0) if sum_tasks else out).to(v[i].dtype))
+        if grads:
+            g = grads[i].float() if wide else grads[i]
+            lr_grads.append(-(g * vi).sum(0).to(v[i].dtype))
+    return v_next, lr_grads

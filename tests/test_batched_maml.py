@@ -332,14 +332,16 @@ def test_unsupported_models(case):
     model, message = UNSUPPORTED[case]
     with pytest.raises(ValueError, match=message):
         BatchedMAML(model, backend="fused")
-    with pytest.raises(NotImplementedError, match="generic engine for other models does not exist yet"):
-        BatchedMAML(model)
-    with pytest.raises(NotImplementedError, match=message):
-        BatchedMAML(model, backend="auto")
+    if case == "empty":  # no parameters: no engine at all
+        with pytest.raises(ValueError, match=r"no engine serves this model \(fused_mlp: .*empty.*; generic: .*no "
+                                             r"parameters"):
+            BatchedMAML(model)
+    else:  # every other model goes to the generic engine
+        assert BatchedMAML(model).engine == BatchedMAML(model, backend="generic").engine == "generic"
 
 
 @pytest.mark.parametrize("kwargs,error,message", [
-    (dict(backend="generic"), ValueError, "backend must be one of"),
+    (dict(backend="cuda"), ValueError, r"backend must be one of \['auto', 'fused', 'generic'\], got 'cuda'"),
     (dict(loss="l1"), ValueError, "loss must be one of"),
     (dict(lr_mode="per_layer"), ValueError, "lr_mode must be one of"),
     (dict(inner_steps=0), ValueError, "inner_steps must be an int >= 1"),

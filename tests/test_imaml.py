@@ -277,7 +277,7 @@ def test_unsupported_models():
     with pytest.raises(ValueError, match=r"iMAML\(backend='fused'\): the fused_mlp engine cannot serve this model: "
                                          r"layer 1 \(Softplus\): unsupported layer type"):
         iMAML(conv, backend="fused")
-    with pytest.raises(NotImplementedError, match=r"iMAML: no engine serves this model \(fused_mlp: layer 1"):
+    with pytest.raises(ValueError, match=r"iMAML: no engine serves this model \(fused_mlp: layer 1"):
         iMAML(conv)
 
 

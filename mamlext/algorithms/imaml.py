@@ -101,8 +101,8 @@ class iMAML(FusedMLPModule):  # noqa: N801  (the algorithm's name)
         self.cg_steps = _check_positive_int("cg_steps", cg_steps)
         self.inner_lr = _check_positive_float("inner_lr", inner_lr)
         self.lam = _check_positive_float("lam", lam)
-        self._bind_model(model, backend)
         self.loss = loss
+        self._bind_model(model, backend)
         self.last_task_losses: Optional[Tensor] = None
         self.last_cg_residuals: Optional[Tensor] = None
 

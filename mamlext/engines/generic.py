@@ -1,0 +1,321 @@
+"""The generic engine: task-batched MAML for any nn.Module, through torch.func.
+
+All T tasks of a meta-batch run together: ``torch.func.vmap`` over tasks of ``functional_call(model, θ_t, x_t)``
+(PyTorch's batching rules turn a convolution with per-task weights into one grouped convolution), with the inner
+SGD update of every task and parameter in one ``ops.task_sgd`` call. Two ways to the exact meta-gradient:
+
+- ``memory="graph"``: autograd differentiates through the unrolled inner loop (``vmap(grad)`` inside an ordinary
+  autograd graph). Fastest for few steps; the graph holds every step's activations.
+- ``memory="low"``: the inner loop runs without a graph and keeps only the per-step parameters θ_k; the
+  meta-gradient comes from the reverse recursion v_k = v_{k+1} - H(θ_k)(α_k ⊙ v_{k+1}) (+ w_k ∇L_query(θ_k) for a
+  multi-step loss), with each Hessian-vector product by forward-over-reverse differentiation (``jvp`` of ``grad``)
+  that recomputes the activations, and the combine step in the fused ``ops.maml_reverse_step``. The activations of
+  only one step are alive at a time, so memory does not grow with the number of inner steps beyond the θ_k.
+
+BatchNorm: every forward (inner steps and query) normalizes with the batch statistics of the task's own data, as
+the MAML paper does, and never reads or updates running statistics (in eval mode the running statistics are used,
+read-only). ``torch.func.vmap`` through ``F.batch_norm`` in training mode gives wrong second-order meta-gradients
+(its backward batching rule is wrong for grad_input, functorch issue 534), so while the engine runs the model,
+``F.batch_norm`` is replaced by the same normalization composed from primitive ops, which vmap differentiates
+exactly. Modules that change their buffers in the forward in another way, and layers vmap cannot batch, raise an
+error naming the module on the first call.
+"""
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, grad_and_value, jvp, vmap
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
+
+from mamlext import ops
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+Rate = Union[float, List[Tensor]]  # ops.task_sgd's lr: a float, or per parameter a scalar or an S_i-shaped tensor
+
+
+def _mse(output: Tensor, target: Tensor) -> Tensor:
+    """F.mse_loss's value, from primitive ops: forward-over-reverse differentiation through F.mse_loss itself fails
+    in PyTorch ("ZeroTensors are immutable"), and memory="low" needs it."""
+    return (output - target).square().mean()
+
+
+BUILTIN_LOSSES: Dict[str, LossFn] = {"mse": _mse, "ce": F.cross_entropy}
+MEMORY_MODES = ("graph", "low")
+
+
+def _batch_norm_from_primitives(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                                weight: Optional[Tensor], bias: Optional[Tensor], training: bool, eps: float) -> Tensor:
+    """F.batch_norm's value without touching the running statistics, from ops vmap differentiates exactly."""
+    shape = [1, -1] + [1] * (x.dim() - 2)  # per channel (dimension 1)
+    if training or running_mean is None:
+        dims = [0] + list(range(2, x.dim()))
+        mean = x.mean(dims, keepdim=True)
+        var = x.var(dims, unbiased=False, keepdim=True)
+    else:
+        mean, var = running_mean.reshape(shape), running_var.reshape(shape)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        out = out * weight.reshape(shape)
+    if bias is not None:
+        out = out + bias.reshape(shape)
+    return out
+
+
+class _BatchNormFromPrimitives(TorchFunctionMode):
+    """While active, F.batch_norm runs as _batch_norm_from_primitives."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.batch_norm:
+            bound = _bind_batch_norm(*args, **kwargs)
+            return _batch_norm_from_primitives(*bound)
+        return func(*args, **kwargs)
+
+
+def _bind_batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                     eps=1e-5):
+    return input, running_mean, running_var, weight, bias, training, eps
+
+
+class _ModuleTracker:
+    """Knows which of the model's modules is running, to name it when a forward fails, and which of them changed
+    one of their own buffers in place."""
+
+    def __init__(self, model: nn.Module):
+        self.names = {id(m): name or type(model).__name__ for name, m in model.named_modules()}
+        self.stack: List[nn.Module] = []
+        self.mutated: List[Tuple[nn.Module, str]] = []
+        self._versions: Dict[int, Dict[str, int]] = {}
+
+    def describe(self, module: nn.Module) -> str:
+        return f"module '{self.names[id(module)]}' ({type(module).__name__})"
+
+    def _pre(self, module, args):
+        if id(module) in self.names:
+            self.stack.append(module)
+            self._versions[id(module)] = {n: b._version for n, b in module.named_buffers(recurse=False)}
+
+    def _post(self, module, args, output):
+        if id(module) not in self.names:
+            return
+        self.stack.pop()
+        before = self._versions.pop(id(module))
+        for name, buf in module.named_buffers(recurse=False):
+            if buf._version != before.get(name, buf._version):
+                self.mutated.append((module, name))
+
+    def __enter__(self):
+        self._handles = [nn.modules.module.register_module_forward_pre_hook(self._pre),
+                         nn.modules.module.register_module_forward_hook(self._post)]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        return False
+
+
+def _rate_times(rate: Rate, vectors: Sequence[Tensor]) -> List[Tensor]:
+    """α ⊙ v for per-task vectors [T, *S_i]."""
+    if isinstance(rate, float):
+        return list(torch._foreach_mul(list(vectors), rate))
+    return [v * r for v, r in zip(vectors, rate)]
+
+
+class GenericEngine:
+    """MAML's pieces for one model: per-task losses, the inner loop, the meta-gradient in both memory modes.
+    BatchedMAML owns the rates, the step weights and the user-facing checks; owner names it in errors."""
+
+    def __init__(self, model: nn.Module, loss: Union[str, LossFn], owner: str):
+        self.model = model
+        self.owner = owner
+        self.loss_fn = BUILTIN_LOSSES[loss] if isinstance(loss, str) else loss
+        self.names = [name for name, _ in model.named_parameters()]
+        self._validated = set()  # input signatures whose first forward passed the checks
+        self.out_features: Dict[tuple, int] = {}
+
+    def params(self) -> List[Tensor]:
+        return [p for _, p in self.model.named_parameters()]
+
+    def _scratch_buffers(self) -> Dict[str, Optional[Tensor]]:
+        """The buffers for the engine's forwards: copies, so that the model's own never change, and None for
+        BatchNorm's num_batches_tracked, which makes BatchNorm skip counting (an in-place update that torch.func
+        transforms refuse on a captured tensor)."""
+        counters = {f"{prefix}.num_batches_tracked" if prefix else "num_batches_tracked"
+                    for prefix, m in self.model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+        return {name: None if name in counters else b.clone() for name, b in self.model.named_buffers()}
+
+    def _task_loss(self, params: Sequence[Tensor], buffers: Dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        """One task's loss (vmapped over tasks by the callers)."""
+        with _BatchNormFromPrimitives():
+            out = functional_call(self.model, {**buffers, **dict(zip(self.names, params))}, (x,))
+        return self.loss_fn(out, y)
+
+    def _task_output(self, params: Sequence[Tensor], buffers: Dict[str, Tensor], x: Tensor) -> Tensor:
+        with _BatchNormFromPrimitives():
+            return functional_call(self.model, {**buffers, **dict(zip(self.names, params))}, (x,))
+
+    # --- the first call of each input signature: can the model be batched, does it keep its buffers -------------
+
+    def validate(self, method: str, x: Tensor, y: Optional[Tensor]) -> int:
+        """Runs one task through the model as the engine will (vmap over tasks) with the module tracker; returns
+        the model's output size (last dimension). Names the module when a forward fails or changes a buffer."""
+        signature = (tuple(x.shape[1:]), x.dtype, x.device)
+        if signature in self._validated:
+            return self.out_features[signature]
+        params = self.params()
+        tracker = _ModuleTracker(self.model)
+        try:
+            with tracker, torch.no_grad():
+                out = vmap(self._task_output, in_dims=(None, None, 0))(params, self._scratch_buffers(), x[:1])
+        except Exception as error:
+            where = tracker.describe(tracker.stack[-1]) if tracker.stack else "the model"
+            raise RuntimeError(f"{self.owner}(generic engine): {where} cannot run batched over tasks "
+                               f"(torch.func.vmap of its forward failed): {type(error).__name__}: {error}") from error
+        if tracker.mutated:
+            module, buffer = tracker.mutated[0]
+            raise RuntimeError(f"{self.owner}(generic engine): {tracker.describe(module)} changes its buffer "
+                               f"{buffer!r} in its forward; the generic engine cannot batch a module whose buffers "
+                               "change under the inner loop (only BatchNorm's running statistics are handled)")
+        if out.dim() < 2:
+            raise RuntimeError(f"{self.owner}(generic engine): the model's output per task must be [K, ...] with one "
+                               f"row per example, got shape {list(out.shape[1:])} for {method}'s input "
+                               f"{list(x.shape[1:])}")
+        self._validated.add(signature)
+        self.out_features[signature] = out.shape[-1]
+        return out.shape[-1]
+
+    # --- the inner loop ------------------------------------------------------------------------------------------
+
+    def _support_grads(self, theta: Sequence[Tensor], shared: bool, buffers, x: Tensor, y: Tensor) -> List[Tensor]:
+        dims = None if shared else 0
+        return list(vmap(grad(self._task_loss), in_dims=(dims, None, 0, 0))(list(theta), buffers, x, y))
+
+    def _task_losses(self, theta: Sequence[Tensor], shared: bool, buffers, x: Tensor, y: Tensor) -> Tensor:
+        dims = None if shared else 0
+        return vmap(self._task_loss, in_dims=(dims, None, 0, 0))(list(theta), buffers, x, y)
+
+    def adapt(self, xs: Tensor, ys: Tensor, steps: int, rate_at: Callable[[int], Rate]) -> List[Tensor]:
+        """Per-task parameters after `steps` inner SGD steps, without a graph: P tensors [T, *S_i]."""
+        buffers = self._scratch_buffers()
+        theta = [p.detach() for p in self.params()]
+        shared = True
+        with torch.no_grad():
+            for step in range(steps):
+                g = self._support_grads(theta, shared, buffers, xs, ys)
+                theta = ops.task_sgd(theta, g, rate_at(step))
+                shared = False
+        if shared:  # no step: every task keeps θ
+            theta = [p.unsqueeze(0).expand(xs.shape[0], *p.shape).clone() for p in theta]
+        return theta
+
+    def predict(self, adapted: Sequence[Tensor], x: Tensor) -> Tensor:
+        return vmap(self._task_output, in_dims=(0, None, 0))(list(adapted), self._scratch_buffers(), x)
+
+    # --- meta-gradients ------------------------------------------------------------------------------------------
+
+    def task_losses_graph(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, steps: int,
+                          rate_at: Callable[[int], Rate], step_weights: Optional[Tensor], first_order: bool) -> Tensor:
+        """Per-task (weighted) query losses [T] with the whole unrolled inner loop in the autograd graph."""
+        buffers = self._scratch_buffers()
+        theta, shared = self.params(), True
+        losses = None
+        for step in range(steps):
+            g = self._support_grads(theta, shared, buffers, xs, ys)
+            if first_order:
+                g = [gi.detach() for gi in g]
+            theta, shared = ops.task_sgd(theta, g, rate_at(step)), False
+            if step_weights is not None or step == steps - 1:
+                query = self._task_losses(theta, shared, buffers, xq, yq)
+                weighted = query if step_weights is None else step_weights[step] * query
+                losses = weighted if losses is None else losses + weighted
+        return losses
+
+    def meta_loss_low(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, steps: int,
+                      rate_at: Callable[[int], Rate], rates: Sequence[Tensor], lr_mode: str,
+                      step_weights: Optional[Tensor], first_order: bool) -> Tuple[Tensor, Tensor]:
+        """(mean query loss with the meta-gradient as its backward, per-task losses [T]); see the module docstring."""
+        params = self.params()
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*params, *rates))
+        mean, task_losses = _LowMemoryMAML.apply(self, xs, ys, xq, yq, steps, rate_at, lr_mode, step_weights,
+                                                 first_order, needs_grad, len(params), *params, *rates)
+        return mean, task_losses
+
+
+class _LowMemoryMAML(torch.autograd.Function):
+    """memory="low": forward runs the inner loop and, when a gradient is wanted, the reverse recursion; it saves
+    only the meta-gradients (constant in the number of steps); backward scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, engine: GenericEngine, xs, ys, xq, yq, steps, rate_at, lr_mode, step_weights, first_order,
+                needs_grad, n_params, *params_rates):
+        params, rates = list(params_rates[:n_params]), list(params_rates[n_params:])
+        tasks = xs.shape[0]
+        buffers = engine._scratch_buffers()
+        weights = [None] * (steps - 1) + [1.0] if step_weights is None else list(step_weights.unbind())
+        # The inner loop, keeping θ_0 .. θ_{N-1} (θ_0 shared by all tasks) and the query terms.
+        thetas, theta = [], params
+        for step in range(steps):
+            thetas.append(theta)
+            g = engine._support_grads(theta, step == 0, buffers, xs, ys)
+            theta = ops.task_sgd(theta, g, rate_at(step))
+        query_value_grad = vmap(grad_and_value(engine._task_loss), in_dims=(0, None, 0, 0))
+
+        def query_term(theta_k, weight):
+            q_grad, q_loss = query_value_grad(list(theta_k), buffers, xq, yq)
+            return [weight * g / tasks for g in q_grad], weight * q_loss
+
+        v, task_losses = query_term(theta, weights[-1])
+        for step in range(steps - 1):  # the multi-step loss's other terms (their gradients are added on the way back)
+            if weights[step] is not None:
+                task_losses = task_losses + weights[step] * engine._task_losses(thetas[step + 1], False, buffers, xq, yq)
+        ctx.n_params = n_params
+        ctx.mark_non_differentiable(task_losses)
+        if not needs_grad:
+            return task_losses.mean(), task_losses
+
+        # The reverse recursion from θ_N back to θ_0.
+        want_lr = lr_mode != "fixed"
+        lr_grads = [torch.zeros_like(r) for r in rates]
+        hvp = vmap(lambda th, u, b, x, y: jvp(lambda t: grad(engine._task_loss)(t, b, x, y), (th,), (u,)),
+                   in_dims=(0, 0, None, 0, 0))
+        hvp_shared = vmap(lambda th, u, b, x, y: jvp(lambda t: grad(engine._task_loss)(t, b, x, y), (th,), (u,)),
+                          in_dims=(None, 0, None, 0, 0))
+        for step in reversed(range(steps)):
+            theta_k, shared = thetas[step], step == 0
+            if first_order:  # no Hessian term; the support gradient only for the rates
+                hv = [torch.zeros_like(vi) for vi in v]
+                g = engine._support_grads(theta_k, shared, buffers, xs, ys) if want_lr else []
+            else:
+                try:
+                    g, hv = (hvp_shared if shared else hvp)(list(theta_k), _rate_times(rate_at(step), v), buffers,
+                                                            xs, ys)
+                except RuntimeError as error:
+                    raise RuntimeError(f"{engine.owner}(generic engine, memory='low'): the Hessian-vector product "
+                                       "(forward-mode over reverse-mode differentiation of the support loss) failed: "
+                                       f"{error}. Some PyTorch ops lack forward-mode AD through their backward (e.g. "
+                                       "F.mse_loss: write it as (out - y).square().mean()); or use memory='graph'"
+                                       ) from error
+                g, hv = list(g), list(hv)
+            v, step_lr_grads = ops.maml_reverse_step(v, hv, g if want_lr else [], sum_tasks=shared)
+            if want_lr:
+                for total, step_grad in zip(lr_grads, step_lr_grads):
+                    if lr_mode == "per_layer_step":
+                        total[step] += step_grad.sum()
+                    else:  # per_param: one rate for every step
+                        total += step_grad
+            if step > 0 and weights[step - 1] is not None:
+                v = [vi + qi for vi, qi in zip(v, query_term(theta_k, weights[step - 1])[0])]
+        ctx.save_for_backward(*v, *lr_grads)
+        return task_losses.mean(), task_losses
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_mean, grad_task_losses):
+        saved = ctx.saved_tensors
+        if not saved:
+            raise RuntimeError("memory='low': the meta-gradient was not computed because no parameter required a "
+                               "gradient (or grad mode was off) when meta_loss ran")
+        scaled = [grad_mean * t for t in saved]
+        return (None,) * 12 + tuple(scaled)
