@@ -5,6 +5,6 @@ from mamlext._ext import backend_info  # noqa: E402  (loads the compiled extensi
 from mamlext import ops, reference  # noqa: E402
 from mamlext.maml import MAML  # noqa: E402
 from mamlext.batched import BatchedMAML  # noqa: E402
-from mamlext.algorithms import iMAML  # noqa: E402
+from mamlext.algorithms import ANIL, Reptile, iMAML  # noqa: E402
 
-__all__ = ["BatchedMAML", "MAML", "backend_info", "iMAML", "ops", "reference", "__version__"]
+__all__ = ["ANIL", "BatchedMAML", "MAML", "Reptile", "backend_info", "iMAML", "ops", "reference", "__version__"]

@@ -1,4 +1,6 @@
-"""Meta-learning algorithms built on the fused task-batched ops (besides mamlext.BatchedMAML)."""
+"""Meta-learning algorithms built on the task-batched engines (besides mamlext.BatchedMAML)."""
+from mamlext.algorithms.anil import ANIL
 from mamlext.algorithms.imaml import iMAML
+from mamlext.algorithms.reptile import Reptile
 
-__all__ = ["iMAML"]
+__all__ = ["ANIL", "Reptile", "iMAML"]

@@ -213,6 +213,11 @@ class GenericEngine:
     def predict(self, adapted: Sequence[Tensor], x: Tensor) -> Tensor:
         return vmap(self._task_output, in_dims=(0, None, 0))(list(adapted), self._scratch_buffers(), x)
 
+    def forward_tasks(self, x: Tensor) -> Tensor:
+        """The model with its own parameters on every task's inputs, x [T, K, ...] -> [T, K, ...], each task
+        normalized by its own batch statistics; differentiable by ordinary autograd (ANIL's backbone)."""
+        return vmap(self._task_output, in_dims=(None, None, 0))(self.params(), self._scratch_buffers(), x)
+
     # --- meta-gradients ------------------------------------------------------------------------------------------
 
     def task_losses_graph(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, steps: int,
