@@ -133,6 +133,7 @@ def _set_threads(parser, threads) -> None:
 
 def _train(parser, args) -> int:
     from mamlext import train as train_module
+    from mamlext.distributed import PeerLost
 
     _set_threads(parser, args.threads)
 
@@ -156,6 +157,9 @@ def _train(parser, args) -> int:
     except (train_module.ConfigError, FileNotFoundError) as error:
         print(f"python -m mamlext train: error: {error}", file=sys.stderr)
         return 2
+    except PeerLost as error:  # under torchrun: another process died or stopped answering
+        print(f"python -m mamlext train: error: the processes of the run lost each other: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
