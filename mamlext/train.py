@@ -13,7 +13,12 @@ A run directory holds
 
 ``train(config, resume=RUN_DIR_OR_CHECKPOINT)`` continues a run exactly: an interrupted and resumed run ends with
 bitwise the same parameters as an uninterrupted one (same device, same build).
+
+Under torchrun (``torchrun --nproc_per_node=P -m mamlext train ...``) every process samples the same meta-batches,
+computes the meta-gradient of its share of the tasks, and the shares are averaged (mamlext.distributed); only rank 0
+writes the run directory, prints and evaluates. The checkpoint does not depend on the number of processes.
 """
+import contextlib
 import copy
 import datetime
 import json
@@ -30,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import mamlext
+from mamlext import distributed
 from mamlext.batched import BatchedMAML
 from mamlext.data import SinusoidTasks
 from mamlext.maml import MAML
@@ -189,6 +195,8 @@ def resolve_device(name: Optional[str]) -> torch.device:
 class SineExperiment:
     """Finn et al.'s sinusoid regression on BatchedMAML's fused MLP engine: a whole meta-batch per call."""
 
+    task_shard = slice(None)  # the tasks of each meta-batch this process computes (all but under torchrun)
+
     def __init__(self, config: Dict[str, Any], device: torch.device, progress: bool = True):
         self.config, self.device, self.dtype = config, device, DTYPES[config["dtype"]]
         torch.manual_seed(config["seed"])
@@ -203,7 +211,8 @@ class SineExperiment:
         """Samples a meta-batch and puts the meta-gradient into the parameters; returns the (detached) meta-loss."""
         c = self.config
         batch = self.tasks.sample(c["meta_batch"], c["shots"], c["query"])
-        loss = self.learner.meta_loss(batch.x_support, batch.y_support, batch.x_query, batch.y_query)
+        xs, ys, xq, yq = (data[self.task_shard] for data in batch[:4])
+        loss = self.learner.meta_loss(xs, ys, xq, yq)
         loss.backward()
         return loss.detach(), {}
 
@@ -243,6 +252,8 @@ def _import_omniglot():
 
 class OmniglotExperiment:
     """N-way K-shot Omniglot with Conv4 on mamlext.MAML, one task at a time (the only engine for conv nets today)."""
+
+    task_shard = slice(None)  # the tasks of each meta-batch this process computes (all but under torchrun)
 
     def __init__(self, config: Dict[str, Any], device: torch.device, progress: bool = True):
         self.config, self.device, self.dtype = config, device, DTYPES[config["dtype"]]
@@ -290,18 +301,18 @@ class OmniglotExperiment:
     def train_step(self) -> Tuple[Tensor, Dict[str, Tensor]]:
         c = self.config
         batch = self.sampler.sample()
-        tasks = batch.x_support.shape[0]
+        tasks = range(batch.x_support.shape[0])[self.task_shard]
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.float64, device=self.device)
-        for t in range(tasks):
+        for t in tasks:
             xs, xq = batch.x_support[t].to(self.dtype), batch.x_query[t].to(self.dtype)
             learner = self._adapted(xs, batch.y_support[t], c["inner_steps"])
             logits = learner(xq)
             loss = F.cross_entropy(logits, batch.y_query[t])
-            (loss / tasks).backward()
+            (loss / len(tasks)).backward()
             total += loss.detach()
             correct += (logits.detach().argmax(1) == batch.y_query[t]).double().mean()
-        return total / tasks, {"accuracy": correct / tasks}
+        return total / len(tasks), {"accuracy": correct / len(tasks)}
 
     def sampler_state(self):
         return self.sampler.state_dict()
@@ -492,7 +503,19 @@ def train(config: Optional[Dict[str, Any]] = None, out=None, resume=None, progre
     runs/<name>-<timestamp>). resume: a run directory or checkpoint file. overrides: with resume, new values of
     RESUME_OVERRIDABLE options (e.g. more iterations). callback(iteration, logged_metrics_or_None) runs after each
     iteration. KeyboardInterrupt saves a checkpoint (of the last complete iteration) and is raised again.
+
+    Launched by torchrun with several processes, it joins their process group (mamlext.distributed.init_from_env)
+    unless one exists, splits every meta-batch across the ranks, and leaves the group at the end if it joined it.
     """
+    joined = distributed.init_from_env()
+    try:
+        return _train(config, out, resume, progress, evaluate, callback, overrides)
+    finally:
+        if joined:
+            distributed.shutdown()
+
+
+def _train(config, out, resume, progress, evaluate, callback, overrides) -> Dict[str, Any]:
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     state = None
     if resume is not None:
@@ -517,32 +540,43 @@ def train(config: Optional[Dict[str, Any]] = None, out=None, resume=None, progre
         if config is None:
             raise ConfigError("train: give a config (make_config) or resume")
         check_config(config)
-        run_dir = Path(out) if out is not None else new_run_dir(config)
+        run_dir = Path(out) if out is not None else distributed.broadcast_from_main(new_run_dir(config))
         if (run_dir / CHECKPOINT_NAME).exists():
             raise ConfigError(f"{run_dir} already holds a run; pass --resume {run_dir} to continue it, or another "
                               "--out")
-    device = resolve_device(config["device"])
+    try:
+        task_shard = distributed.task_slice(config["meta_batch"])
+    except ValueError as error:
+        raise ConfigError(f"--meta-batch {config['meta_batch']}: {error}") from None
+    main = distributed.is_main()  # only rank 0 writes the run directory, prints and evaluates
+    progress = progress and main
+    device = distributed.local_device(resolve_device(config["device"]))
     config["device"] = str(device)
     experiment = build_experiment(config, device, progress=progress)
+    experiment.task_shard = task_shard
+    local_tasks = len(range(config["meta_batch"])[task_shard])
     iteration, elapsed_before = 0, 0.0
     if state is not None:
         restore(experiment, state)
         iteration, elapsed_before = state["iteration"], state.get("elapsed_s", 0.0)
         del state
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
     metrics_path = run_dir / "metrics.jsonl"
     ckpt_path = run_dir / CHECKPOINT_NAME
-    if resume is not None:
-        _truncate_metrics(metrics_path, iteration)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
+        if resume is not None:
+            _truncate_metrics(metrics_path, iteration)
     c = config
     start = time.perf_counter()
 
     def elapsed():
         return elapsed_before + time.perf_counter() - start
 
-    print(f"run directory: {run_dir}  ({'resumed at iteration ' + str(iteration) if resume is not None else 'new'})",
-          flush=True)
+    if main:
+        world = distributed.world_size()
+        print(f"run directory: {run_dir}  ({'resumed at iteration ' + str(iteration) if resume is not None else 'new'})"
+              + (f"; {world} processes share each meta-batch" if world > 1 else ""), flush=True)
     from tqdm import tqdm
 
     bar = tqdm(total=c["iterations"], initial=iteration, desc=f"train {_run_name(c)}", unit="it", dynamic_ncols=True,
@@ -553,12 +587,13 @@ def train(config: Optional[Dict[str, Any]] = None, out=None, resume=None, progre
     snapshot = None
     model, optimizer = experiment.model, experiment.optimizer
     try:
-        with open(metrics_path, "a") as metrics_file, interrupts:
+        with (open(metrics_path, "a") if main else contextlib.nullcontext()) as metrics_file, interrupts:
             while iteration < c["iterations"]:
                 snapshot = _rng_state(experiment)  # the state to go back to if this iteration is interrupted
                 interrupts.phase = "compute"
                 optimizer.zero_grad(set_to_none=True)
                 loss, extra = experiment.train_step()
+                distributed.all_reduce_meta_grads(experiment.learner, local_tasks)
                 interrupts.phase = "step"
                 optimizer.step()
                 iteration += 1
@@ -570,30 +605,34 @@ def train(config: Optional[Dict[str, Any]] = None, out=None, resume=None, progre
                 logged = None
                 if iteration % c["log_every"] == 0 or iteration == c["iterations"]:
                     now = time.perf_counter()
+                    distributed.weighted_average_(list(sums.values()), local_tasks)  # the ranks' tasks together
                     logged = {"iteration": iteration}
                     logged.update({k: v.item() / window_iters for k, v in sums.items()})
                     logged["tasks_per_s"] = window_iters * c["meta_batch"] / max(now - window_start, 1e-9)
                     logged["elapsed_s"] = round(elapsed(), 3)
                     if not all(math.isfinite(v) for k, v in logged.items() if k != "iteration"):
                         logged["nonfinite"] = True
-                    metrics_file.write(json.dumps(logged) + "\n")
-                    metrics_file.flush()
+                    if main:
+                        metrics_file.write(json.dumps(logged) + "\n")
+                        metrics_file.flush()
                     bar.set_postfix({"loss": f"{logged['loss']:.4f}",
                                      **({"acc": f"{logged['accuracy']:.3f}"} if "accuracy" in logged else {}),
                                      "tasks/s": f"{logged['tasks_per_s']:.0f}"}, refresh=False)
                     sums, window_start, window_iters = {}, now, 0
                 bar.update(1)
-                if iteration % c["checkpoint_every"] == 0 or iteration == c["iterations"]:
+                if main and (iteration % c["checkpoint_every"] == 0 or iteration == c["iterations"]):
                     interrupts.phase = "saving"
                     save_checkpoint(ckpt_path, experiment, c, iteration, elapsed())
                     interrupts.phase = "idle"
                 if callback is not None:
                     callback(iteration, logged)
                 interrupts.check()
-            if iteration == 0 or not ckpt_path.exists():
+            if main and (iteration == 0 or not ckpt_path.exists()):
                 save_checkpoint(ckpt_path, experiment, c, iteration, elapsed())
     except KeyboardInterrupt:
         bar.close()
+        if not main:
+            raise
         phase = interrupts.phase
         interrupts.phase = "idle"
         if phase == "step":
@@ -610,8 +649,10 @@ def train(config: Optional[Dict[str, Any]] = None, out=None, resume=None, progre
         raise
     bar.close()
     total = elapsed()
-    print(f"trained {iteration} iterations in {total:.1f} s; checkpoint: {ckpt_path}", flush=True)
     result = {"run_dir": str(run_dir), "iteration": iteration, "elapsed_s": total, "eval": None}
+    if not main:
+        return result
+    print(f"trained {iteration} iterations in {total:.1f} s; checkpoint: {ckpt_path}", flush=True)
     if evaluate:
         result["eval"] = evaluate_run(experiment, c, run_dir, progress=progress)
     return result
