@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 
 import mamlext
@@ -111,8 +111,12 @@ def _second_order_only(name: str, setting: Setting) -> None:
                    "the graph to the initial parameters); run for second order only")
 
 
+def importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
 def _require(module: str) -> None:
-    if importlib.util.find_spec(module) is None:
+    if not importable(module):
         raise Skip(f"{module} is not installed (pip install {module})")
 
 
@@ -194,6 +198,8 @@ def batched_maml(backend: str, memory: Optional[str] = None) -> Callable[[nn.Mod
     return build
 
 
+MAMLEXT_IMPLS = ("fused", "generic-graph", "generic-low")  # the rows that are mamlext's own engines
+
 # Every MAML implementation by row name; workloads pick the ones that apply to them.
 MAML_IMPLS: Dict[str, Callable[[nn.Module, Setting, tuple], Run]] = {
     "loop": loop,
@@ -264,8 +270,8 @@ def imaml_loop(model: nn.Module, setting: IMAMLSetting, data) -> Run:
 
 
 def imaml_vmap(model: nn.Module, setting: IMAMLSetting, data) -> Run:
-    """torch.func: vmap over tasks of the inner steps (grad) and the CG solve (Hessian-vector products by jvp of
-    grad)."""
+    """torch.func: vmap over tasks of the inner steps (grad) and the CG solve (Hessian-vector products by grad of
+    <grad, v>)."""
     xs, ys, xq, yq = data
     theta = {name: p.detach() for name, p in model.named_parameters()}
     loss = LOSS_FUNCTIONS[setting.loss]
@@ -283,8 +289,8 @@ def imaml_vmap(model: nn.Module, setting: IMAMLSetting, data) -> Run:
             phi = {k: phi[k] - setting.inner_lr * (g[k] + setting.lam * (phi[k] - theta[k])) for k in phi}
         b = grad(task_loss)(phi, x_q, y_q)
 
-        def hvp(v):
-            return jvp(lambda q: grad(task_loss)(q, x_s, y_s), (phi,), (v,))[1]
+        def hvp(v):  # reverse over reverse (forward-over-reverse jvp trips on ZeroTensors in mse_loss's backward)
+            return grad(lambda q: dot(grad(task_loss)(q, x_s, y_s), v))(phi)
 
         x = {k: torch.zeros_like(v) for k, v in b.items()}
         r, p = dict(b), dict(b)
