@@ -153,3 +153,16 @@ def test_bad_arguments_are_named():
     with pytest.raises(SystemExit) as error:
         main(["bench", "--workloads", "mlp,nope"])
     assert error.value.code == 2
+
+
+def test_time_budget_skips_the_cases_not_started(tmp_path, capsys):
+    from mamlext.__main__ import main
+
+    assert main(["bench", "--suite", "quick", "--device", "cpu", "--workloads", "mlp,task_sgd", "--time-budget",
+                 "1e-9", "--out", str(tmp_path), "--no-progress"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len({r["case"] for r in results["rows"]}) == 4 and results["complete"] is True
+    for row in results["rows"]:
+        _check_row(row)
+        assert row["status"] == "skipped" and "time budget" in row["reason"]
+    assert (tmp_path / "speedup.png").exists() and "time budget" in capsys.readouterr().out

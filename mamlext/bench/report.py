@@ -24,7 +24,7 @@ def format_table(results: dict) -> str:
     cols = ["case", "T", "N", "impl", "ms (IQR)", "tasks/s", "vs loop", "vs vmap", "peak MiB", "rel err", "status"]
     table = [_cells(r) for r in results["rows"]]
     widths = [max([len(c)] + [len(row[i]) for row in table]) for i, c in enumerate(cols[:-1])]
-    lines = [f"mamlext bench --suite {results['suite']} on {results['device']}: ms = median per meta-iteration "
+    lines = [f"{results['title']}: ms = median per meta-iteration "
              "(interquartile range); vs = that implementation's median / this one's; peak MiB = "
              f"{results['memory_kind']}; rel err = normwise relative error of the meta-gradient vs the plain loop",
              "  ".join(c.ljust(w) for c, w in zip(cols, widths)) + "  " + cols[-1],
@@ -70,7 +70,7 @@ def plot_speedups(results: dict, path: str) -> Optional[str]:
                 ax.legend(fontsize=7)
             else:
                 ax.text(0.5, 0.5, "no measured speedups", transform=ax.transAxes, ha="center")
-    fig.suptitle(f"mamlext bench --suite {results['suite']} on {results['device']} "
+    fig.suptitle(f"{results['title']} "
                  f"({results['machine'].get('gpu_name') or results['machine']['cpu_model']})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
