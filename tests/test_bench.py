@@ -61,6 +61,8 @@ def test_quick_suite_writes_json_table_and_plot(tmp_path):
         engines = [impls[name]["status"] for name in MAMLEXT_IMPLS if name in impls]
         assert suite.REFERENCE in impls and engines and "failed" not in engines, case
 
+    markdown = (out / "results.md").read_text()
+    assert markdown.count("\n") == len(rows) + 2 and "| sine40-N1-SO-T5 | 5 | 1 | fused |" in markdown
     plot = out / "speedup.png"
     assert results["plot"] == str(plot) and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

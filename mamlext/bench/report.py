@@ -37,6 +37,17 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(results: dict) -> str:
+    """The table as Markdown (results.md, for the README): one line per implementation of each case."""
+    head = ["case", "T", "N", "implementation", "ms (IQR)", "tasks/s", "vs loop", "vs vmap", "peak MiB", "status"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in results["rows"]:
+        cells = _cells(row)
+        status = cells[-1] if row["status"] == "ok" else f"{row['status']}: {row['reason']}"
+        lines.append("| " + " | ".join(cells[:4] + cells[4:9] + [status.replace("|", "/")]) + " |")
+    return "\n".join(lines)
+
+
 def plot_speedups(results: dict, path: str) -> Optional[str]:
     """speedup.png: the mamlext engines' speedup against the plain loop (top) and vmap (bottom) over the task count
     T, one column per number of inner steps N, one line per case family and engine. Returns the path."""

@@ -56,6 +56,9 @@ VMAP_NOTE = ("vmap runs the model as it is: under torch.func.vmap an nn.BatchNor
              "reporting a speed; batch norm is deliberately not rewritten from primitive ops")
 
 
+LOOP_NO_SECOND_CALL = 3.0  # a loop whose first call took this many times its cap is not called again
+
+
 class Case(NamedTuple):
     workload: str
     family: str  # the case without its task count: one line of the plot
@@ -185,8 +188,8 @@ def _first_line(error: BaseException) -> str:
 def run_case(case: Case, device: torch.device, settings: SuiteSettings, seed: int = 0,
              builders: Optional[Dict[str, Callable]] = None) -> List[dict]:
     """One row per implementation of the case. `builders` replaces the case's implementations (tests)."""
-    built = build_case(case, device, seed)
-    builders = built.builders if builders is None else builders
+    if builders is None:
+        builders = build_case(case, device, seed).builders
     rows = {name: _row(case, name) for name in builders}
     runs: Dict[str, Callable[[], List[Tensor]]] = {}
     for name, build in builders.items():
@@ -219,14 +222,26 @@ def run_case(case: Case, device: torch.device, settings: SuiteSettings, seed: in
         bad = mismatch(outputs[name], reference, RTOL[case.workload])
         rows[name]["rel_error"] = None if bad and "rel. error" not in bad else max_rel_error(outputs[name], reference)
         if bad:
-            rows[name].update(status="failed", reason=f"meta-gradient disagrees with the plain loop's ({bad})")
+            what = "output" if case.workload == "task_sgd" else "meta-gradient"
+            rows[name].update(status="failed", reason=f"{what} disagrees with the plain loop's ({bad})")
             del runs[name]
     del outputs, reference
     # Peak memory, from each implementation's second call, whose duration also decides whether the loop is timed
-    # (a first call can be slowed by one-time initialisation).
-    for name, run in runs.items():
+    # (a first call can be slowed by one-time initialisation; one far over the cap is not called again).
+    loop_first_s = rows[REFERENCE]["first_call_s"] if REFERENCE in runs else None
+    if loop_first_s is not None and loop_first_s > LOOP_NO_SECOND_CALL * settings.loop_max_call_s:
+        rows[REFERENCE].update(status="skipped", reason=(
+            f"not timed: its first call took {loop_first_s:.1f} s (> {settings.loop_max_call_s:g} s cap); it ran "
+            "once, as the reference of the check"))
+        del runs[REFERENCE]
+    for name, run in list(runs.items()):
         start = time.perf_counter()
-        rows[name]["peak_mem_bytes"], _ = peak_memory(run, device)
+        try:
+            rows[name]["peak_mem_bytes"], _ = peak_memory(run, device)
+        except Exception as error:  # e.g. out of memory on its second call
+            rows[name].update(status="failed", reason=f"raised {_first_line(error)}")
+            del runs[name]
+            continue
         rows[name]["second_call_s"] = time.perf_counter() - start
     if REFERENCE in runs and rows[REFERENCE]["second_call_s"] > settings.loop_max_call_s:
         rows[REFERENCE].update(status="skipped", reason=(
@@ -270,11 +285,11 @@ def notes(workloads, impl_names) -> List[str]:
 def run_suite(suite: str, device: torch.device, out_dir: str, workloads=WORKLOADS, seed: int = 0,
               progress: bool = True, command: Optional[str] = None, time_budget_s: Optional[float] = None) -> dict:
     """Runs the suite, writes out_dir/results.json (after every case, so an interrupted run keeps what it measured)
-    and, at the end, out_dir/speedup.png; prints the table. Once time_budget_s has passed, the cases not started
+    and, at the end, out_dir/results.md (the table in Markdown) and out_dir/speedup.png; prints the table. Once time_budget_s has passed, the cases not started
     get skipped rows. Returns the results dict."""
     from tqdm.auto import tqdm
 
-    from mamlext.bench.report import format_table, plot_speedups
+    from mamlext.bench.report import format_table, markdown_table, plot_speedups
 
     settings = suite_settings(suite, device)
     selected = [c for c in cases(suite, device) if c.workload in workloads]
@@ -323,8 +338,10 @@ def run_suite(suite: str, device: torch.device, out_dir: str, workloads=WORKLOAD
                                 "their timings are noisy")
     results["plot"] = plot_speedups(results, os.path.join(out_dir, "speedup.png"))
     _write_json(results, json_path)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(markdown_table(results) + "\n")
     print(format_table(results))
-    print(f"\nwrote {json_path} and {results['plot']} ({results['wall_s']:.0f} s)")
+    print(f"\nwrote {json_path}, results.md and {results['plot']} ({results['wall_s']:.0f} s)")
     return results
 
 
