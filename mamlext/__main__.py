@@ -188,7 +188,7 @@ def main(argv=None) -> int:
                                 description="Times one meta-iteration of every implementation (plain per-task loop, "
                                             "torch.func vmap, higher, torchopt, mamlext's engines) on the same data "
                                             "after checking their meta-gradients against the plain loop's; writes "
-                                            "results.json and speedup.png and prints a table.")
+                                            "results.json, results.md and speedup.png and prints a table.")
     from mamlext.bench import suite as bench_suite
 
     bench_suite.add_arguments(bench)
