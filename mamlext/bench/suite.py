@@ -290,8 +290,8 @@ def notes(workloads, impl_names) -> List[str]:
 def run_suite(suite: str, device: torch.device, out_dir: str, workloads=WORKLOADS, seed: int = 0,
               progress: bool = True, command: Optional[str] = None, time_budget_s: Optional[float] = None) -> dict:
     """Runs the suite, writes out_dir/results.json (after every case, so an interrupted run keeps what it measured)
-    and, at the end, out_dir/results.md (the table in Markdown) and out_dir/speedup.png; prints the table. Once time_budget_s has passed, the cases not started
-    get skipped rows. Returns the results dict."""
+    and, at the end, out_dir/results.md (the table in Markdown) and out_dir/speedup.png; prints the table. Once
+    time_budget_s has passed, the cases not started get skipped rows. Returns the results dict."""
     from tqdm.auto import tqdm
 
     from mamlext.bench.report import format_table, markdown_table, plot_speedups
