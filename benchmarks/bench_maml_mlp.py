@@ -36,17 +36,16 @@ import json
 import os
 import sys
 import time
-from typing import Callable, Dict, List, NamedTuple, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 import torch
-import torch.utils.benchmark as benchmark
-from torch import nn
-from torch.func import functional_call, grad, vmap
-from torch.nn import functional as F
 
 import mamlext
+from mamlext.bench.common import (FOREIGN_LOAD_WARN, ForeignLoad, machine_info, max_rel_error, mismatch, summary, sync,
+                                  time_impls)
+from mamlext.bench.impls import MAML_IMPLS, Setting
 from mamlext.data.sinusoid import SinusoidTasks
-from _common import FOREIGN_LOAD_WARN, ForeignLoad, machine_info, summary, sync
+from mamlext.models import sine_mlp
 
 DTYPE = torch.float32
 INNER_LR = 0.01
@@ -74,95 +73,9 @@ CASES = [
 ]
 
 
-# --- the three implementations --------------------------------------------------------------------------------------
+# --- the three implementations (mamlext.bench.impls) and the model --------------------------------------------------
 
-def make_model(widths: List[int]) -> nn.Sequential:
-    layers: List[nn.Module] = []
-    for i in range(len(widths) - 1):
-        layers.append(nn.Linear(widths[i], widths[i + 1]))
-        if i + 2 < len(widths):
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
-
-
-def fused_impl(model: nn.Module, case: Case, data) -> Callable[[], List[torch.Tensor]]:
-    maml = mamlext.BatchedMAML(model, inner_lr=INNER_LR, inner_steps=case.steps, first_order=case.first_order)
-    params = list(model.parameters())
-
-    def run():
-        for p in params:
-            p.grad = None
-        maml.meta_loss(*data).backward()
-        return [p.grad for p in params]
-    return run
-
-
-def loop_impl(model: nn.Module, case: Case, data) -> Callable[[], List[torch.Tensor]]:
-    """(a): one task after the other, create_graph autograd, per-task backward (learn2learn's way)."""
-    xs, ys, xq, yq = data
-    named = dict(model.named_parameters())
-    params = list(named.values())
-    tasks = xs.shape[0]
-
-    def run():
-        for p in params:
-            p.grad = None
-        for t in range(tasks):
-            fast = named
-            for _ in range(case.steps):
-                support = F.mse_loss(functional_call(model, fast, (xs[t],)), ys[t])
-                grads = torch.autograd.grad(support, list(fast.values()), create_graph=not case.first_order)
-                fast = {name: p - INNER_LR * g for (name, p), g in zip(fast.items(), grads)}
-            (F.mse_loss(functional_call(model, fast, (xq[t],)), yq[t]) / tasks).backward()
-        return [p.grad for p in params]
-    return run
-
-
-def func_impl(model: nn.Module, case: Case, data) -> Callable[[], List[torch.Tensor]]:
-    """(b): torch.func.grad of the mean query loss of vmap(inner adaptation with torch.func.grad)."""
-    xs, ys, xq, yq = data
-    theta = {name: p.detach() for name, p in model.named_parameters()}
-
-    def loss(params, x, y):
-        return F.mse_loss(functional_call(model, params, (x,)), y)
-
-    def task_query_loss(params, x_s, y_s, x_q, y_q):
-        for _ in range(case.steps):
-            g = grad(loss)(params, x_s, y_s)
-            if case.first_order:
-                g = {name: v.detach() for name, v in g.items()}
-            params = {name: params[name] - INNER_LR * g[name] for name in params}
-        return loss(params, x_q, y_q)
-
-    def meta_objective(params):
-        return vmap(task_query_loss, in_dims=(None, 0, 0, 0, 0))(params, xs, ys, xq, yq).mean()
-
-    meta_grad = grad(meta_objective)
-
-    def run():
-        return list(meta_grad(theta).values())
-    return run
-
-
-# --- machine, timing, checks ------------------------------------------------------------------------------------------
-
-def mismatch(actual: List[torch.Tensor], expected: List[torch.Tensor]) -> Optional[str]:
-    """None when every tensor agrees normwise to RTOL, else the worst disagreement as text."""
-    if len(actual) != len(expected):
-        return f"{len(actual)} gradient tensors instead of {len(expected)}"
-    worst = (0.0, -1)
-    for i, (a, e) in enumerate(zip(actual, expected)):
-        if a is None or a.shape != e.shape:
-            return f"gradient {i}: {None if a is None else list(a.shape)} instead of {list(e.shape)}"
-        err = ((a.double() - e.double()).abs().max() / e.double().abs().max().clamp_min(1e-12)).item()
-        if not err <= worst[0]:  # nan counts as worst
-            worst = (err, i)
-    return None if worst[0] <= RTOL else f"gradient {worst[1]}: rel. error {worst[0]:.2e} > {RTOL:.0e}"
-
-
-def max_rel_error(actual: List[torch.Tensor], expected: List[torch.Tensor]) -> float:
-    return max(((a.double() - e.double()).abs().max() / e.double().abs().max().clamp_min(1e-12)).item()
-               for a, e in zip(actual, expected))
+IMPL_BUILDERS = {"fused": MAML_IMPLS["fused"], "loop": MAML_IMPLS["loop"], "func": MAML_IMPLS["vmap"]}
 
 
 def run_case(case: Case, device: torch.device, min_run_time: float, repeats: int, loop_max_task_steps: int,
@@ -171,13 +84,14 @@ def run_case(case: Case, device: torch.device, min_run_time: float, repeats: int
            "first_order": case.first_order, "shots": SHOTS, "queries": QUERIES, "goal_vs_func": case.goal_vs_func,
            "status": "ok"}
     torch.manual_seed(seed)
-    model = make_model(case.widths).to(device=device, dtype=DTYPE)
+    model = sine_mlp(case.widths[1]).to(device=device, dtype=DTYPE)
     batch = SinusoidTasks(seed=seed + 1, dtype=DTYPE, device=device).sample(case.tasks, SHOTS, QUERIES)
     data = (batch.x_support, batch.y_support, batch.x_query, batch.y_query)
 
-    impls = {"fused": fused_impl(model, case, data), "func": func_impl(model, case, data)}
+    setting = Setting(INNER_LR, case.steps, case.first_order, "mse")
+    impls = {name: IMPL_BUILDERS[name](model, setting, data) for name in ("fused", "func")}
     if case.tasks * case.steps <= loop_max_task_steps:
-        impls["loop"] = loop_impl(model, case, data)
+        impls["loop"] = IMPL_BUILDERS["loop"](model, setting, data)
     else:
         row["loop_status"] = (f"skipped: T*N = {case.tasks * case.steps} per-task inner steps per meta-iteration "
                               f"(> {loop_max_task_steps}; several seconds per call)")
@@ -195,21 +109,13 @@ def run_case(case: Case, device: torch.device, min_run_time: float, repeats: int
         if name == "fused":
             continue
         row[f"{name}_rel_error"] = max_rel_error(grads[name], grads["fused"])
-        bad = mismatch(grads[name], grads["fused"])
+        bad = mismatch(grads[name], grads["fused"], RTOL)
         if bad:
             row["status"] = f"FAILED: {LABELS[name]} disagrees with fused ({bad})"
             return row
 
     # One more warm-up each (caches, allocator), then interleaved timing rounds.
-    for fn in impls.values():
-        fn()
-    sync(device)
-    times: Dict[str, List[float]] = {name: [] for name in impls}
-    per_round = max(min_run_time / repeats, 0.01)
-    for _ in range(repeats):
-        for name, fn in impls.items():
-            timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-            times[name] += timer.blocked_autorange(min_run_time=per_round).times
+    times = time_impls(impls, device, min_run_time, repeats, warmup=1)
     for name in impls:
         s = summary(times[name])
         for key, value in s.items():

@@ -26,16 +26,15 @@ Usage:
 """
 import argparse
 import json
-import math
 import os
 import sys
 import time
 
 import torch
-import torch.utils.benchmark as benchmark
 
-import mamlext
-from _common import FOREIGN_LOAD_WARN, MIN_SAMPLES_FOR_NOISE, ForeignLoad, machine_info, summary, sync, wait_quiet
+from mamlext.bench.common import (FOREIGN_LOAD_WARN, MIN_SAMPLES_FOR_NOISE, ForeignLoad, machine_info, summary,
+                                  time_impls, wait_quiet)
+from mamlext.bench.task_sgd import fmt_size, layer_shapes, numel, task_sgd_impls
 
 LR = 0.01
 DTYPE = torch.float32
@@ -48,34 +47,6 @@ SHARED_TASK_COUNTS = [32]  # shared params with T = 1 are the per-task case with
 # Total measured time per implementation and case (split over the repeats), by total size.
 FULL_MIN_RUN_TIME = {10**4: 0.3, 10**5: 0.3, 10**6: 0.45, 10**7: 0.6, 10**8: 1.5}
 QUICK_MIN_RUN_TIME = 0.15
-# Widths of consecutive layers relative to each other: uneven, like a real network's.
-WIDTH_PATTERN = [1.0, 1.7, 0.6, 1.3, 0.8, 2.1, 0.9, 1.5, 1.1, 0.7]
-
-
-def layer_shapes(n_tensors, per_task_elements):
-    """n_tensors shapes, alternating weight matrices [out, in] and bias vectors [out] (a last vector when n is
-    odd), whose sizes sum to about per_task_elements."""
-    layers = max(1, n_tensors // 2)
-    f = [WIDTH_PATTERN[k % len(WIDTH_PATTERN)] for k in range(layers + 1)]
-    a = sum(f[k + 1] * f[k] for k in range(layers))
-    b = sum(f[k + 1] for k in range(layers)) + (f[-1] if n_tensors % 2 else 0.0)
-    c = (-b + math.sqrt(b * b + 4 * a * per_task_elements)) / (2 * a)  # a c^2 + b c = per_task_elements
-    widths = [max(1, round(c * fk)) for fk in f]
-    shapes = []
-    for k in range(layers):
-        shapes += [(widths[k + 1], widths[k]), (widths[k + 1],)]
-    if n_tensors % 2:
-        shapes.append((widths[-1],))
-    return shapes[:n_tensors]
-
-
-def numel(shape):
-    return math.prod(shape)
-
-
-def fmt_size(n):
-    exp = round(math.log10(n))
-    return f"1e{exp}" if 10**exp == n else str(n)
 
 
 def device_free_bytes(device):
@@ -89,22 +60,6 @@ def device_free_bytes(device):
     except OSError:
         pass
     return None
-
-
-def time_impls(impls, device, min_run_time, repeats, warmup):
-    """{name: list of per-call seconds}: warm-up, then `repeats` rounds of blocked_autorange, interleaved over
-    the implementations so that drifts of the machine (other processes, clocks) hit them all alike."""
-    for fn in impls.values():
-        for _ in range(warmup):
-            fn()
-        sync(device)
-    times = {name: [] for name in impls}
-    per_round = max(min_run_time / repeats, 0.01)
-    for _ in range(repeats):
-        for name, fn in impls.items():
-            timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-            times[name] += timer.blocked_autorange(min_run_time=per_round).times
-    return times
 
 
 def check_equal(outs, ref):
@@ -148,25 +103,7 @@ def run_case(device, size, n_tensors, tasks, shared, min_run_time, repeats, copy
     grads = [rand(tasks, *s) for s in shapes]
     lr = LR
 
-    impls = {
-        "fused": lambda: mamlext.ops.task_sgd(params, grads, lr),
-        "loop": lambda: [p - lr * g for p, g in zip(params, grads)],
-    }
-    if shared:
-        expanded = [p.expand_as(g) for p, g in zip(params, grads)]
-
-        def foreach_mul_add():
-            out = torch._foreach_mul(grads, -lr)
-            torch._foreach_add_(out, params)
-            return out
-
-        foreach_variants = {
-            "foreach:add(expand)": lambda: torch._foreach_add(expanded, grads, alpha=-lr),
-            "foreach:mul+add_": foreach_mul_add,
-        }
-    else:
-        foreach_variants = {"foreach:add": lambda: torch._foreach_add(params, grads, alpha=-lr)}
-    impls.update(foreach_variants)
+    impls, foreach_names = task_sgd_impls(params, grads, lr, shared)
 
     ref = impls["fused"]()
     failures = []
@@ -184,9 +121,9 @@ def run_case(device, size, n_tensors, tasks, shared, min_run_time, repeats, copy
     warmup = 3 if elements <= 10**7 else 1
     times = time_impls(impls, device, min_run_time, repeats, warmup)
     stats = {name: summary(t) for name, t in times.items()}
-    best_foreach = min(foreach_variants, key=lambda name: stats[name]["median_ms"])
+    best_foreach = min(foreach_names, key=lambda name: stats[name]["median_ms"])
     row["foreach_variant"] = best_foreach.split(":", 1)[1]
-    row["foreach_variants_median_ms"] = {name.split(":", 1)[1]: stats[name]["median_ms"] for name in foreach_variants}
+    row["foreach_variants_median_ms"] = {name.split(":", 1)[1]: stats[name]["median_ms"] for name in foreach_names}
     for key, name in (("fused", "fused"), ("loop", "loop"), ("foreach", best_foreach)):
         s = stats[name]
         row[f"{key}_median_ms"] = s["median_ms"]

@@ -112,6 +112,13 @@ stage build 180 env FORCE_CUDA=1 MAX_JOBS="$(nproc)" PIP_DISABLE_PIP_VERSION_CHE
 stage info 30 env MAMLEXT_REQUIRE_EXT=1 python -m mamlext info
 stage cuda-kernels 30 env MAMLEXT_REQUIRE_EXT=1 python -c 'import mamlext; i = mamlext.backend_info(); print(i); assert i["cuda_kernels"] and i["backend"]["cuda"] == "compiled", "the CUDA kernels are not serving cuda tensors"'
 stage tests-cuda 75 env MAMLEXT_REQUIRE_EXT=1 python -m pytest tests -q -m cuda -x -p no:cacheprovider --junitxml="$OUT/junit_cuda.xml"
+# The suite of `python -m mamlext bench` (results.json, speedup.png under $OUT/bench): it starts no new case after
+# --time-budget seconds (the cases left get skipped rows), so it ends with its table and plot inside the stage.
+SUITE_BUDGET_S=$((BUDGET_S - (SECONDS - START_S) - KILL_AFTER_S - 90))
+if ((SUITE_BUDGET_S > 240)); then SUITE_BUDGET_S=240; fi
+if ((SUITE_BUDGET_S < 10)); then SUITE_BUDGET_S=10; fi
+stage bench-suite $((SUITE_BUDGET_S + 60)) env MAMLEXT_REQUIRE_EXT=1 python -m mamlext bench --suite full --device cuda --no-progress --time-budget "$SUITE_BUDGET_S" --out "$OUT/bench"
 stage bench-task-sgd 150 env MAMLEXT_REQUIRE_EXT=1 python benchmarks/bench_task_sgd.py --device cuda --out "$OUT/task_sgd_cuda.json"
 # Further benchmarks: stage NAME TIMEOUT_S command args...  (write results under "$OUT")
 stage bench-maml-mlp 120 env MAMLEXT_REQUIRE_EXT=1 python benchmarks/bench_maml_mlp.py --device cuda --repeats 2 --min-run-time 0.6 --out "$OUT/maml_mlp_cuda.json"
+stage bench-maml-generic 90 env MAMLEXT_REQUIRE_EXT=1 python benchmarks/bench_maml_generic.py --device cuda --repeats 2 --min-run-time 0.3 --out "$OUT/maml_generic_cuda.json"

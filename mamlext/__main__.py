@@ -1,4 +1,4 @@
-"""Command line: python -m mamlext info | demo | train | eval"""
+"""Command line: python -m mamlext info | demo | train | eval | bench"""
 import argparse
 import json
 import sys
@@ -189,12 +189,22 @@ def main(argv=None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     _add_train_parser(commands)
     _add_eval_parser(commands)
+    bench = commands.add_parser("bench", help="benchmark mamlext against pure-PyTorch MAML side by side",
+                                description="Times one meta-iteration of every implementation (plain per-task loop, "
+                                            "torch.func vmap, higher, torchopt, mamlext's engines) on the same data "
+                                            "after checking their meta-gradients against the plain loop's; writes "
+                                            "results.json, results.md and speedup.png and prints a table.")
+    from mamlext.bench import suite as bench_suite
+
+    bench_suite.add_arguments(bench)
     args = parser.parse_args(argv)
 
     if args.command == "train":
         return _train(parser, args)
     if args.command == "eval":
         return _eval(parser, args)
+    if args.command == "bench":
+        return bench_suite.main(bench, args)
     if args.command == "info":
         _print_info(args.json)
     elif args.command == "demo":

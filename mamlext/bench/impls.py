@@ -1,0 +1,337 @@
+"""The implementations of one MAML (or iMAML) meta-iteration the benchmarks compare, all on the same model and data.
+
+Each builder takes (model, setting, data) with data = (xs, ys, xq, yq) and returns ``run()``, which computes one
+meta-iteration (inner loop of every task, query losses, meta-gradient of their mean w.r.t. the model's parameters)
+and returns the meta-gradient as a list in model.parameters() order. A builder raises Skip when the implementation
+does not apply (a library not installed, an engine that cannot serve the model).
+
+  loop      a plain per-task autograd loop, the learn2learn way: for each task, torch.func.functional_call +
+            torch.autograd.grad(create_graph=not first_order) inner steps, then the query loss / T, .backward().
+            It is the reference every other implementation's meta-gradient is checked against.
+  vmap      torch.func.grad of the mean query loss, the per-task losses from torch.func.vmap over tasks of the inner
+            adaptation written with torch.func.grad ("vmap(grad)" MAML). The model runs as it is: an
+            nn.BatchNorm2d in training mode gives wrong second-order meta-gradients under vmap (functorch issue
+            534), and the check against `loop` marks such a row failed rather than hiding the trap.
+  higher    facebookresearch/higher's innerloop_ctx with a differentiable SGD, task by task (second order only).
+  torchopt  torchopt.MetaSGD on a copy of the model, task by task, the state restored after each (second order only).
+  fused / generic-*   mamlext.BatchedMAML with backend "fused" (the fused MLP engine) or "generic" (any model;
+            memory mode "graph" or "low").
+"""
+import copy
+import importlib.util
+from typing import Callable, Dict, List, NamedTuple, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+from torch.nn import functional as F
+
+import mamlext
+from mamlext import batched
+
+Run = Callable[[], List[Tensor]]
+LOSS_FUNCTIONS = {"mse": F.mse_loss, "ce": F.cross_entropy}
+
+
+class Skip(Exception):
+    """An implementation that does not run here; the message says why."""
+
+
+class Setting(NamedTuple):
+    inner_lr: float
+    steps: int
+    first_order: bool
+    loss: str  # "mse" or "ce"
+
+
+class IMAMLSetting(NamedTuple):
+    inner_lr: float
+    steps: int
+    lam: float
+    cg_steps: int
+    loss: str
+
+
+def _zero_grads(params: List[Tensor]) -> None:
+    for p in params:
+        p.grad = None
+
+
+# --- MAML ------------------------------------------------------------------------------------------------------------
+
+def loop(model: nn.Module, setting: Setting, data) -> Run:
+    xs, ys, xq, yq = data
+    named = dict(model.named_parameters())
+    params = list(named.values())
+    loss = LOSS_FUNCTIONS[setting.loss]
+    tasks = xs.shape[0]
+
+    def run():
+        _zero_grads(params)
+        for t in range(tasks):
+            fast = named
+            for _ in range(setting.steps):
+                support = loss(functional_call(model, fast, (xs[t],)), ys[t])
+                grads = torch.autograd.grad(support, list(fast.values()), create_graph=not setting.first_order)
+                fast = {name: p - setting.inner_lr * g for (name, p), g in zip(fast.items(), grads)}
+            (loss(functional_call(model, fast, (xq[t],)), yq[t]) / tasks).backward()
+        return [p.grad for p in params]
+    return run
+
+
+def vmap_grad(model: nn.Module, setting: Setting, data) -> Run:
+    xs, ys, xq, yq = data
+    theta = {name: p.detach() for name, p in model.named_parameters()}
+    loss = LOSS_FUNCTIONS[setting.loss]
+
+    def task_loss(params, x, y):
+        return loss(functional_call(model, params, (x,)), y)
+
+    def task_query_loss(params, x_s, y_s, x_q, y_q):
+        for _ in range(setting.steps):
+            g = grad(task_loss)(params, x_s, y_s)
+            if setting.first_order:
+                g = {name: v.detach() for name, v in g.items()}
+            params = {name: params[name] - setting.inner_lr * g[name] for name in params}
+        return task_loss(params, x_q, y_q)
+
+    def meta_objective(params):
+        return vmap(task_query_loss, in_dims=(None, 0, 0, 0, 0))(params, xs, ys, xq, yq).mean()
+
+    meta_grad = grad(meta_objective)
+
+    def run():
+        return list(meta_grad(theta).values())
+    return run
+
+
+def _second_order_only(name: str, setting: Setting) -> None:
+    if setting.first_order:
+        raise Skip(f"{name} has no first-order MAML mode that yields meta-gradients (detaching its inner steps cuts "
+                   "the graph to the initial parameters); run for second order only")
+
+
+def importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _require(module: str) -> None:
+    if not importable(module):
+        raise Skip(f"{module} is not installed (pip install {module})")
+
+
+def higher_loop(model: nn.Module, setting: Setting, data) -> Run:
+    _require("higher")
+    _second_order_only("higher", setting)
+    import higher
+
+    xs, ys, xq, yq = data
+    params = list(model.parameters())
+    loss = LOSS_FUNCTIONS[setting.loss]
+    inner_opt = torch.optim.SGD(params, lr=setting.inner_lr)
+    tasks = xs.shape[0]
+
+    def run():
+        _zero_grads(params)
+        for t in range(tasks):
+            with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False) as (fmodel, diffopt):
+                for _ in range(setting.steps):
+                    diffopt.step(loss(fmodel(xs[t]), ys[t]))
+                (loss(fmodel(xq[t]), yq[t]) / tasks).backward()
+        return [p.grad for p in params]
+    return run
+
+
+def torchopt_loop(model: nn.Module, setting: Setting, data) -> Run:
+    _require("torchopt")
+    _second_order_only("torchopt", setting)
+    import torchopt
+
+    xs, ys, xq, yq = data
+    own = copy.deepcopy(model)  # MetaSGD replaces the model's parameters by their updates in place
+    params = list(own.parameters())
+    loss = LOSS_FUNCTIONS[setting.loss]
+    inner_opt = torchopt.MetaSGD(own, lr=setting.inner_lr)
+    model_state = torchopt.extract_state_dict(own, by="reference", detach_buffers=True)
+    opt_state = torchopt.extract_state_dict(inner_opt, by="reference")
+    tasks = xs.shape[0]
+
+    def run():
+        _zero_grads(params)
+        for t in range(tasks):
+            for _ in range(setting.steps):
+                inner_opt.step(loss(own(xs[t]), ys[t]))
+            (loss(own(xq[t]), yq[t]) / tasks).backward()
+            torchopt.recover_state_dict(own, model_state)
+            torchopt.recover_state_dict(inner_opt, opt_state)
+        return [p.grad for p in params]
+    return run
+
+
+def generic_available() -> bool:
+    return "generic" in batched.BACKENDS
+
+
+def batched_maml(backend: str, memory: Optional[str] = None) -> Callable[[nn.Module, Setting, tuple], Run]:
+    """The builder of mamlext.BatchedMAML on `backend` (and, for the generic engine, its memory mode)."""
+
+    def build(model: nn.Module, setting: Setting, data) -> Run:
+        options = {}
+        if backend == "generic":
+            if not generic_available():
+                raise Skip("mamlext has no generic engine in this version (mamlext.batched.BACKENDS = "
+                           f"{list(batched.BACKENDS)})")
+            options["memory"] = memory
+        try:
+            maml = mamlext.BatchedMAML(model, inner_lr=setting.inner_lr, inner_steps=setting.steps,
+                                       first_order=setting.first_order, loss=setting.loss, backend=backend,
+                                       **options)
+        except (ValueError, NotImplementedError) as error:
+            raise Skip(f"the {backend} engine does not serve this model: {error}") from None
+        params = list(model.parameters())
+
+        def run():
+            _zero_grads(params)
+            maml.meta_loss(*data).backward()
+            return [p.grad for p in params]
+        return run
+    return build
+
+
+MAMLEXT_IMPLS = ("fused", "generic-graph", "generic-low")  # the rows that are mamlext's own engines
+
+# Every MAML implementation by row name; workloads pick the ones that apply to them.
+MAML_IMPLS: Dict[str, Callable[[nn.Module, Setting, tuple], Run]] = {
+    "loop": loop,
+    "vmap": vmap_grad,
+    "higher": higher_loop,
+    "torchopt": torchopt_loop,
+    "fused": batched_maml("fused"),
+    "generic-graph": batched_maml("generic", "graph"),
+    "generic-low": batched_maml("generic", "low"),
+}
+
+
+# --- iMAML -----------------------------------------------------------------------------------------------------------
+# phi_t = `steps` gradient-descent steps on L_support,t(phi) + lam/2 ||phi - theta||^2 from theta (no graph), then
+# g_t = (I + H_t / lam)^{-1} grad L_query,t(phi_t) by `cg_steps` of conjugate gradient from 0; the meta-gradient is
+# mean_t g_t (Rajeswaran et al. 2019).
+
+def _cg_update(rs, p_ap, zero):
+    """rs / p_ap, 0 where p_ap = 0 (a task whose residual is already 0 stays where it is)."""
+    return torch.where(p_ap != 0, rs / torch.where(p_ap != 0, p_ap, 1), zero)
+
+
+def imaml_loop(model: nn.Module, setting: IMAMLSetting, data) -> Run:
+    """Task by task: plain autograd, Hessian-vector products by double backward."""
+    xs, ys, xq, yq = data
+    names = [name for name, _ in model.named_parameters()]
+    theta = [p.detach() for p in model.parameters()]
+    loss = LOSS_FUNCTIONS[setting.loss]
+    tasks = xs.shape[0]
+
+    def task_loss(phi, x, y):
+        return loss(functional_call(model, dict(zip(names, phi)), (x,)), y)
+
+    def dot(a, b):
+        return sum((x * y).sum() for x, y in zip(a, b))
+
+    def run():
+        total = [torch.zeros_like(p) for p in theta]
+        for t in range(tasks):
+            phi = [p.clone() for p in theta]
+            for _ in range(setting.steps):
+                phi = [p.requires_grad_() for p in phi]
+                grads = torch.autograd.grad(task_loss(phi, xs[t], ys[t]), phi)
+                phi = [(p - setting.inner_lr * (g + setting.lam * (p - p0))).detach()
+                       for p, g, p0 in zip(phi, grads, theta)]
+            phi = [p.requires_grad_() for p in phi]
+            b = torch.autograd.grad(task_loss(phi, xq[t], yq[t]), phi)
+            support_grads = torch.autograd.grad(task_loss(phi, xs[t], ys[t]), phi, create_graph=True)
+            x = [torch.zeros_like(v) for v in b]
+            r = [v.clone() for v in b]
+            p = [v.clone() for v in b]
+            rs = dot(r, r)
+            zero = torch.zeros_like(rs)
+            for _ in range(setting.cg_steps):
+                hvp = torch.autograd.grad(support_grads, phi, grad_outputs=p, retain_graph=True)
+                ap = [pi + h / setting.lam for pi, h in zip(p, hvp)]
+                alpha = _cg_update(rs, dot(p, ap), zero)
+                x = [xi + alpha * pi for xi, pi in zip(x, p)]
+                r = [ri - alpha * api for ri, api in zip(r, ap)]
+                rs_new = dot(r, r)
+                beta = _cg_update(rs_new, rs, zero)
+                p = [ri + beta * pi for ri, pi in zip(r, p)]
+                rs = rs_new
+            for acc, xi in zip(total, x):
+                acc.add_(xi, alpha=1.0 / tasks)
+        return total
+    return run
+
+
+def imaml_vmap(model: nn.Module, setting: IMAMLSetting, data) -> Run:
+    """torch.func: vmap over tasks of the inner steps (grad) and the CG solve (Hessian-vector products by grad of
+    <grad, v>)."""
+    xs, ys, xq, yq = data
+    theta = {name: p.detach() for name, p in model.named_parameters()}
+    loss = LOSS_FUNCTIONS[setting.loss]
+
+    def task_loss(phi, x, y):
+        return loss(functional_call(model, phi, (x,)), y)
+
+    def dot(a, b):
+        return sum((a[k] * b[k]).sum() for k in a)
+
+    def task_meta_grad(x_s, y_s, x_q, y_q):
+        phi = theta
+        for _ in range(setting.steps):
+            g = grad(task_loss)(phi, x_s, y_s)
+            phi = {k: phi[k] - setting.inner_lr * (g[k] + setting.lam * (phi[k] - theta[k])) for k in phi}
+        b = grad(task_loss)(phi, x_q, y_q)
+
+        def hvp(v):  # reverse over reverse (forward-over-reverse jvp trips on ZeroTensors in mse_loss's backward)
+            return grad(lambda q: dot(grad(task_loss)(q, x_s, y_s), v))(phi)
+
+        x = {k: torch.zeros_like(v) for k, v in b.items()}
+        r, p = dict(b), dict(b)
+        rs = dot(r, r)
+        zero = torch.zeros_like(rs)
+        for _ in range(setting.cg_steps):
+            hv = hvp(p)
+            ap = {k: p[k] + hv[k] / setting.lam for k in p}
+            alpha = _cg_update(rs, dot(p, ap), zero)
+            x = {k: x[k] + alpha * p[k] for k in x}
+            r = {k: r[k] - alpha * ap[k] for k in r}
+            rs_new = dot(r, r)
+            beta = _cg_update(rs_new, rs, zero)
+            p = {k: r[k] + beta * p[k] for k in p}
+            rs = rs_new
+        return x
+
+    batched_grads = vmap(task_meta_grad)
+
+    def run():
+        return [g.mean(0) for g in batched_grads(xs, ys, xq, yq).values()]
+    return run
+
+
+def imaml_mamlext(model: nn.Module, setting: IMAMLSetting, data) -> Run:
+    try:
+        imaml = mamlext.iMAML(model, inner_lr=setting.inner_lr, inner_steps=setting.steps, lam=setting.lam,
+                              cg_steps=setting.cg_steps, loss=setting.loss)
+    except (ValueError, NotImplementedError) as error:
+        raise Skip(f"mamlext.iMAML does not serve this model: {error}") from None
+    params = list(model.parameters())
+
+    def run():
+        _zero_grads(params)
+        imaml.meta_loss(*data).backward()
+        return [p.grad for p in params]
+    return run
+
+
+IMAML_IMPLS: Dict[str, Callable[[nn.Module, IMAMLSetting, tuple], Run]] = {
+    "loop": imaml_loop,
+    "vmap": imaml_vmap,
+    "fused": imaml_mamlext,
+}

@@ -1,0 +1,405 @@
+"""The benchmark suite of `python -m mamlext bench`: every implementation of a workload, in one process, on the same
+data and initial parameters; meta-gradients checked against the plain loop's before anything is timed.
+
+Workloads (implementations in mamlext.bench.impls):
+  mlp       Finn et al.'s sinusoid regression, 1-w-w-1 ReLU MLP, MSE, K = 10 support + 10 query points, inner lr 0.01;
+            loop, vmap, higher, torchopt, fused (the fused MLP engine), generic-graph (the generic engine)
+  conv4     Omniglot-shaped N-way 1-shot classification with the Conv4 of mamlext.models.conv4 (BatchNorm in
+            training mode), random 28x28 images, cross-entropy, second order; loop, vmap, higher, torchopt,
+            generic-graph, generic-low
+  imaml     iMAML's inner solve and conjugate-gradient meta-gradient on the sinusoid MLP; loop, vmap, fused
+            (mamlext.iMAML)
+  task_sgd  the inner SGD update alone, T = 32 tasks of 6 tensors, over total sizes; loop, foreach, fused
+
+Per case: the loop runs first and is the reference; each other implementation's first call is checked against it
+(normwise relative error per tensor <= the workload's rtol) and a mismatch marks its row failed; then one call
+measures peak memory, then all passing implementations are timed in interleaved rounds (mamlext.bench.common
+.time_impls). The loop's timing is skipped where one call of it takes longer than the suite's loop_max_call_s
+(60 s for Conv4 on the CPU; its meta-gradient still serves as the reference), and speedups against it are then
+missing.
+"""
+import json
+import math
+import os
+import sys
+import time
+from typing import Callable, Dict, List, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from mamlext.bench import impls as implementations
+from mamlext.bench.common import (FOREIGN_LOAD_WARN, MEMORY_KINDS, ForeignLoad, machine_info, max_rel_error,
+                                  mismatch, peak_memory, summary, sync, time_impls)
+from mamlext.bench.impls import IMAML_IMPLS, MAML_IMPLS, MAMLEXT_IMPLS, IMAMLSetting, Setting, Skip
+from mamlext.bench.task_sgd import fmt_size, layer_shapes, task_sgd_impls
+from mamlext.data.sinusoid import SinusoidTasks
+from mamlext.models import conv4, sine_mlp
+
+SCHEMA_VERSION = 1
+SUITES = ("quick", "full")
+WORKLOADS = ("mlp", "conv4", "imaml", "task_sgd")
+REFERENCE = "loop"
+DTYPE = torch.float32
+SINE_SHOTS = SINE_QUERIES = 10
+SINE_INNER_LR = 0.01
+CONV_INNER_LR = {5: 0.4, 20: 0.1}  # MAML's Omniglot settings
+IMAML = dict(inner_lr=0.01, steps=5, lam=10.0, cg_steps=5)  # lam large enough for CG to converge on the sinusoids
+TASK_SGD_TASKS, TASK_SGD_TENSORS, TASK_SGD_LR = 32, 6, 0.01
+# Normwise relative tolerance of the meta-gradient check, float32: the fused and generic engines sum in other
+# orders than the loop; conv nets and CG amplify that rounding more than the MLP.
+RTOL = {"mlp": 1e-4, "conv4": 1e-3, "imaml": 1e-3, "task_sgd": 1e-6}
+LABELS = {"loop": "plain loop", "vmap": "torch.func vmap", "higher": "higher", "torchopt": "torchopt",
+          "fused": "mamlext fused", "generic-graph": "mamlext generic (graph)",
+          "generic-low": "mamlext generic (low)", "foreach": "torch._foreach"}
+VMAP_NOTE = ("vmap runs the model as it is: under torch.func.vmap an nn.BatchNorm2d in training mode gives wrong "
+             "meta-gradients (functorch issue 534), so the conv4 vmap rows fail the meta-gradient check instead of "
+             "reporting a speed; batch norm is deliberately not rewritten from primitive ops")
+
+
+LOOP_NO_SECOND_CALL = 3.0  # a loop whose first call took this many times its cap is not called again
+# The loop's cap per workload, in multiples of the suite's: a Conv4 meta-iteration is compute-bound, every
+# implementation takes seconds on a CPU, and the loop is the baseline the speedups need.
+LOOP_CAP_SCALE = {"conv4": 15.0}
+
+
+class Case(NamedTuple):
+    workload: str
+    family: str  # the case without its task count: one line of the plot
+    tasks: int
+    steps: Optional[int]  # inner steps (None for task_sgd)
+    params: dict  # workload-specific: width, first_order, ways, queries, hidden, size
+
+    @property
+    def name(self) -> str:
+        return f"{self.family}-T{self.tasks}"
+
+
+class SuiteSettings(NamedTuple):
+    repeats: int  # interleaved timing rounds
+    min_run_time: float  # measured seconds per implementation and case, over all rounds
+    loop_max_call_s: float  # the loop is not timed where one call takes longer (times LOOP_CAP_SCALE)
+
+
+def _mlp(width, tasks, steps, first_order):
+    return Case("mlp", f"sine{width}-N{steps}-{'FO' if first_order else 'SO'}", tasks, steps,
+                {"width": width, "first_order": first_order})
+
+
+def _conv(ways, queries, hidden, tasks, steps):
+    return Case("conv4", f"conv4-{hidden}-{ways}way1shot-N{steps}-SO", tasks, steps,
+                {"ways": ways, "shots": 1, "queries": queries, "hidden": hidden, "first_order": False})
+
+
+def _imaml(tasks):
+    return Case("imaml", "imaml-sine40", tasks, IMAML["steps"], dict(IMAML, width=40))
+
+
+def _task_sgd(size):
+    return Case("task_sgd", f"task_sgd-{fmt_size(size)}", TASK_SGD_TASKS, None,
+                {"size": size, "n_tensors": TASK_SGD_TENSORS})
+
+
+def cases(suite: str, device: torch.device) -> List[Case]:
+    """The cases of a suite on a device. The full suite's Conv4 has 64 filters on the GPU and 32 on the CPU (64
+    would take the CPU suite past 20 minutes on 2 cores)."""
+    if suite == "quick":
+        return ([_mlp(40, t, 1, False) for t in (5, 20)] + [_mlp(40, 10, 2, True)]
+                + [_conv(5, 2, 8, 2, 1)] + [_imaml(4)] + [_task_sgd(10**4)])
+    if suite != "full":
+        raise ValueError(f"suite must be one of {list(SUITES)}, got {suite!r}")
+    hidden = 64 if device.type == "cuda" else 32
+    out = [_mlp(width, t, n, fo) for width in (40, 256) for fo in (False, True) for n in (1, 5)
+           for t in (25, 250, 1000)]
+    out += [_conv(ways, queries, hidden, t, n) for ways, queries in ((5, 15), (20, 5)) for n in (1, 5)
+            for t in (8, 32)]
+    out += [_imaml(t) for t in (25, 250)]
+    out += [_task_sgd(size) for size in (10**4, 10**6, 10**7)]
+    return out
+
+
+def suite_settings(suite: str, device: torch.device) -> SuiteSettings:
+    if suite == "quick":
+        return SuiteSettings(2, 0.1, 5.0)
+    # GPU calls are short and many: less measured time per implementation, and the loop's cap lower
+    return SuiteSettings(3, 0.3, 1.5) if device.type == "cuda" else SuiteSettings(3, 0.6, 4.0)
+
+
+# --- building a case: model, data and implementations ---------------------------------------------------------------
+
+class Built(NamedTuple):
+    data: tuple
+    builders: Dict[str, Callable[[], Callable[[], List[Tensor]]]]  # name -> () -> run; raises Skip
+
+
+def _maml_builders(model, setting, data, names):
+    return {name: (lambda name=name: MAML_IMPLS[name](model, setting, data)) for name in names}
+
+
+def build_case(case: Case, device: torch.device, seed: int) -> Built:
+    torch.manual_seed(seed)
+    p = case.params
+    if case.workload in ("mlp", "imaml"):
+        model = sine_mlp(p["width"]).to(device=device, dtype=DTYPE)
+        batch = SinusoidTasks(seed=seed + 1, dtype=DTYPE, device=device).sample(case.tasks, SINE_SHOTS,
+                                                                                SINE_QUERIES)
+        data = (batch.x_support, batch.y_support, batch.x_query, batch.y_query)
+        if case.workload == "mlp":
+            setting = Setting(SINE_INNER_LR, case.steps, p["first_order"], "mse")
+            names = ("loop", "vmap", "higher", "torchopt", "fused", "generic-graph")
+            return Built(data, _maml_builders(model, setting, data, names))
+        setting = IMAMLSetting(p["inner_lr"], p["steps"], p["lam"], p["cg_steps"], "mse")
+        return Built(data, {name: (lambda fn=fn: fn(model, setting, data)) for name, fn in IMAML_IMPLS.items()})
+    if case.workload == "conv4":
+        ways, shots, queries = p["ways"], p["shots"], p["queries"]
+        model = conv4(ways, hidden=p["hidden"]).to(device=device, dtype=DTYPE)
+        gen = torch.Generator(device=device).manual_seed(seed + 1)
+        images = lambda per_class: torch.randn(case.tasks, ways * per_class, 1, 28, 28, generator=gen,  # noqa: E731
+                                               device=device, dtype=DTYPE)
+        labels = lambda per_class: torch.arange(ways, device=device).repeat_interleave(per_class).repeat(  # noqa: E731
+            case.tasks, 1)
+        data = (images(shots), labels(shots), images(queries), labels(queries))
+        setting = Setting(CONV_INNER_LR[ways], case.steps, p["first_order"], "ce")
+        names = ("loop", "vmap", "higher", "torchopt", "generic-graph", "generic-low")
+        return Built(data, _maml_builders(model, setting, data, names))
+    if case.workload == "task_sgd":
+        gen = torch.Generator(device=device).manual_seed(seed + 1)
+        shapes = layer_shapes(p["n_tensors"], max(1, p["size"] // case.tasks))
+        params = [torch.randn(case.tasks, *s, generator=gen, device=device, dtype=DTYPE) for s in shapes]
+        grads = [torch.randn(case.tasks, *s, generator=gen, device=device, dtype=DTYPE) for s in shapes]
+        impls, _ = task_sgd_impls(params, grads, TASK_SGD_LR, shared=False)
+        named = {"loop": impls["loop"], "foreach": impls["foreach:add"], "fused": impls["fused"]}
+        return Built((params, grads), {name: (lambda fn=fn: fn) for name, fn in named.items()})
+    raise ValueError(f"unknown workload {case.workload!r}; known: {list(WORKLOADS)}")
+
+
+# --- running a case --------------------------------------------------------------------------------------------------
+
+def _row(case: Case, impl: str) -> dict:
+    return {"workload": case.workload, "case": case.name, "family": case.family, "impl": impl,
+            "label": LABELS.get(impl, impl), "tasks": case.tasks, "steps": case.steps, **case.params,
+            "status": "ok", "reason": None, "rel_error": None, "first_call_s": None, "second_call_s": None,
+            "median_ms": None,
+            "iqr_ms": None, "q1_ms": None, "q3_ms": None, "samples": None, "tasks_per_s": None,
+            "speedup_vs_loop": None, "speedup_vs_vmap": None, "peak_mem_bytes": None}
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200] if text else ''}"
+
+
+def run_case(case: Case, device: torch.device, settings: SuiteSettings, seed: int = 0,
+             builders: Optional[Dict[str, Callable]] = None) -> List[dict]:
+    """One row per implementation of the case. `builders` replaces the case's implementations (tests)."""
+    if builders is None:
+        builders = build_case(case, device, seed).builders
+    rows = {name: _row(case, name) for name in builders}
+    runs: Dict[str, Callable[[], List[Tensor]]] = {}
+    for name, build in builders.items():
+        try:
+            runs[name] = build()
+        except Skip as skip:
+            rows[name].update(status="skipped", reason=str(skip))
+        except Exception as error:  # an implementation that breaks is a failed row, not a crashed suite
+            rows[name].update(status="failed", reason=f"could not be built: {_first_line(error)}")
+
+    # The check, which is also each implementation's first (warm-up) call.
+    outputs: Dict[str, List[Tensor]] = {}
+    for name, run in list(runs.items()):
+        try:
+            start = time.perf_counter()
+            outputs[name] = [t.detach().clone() for t in run()]
+            sync(device)
+            rows[name]["first_call_s"] = time.perf_counter() - start
+        except Exception as error:
+            rows[name].update(status="failed", reason=f"raised {_first_line(error)}")
+            del runs[name]
+    reference = outputs.get(REFERENCE)
+    for name in list(runs):
+        if name == REFERENCE:
+            continue
+        if reference is None:
+            rows[name].update(status="failed", reason="no reference: the plain loop did not run")
+            del runs[name]
+            continue
+        bad = mismatch(outputs[name], reference, RTOL[case.workload])
+        rows[name]["rel_error"] = None if bad and "rel. error" not in bad else max_rel_error(outputs[name], reference)
+        if bad:
+            what = "output" if case.workload == "task_sgd" else "meta-gradient"
+            rows[name].update(status="failed", reason=f"{what} disagrees with the plain loop's ({bad})")
+            del runs[name]
+    del outputs, reference
+    loop_cap_s = settings.loop_max_call_s * LOOP_CAP_SCALE.get(case.workload, 1.0)
+    # Peak memory, from each implementation's second call, whose duration also decides whether the loop is timed
+    # (a first call can be slowed by one-time initialisation; one far over the cap is not called again).
+    loop_first_s = rows[REFERENCE]["first_call_s"] if REFERENCE in runs else None
+    if loop_first_s is not None and loop_first_s > LOOP_NO_SECOND_CALL * loop_cap_s:
+        rows[REFERENCE].update(status="skipped", reason=(
+            f"not timed: its first call took {loop_first_s:.1f} s (> {loop_cap_s:g} s cap); it ran "
+            "once, as the reference of the check"))
+        del runs[REFERENCE]
+    for name, run in list(runs.items()):
+        start = time.perf_counter()
+        try:
+            rows[name]["peak_mem_bytes"], _ = peak_memory(run, device)
+        except Exception as error:  # e.g. out of memory on its second call
+            rows[name].update(status="failed", reason=f"raised {_first_line(error)}")
+            del runs[name]
+            continue
+        rows[name]["second_call_s"] = time.perf_counter() - start
+    if REFERENCE in runs and rows[REFERENCE]["second_call_s"] > loop_cap_s:
+        rows[REFERENCE].update(status="skipped", reason=(
+            f"not timed: one call took {rows[REFERENCE]['second_call_s']:.1f} s (> {loop_cap_s:g} s cap); it "
+            "ran as the reference of the check"))
+        del runs[REFERENCE]
+
+    # Fast implementations get one more warm-up call (caches, allocator); slow ones are warm enough.
+    slow = any(rows[name]["second_call_s"] > 1.0 for name in runs)
+    times = time_impls(runs, device, settings.min_run_time, settings.repeats, warmup=0 if slow else 1)
+    for name in runs:
+        stats = summary(times[name])
+        rows[name].update(stats)
+        rows[name]["tasks_per_s"] = case.tasks / (stats["median_ms"] * 1e-3)
+    for baseline in ("loop", "vmap"):
+        if baseline not in runs:
+            continue
+        for name in runs:
+            if name != baseline:
+                rows[name][f"speedup_vs_{baseline}"] = rows[baseline]["median_ms"] / rows[name]["median_ms"]
+    return list(rows.values())
+
+
+# --- the whole suite -------------------------------------------------------------------------------------------------
+
+def notes(workloads, impl_names) -> List[str]:
+    """What a reader of the results must know about the implementations that took part."""
+    out = []
+    for lib in ("higher", "torchopt"):
+        if lib in impl_names and not implementations.importable(lib):
+            out.append(f"{lib} is not installed: its rows are skipped (pip install {lib} to include it)")
+    if {"higher", "torchopt"} & set(impl_names):
+        out.append("higher and torchopt run second-order cases only (no first-order mode that yields meta-gradients)")
+    if {"generic-graph", "generic-low"} & set(impl_names) and not implementations.generic_available():
+        out.append("this mamlext has no generic engine: the generic-graph / generic-low rows are skipped")
+    if "conv4" in workloads and "vmap" in impl_names:
+        out.append(VMAP_NOTE)
+    return out
+
+
+def run_suite(suite: str, device: torch.device, out_dir: str, workloads=WORKLOADS, seed: int = 0,
+              progress: bool = True, command: Optional[str] = None, time_budget_s: Optional[float] = None) -> dict:
+    """Runs the suite, writes out_dir/results.json (after every case, so an interrupted run keeps what it measured)
+    and, at the end, out_dir/results.md (the table in Markdown) and out_dir/speedup.png; prints the table. Once
+    time_budget_s has passed, the cases not started get skipped rows. Returns the results dict."""
+    from tqdm.auto import tqdm
+
+    from mamlext.bench.report import format_table, markdown_table, plot_speedups
+
+    settings = suite_settings(suite, device)
+    selected = [c for c in cases(suite, device) if c.workload in workloads]
+    full_conv_on_cpu = suite == "full" and device.type != "cuda" and "conv4" in workloads
+    os.makedirs(out_dir, exist_ok=True)
+    json_path = os.path.join(out_dir, "results.json")
+    _, memory_kind = peak_memory(lambda: None, device)
+    results = {
+        "schema_version": SCHEMA_VERSION, "title": f"mamlext bench --suite {suite} on {device}", "suite": suite,
+        "device": str(device), "command": command, "complete": False, "machine": machine_info(device),
+        "settings": {**settings._asdict(), "seed": seed, "dtype": str(DTYPE), "rtol": RTOL,
+                     "time_budget_s": time_budget_s},
+        "memory_kind": memory_kind, "memory_kind_description": MEMORY_KINDS[memory_kind],
+        "notes": notes(workloads, MAML_IMPLS), "rows": [], "wall_s": None,
+    }
+    if full_conv_on_cpu:
+        results["notes"].append("the full suite's Conv4 has 32 filters on the CPU (64 on the GPU) to stay within "
+                                "about 20 minutes on 2 cores")
+    start = time.perf_counter()
+    bar = tqdm(selected, desc="mamlext bench", unit="case", disable=not progress, file=sys.stderr)
+    for case in bar:
+        bar.set_postfix_str(case.name)
+        if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
+            rows = [_row(case, name) for name in build_case(case, device, seed).builders]
+            for row in rows:
+                row.update(status="skipped", reason=f"not run: the time budget of {time_budget_s:g} s was spent")
+            results["rows"] += rows
+            continue
+        load = ForeignLoad()
+        rows = run_case(case, device, settings, seed)
+        foreign = load.cpus()
+        for row in rows:
+            row["foreign_cpu_load"] = foreign
+        results["rows"] += rows
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        results["wall_s"] = time.perf_counter() - start
+        _write_json(results, json_path)
+    bar.close()
+    results["complete"] = True
+    results["wall_s"] = time.perf_counter() - start
+    results["machine"]["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    noisy = sum(1 for r in results["rows"] if (r.get("foreign_cpu_load") or 0) > FOREIGN_LOAD_WARN)
+    if noisy:
+        results["notes"].append(f"{noisy} rows ran while other processes used more than {FOREIGN_LOAD_WARN} CPUs: "
+                                "their timings are noisy")
+    results["plot"] = plot_speedups(results, os.path.join(out_dir, "speedup.png"))
+    _write_json(results, json_path)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(markdown_table(results) + "\n")
+    print(format_table(results))
+    print(f"\nwrote {json_path}, results.md and {results['plot']} ({results['wall_s']:.0f} s)")
+    return results
+
+
+def _write_json(results: dict, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=2, default=_jsonable)
+    os.replace(tmp, path)
+
+
+def _jsonable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--suite", choices=SUITES, default="full",
+                        help="quick: a tiny subset in about a minute (a smoke test); full: every workload "
+                             "(about 20 minutes on a 2-core CPU)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when a GPU is visible, else cpu")
+    parser.add_argument("--out", help="output folder for results.json and speedup.png "
+                                      "(default bench-results/<suite>-<device>)")
+    parser.add_argument("--workloads", help=f"comma-separated subset of {', '.join(WORKLOADS)} (default all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's)")
+    parser.add_argument("--time-budget", type=float, metavar="S",
+                        help="start no new case after S seconds; the rest get skipped rows (default: no limit)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def main(parser, args) -> int:
+    device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_name == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch sees no CUDA GPU")
+    workloads = WORKLOADS
+    if args.workloads:
+        workloads = tuple(w.strip() for w in args.workloads.split(",") if w.strip())
+        unknown = [w for w in workloads if w not in WORKLOADS]
+        if unknown or not workloads:
+            parser.error(f"--workloads must be a comma-separated subset of {list(WORKLOADS)}, got {args.workloads!r}")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.time_budget is not None and not args.time_budget > 0:
+        parser.error(f"--time-budget must be a positive number of seconds, got {args.time_budget}")
+    device = torch.device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    out_dir = args.out or os.path.join("bench-results", f"{args.suite}-{device.type}")
+    command = "python -m mamlext " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith(
+        "__main__.py") else None
+    results = run_suite(args.suite, device, out_dir, workloads, args.seed, progress=not args.no_progress,
+                        command=command, time_budget_s=args.time_budget)
+    return 1 if any(r["status"] == "failed" and r["impl"] in MAMLEXT_IMPLS for r in results["rows"]) else 0
