@@ -49,7 +49,7 @@ CHECKPOINT_FORMAT = "mamlext-train-checkpoint"
 CHECKPOINT_VERSION = 1
 
 # Which --algo each task's engine drives. The sinusoid MLP runs on BatchedMAML's fused engine (Meta-SGD is its
-# lr_mode="per_param"); the conv net runs on mamlext.MAML one task at a time, the only engine for conv nets today.
+# lr_mode="per_param"); the conv net runs on mamlext.MAML one task at a time (on the CPU faster than the generic engine).
 SUPPORTED_ALGOS = {"sine": ("maml", "fomaml", "metasgd"), "omniglot": ("maml", "fomaml")}
 
 # Finn et al. 2017: sinusoid regression (section 5.1): 1-40-40-1 ReLU, K=10 support + 10 query, one inner step,
@@ -133,9 +133,9 @@ def check_config(config: Dict[str, Any]) -> None:
         raise ConfigError(f"unknown --algo {algo!r}; the algorithms are {', '.join(ALGOS)}")
     if algo not in SUPPORTED_ALGOS[task]:
         if task == "omniglot":
-            raise ConfigError(f"--algo {algo}: its engine does not exist yet for non-MLP models such as Conv4 (the "
-                              f"conv net runs on mamlext.MAML, which does {' and '.join(SUPPORTED_ALGOS[task])}); "
-                              f"use --algo maml or fomaml")
+            raise ConfigError(f"--algo {algo}: `train omniglot` does not drive it (its Conv4 trains on mamlext.MAML, "
+                              f"which does {' and '.join(SUPPORTED_ALGOS[task])}); use --algo maml or fomaml, or "
+                              "mamlext.BatchedMAML / ANIL / Reptile on the generic engine in your own loop")
         raise ConfigError(f"--algo {algo}: `train {task}` does not drive it yet; supported here: "
                           f"{', '.join(SUPPORTED_ALGOS[task])}")
     if config["algo"] == "maml" and config["first_order"]:
@@ -251,7 +251,8 @@ def _import_omniglot():
 
 
 class OmniglotExperiment:
-    """N-way K-shot Omniglot with Conv4 on mamlext.MAML, one task at a time (the only engine for conv nets today)."""
+    """N-way K-shot Omniglot with Conv4 on mamlext.MAML, one task at a time (on the CPU faster than the generic
+    engine's batched convolutions)."""
 
     task_shard = slice(None)  # the tasks of each meta-batch this process computes (all but under torchrun)
 

@@ -304,7 +304,7 @@ def test_bad_arguments(tmp_path, capsys):
     assert main(["train", "omniglot", "--data", str(tmp_path / "nowhere")]) == 2
     assert "no such file or directory" in capsys.readouterr().err
     assert main(["train", "omniglot", "--data", str(tmp_path), "--algo", "reptile"]) == 2
-    assert "engine does not exist yet for non-MLP models" in capsys.readouterr().err
+    assert "`train omniglot` does not drive it" in capsys.readouterr().err
     assert main(["train", "sine", "--algo", "anil"]) == 2
     assert "does not drive it yet" in capsys.readouterr().err
     assert main(["train", "sine", "--ways", "5"]) == 2
