@@ -49,7 +49,8 @@ CHECKPOINT_FORMAT = "mamlext-train-checkpoint"
 CHECKPOINT_VERSION = 1
 
 # Which --algo each task's engine drives. The sinusoid MLP runs on BatchedMAML's fused engine (Meta-SGD is its
-# lr_mode="per_param"); the conv net runs on mamlext.MAML one task at a time (on the CPU faster than the generic engine).
+# lr_mode="per_param"); the conv net runs on mamlext.MAML one task at a time (faster on a CPU than the generic
+# engine).
 SUPPORTED_ALGOS = {"sine": ("maml", "fomaml", "metasgd"), "omniglot": ("maml", "fomaml")}
 
 # Finn et al. 2017: sinusoid regression (section 5.1): 1-40-40-1 ReLU, K=10 support + 10 query, one inner step,

@@ -19,8 +19,8 @@ read-only). ``torch.func.vmap`` through ``F.batch_norm`` in training mode gives 
 conv + BatchNorm net, while differentiating it once under vmap is exact), so in the forwards that are
 differentiated twice — the support gradients of second-order MAML and the Hessian-vector products —
 ``F.batch_norm`` is replaced by the same normalization composed from primitive ops, which vmap differentiates
-exactly; every other forward keeps the native kernels, several times faster. Modules that change their buffers in the forward in another way, and layers vmap cannot batch, raise an
-error naming the module on the first call.
+exactly; every other forward keeps the native kernels, several times faster. Modules that change their buffers
+in the forward in another way, and layers vmap cannot batch, raise an error naming the module on the first call.
 """
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
