@@ -60,7 +60,8 @@ def _add_train_parser(commands) -> None:
                     "for the task (Finn et al. 2017); a run directory gets config.json, metrics.jsonl and "
                     "checkpoint.pt. Examples:  python -m mamlext train sine;  python -m mamlext train omniglot "
                     "--data DIR --ways 5 --shots 1;  python -m mamlext train --resume runs/sine-...;  on P processes "
-                    "or GPUs: torchrun --nproc_per_node=P -m mamlext train sine (each takes a share of every meta-batch)")
+                    "or GPUs: torchrun --nproc_per_node=P -m mamlext train sine (each takes a share of every "
+                    "meta-batch)")
     train.add_argument("task", nargs="?", choices=TASKS, help="the task family (not needed with --resume)")
     g = train.add_argument_group("algorithm")
     g.add_argument("--algo", choices=ALGOS, help="maml (default), fomaml; sine also metasgd (learned per-parameter "
