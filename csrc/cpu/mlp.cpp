@@ -241,6 +241,29 @@ void maml_tasks(const MamlArgs<scalar_t>& m, int64_t begin, int64_t end, scalar_
   }
 }
 
+// The per-task loops, also compiled for AVX2+FMA and AVX-512 and picked when the library loads (the build targets
+// the baseline ISA, with which the small matrix loops run 4 floats per instruction, no FMA). flatten inlines the
+// whole per-task math of common/mlp_math.h into each clone, so that all of it is compiled for the clone's ISA.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MAMLEXT_MLP_ISA_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten))
+#else
+#define MAMLEXT_MLP_ISA_CLONES
+#endif
+
+#define MAMLEXT_MLP_TASK_CLONES(T)                                                                              \
+  MAMLEXT_MLP_ISA_CLONES void loss_grad_tasks_isa(const LossGradArgs<T>& g, int64_t begin, int64_t end, T* s) { \
+    loss_grad_tasks(g, begin, end, s);                                                                          \
+  }                                                                                                             \
+  MAMLEXT_MLP_ISA_CLONES void hvp_tasks_isa(const LossGradArgs<T>& g, int64_t begin, int64_t end, T* s) {       \
+    hvp_tasks(g, begin, end, s);                                                                                \
+  }                                                                                                             \
+  MAMLEXT_MLP_ISA_CLONES void maml_tasks_isa(const MamlArgs<T>& m, int64_t begin, int64_t end, T* s) {          \
+    maml_tasks(m, begin, end, s);                                                                               \
+  }
+MAMLEXT_MLP_TASK_CLONES(float)
+MAMLEXT_MLP_TASK_CLONES(double)
+#undef MAMLEXT_MLP_TASK_CLONES
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_loss_grad_cpu(at::TensorList params, const at::Tensor& x,
                                                                   const at::Tensor& y, int64_t activation,
@@ -270,7 +293,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_loss_grad_cpu(at::TensorList
     const int64_t scratch_numel = mlp_activations_numel(c.dims, rows, false);
     at::parallel_for(0, tasks, task_grain(tasks, 3 * forward_work(c.dims, rows)), [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> scratch(scratch_numel);
-      loss_grad_tasks(args, begin, end, scratch.data());
+      loss_grad_tasks_isa(args, begin, end, scratch.data());
     });
   });
   return {losses, grads};
@@ -303,7 +326,7 @@ std::vector<at::Tensor> mlp_hvp_cpu(at::TensorList params, at::TensorList vector
     const int64_t scratch_numel = mlp_activations_numel(c.dims, rows, true);
     at::parallel_for(0, tasks, task_grain(tasks, 8 * forward_work(c.dims, rows)), [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> scratch(scratch_numel);
-      hvp_tasks(args, begin, end, scratch.data());
+      hvp_tasks_isa(args, begin, end, scratch.data());
     });
   });
   return out;
@@ -359,7 +382,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_mam
                                   3 * forward_work(c.dims, query_rows));
     at::parallel_for(0, tasks, task_grain(tasks, work), [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> scratch(scratch_numel);
-      maml_tasks(args, begin, end, scratch.data());
+      maml_tasks_isa(args, begin, end, scratch.data());
     });
   });
   return {query_losses, meta_grads, lr_grads};
