@@ -400,8 +400,8 @@ class BatchedMAML(FusedMLPModule):
     def _step_lrs(self, steps: int) -> List[Tensor]:
         """lrs of ops.mlp_maml: P tensors [N] or [N, *S_i]."""
         params = self._params()
-        if self.lr_mode == "fixed":
-            return [torch.full((steps,), self.inner_lr, dtype=p.dtype, device=p.device) for p in params]
+        if self.lr_mode == "fixed":  # one tensor, read for every parameter
+            return [torch.full((steps,), self.inner_lr, dtype=params[0].dtype, device=params[0].device)] * len(params)
         if self.lr_mode == "per_layer_step":
             return list(self.inner_lrs)
         return [r.unsqueeze(0).expand(steps, *r.shape).contiguous() for r in self.inner_lrs]

@@ -322,36 +322,22 @@ def _mlp_loss_grad_backward(ctx, go, grad_grads):
     return _loss_grad_param_grads(go, ctx.saved_tensors, ctx.shared), None, None, None, None, None
 
 
-def _mlp_maml_setup_context(ctx, inputs, output):
-    _, meta_grads, lr_grads = output
-    ctx.n = len(meta_grads)
-    ctx.mark_non_differentiable(*meta_grads, *lr_grads)
-    ctx.set_materialize_grads(False)  # no zero tensors for the outputs without a gradient
-    ctx.save_for_backward(*meta_grads, *lr_grads)
-
-
-def _mlp_maml_backward(ctx, go, grad_meta_grads, grad_lr_grads):
-    saved = ctx.saved_tensors
-    d_params, d_lrs = _mlp_maml_input_grads(go, saved[:ctx.n], saved[ctx.n:])
-    return d_params, None, None, None, None, d_lrs, None, None, None, None, None
-
-
 def _registered(qualname: str, key: str) -> bool:
     """Whether the op already has a kernel for this dispatch key (from C++, or from an earlier import)."""
     return any(line.startswith(key) for line in torch._C._dispatch_dump(qualname).splitlines())
 
 
 # Only for the ops this build has (the import never fails on an older _C), and only where C++ did not register
-# its own fake / autograd kernel.
+# its own fake / autograd kernel. mlp_maml's autograd is registered in C++ (csrc/autograd/mlp_maml.cpp): a Python
+# autograd layer costs a sizeable part of a small meta-iteration.
 if _ext._C is not None:
     for _name, _fake in (("mlp_loss_grad", _mlp_loss_grad_fake), ("mlp_hvp", _mlp_hvp_fake),
                          ("mlp_maml", _mlp_maml_fake)):
         if hasattr(torch.ops.mamlext, _name) and not _registered(f"mamlext::{_name}", "Meta"):
             torch.library.register_fake(f"mamlext::{_name}")(_fake)
-    for _name, _backward, _setup in (("mlp_loss_grad", _mlp_loss_grad_backward, _mlp_loss_grad_setup_context),
-                                     ("mlp_maml", _mlp_maml_backward, _mlp_maml_setup_context)):
-        if hasattr(torch.ops.mamlext, _name) and not _registered(f"mamlext::{_name}", "Autograd"):
-            torch.library.register_autograd(f"mamlext::{_name}", _backward, setup_context=_setup)
+    if hasattr(torch.ops.mamlext, "mlp_loss_grad") and not _registered("mamlext::mlp_loss_grad", "Autograd"):
+        torch.library.register_autograd("mamlext::mlp_loss_grad", _mlp_loss_grad_backward,
+                                        setup_context=_mlp_loss_grad_setup_context)
 
 
 # ================================================================================================================

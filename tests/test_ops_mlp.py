@@ -420,6 +420,20 @@ def test_mlp_loss_grad_outputs_and_autograd_contract():
     assert q.requires_grad and not any(m.requires_grad for m in meta + lr_grads)
 
 
+def test_mlp_maml_backward_is_not_differentiable():
+    """The meta-gradient has no third derivatives: a create_graph backward says so instead of returning a graph
+    that silently lacks them (the compiled op's C++ autograd; the reference path is once_differentiable)."""
+    if not compiled_op("mlp_maml"):
+        pytest.skip("compiled op mamlext::mlp_maml is not built")
+    gen = torch.Generator().manual_seed(9)
+    sizes = [2, 4, 2]
+    params = [p.requires_grad_() for p in make_params(sizes, 3, torch.float64, "cpu", gen)]
+    x, y = make_data(sizes, 3, 4, "mse", torch.float64, "cpu", gen)
+    q = ops.mlp_maml(params, x, y, x, y, 0.1)[0].sum()
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        torch.autograd.grad(q, params, create_graph=True)
+
+
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_task"])
 @pytest.mark.parametrize("act", ["tanh", "gelu", "elu", "sigmoid"])
 @pytest.mark.parametrize("loss", list(LOSSES))

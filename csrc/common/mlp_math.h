@@ -13,7 +13,12 @@
 //   R-backward: Rdz_{L-1} = H_loss Rz_{L-1}; (Hv)_W_l = Rdz_l^T h_{l-1} + dz_l^T Rh_{l-1}, (Hv)_b_l = sum_k Rdz_l;
 //               Rdh_{l-1} = Rdz_l W_l + dz_l VW_l, Rdz_{l-1} = f'(z_{l-1}) * Rdh_{l-1} + f''(z_{l-1}) * dh_{l-1} * Rz_{l-1}.
 //
-// Inner loops run over contiguous memory (a row of W, h or dz) so that the compiler vectorizes them.
+// Inner loops run over contiguous memory (a row of W, h or dz) so that the compiler vectorizes them, and are
+// axpys where rows are short: a dot product ends in a horizontal sum, which costs as much as a short row's
+// multiply-adds. The forward products h W^T of layers with up to kMaxTransposedIn inputs therefore read the weights
+// transposed (MlpForwardWeights: W^T [in, out], made once per parameter set by transpose_weights); wider layers
+// take dot products of rows of W, whose horizontal sums are cheaper than the transposes. The backward products
+// read W as it is.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -89,6 +94,68 @@ C10_HOST_DEVICE inline MlpParams<const scalar_t*> as_const(const MlpParams<scala
   return c;
 }
 
+// The weights of a parameter set as the forward passes read them, per layer: w[l] = W_l^T [in, out] when
+// transposed[l], else W_l [out, in] (row-major). A layer with one input feature is its own transpose in memory
+// (w[l] is then W_l itself); layers with more inputs, up to kMaxTransposedIn, and more than one output are copied
+// into a buffer of mlp_transposed_numel elements; the others are read as W_l.
+constexpr int64_t kMaxTransposedIn = 128;  // 1-256-256-1: dot products beat the transposes (measured)
+
+template <typename scalar_t>
+struct MlpForwardWeights {
+  const scalar_t* w[kMlpMaxLayers] = {};
+  bool transposed[kMlpMaxLayers] = {};
+};
+
+C10_HOST_DEVICE inline bool layer_copies_transpose(const MlpDims& d, int l) {
+  return d.in(l) > 1 && d.in(l) <= kMaxTransposedIn && d.out(l) > 1;
+}
+
+C10_HOST_DEVICE inline int64_t mlp_transposed_numel(const MlpDims& d) {
+  int64_t n = 0;
+  for (int l = 0; l < d.layers; ++l) n += layer_copies_transpose(d, l) ? d.in(l) * d.out(l) : 0;
+  return n;
+}
+
+// Where p's forward weights are, the copies in buffer [mlp_transposed_numel(d)] (written by transpose_weights).
+template <typename scalar_t>
+C10_HOST_DEVICE inline MlpForwardWeights<scalar_t> forward_weights(const MlpDims& d,
+                                                                    const MlpParams<const scalar_t*>& p,
+                                                                    const scalar_t* buffer) {
+  MlpForwardWeights<scalar_t> f;
+  for (int l = 0; l < d.layers; ++l) {
+    const bool copy = layer_copies_transpose(d, l);
+    f.w[l] = copy ? buffer : p.weight(l);
+    f.transposed[l] = copy || d.in(l) == 1;
+    if (copy) buffer += d.in(l) * d.out(l);
+  }
+  return f;
+}
+
+// Writes p's transposed weights to buffer [mlp_transposed_numel(d)]; returns p's forward weights.
+template <typename scalar_t>
+C10_HOST_DEVICE inline MlpForwardWeights<scalar_t> transpose_weights(const MlpDims& d,
+                                                                      const MlpParams<const scalar_t*>& p,
+                                                                      scalar_t* buffer) {
+  const MlpForwardWeights<scalar_t> f = forward_weights(d, p, static_cast<const scalar_t*>(buffer));
+  for (int l = 0; l < d.layers; ++l) {
+    if (!layer_copies_transpose(d, l)) continue;
+    const int64_t I = d.in(l), O = d.out(l);
+    const scalar_t* __restrict__ W = p.weight(l);
+    scalar_t* __restrict__ WT = const_cast<scalar_t*>(f.w[l]);
+    // In tiles, so that the rows a tile writes stay in L1 (column by column, a wide W misses on every element).
+    constexpr int64_t kTile = 16;
+    for (int64_t o0 = 0; o0 < O; o0 += kTile) {
+      for (int64_t i0 = 0; i0 < I; i0 += kTile) {
+        const int64_t o_end = o0 + kTile < O ? o0 + kTile : O, i_end = i0 + kTile < I ? i0 + kTile : I;
+        for (int64_t o = o0; o < o_end; ++o) {
+          for (int64_t i = i0; i < i_end; ++i) WT[i * O + o] = W[o * I + i];
+        }
+      }
+    }
+  }
+  return f;
+}
+
 // Per-layer values of one forward/backward (and R-) pass over K rows, each array [K, width[l + 1]] for layer l:
 // z, h = f(z), dz = dL/dz, dh = dL/dh (h, dh unused for the last layer), and with R: Rz, Rh, Rdz.
 template <typename scalar_t>
@@ -161,25 +228,32 @@ C10_HOST_DEVICE inline void axpy4(int64_t n, const scalar_t* a, const scalar_t* 
   for (int64_t j = 0; j < n; ++j) out[j] += a0 * x0[j] + a1 * x1[j] + a2 * x2[j] + a3 * x3[j];
 }
 
-// out[k, o] = bias[o] + <in[k, :], W[o, :]>; with bias null, out[k, o] += <in[k, :], W[o, :]>.
-// Four outputs at a time share each load of the input row.
+// out[k, :] = bias + in[k, :] W^T; with bias null, out[k, :] += in[k, :] W^T, in the two forms of
+// MlpForwardWeights.
+
+// From WT = W^T [I, O]: each row of out is built by axpys of four rows of WT at a time.
 template <typename scalar_t>
-C10_HOST_DEVICE inline void linear_forward(int64_t K, int64_t I, int64_t O, const scalar_t* __restrict__ in,
-                                           const scalar_t* __restrict__ W, const scalar_t* __restrict__ bias,
-                                           scalar_t* __restrict__ out) {
-  if (I == 1) {  // a first layer on scalar inputs: W is one column, so loop over the outputs instead
-    for (int64_t k = 0; k < K; ++k) {
-      const scalar_t x = in[k];
-      scalar_t* __restrict__ out_row = out + k * O;
-      if (bias != nullptr) {
-        for (int64_t o = 0; o < O; ++o) out_row[o] = bias[o] + x * W[o];
-      } else {
-        for (int64_t o = 0; o < O; ++o) out_row[o] += x * W[o];
-      }
+C10_HOST_DEVICE inline void linear_forward_transposed(int64_t K, int64_t I, int64_t O, const scalar_t* __restrict__ in,
+                                                      const scalar_t* __restrict__ WT,
+                                                      const scalar_t* __restrict__ bias, scalar_t* __restrict__ out) {
+  for (int64_t k = 0; k < K; ++k) {
+    const scalar_t* __restrict__ x = in + k * I;
+    scalar_t* __restrict__ out_row = out + k * O;
+    if (bias != nullptr) {
+      for (int64_t o = 0; o < O; ++o) out_row[o] = bias[o];
     }
-    return;
+    int64_t i = 0;
+    for (; i + 4 <= I; i += 4) axpy4(O, x + i, WT + i * O, WT + (i + 1) * O, WT + (i + 2) * O, WT + (i + 3) * O, out_row);
+    for (; i < I; ++i) axpy(O, x[i], WT + i * O, out_row);
   }
-  // Blocks of four weight rows stay in L1 while every input row passes by.
+}
+
+// From W [O, I]: dot products of rows; four outputs at a time share each load of the input row, and blocks of four
+// weight rows stay in L1 while every input row passes by.
+template <typename scalar_t>
+C10_HOST_DEVICE inline void linear_forward_rows(int64_t K, int64_t I, int64_t O, const scalar_t* __restrict__ in,
+                                                const scalar_t* __restrict__ W, const scalar_t* __restrict__ bias,
+                                                scalar_t* __restrict__ out) {
   int64_t o = 0;
   for (; o + 4 <= O; o += 4) {
     const scalar_t* __restrict__ w0 = W + o * I;
@@ -206,6 +280,17 @@ C10_HOST_DEVICE inline void linear_forward(int64_t K, int64_t I, int64_t O, cons
       const scalar_t s = dot(I, in + k * I, W + o * I);
       out[k * O + o] = bias != nullptr ? bias[o] + s : out[k * O + o] + s;
     }
+  }
+}
+
+// Layer l's product with the forward weights f.
+template <typename scalar_t>
+C10_HOST_DEVICE inline void linear_forward(const MlpDims& d, int l, const MlpForwardWeights<scalar_t>& f, int64_t K,
+                                           const scalar_t* in, const scalar_t* bias, scalar_t* out) {
+  if (f.transposed[l]) {
+    linear_forward_transposed(K, d.in(l), d.out(l), in, f.w[l], bias, out);
+  } else {
+    linear_forward_rows(K, d.in(l), d.out(l), in, f.w[l], bias, out);
   }
 }
 
@@ -253,13 +338,15 @@ C10_HOST_DEVICE inline void linear_input_grad_add(int64_t K, int64_t I, int64_t 
 // The four passes over one task's K rows.
 
 // Forward: fills a.z (and a.h below the last layer); the network's output is a.z[L - 1].
+// pt: p's forward weights.
 template <typename scalar_t>
 C10_HOST_DEVICE inline void mlp_forward(const MlpConfig& c, int64_t K, const scalar_t* x,
-                                        const MlpParams<const scalar_t*>& p, MlpActivations<scalar_t>& a) {
+                                        const MlpParams<const scalar_t*>& p, const MlpForwardWeights<scalar_t>& pt,
+                                        MlpActivations<scalar_t>& a) {
   const MlpDims& d = c.dims;
   for (int l = 0; l < d.layers; ++l) {
     const scalar_t* in = l == 0 ? x : a.h[l - 1];
-    linear_forward(K, d.in(l), d.out(l), in, p.weight(l), p.bias(l), a.z[l]);
+    linear_forward(d, l, pt, K, in, p.bias(l), a.z[l]);
     if (l + 1 < d.layers) {
       activation_forward(c.activation, static_cast<scalar_t>(c.act_param), K * d.out(l), a.z[l], a.h[l]);
     }
@@ -291,18 +378,19 @@ C10_HOST_DEVICE inline void mlp_backward(const MlpConfig& c, int64_t K, const sc
 }
 
 // R-forward along the direction v (shaped like the parameters), after mlp_forward: fills a.rz (and a.rh).
+// pt, vt: the forward weights of p and v.
 template <typename scalar_t>
 C10_HOST_DEVICE inline void mlp_r_forward(const MlpConfig& c, int64_t K, const scalar_t* x,
-                                          const MlpParams<const scalar_t*>& p, const MlpParams<const scalar_t*>& v,
-                                          MlpActivations<scalar_t>& a) {
+                                          const MlpForwardWeights<scalar_t>& pt, const MlpParams<const scalar_t*>& v,
+                                          const MlpForwardWeights<scalar_t>& vt, MlpActivations<scalar_t>& a) {
   const MlpDims& d = c.dims;
   for (int l = 0; l < d.layers; ++l) {
-    const int64_t I = d.in(l), O = d.out(l);
     const scalar_t* in = l == 0 ? x : a.h[l - 1];
-    linear_forward(K, I, O, in, v.weight(l), v.bias(l), a.rz[l]);                  // h VW^T + Vb
-    if (l > 0) linear_forward(K, I, O, a.rh[l - 1], p.weight(l), static_cast<const scalar_t*>(nullptr), a.rz[l]);  // + Rh W^T
+    linear_forward(d, l, vt, K, in, v.bias(l), a.rz[l]);  // h VW^T + Vb
+    if (l > 0) linear_forward(d, l, pt, K, a.rh[l - 1], static_cast<const scalar_t*>(nullptr), a.rz[l]);  // + Rh W^T
     if (l + 1 < d.layers) {
-      activation_backward(c.activation, static_cast<scalar_t>(c.act_param), K * O, a.z[l], a.h[l], a.rz[l], a.rh[l]);
+      activation_backward(c.activation, static_cast<scalar_t>(c.act_param), K * d.out(l), a.z[l], a.h[l], a.rz[l],
+                          a.rh[l]);
     }
   }
 }
@@ -333,27 +421,29 @@ C10_HOST_DEVICE inline void mlp_r_backward(const MlpConfig& c, int64_t K, const 
 // ---------------------------------------------------------------------------------------------------------------
 // Per-task drivers.
 
-// One task's loss at p over its K rows (x, y); runs the forward and backward passes, leaving a ready for
-// mlp_hessian_vector, and writes the gradient to *grads when grads is not null.
+// One task's loss at p (forward weights pt) over its K rows (x, y); runs the forward and backward passes, leaving
+// a ready for mlp_hessian_vector, and writes the gradient to *grads when grads is not null.
 template <typename scalar_t>
 C10_HOST_DEVICE inline scalar_t mlp_loss_and_grad(const MlpConfig& c, int64_t K, const scalar_t* x,
                                                   LossTarget<scalar_t> y, const MlpParams<const scalar_t*>& p,
-                                                  MlpActivations<scalar_t>& a, const MlpParams<scalar_t*>* grads) {
+                                                  const MlpForwardWeights<scalar_t>& pt, MlpActivations<scalar_t>& a,
+                                                  const MlpParams<scalar_t*>* grads) {
   const int last = c.dims.layers - 1;
-  mlp_forward(c, K, x, p, a);
+  mlp_forward(c, K, x, p, pt, a);
   const scalar_t loss = loss_forward_backward(c.loss, K, c.dims.output_width(), a.z[last], y, a.dz[last]);
   mlp_backward(c, K, x, p, a, grads);
   return loss;
 }
 
 // hv = H v, H the Hessian of the task's loss at p, after mlp_loss_and_grad at the same p, x, y filled a.
+// pt, vt: the forward weights of p and v.
 template <typename scalar_t>
 C10_HOST_DEVICE inline void mlp_hessian_vector(const MlpConfig& c, int64_t K, const scalar_t* x,
-                                               const MlpParams<const scalar_t*>& p,
-                                               const MlpParams<const scalar_t*>& v, MlpActivations<scalar_t>& a,
-                                               const MlpParams<scalar_t*>& hv) {
+                                               const MlpParams<const scalar_t*>& p, const MlpForwardWeights<scalar_t>& pt,
+                                               const MlpParams<const scalar_t*>& v, const MlpForwardWeights<scalar_t>& vt,
+                                               MlpActivations<scalar_t>& a, const MlpParams<scalar_t*>& hv) {
   const int last = c.dims.layers - 1;
-  mlp_r_forward(c, K, x, p, v, a);
+  mlp_r_forward(c, K, x, pt, v, vt, a);
   loss_r_backward(c.loss, K, c.dims.output_width(), a.z[last], a.rz[last], a.rdz[last]);
   mlp_r_backward(c, K, x, p, v, a, hv);
 }
@@ -373,13 +463,16 @@ struct MamlScratch {
   scalar_t* direction = nullptr;  // [P]: alpha_k * v_{k+1}
   scalar_t* hv = nullptr;         // [P]: H_support(theta_k) direction
   scalar_t* query_grad = nullptr;  // [P]
+  // [N + 2, Pt] (Pt = mlp_transposed_numel): the transposed weights of theta_0 .. theta_N and of direction.
+  // theta_0's are written once per scratch by prepare_maml_scratch, for every task that uses it.
+  scalar_t* transposed = nullptr;
   MlpActivations<scalar_t> support, query;
 };
 
 C10_HOST_DEVICE inline int64_t mlp_maml_scratch_numel(const MlpDims& d, int64_t steps, int64_t support_rows,
                                                       int64_t query_rows, bool first_order) {
-  return (2 * steps + 3) * d.total_param_numel() + mlp_activations_numel(d, support_rows, !first_order) +
-         mlp_activations_numel(d, query_rows, false);
+  return (2 * steps + 3) * d.total_param_numel() + (steps + 2) * mlp_transposed_numel(d) +
+         mlp_activations_numel(d, support_rows, !first_order) + mlp_activations_numel(d, query_rows, false);
 }
 
 template <typename scalar_t>
@@ -392,9 +485,18 @@ C10_HOST_DEVICE inline MamlScratch<scalar_t> carve_maml_scratch(const MlpDims& d
   s.direction = s.grads + steps * P;
   s.hv = s.direction + P;
   s.query_grad = s.hv + P;
-  s.support = carve_activations(d, support_rows, !first_order, s.query_grad + P);
-  s.query = carve_activations(d, query_rows, false, s.query_grad + P + mlp_activations_numel(d, support_rows, !first_order));
+  s.transposed = s.query_grad + P;
+  scalar_t* activations = s.transposed + (steps + 2) * mlp_transposed_numel(d);
+  s.support = carve_activations(d, support_rows, !first_order, activations);
+  s.query = carve_activations(d, query_rows, false, activations + mlp_activations_numel(d, support_rows, !first_order));
   return s;
+}
+
+// Writes theta_0's forward weights into s, once for all the tasks that use s.
+template <typename scalar_t>
+C10_HOST_DEVICE inline void prepare_maml_scratch(const MlpDims& d, const MlpParams<const scalar_t*>& theta0,
+                                                 MamlScratch<scalar_t>& s) {
+  transpose_weights(d, theta0, s.transposed);
 }
 
 // One task of mlp_maml; returns its weighted query loss sum_k w_k L_query(theta_k).
@@ -416,10 +518,12 @@ C10_HOST_DEVICE inline scalar_t mlp_maml_task(const MlpConfig& c, int64_t steps,
                                               const MlpParams<scalar_t*>& lr_grad) {
   const MlpDims& d = c.dims;
   const int num_params = d.num_params();
-  const int64_t P = d.total_param_numel();
+  const int64_t P = d.total_param_numel(), Pt = mlp_transposed_numel(d);
   auto theta = [&](int64_t k) {
     return k == 0 ? theta0 : as_const(carve_params(d, s.thetas + (k - 1) * P));
   };
+  // theta_k's forward weights; the transposed copies of theta_1 .. theta_N are written as the inner loop makes them.
+  auto theta_t = [&](int64_t k) { return forward_weights(d, theta(k), static_cast<const scalar_t*>(s.transposed + k * Pt)); };
   auto grad = [&](int64_t k) { return carve_params(d, s.grads + k * P); };
   const MlpParams<scalar_t*> direction = carve_params(d, s.direction);
   const MlpParams<scalar_t*> hv = carve_params(d, s.hv);
@@ -430,7 +534,7 @@ C10_HOST_DEVICE inline scalar_t mlp_maml_task(const MlpConfig& c, int64_t steps,
   for (int64_t k = 0; k < steps; ++k) {
     const MlpParams<const scalar_t*> theta_k = theta(k);
     const MlpParams<scalar_t*> g = grad(k);
-    mlp_loss_and_grad(c, support_rows, xs, ys, theta_k, s.support, &g);
+    mlp_loss_and_grad(c, support_rows, xs, ys, theta_k, theta_t(k), s.support, &g);
     const MlpParams<scalar_t*> next = carve_params(d, s.thetas + k * P);
     for (int i = 0; i < num_params; ++i) {
       const int64_t n = d.param_numel(i);
@@ -442,11 +546,12 @@ C10_HOST_DEVICE inline scalar_t mlp_maml_task(const MlpConfig& c, int64_t steps,
         for (int64_t e = 0; e < n; ++e) next.ptr[i][e] = sgd_update<scalar_t>(theta_k.ptr[i][e], g.ptr[i][e], lr);
       }
     }
+    transpose_weights(d, as_const(next), s.transposed + (k + 1) * Pt);
   }
 
   // v += w grad L_query(theta_k); returns w L_query(theta_k).
   auto add_query_term = [&](int64_t k, scalar_t w) {
-    const scalar_t loss = mlp_loss_and_grad(c, query_rows, xq, yq, theta(k), s.query, &query_grad);
+    const scalar_t loss = mlp_loss_and_grad(c, query_rows, xq, yq, theta(k), theta_t(k), s.query, &query_grad);
     for (int i = 0; i < num_params; ++i) axpy(d.param_numel(i), w, query_grad.ptr[i], v.ptr[i]);
     return w * loss;
   };
@@ -469,7 +574,8 @@ C10_HOST_DEVICE inline scalar_t mlp_maml_task(const MlpConfig& c, int64_t steps,
     if (!first_order) {
       const MlpParams<const scalar_t*> theta_k = theta(k);
       if (k != steps - 1) {
-        mlp_loss_and_grad(c, support_rows, xs, ys, theta_k, s.support, static_cast<const MlpParams<scalar_t*>*>(nullptr));
+        mlp_loss_and_grad(c, support_rows, xs, ys, theta_k, theta_t(k), s.support,
+                          static_cast<const MlpParams<scalar_t*>*>(nullptr));
       }
       for (int i = 0; i < num_params; ++i) {
         const int64_t n = d.param_numel(i);
@@ -481,7 +587,9 @@ C10_HOST_DEVICE inline scalar_t mlp_maml_task(const MlpConfig& c, int64_t steps,
           for (int64_t e = 0; e < n; ++e) direction.ptr[i][e] = lr * v.ptr[i][e];
         }
       }
-      mlp_hessian_vector(c, support_rows, xs, theta_k, as_const(direction), s.support, hv);
+      const MlpForwardWeights<scalar_t> direction_t =
+          transpose_weights(d, as_const(direction), s.transposed + (steps + 1) * Pt);
+      mlp_hessian_vector(c, support_rows, xs, theta_k, theta_t(k), as_const(direction), direction_t, s.support, hv);
       for (int i = 0; i < num_params; ++i) axpy(d.param_numel(i), scalar_t(-1), hv.ptr[i], v.ptr[i]);
     }
     if (k >= 1 && step_weights[k - 1] != scalar_t(0)) query_loss += add_query_term(k, step_weights[k - 1]);

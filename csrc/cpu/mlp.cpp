@@ -192,10 +192,12 @@ template <typename scalar_t>
 void loss_grad_tasks(const LossGradArgs<scalar_t>& g, int64_t begin, int64_t end, scalar_t* scratch) {
   const MlpConfig& c = g.config;
   MlpActivations<scalar_t> a = carve_activations(c.dims, g.rows, false, scratch);
+  scalar_t* transposed = scratch + mlp_activations_numel(c.dims, g.rows, false);
   for (int64_t t = begin; t < end; ++t) {
     const MlpParams<scalar_t*> grads = g.out.at(t);
-    g.losses[t] = mlp_loss_and_grad(c, g.rows, g.x + t * g.rows * c.dims.width[0], g.y->at(t), g.params.at(t), a,
-                                    &grads);
+    const MlpParams<const scalar_t*> theta_t = g.params.at(t);
+    g.losses[t] = mlp_loss_and_grad(c, g.rows, g.x + t * g.rows * c.dims.width[0], g.y->at(t), theta_t,
+                                    transpose_weights(c.dims, theta_t, transposed), a, &grads);
   }
 }
 
@@ -203,11 +205,16 @@ template <typename scalar_t>
 void hvp_tasks(const LossGradArgs<scalar_t>& g, int64_t begin, int64_t end, scalar_t* scratch) {
   const MlpConfig& c = g.config;
   MlpActivations<scalar_t> a = carve_activations(c.dims, g.rows, true, scratch);
+  scalar_t* transposed = scratch + mlp_activations_numel(c.dims, g.rows, true);
+  const int64_t transposed_numel = mlp_transposed_numel(c.dims);
   for (int64_t t = begin; t < end; ++t) {
     const scalar_t* x_t = g.x + t * g.rows * c.dims.width[0];
-    const MlpParams<const scalar_t*> theta_t = g.params.at(t);
-    mlp_loss_and_grad(c, g.rows, x_t, g.y->at(t), theta_t, a, static_cast<const MlpParams<scalar_t*>*>(nullptr));
-    mlp_hessian_vector(c, g.rows, x_t, theta_t, as_const(g.vectors.at(t)), a, g.out.at(t));
+    const MlpParams<const scalar_t*> theta_t = g.params.at(t), v_t = as_const(g.vectors.at(t));
+    const MlpForwardWeights<scalar_t> theta_fw = transpose_weights(c.dims, theta_t, transposed);
+    const MlpForwardWeights<scalar_t> v_fw = transpose_weights(c.dims, v_t, transposed + transposed_numel);
+    mlp_loss_and_grad(c, g.rows, x_t, g.y->at(t), theta_t, theta_fw, a,
+                      static_cast<const MlpParams<scalar_t*>*>(nullptr));
+    mlp_hessian_vector(c, g.rows, x_t, theta_t, theta_fw, v_t, v_fw, a, g.out.at(t));
   }
 }
 
@@ -233,6 +240,7 @@ void maml_tasks(const MamlArgs<scalar_t>& m, int64_t begin, int64_t end, scalar_
   const int64_t in = c.dims.width[0];
   MamlScratch<scalar_t> scratch =
       carve_maml_scratch(c.dims, m.steps, m.support_rows, m.query_rows, m.first_order, buffer);
+  prepare_maml_scratch(c.dims, m.theta0, scratch);
   for (int64_t t = begin; t < end; ++t) {
     m.query_losses[t] = mlp_maml_task(c, m.steps, m.step_weights, m.first_order, m.support_rows,
                                       m.xs + t * m.support_rows * in, m.ys->at(t), m.query_rows,
@@ -241,6 +249,29 @@ void maml_tasks(const MamlArgs<scalar_t>& m, int64_t begin, int64_t end, scalar_
   }
 }
 
+// The per-task loops, also compiled for AVX2+FMA and AVX-512 and picked when the library loads (the build targets
+// the baseline ISA, with which the small matrix loops run 4 floats per instruction, no FMA). flatten inlines the
+// whole per-task math of common/mlp_math.h into each clone, so that all of it is compiled for the clone's ISA.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MAMLEXT_MLP_ISA_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten))
+#else
+#define MAMLEXT_MLP_ISA_CLONES
+#endif
+
+#define MAMLEXT_MLP_TASK_CLONES(T)                                                                              \
+  MAMLEXT_MLP_ISA_CLONES void loss_grad_tasks_isa(const LossGradArgs<T>& g, int64_t begin, int64_t end, T* s) { \
+    loss_grad_tasks(g, begin, end, s);                                                                          \
+  }                                                                                                             \
+  MAMLEXT_MLP_ISA_CLONES void hvp_tasks_isa(const LossGradArgs<T>& g, int64_t begin, int64_t end, T* s) {       \
+    hvp_tasks(g, begin, end, s);                                                                                \
+  }                                                                                                             \
+  MAMLEXT_MLP_ISA_CLONES void maml_tasks_isa(const MamlArgs<T>& m, int64_t begin, int64_t end, T* s) {          \
+    maml_tasks(m, begin, end, s);                                                                               \
+  }
+MAMLEXT_MLP_TASK_CLONES(float)
+MAMLEXT_MLP_TASK_CLONES(double)
+#undef MAMLEXT_MLP_TASK_CLONES
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_loss_grad_cpu(at::TensorList params, const at::Tensor& x,
                                                                   const at::Tensor& y, int64_t activation,
@@ -267,10 +298,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_loss_grad_cpu(at::TensorList
     args.y = &target;
     args.out = batched_outputs<scalar_t>(grads);
     args.losses = losses.data_ptr<scalar_t>();
-    const int64_t scratch_numel = mlp_activations_numel(c.dims, rows, false);
+    const int64_t scratch_numel = mlp_activations_numel(c.dims, rows, false) + mlp_transposed_numel(c.dims);
     at::parallel_for(0, tasks, task_grain(tasks, 3 * forward_work(c.dims, rows)), [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> scratch(scratch_numel);
-      loss_grad_tasks(args, begin, end, scratch.data());
+      loss_grad_tasks_isa(args, begin, end, scratch.data());
     });
   });
   return {losses, grads};
@@ -300,10 +331,10 @@ std::vector<at::Tensor> mlp_hvp_cpu(at::TensorList params, at::TensorList vector
     args.y = &target;
     args.out = batched_outputs<scalar_t>(out);
     args.vectors = batched_outputs<scalar_t>(vs);
-    const int64_t scratch_numel = mlp_activations_numel(c.dims, rows, true);
+    const int64_t scratch_numel = mlp_activations_numel(c.dims, rows, true) + 2 * mlp_transposed_numel(c.dims);
     at::parallel_for(0, tasks, task_grain(tasks, 8 * forward_work(c.dims, rows)), [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> scratch(scratch_numel);
-      hvp_tasks(args, begin, end, scratch.data());
+      hvp_tasks_isa(args, begin, end, scratch.data());
     });
   });
   return out;
@@ -359,7 +390,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_mam
                                   3 * forward_work(c.dims, query_rows));
     at::parallel_for(0, tasks, task_grain(tasks, work), [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> scratch(scratch_numel);
-      maml_tasks(args, begin, end, scratch.data());
+      maml_tasks_isa(args, begin, end, scratch.data());
     });
   });
   return {query_losses, meta_grads, lr_grads};
