@@ -420,7 +420,8 @@ def _process_count(text: str) -> int:
         value = None
     if value is None or not 2 <= value <= DISTRIBUTED_TASKS:
         raise argparse.ArgumentTypeError(
-            f"expected a number of processes P from 2 to {DISTRIBUTED_TASKS} (measured against 1 process), got {text!r}")
+            f"expected a number of processes P from 2 to {DISTRIBUTED_TASKS} (measured against 1 process), "
+            f"got {text!r}")
     return value
 
 
