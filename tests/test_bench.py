@@ -168,3 +168,68 @@ def test_time_budget_skips_the_cases_not_started(tmp_path, capsys):
         _check_row(row)
         assert row["status"] == "skipped" and "time budget" in row["reason"]
     assert (tmp_path / "speedup.png").exists() and "time budget" in capsys.readouterr().out
+
+
+DISTRIBUTED_ROW_KEYS = {"world_size": int, "threads_per_process": int, "tasks_per_process_max": int,
+                        "tasks_per_s": float, "median_ms": float, "iqr_ms": float, "q1_ms": float, "q3_ms": float,
+                        "samples": int, "noisy": bool, "scaling": float}
+
+
+def _check_distributed(result, world_sizes, tasks):
+    assert result["workload"]["tasks"] == tasks and result["workload"]["device"] == "cpu"
+    rows = result["rows"]
+    assert [row["world_size"] for row in rows] == list(world_sizes)
+    for row in rows:
+        for key, kind in DISTRIBUTED_ROW_KEYS.items():
+            assert isinstance(row[key], kind), (key, row)
+        assert row["median_ms"] > 0 and row["tasks_per_s"] == pytest.approx(tasks / (row["median_ms"] / 1e3))
+        assert row["foreign_load_cpus"] is None or row["foreign_load_cpus"] >= 0
+        assert row["tasks_per_process_max"] == -(-tasks // row["world_size"])  # each rank's share, rounded up
+    assert rows[0]["scaling"] == 1.0
+    ratio = rows[1]["tasks_per_s"] / rows[0]["tasks_per_s"]
+    assert rows[1]["scaling"] == pytest.approx(ratio)
+    assert result["scaling"] == {f"{world_sizes[1]}_vs_{world_sizes[0]}": pytest.approx(ratio)}
+
+
+@pytest.mark.slow  # spawns a 2-process gloo group (about 10 s on 2 busy cores)
+def test_suite_distributed_section(tmp_path, capsys, monkeypatch):
+    """--distributed 2 through the suite into mamlext.bench.distributed.run: 1 and 2 processes on 7 tasks (an
+    uneven split), a few iterations each."""
+    from mamlext.__main__ import main
+
+    monkeypatch.setattr(suite, "DISTRIBUTED_TASKS", 7)  # tiny: this checks the plumbing, not the speed
+    monkeypatch.setitem(suite.DISTRIBUTED_TIMING, "quick", dict(warmup=1, blocks=2, iters_per_block=1,
+                                                                  quiet_wait_s=0.0))
+    assert main(["bench", "--suite", "quick", "--device", "cpu", "--workloads", "distributed", "--distributed", "2",
+                 "--out", str(tmp_path), "--no-progress"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["rows"] == [] and results["plot"] is None and results["complete"] is True
+    section = results["distributed"]
+    assert section["status"] == "ok" and section["reason"] is None
+    _check_distributed(section, (1, 2), 7)
+    out = capsys.readouterr().out
+    assert "distributed: sinusoid MLP" in out and "scaling" in out
+    assert "| 2 | 1 |" in (tmp_path / "results.md").read_text()  # the row of 2 processes, 1 thread each
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--distributed", "1"], "argument --distributed: expected a number of processes P from 2"),
+    (["--distributed", "two"], "argument --distributed: expected a number of processes P from 2"),
+    (["--device", "cpu", "--workloads", "distributed"], "--workloads distributed needs --distributed P"),
+    (["--device", "cpu", "--workloads", "mlp,distributed", "--distributed", "2"], "or distributed alone"),
+])
+def test_bad_distributed_arguments_are_named(argv, message, capsys):
+    from mamlext.__main__ import main
+
+    with pytest.raises(SystemExit) as error:
+        main(["bench"] + argv)
+    assert error.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_distributed_refuses_cuda(capsys, monkeypatch):
+    from mamlext.__main__ import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a visible GPU, so --device cuda gets this far
+    with pytest.raises(SystemExit) as error:
+        main(["bench", "--device", "cuda", "--distributed", "2"])
+    assert error.value.code == 2 and "--distributed measures CPU processes (gloo) only" in capsys.readouterr().err

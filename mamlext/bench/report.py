@@ -20,32 +20,74 @@ def _cells(row: dict) -> List[str]:
                    speedup("speedup_vs_loop"), speedup("speedup_vs_vmap"), memory, error, note]
 
 
+def _distributed_title(section: dict) -> str:
+    if section["status"] != "ok":
+        return f"distributed: {section['status'].upper()}: {section['reason']}"
+    w = section["workload"]
+    return (f"distributed: sinusoid MLP {w['mlp']}, T = {w['tasks']}, N = {w['inner_steps']}, {w['engine']}, "
+            f"{w['device'].upper()} processes ({w['backend']}); ms = median per meta-iteration (interquartile range); "
+            "scaling = tasks/s / tasks/s with 1 process")
+
+
+def _distributed_cells(row: dict) -> List[str]:
+    load = "" if row["foreign_load_cpus"] is None else f"{row['foreign_load_cpus']:.2f}"
+    return [str(row["world_size"]), str(row["threads_per_process"]), f"{row['median_ms']:.4g} ({row['iqr_ms']:.2g})",
+            f"{row['tasks_per_s']:,.0f}", f"{row['scaling']:.2f}x", load + (" NOISY" if row["noisy"] else "")]
+
+
+DISTRIBUTED_COLS = ["processes", "threads each", "ms (IQR)", "tasks/s", "scaling", "other programs' CPUs"]
+
+
 def format_table(results: dict) -> str:
-    cols = ["case", "T", "N", "impl", "ms (IQR)", "tasks/s", "vs loop", "vs vmap", "peak MiB", "rel err", "status"]
-    table = [_cells(r) for r in results["rows"]]
-    widths = [max([len(c)] + [len(row[i]) for row in table]) for i, c in enumerate(cols[:-1])]
-    lines = [f"{results['title']}: ms = median per meta-iteration "
-             "(interquartile range); vs = that implementation's median / this one's; peak MiB = "
-             f"{results['memory_kind']}; rel err = normwise relative error of the meta-gradient vs the plain loop",
-             "  ".join(c.ljust(w) for c, w in zip(cols, widths)) + "  " + cols[-1],
-             "  ".join("-" * w for w in widths) + "  ------"]
-    for cells in table:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths)) + "  " + cells[-1])
+    """The per-implementation table (when cases ran), the distributed table (with --distributed) and the notes."""
+    lines = []
+    if results["rows"]:
+        cols = ["case", "T", "N", "impl", "ms (IQR)", "tasks/s", "vs loop", "vs vmap", "peak MiB", "rel err",
+                "status"]
+        lines += _aligned(cols, [_cells(r) for r in results["rows"]], [
+            f"{results['title']}: ms = median per meta-iteration "
+            "(interquartile range); vs = that implementation's median / this one's; peak MiB = "
+            f"{results['memory_kind']}; rel err = normwise relative error of the meta-gradient vs the plain loop"])
+    section = results.get("distributed")
+    if section is not None:
+        lines += [""] if lines else []
+        lines += [_distributed_title(section)] if section["status"] != "ok" else _aligned(
+            DISTRIBUTED_COLS, [_distributed_cells(r) for r in section["rows"]], [_distributed_title(section)])
     if results["notes"]:
         lines.append("")
         lines += [f"note: {n}" for n in results["notes"]]
     return "\n".join(lines)
 
 
+def _aligned(cols: List[str], table: List[List[str]], title: List[str]) -> List[str]:
+    """A plain-text table, columns padded; the last column is not (it holds long reasons)."""
+    widths = [max([len(c)] + [len(row[i]) for row in table]) for i, c in enumerate(cols[:-1])]
+    lines = title + ["  ".join(c.ljust(w) for c, w in zip(cols, widths)) + "  " + cols[-1],
+                     "  ".join("-" * w for w in widths) + "  ------"]
+    return lines + ["  ".join(c.ljust(w) for c, w in zip(cells, widths)) + "  " + cells[-1] for cells in table]
+
+
 def markdown_table(results: dict) -> str:
-    """The table as Markdown (results.md, for the README): one line per implementation of each case."""
-    head = ["case", "T", "N", "implementation", "ms (IQR)", "tasks/s", "vs loop", "vs vmap", "peak MiB", "status"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in results["rows"]:
-        cells = _cells(row)
-        status = cells[-1] if row["status"] == "ok" else f"{row['status']}: {row['reason']}"
-        lines.append("| " + " | ".join(cells[:4] + cells[4:9] + [status.replace("|", "/")]) + " |")
-    return "\n".join(lines)
+    """The tables as Markdown (results.md, for the README): one line per implementation of each case, then one per
+    process count of the distributed measurement."""
+    parts = []
+    if results["rows"]:
+        head = ["case", "T", "N", "implementation", "ms (IQR)", "tasks/s", "vs loop", "vs vmap", "peak MiB",
+                "status"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for row in results["rows"]:
+            cells = _cells(row)
+            status = cells[-1] if row["status"] == "ok" else f"{row['status']}: {row['reason']}"
+            lines.append("| " + " | ".join(cells[:4] + cells[4:9] + [status.replace("|", "/")]) + " |")
+        parts.append("\n".join(lines))
+    section = results.get("distributed")
+    if section is not None:
+        lines = [_distributed_title(section)]
+        if section["status"] == "ok":
+            lines += ["", "| " + " | ".join(DISTRIBUTED_COLS) + " |", "|" + "---|" * len(DISTRIBUTED_COLS)]
+            lines += ["| " + " | ".join(_distributed_cells(r)) + " |" for r in section["rows"]]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
 
 
 def plot_speedups(results: dict, path: str) -> Optional[str]:

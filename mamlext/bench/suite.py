@@ -10,6 +10,9 @@ Workloads (implementations in mamlext.bench.impls):
   imaml     iMAML's inner solve and conjugate-gradient meta-gradient on the sinusoid MLP; loop, vmap, fused
             (mamlext.iMAML)
   task_sgd  the inner SGD update alone, T = 32 tasks of 6 tensors, over total sizes; loop, foreach, fused
+  distributed  (only with --distributed P, after the others) meta-training throughput on the sinusoid MLP at
+            T = 1000 with the meta-batch split across 1 and P CPU processes (gloo; mamlext.bench.distributed), and
+            the scaling tasks/s(P) / tasks/s(1); results.json's "distributed" section
 
 Per case: the loop runs first and is the reference; each other implementation's first call is checked against it
 (normwise relative error per tensor <= the workload's rtol) and a mismatch marks its row failed; then one call
@@ -18,6 +21,7 @@ measures peak memory, then all passing implementations are timed in interleaved 
 (60 s for Conv4 on the CPU; its meta-gradient still serves as the reference), and speedups against it are then
 missing.
 """
+import argparse
 import json
 import math
 import os
@@ -28,6 +32,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from mamlext.bench import distributed as distributed_bench
 from mamlext.bench import impls as implementations
 from mamlext.bench.common import (FOREIGN_LOAD_WARN, MEMORY_KINDS, ForeignLoad, machine_info, max_rel_error,
                                   mismatch, peak_memory, summary, sync, time_impls)
@@ -39,6 +44,11 @@ from mamlext.models import conv4, sine_mlp
 SCHEMA_VERSION = 1
 SUITES = ("quick", "full")
 WORKLOADS = ("mlp", "conv4", "imaml", "task_sgd")
+DISTRIBUTED = "distributed"  # a --workloads name that selects only the --distributed measurement
+DISTRIBUTED_TASKS = 1000
+# mamlext.bench.distributed.run's timing per suite: iterations per world size, and how long each waits for idle cores
+DISTRIBUTED_TIMING = {"quick": dict(warmup=2, blocks=4, iters_per_block=3, quiet_wait_s=2.0),
+                      "full": dict(warmup=3, blocks=8, iters_per_block=5, quiet_wait_s=10.0)}
 REFERENCE = "loop"
 DTYPE = torch.float32
 SINE_SHOTS = SINE_QUERIES = 10
@@ -287,14 +297,44 @@ def notes(workloads, impl_names) -> List[str]:
     return out
 
 
+def run_distributed(suite: str, processes: int, progress: bool = True) -> dict:
+    """results.json's "distributed" section: tasks/s with the meta-batch split across 1 and `processes` CPU
+    processes, and the scaling (mamlext.bench.distributed.run); a failure is reported in it, not raised."""
+    try:
+        section = distributed_bench.run((1, processes), DISTRIBUTED_TASKS, progress=progress,
+                                        **DISTRIBUTED_TIMING[suite])
+    except Exception as error:  # e.g. a rank that could not start: the rest of the suite's results still count
+        return {"status": "failed", "reason": f"raised {_first_line(error)}"}
+    del section["machine"]  # the suite's own machine section describes it; rows carry the threads per process
+    return {"status": "ok", "reason": None, **section, "timing": DISTRIBUTED_TIMING[suite]}
+
+
+def distributed_notes(section: dict, processes: int) -> List[str]:
+    out = []
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if cpus is not None and processes > cpus:
+        out.append(f"distributed: {processes} processes on {cpus} CPUs share cores; the scaling measures that")
+    noisy = [row["world_size"] for row in section.get("rows", []) if row["noisy"]]
+    if noisy:
+        out.append(f"distributed: the rows with {', '.join(map(str, noisy))} process(es) ran while other processes "
+                   f"used more than {FOREIGN_LOAD_WARN} CPUs: their timings and the scaling are noisy")
+    return out
+
+
 def run_suite(suite: str, device: torch.device, out_dir: str, workloads=WORKLOADS, seed: int = 0,
-              progress: bool = True, command: Optional[str] = None, time_budget_s: Optional[float] = None) -> dict:
+              progress: bool = True, command: Optional[str] = None, time_budget_s: Optional[float] = None,
+              distributed_processes: Optional[int] = None) -> dict:
     """Runs the suite, writes out_dir/results.json (after every case, so an interrupted run keeps what it measured)
     and, at the end, out_dir/results.md (the table in Markdown) and out_dir/speedup.png; prints the table. Once
-    time_budget_s has passed, the cases not started get skipped rows. Returns the results dict."""
+    time_budget_s has passed, the cases not started get skipped rows. With distributed_processes = P (CPU only),
+    the distributed measurement with 1 and P processes runs last, into results["distributed"]. Returns the
+    results dict."""
     from tqdm.auto import tqdm
 
     from mamlext.bench.report import format_table, markdown_table, plot_speedups
+
+    if distributed_processes is not None and device.type != "cpu":
+        raise ValueError(f"the distributed measurement runs CPU processes (gloo) only, not on {device}")
 
     settings = suite_settings(suite, device)
     selected = [c for c in cases(suite, device) if c.workload in workloads]
@@ -308,13 +348,14 @@ def run_suite(suite: str, device: torch.device, out_dir: str, workloads=WORKLOAD
         "settings": {**settings._asdict(), "seed": seed, "dtype": str(DTYPE), "rtol": RTOL,
                      "time_budget_s": time_budget_s},
         "memory_kind": memory_kind, "memory_kind_description": MEMORY_KINDS[memory_kind],
-        "notes": notes(workloads, MAML_IMPLS), "rows": [], "wall_s": None,
+        "notes": notes(workloads, MAML_IMPLS) if workloads else [], "rows": [], "wall_s": None,
     }
     if full_conv_on_cpu:
         results["notes"].append("the full suite's Conv4 has 32 filters on the CPU (64 on the GPU) to stay within "
                                 "about 20 minutes on 2 cores")
     start = time.perf_counter()
-    bar = tqdm(selected, desc="mamlext bench", unit="case", disable=not progress, file=sys.stderr)
+    bar = tqdm(selected, desc="mamlext bench", unit="case", disable=not progress or not selected,
+               file=sys.stderr)
     for case in bar:
         bar.set_postfix_str(case.name)
         if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
@@ -334,6 +375,13 @@ def run_suite(suite: str, device: torch.device, out_dir: str, workloads=WORKLOAD
         results["wall_s"] = time.perf_counter() - start
         _write_json(results, json_path)
     bar.close()
+    if distributed_processes is not None:
+        if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
+            results["distributed"] = {"status": "skipped",
+                                      "reason": f"not run: the time budget of {time_budget_s:g} s was spent"}
+        else:
+            results["distributed"] = run_distributed(suite, distributed_processes, progress)
+            results["notes"] += distributed_notes(results["distributed"], distributed_processes)
     results["complete"] = True
     results["wall_s"] = time.perf_counter() - start
     results["machine"]["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -341,12 +389,14 @@ def run_suite(suite: str, device: torch.device, out_dir: str, workloads=WORKLOAD
     if noisy:
         results["notes"].append(f"{noisy} rows ran while other processes used more than {FOREIGN_LOAD_WARN} CPUs: "
                                 "their timings are noisy")
-    results["plot"] = plot_speedups(results, os.path.join(out_dir, "speedup.png"))
+    # no plot when only the distributed measurement ran (--workloads distributed)
+    results["plot"] = plot_speedups(results, os.path.join(out_dir, "speedup.png")) if selected else None
     _write_json(results, json_path)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(markdown_table(results) + "\n")
     print(format_table(results))
-    print(f"\nwrote {json_path}, results.md and {results['plot']} ({results['wall_s']:.0f} s)")
+    plot = f" and {results['plot']}" if results["plot"] else ""
+    print(f"\nwrote {json_path}, results.md{plot} ({results['wall_s']:.0f} s)")
     return results
 
 
@@ -363,6 +413,18 @@ def _jsonable(value):
     return str(value)
 
 
+def _process_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 2 <= value <= DISTRIBUTED_TASKS:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of processes P from 2 to {DISTRIBUTED_TASKS} (measured against 1 process), "
+            f"got {text!r}")
+    return value
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--suite", choices=SUITES, default="full",
                         help="quick: a tiny subset in about a minute (a smoke test); full: every workload "
@@ -370,7 +432,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when a GPU is visible, else cpu")
     parser.add_argument("--out", help="output folder for results.json and speedup.png "
                                       "(default bench-results/<suite>-<device>)")
-    parser.add_argument("--workloads", help=f"comma-separated subset of {', '.join(WORKLOADS)} (default all)")
+    parser.add_argument("--workloads", help=f"comma-separated subset of {', '.join(WORKLOADS)} (default all); "
+                                            f"'{DISTRIBUTED}' alone: only the --distributed measurement")
+    parser.add_argument("--distributed", type=_process_count, metavar="P",
+                        help=f"also measure meta-training throughput on the sinusoid MLP at T = {DISTRIBUTED_TASKS} "
+                             "with the meta-batch split across 1 and P CPU processes (gloo, 1 thread each), after "
+                             "the other workloads, and the scaling tasks/s(P) / tasks/s(1); CPU only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's)")
     parser.add_argument("--time-budget", type=float, metavar="S",
@@ -382,12 +449,20 @@ def main(parser, args) -> int:
     device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device_name == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch sees no CUDA GPU")
+    if args.distributed is not None and device_name != "cpu":
+        parser.error(f"--distributed measures CPU processes (gloo) only; add --device cpu (the device is "
+                     f"{device_name}{'' if args.device else ' by default, as a GPU is visible'})")
     workloads = WORKLOADS
     if args.workloads:
         workloads = tuple(w.strip() for w in args.workloads.split(",") if w.strip())
         unknown = [w for w in workloads if w not in WORKLOADS]
-        if unknown or not workloads:
-            parser.error(f"--workloads must be a comma-separated subset of {list(WORKLOADS)}, got {args.workloads!r}")
+        if workloads == (DISTRIBUTED,):
+            if args.distributed is None:
+                parser.error(f"--workloads {DISTRIBUTED} needs --distributed P (the number of processes)")
+            workloads = ()
+        elif unknown or not workloads:
+            parser.error(f"--workloads must be a comma-separated subset of {list(WORKLOADS)}, or {DISTRIBUTED} alone "
+                         f"with --distributed P, got {args.workloads!r}")
     if args.threads is not None:
         if args.threads < 1:
             parser.error(f"--threads must be at least 1, got {args.threads}")
@@ -401,5 +476,6 @@ def main(parser, args) -> int:
     command = "python -m mamlext " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith(
         "__main__.py") else None
     results = run_suite(args.suite, device, out_dir, workloads, args.seed, progress=not args.no_progress,
-                        command=command, time_budget_s=args.time_budget)
-    return 1 if any(r["status"] == "failed" and r["impl"] in MAMLEXT_IMPLS for r in results["rows"]) else 0
+                        command=command, time_budget_s=args.time_budget, distributed_processes=args.distributed)
+    engine_failed = any(r["status"] == "failed" and r["impl"] in MAMLEXT_IMPLS for r in results["rows"])
+    return 1 if engine_failed or results.get("distributed", {}).get("status") == "failed" else 0
