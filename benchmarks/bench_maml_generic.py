@@ -12,6 +12,7 @@ class, cross-entropy, inner lr 0.4), float32. Implementations, in one process on
                  a speed
   generic-graph  mamlext.BatchedMAML(model, backend="generic", memory="graph")
   generic-low    mamlext.BatchedMAML(model, backend="generic", memory="low")
+  generic-low-chunk1  the same with task_chunk=1 (one task at a time through the low-memory recursion)
 
 Cases: T in {8, 32} tasks x N in {1, 5} inner steps. Per case (mamlext.bench.suite.run_case): each meta-gradient is
 checked against the loop's (normwise relative error <= 1e-3) and a mismatch marks the row failed; then one call
@@ -37,7 +38,7 @@ from mamlext.bench import suite
 from mamlext.bench.common import MEMORY_KINDS, machine_info, peak_memory
 from mamlext.bench.report import format_table
 
-IMPLS = ("loop", "vmap", "generic-graph", "generic-low")
+IMPLS = ("loop", "vmap", "generic-graph", "generic-low", "generic-low-chunk1")
 WAYS, QUERIES, HIDDEN = 5, 15, 64
 
 

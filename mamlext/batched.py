@@ -338,6 +338,8 @@ class BatchedMAML(FusedMLPModule):
             inner loop: fastest for few steps) or "low" (the reverse recursion with Hessian-vector products,
             recomputing activations: memory does not grow with inner_steps; no gradient reaches the inputs). The
             fused engine never builds a graph, whatever this says.
+        task_chunk: memory="low" only: run the tasks in chunks of this many, so that peak memory follows the chunk,
+            not T (a time-for-memory trade: fewer tasks per batched call); default all T at once.
 
     The generic engine normalizes BatchNorm layers with each task's own batch statistics in every forward (inner
     steps and query) and never updates their running statistics; see mamlext.engines.generic.
@@ -347,7 +349,8 @@ class BatchedMAML(FusedMLPModule):
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 1, first_order: bool = False,
                  loss: Union[str, LossFn] = "mse", lr_mode: str = "fixed",
-                 step_weights: Optional[Sequence[float]] = None, backend: str = "auto", memory: str = "graph"):
+                 step_weights: Optional[Sequence[float]] = None, backend: str = "auto", memory: str = "graph",
+                 task_chunk: Optional[int] = None):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"BatchedMAML: model must be an nn.Module, got {type(model).__name__}")
@@ -358,6 +361,10 @@ class BatchedMAML(FusedMLPModule):
             raise ValueError(f"BatchedMAML: lr_mode must be one of {list(LR_MODES)}, got {lr_mode!r}")
         if memory not in MEMORY_MODES:
             raise ValueError(f"BatchedMAML: memory must be one of {list(MEMORY_MODES)}, got {memory!r}")
+        if task_chunk is not None and (isinstance(task_chunk, bool) or not isinstance(task_chunk, int)
+                                       or task_chunk < 1 or memory != "low"):
+            raise ValueError(f"BatchedMAML: task_chunk must be None or an int >= 1, with memory='low', got "
+                             f"task_chunk={task_chunk!r} with memory={memory!r}")
         if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
             raise ValueError(f"BatchedMAML: inner_steps must be an int >= 1, got {inner_steps!r}")
         if isinstance(inner_lr, bool) or not isinstance(inner_lr, (int, float)) or not torch.isfinite(
@@ -370,6 +377,7 @@ class BatchedMAML(FusedMLPModule):
         self.first_order = bool(first_order)
         self.lr_mode = lr_mode
         self.memory = memory
+        self.task_chunk = task_chunk
         self._multi_step = step_weights is not None
         self.last_task_losses: Optional[Tensor] = None
 
@@ -436,7 +444,8 @@ class BatchedMAML(FusedMLPModule):
                 raise ValueError("BatchedMAML.meta_loss: memory='low' gives no gradient to the inputs, but one of "
                                  "xs, ys, xq, yq requires grad; use memory='graph' to differentiate w.r.t. the data")
             mean, losses = self._generic.meta_loss_low(xs, ys, xq, yq, self.inner_steps, self._rate_at,
-                                                       list(self.inner_lrs), self.lr_mode, weights, self.first_order)
+                                                       list(self.inner_lrs), self.lr_mode, weights, self.first_order,
+                                                       self.task_chunk)
             self.last_task_losses = losses.detach()
             return mean
         self.last_task_losses = losses.detach()

@@ -323,3 +323,29 @@ def test_bad_arguments():
     xs, ys, xq, yq = image_tasks(2, 3, 3, 3, 8, torch.float64, gen)
     with pytest.raises(ValueError, match="memory='low' gives no gradient to the inputs"):
         maml.meta_loss(xs.requires_grad_(True), ys, xq, yq)
+
+
+@pytest.mark.parametrize("lr_mode", ["per_layer_step", "per_param"])
+@pytest.mark.parametrize("task_chunk", [1, 2])
+def test_low_memory_task_chunks_match_plain_loop(lr_mode, task_chunk):
+    """Chunks of tasks (2 of 3 tasks: uneven) give the same losses, meta-gradients and rate gradients."""
+    gen = torch.Generator().manual_seed(13)
+    torch.manual_seed(13)
+    weights = [0.4, 0.6]
+    maml = BatchedMAML(small_conv().double(), inner_lr=0.2, inner_steps=2, loss="ce", lr_mode=lr_mode,
+                       step_weights=weights, memory="low", task_chunk=task_chunk)
+    init_rates(maml, gen)
+    xs, ys, xq, yq = image_tasks(3, 4, 5, 3, 8, torch.float64, gen)
+    loss = maml.meta_loss(xs, ys, xq, yq)
+    assert maml.last_task_losses.shape == (3,)
+    expected = plain_meta_loss(maml, xs, ys, xq, yq, F.cross_entropy, weights)
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=0)
+    assert_rel_close(meta_grads(maml, loss), meta_grads(maml, expected), 1e-8)
+
+
+def test_task_chunk_needs_low_memory():
+    with pytest.raises(ValueError, match=r"task_chunk must be None or an int >= 1, with memory='low', got "
+                                         r"task_chunk=2 with memory='graph'"):
+        BatchedMAML(small_conv(), task_chunk=2)
+    with pytest.raises(ValueError, match="task_chunk=0"):
+        BatchedMAML(small_conv(), memory="low", task_chunk=0)

@@ -172,8 +172,10 @@ def generic_available() -> bool:
     return "generic" in batched.BACKENDS
 
 
-def batched_maml(backend: str, memory: Optional[str] = None) -> Callable[[nn.Module, Setting, tuple], Run]:
-    """The builder of mamlext.BatchedMAML on `backend` (and, for the generic engine, its memory mode)."""
+def batched_maml(backend: str, memory: Optional[str] = None,
+                 task_chunk: Optional[int] = None) -> Callable[[nn.Module, Setting, tuple], Run]:
+    """The builder of mamlext.BatchedMAML on `backend` (and, for the generic engine, its memory mode and chunk of
+    tasks)."""
 
     def build(model: nn.Module, setting: Setting, data) -> Run:
         options = {}
@@ -182,6 +184,8 @@ def batched_maml(backend: str, memory: Optional[str] = None) -> Callable[[nn.Mod
                 raise Skip("mamlext has no generic engine in this version (mamlext.batched.BACKENDS = "
                            f"{list(batched.BACKENDS)})")
             options["memory"] = memory
+            if task_chunk is not None:
+                options["task_chunk"] = task_chunk
         try:
             maml = mamlext.BatchedMAML(model, inner_lr=setting.inner_lr, inner_steps=setting.steps,
                                        first_order=setting.first_order, loss=setting.loss, backend=backend,
@@ -198,7 +202,8 @@ def batched_maml(backend: str, memory: Optional[str] = None) -> Callable[[nn.Mod
     return build
 
 
-MAMLEXT_IMPLS = ("fused", "generic-graph", "generic-low")  # the rows that are mamlext's own engines
+# the rows that are mamlext's own engines
+MAMLEXT_IMPLS = ("fused", "generic-graph", "generic-low", "generic-low-chunk1")
 
 # Every MAML implementation by row name; workloads pick the ones that apply to them.
 MAML_IMPLS: Dict[str, Callable[[nn.Module, Setting, tuple], Run]] = {
@@ -209,6 +214,7 @@ MAML_IMPLS: Dict[str, Callable[[nn.Module, Setting, tuple], Run]] = {
     "fused": batched_maml("fused"),
     "generic-graph": batched_maml("generic", "graph"),
     "generic-low": batched_maml("generic", "low"),
+    "generic-low-chunk1": batched_maml("generic", "low", task_chunk=1),  # one task at a time: the least memory
 }
 
 

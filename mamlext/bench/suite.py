@@ -6,7 +6,7 @@ Workloads (implementations in mamlext.bench.impls):
             loop, vmap, higher, torchopt, fused (the fused MLP engine), generic-graph (the generic engine)
   conv4     Omniglot-shaped N-way 1-shot classification with the Conv4 of mamlext.models.conv4 (BatchNorm in
             training mode), random 28x28 images, cross-entropy, second order; loop, vmap, higher, torchopt,
-            generic-graph, generic-low
+            generic-graph, generic-low, generic-low-chunk1 (memory="low", task_chunk=1)
   imaml     iMAML's inner solve and conjugate-gradient meta-gradient on the sinusoid MLP; loop, vmap, fused
             (mamlext.iMAML)
   task_sgd  the inner SGD update alone, T = 32 tasks of 6 tensors, over total sizes; loop, foreach, fused
@@ -61,7 +61,8 @@ TASK_SGD_TASKS, TASK_SGD_TENSORS, TASK_SGD_LR = 32, 6, 0.01
 RTOL = {"mlp": 1e-4, "conv4": 1e-3, "imaml": 1e-3, "task_sgd": 1e-6}
 LABELS = {"loop": "plain loop", "vmap": "torch.func vmap", "higher": "higher", "torchopt": "torchopt",
           "fused": "mamlext fused", "generic-graph": "mamlext generic (graph)",
-          "generic-low": "mamlext generic (low)", "foreach": "torch._foreach"}
+          "generic-low": "mamlext generic (low)", "generic-low-chunk1": "mamlext generic (low, task_chunk=1)",
+          "foreach": "torch._foreach"}
 VMAP_NOTE = ("vmap runs the model as it is: under torch.func.vmap an nn.BatchNorm2d in training mode gives wrong "
              "meta-gradients (functorch issue 534), so the conv4 vmap rows fail the meta-gradient check instead of "
              "reporting a speed; batch norm is deliberately not rewritten from primitive ops")
@@ -170,7 +171,7 @@ def build_case(case: Case, device: torch.device, seed: int) -> Built:
             case.tasks, 1)
         data = (images(shots), labels(shots), images(queries), labels(queries))
         setting = Setting(CONV_INNER_LR[ways], case.steps, p["first_order"], "ce")
-        names = ("loop", "vmap", "higher", "torchopt", "generic-graph", "generic-low")
+        names = ("loop", "vmap", "higher", "torchopt", "generic-graph", "generic-low", "generic-low-chunk1")
         return Built(data, _maml_builders(model, setting, data, names))
     if case.workload == "task_sgd":
         gen = torch.Generator(device=device).manual_seed(seed + 1)
@@ -290,7 +291,8 @@ def notes(workloads, impl_names) -> List[str]:
             out.append(f"{lib} is not installed: its rows are skipped (pip install {lib} to include it)")
     if {"higher", "torchopt"} & set(impl_names):
         out.append("higher and torchopt run second-order cases only (no first-order mode that yields meta-gradients)")
-    if {"generic-graph", "generic-low"} & set(impl_names) and not implementations.generic_available():
+    if {"generic-graph", "generic-low", "generic-low-chunk1"} & set(impl_names) \
+            and not implementations.generic_available():
         out.append("this mamlext has no generic engine: the generic-graph / generic-low rows are skipped")
     if "conv4" in workloads and "vmap" in impl_names:
         out.append(VMAP_NOTE)

@@ -256,82 +256,104 @@ class GenericEngine:
 
     def meta_loss_low(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, steps: int,
                       rate_at: Callable[[int], Rate], rates: Sequence[Tensor], lr_mode: str,
-                      step_weights: Optional[Tensor], first_order: bool) -> Tuple[Tensor, Tensor]:
-        """(mean query loss with the meta-gradient as its backward, per-task losses [T]); see the module docstring."""
+                      step_weights: Optional[Tensor], first_order: bool,
+                      task_chunk: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+        """(mean query loss with the meta-gradient as its backward, per-task losses [T]); see the module docstring.
+        task_chunk: run the tasks in chunks of this many (peak memory grows with it), all at once when None."""
         params = self.params()
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*params, *rates))
         mean, task_losses = _LowMemoryMAML.apply(self, xs, ys, xq, yq, steps, rate_at, lr_mode, step_weights,
-                                                 first_order, needs_grad, len(params), *params, *rates)
+                                                 first_order, needs_grad, task_chunk, len(params), *params, *rates)
         return mean, task_losses
 
 
+def _low_memory_tasks(engine: GenericEngine, xs, ys, xq, yq, steps, rate_at, lr_mode, weights, first_order,
+                      needs_grad, params, rates, total_tasks):
+    """memory="low" for the tasks of xs..yq (all, or one chunk): (per-task losses, and when needs_grad the sums over
+    these tasks of the meta-gradients and rate gradients of mean-over-total_tasks query loss, else None, None)."""
+    # The inner loop, keeping θ_0 .. θ_{N-1} (θ_0 shared by all tasks) and the query terms.
+    thetas, theta = [], params
+    for step in range(steps):
+        thetas.append(theta)
+        g = engine._support_grads(theta, step == 0, xs, ys)
+        theta = ops.task_sgd(theta, g, rate_at(step))
+    query_value_grad = vmap(grad_and_value(engine._loss_native), in_dims=(0, None, 0, 0))
+
+    def query_term(theta_k, weight):
+        q_grad, q_loss = query_value_grad(list(theta_k), engine._buffers(False), xq, yq)
+        return [weight * g / total_tasks for g in q_grad], weight * q_loss
+
+    v, task_losses = query_term(theta, weights[-1])
+    for step in range(steps - 1):  # the multi-step loss's other terms (their gradients are added on the way back)
+        if weights[step] is not None:
+            task_losses = task_losses + weights[step] * engine._task_losses(thetas[step + 1], False, xq, yq)
+    if not needs_grad:
+        return task_losses, None, None
+
+    # The reverse recursion from θ_N back to θ_0.
+    want_lr = lr_mode != "fixed"
+    lr_grads = [torch.zeros_like(r) for r in rates]
+
+    def grad_and_hvp(theta_task, u, buffers, x, y):  # support gradient and H u, by forward-over-reverse, exact
+        return jvp(lambda t: grad(engine._loss_exact)(t, buffers, x, y), (theta_task,), (u,))
+
+    hvp = vmap(grad_and_hvp, in_dims=(0, 0, None, 0, 0))
+    hvp_shared = vmap(grad_and_hvp, in_dims=(None, 0, None, 0, 0))
+    exact_buffers = engine._buffers(True)
+    for step in reversed(range(steps)):
+        theta_k, shared = thetas[step], step == 0
+        if first_order:  # no Hessian term; the support gradient only for the rates
+            hv = [torch.zeros_like(vi) for vi in v]
+            g = engine._support_grads(theta_k, shared, xs, ys) if want_lr else []
+        else:
+            try:
+                g, hv = (hvp_shared if shared else hvp)(list(theta_k), _rate_times(rate_at(step), v),
+                                                        exact_buffers, xs, ys)
+            except RuntimeError as error:
+                raise RuntimeError(f"{engine.owner}(generic engine, memory='low'): the Hessian-vector product "
+                                   "(forward-mode over reverse-mode differentiation of the support loss) failed: "
+                                   f"{error}. Some PyTorch ops lack forward-mode AD through their backward (e.g. "
+                                   "F.mse_loss: write it as (out - y).square().mean()); or use memory='graph'"
+                                   ) from error
+            g, hv = list(g), list(hv)
+        v, step_lr_grads = ops.maml_reverse_step(v, hv, g if want_lr else [], sum_tasks=shared)
+        if want_lr:
+            for total, step_grad in zip(lr_grads, step_lr_grads):
+                if lr_mode == "per_layer_step":
+                    total[step] += step_grad.sum()
+                else:  # per_param: one rate for every step
+                    total += step_grad
+        if step > 0 and weights[step - 1] is not None:
+            v = [vi + qi for vi, qi in zip(v, query_term(theta_k, weights[step - 1])[0])]
+    return task_losses, v, lr_grads
+
+
 class _LowMemoryMAML(torch.autograd.Function):
-    """memory="low": forward runs the inner loop and, when a gradient is wanted, the reverse recursion; it saves
-    only the meta-gradients (constant in the number of steps); backward scales them by the incoming gradient."""
+    """memory="low": forward runs the inner loop and, when a gradient is wanted, the reverse recursion, over chunks
+    of task_chunk tasks (all at once when None); it saves only the meta-gradients (constant in the number of steps
+    and tasks); backward scales them by the incoming gradient."""
 
     @staticmethod
     def forward(ctx, engine: GenericEngine, xs, ys, xq, yq, steps, rate_at, lr_mode, step_weights, first_order,
-                needs_grad, n_params, *params_rates):
+                needs_grad, task_chunk, n_params, *params_rates):
         params, rates = list(params_rates[:n_params]), list(params_rates[n_params:])
         tasks = xs.shape[0]
         weights = [None] * (steps - 1) + [1.0] if step_weights is None else list(step_weights.unbind())
-        # The inner loop, keeping θ_0 .. θ_{N-1} (θ_0 shared by all tasks) and the query terms.
-        thetas, theta = [], params
-        for step in range(steps):
-            thetas.append(theta)
-            g = engine._support_grads(theta, step == 0, xs, ys)
-            theta = ops.task_sgd(theta, g, rate_at(step))
-        query_value_grad = vmap(grad_and_value(engine._loss_native), in_dims=(0, None, 0, 0))
-
-        def query_term(theta_k, weight):
-            q_grad, q_loss = query_value_grad(list(theta_k), engine._buffers(False), xq, yq)
-            return [weight * g / tasks for g in q_grad], weight * q_loss
-
-        v, task_losses = query_term(theta, weights[-1])
-        for step in range(steps - 1):  # the multi-step loss's other terms (their gradients are added on the way back)
-            if weights[step] is not None:
-                task_losses = task_losses + weights[step] * engine._task_losses(thetas[step + 1], False, xq, yq)
-        ctx.n_params = n_params
+        chunk = tasks if task_chunk is None else task_chunk
+        losses, meta_grads, lr_grads = [], None, None
+        for begin in range(0, tasks, chunk):
+            part = slice(begin, begin + chunk)
+            chunk_losses, chunk_meta, chunk_lr = _low_memory_tasks(
+                engine, xs[part], ys[part], xq[part], yq[part], steps, rate_at, lr_mode, weights, first_order,
+                needs_grad, params, rates, tasks)
+            losses.append(chunk_losses)
+            if needs_grad:
+                meta_grads = chunk_meta if meta_grads is None else [a + b for a, b in zip(meta_grads, chunk_meta)]
+                lr_grads = chunk_lr if lr_grads is None else [a + b for a, b in zip(lr_grads, chunk_lr)]
+        task_losses = torch.cat(losses)
         ctx.mark_non_differentiable(task_losses)
-        if not needs_grad:
-            return task_losses.mean(), task_losses
-
-        # The reverse recursion from θ_N back to θ_0.
-        want_lr = lr_mode != "fixed"
-        lr_grads = [torch.zeros_like(r) for r in rates]
-        # (support gradient, Hessian-vector product) of each task by forward-over-reverse differentiation, exact
-        def grad_and_hvp(theta_task, u, buffers, x, y):
-            return jvp(lambda t: grad(engine._loss_exact)(t, buffers, x, y), (theta_task,), (u,))
-
-        hvp = vmap(grad_and_hvp, in_dims=(0, 0, None, 0, 0))
-        hvp_shared = vmap(grad_and_hvp, in_dims=(None, 0, None, 0, 0))
-        exact_buffers = engine._buffers(True)
-        for step in reversed(range(steps)):
-            theta_k, shared = thetas[step], step == 0
-            if first_order:  # no Hessian term; the support gradient only for the rates
-                hv = [torch.zeros_like(vi) for vi in v]
-                g = engine._support_grads(theta_k, shared, xs, ys) if want_lr else []
-            else:
-                try:
-                    g, hv = (hvp_shared if shared else hvp)(list(theta_k), _rate_times(rate_at(step), v),
-                                                            exact_buffers, xs, ys)
-                except RuntimeError as error:
-                    raise RuntimeError(f"{engine.owner}(generic engine, memory='low'): the Hessian-vector product "
-                                       "(forward-mode over reverse-mode differentiation of the support loss) failed: "
-                                       f"{error}. Some PyTorch ops lack forward-mode AD through their backward (e.g. "
-                                       "F.mse_loss: write it as (out - y).square().mean()); or use memory='graph'"
-                                       ) from error
-                g, hv = list(g), list(hv)
-            v, step_lr_grads = ops.maml_reverse_step(v, hv, g if want_lr else [], sum_tasks=shared)
-            if want_lr:
-                for total, step_grad in zip(lr_grads, step_lr_grads):
-                    if lr_mode == "per_layer_step":
-                        total[step] += step_grad.sum()
-                    else:  # per_param: one rate for every step
-                        total += step_grad
-            if step > 0 and weights[step - 1] is not None:
-                v = [vi + qi for vi, qi in zip(v, query_term(theta_k, weights[step - 1])[0])]
-        ctx.save_for_backward(*v, *lr_grads)
+        if needs_grad:
+            ctx.save_for_backward(*meta_grads, *lr_grads)
         return task_losses.mean(), task_losses
 
     @staticmethod
@@ -342,4 +364,4 @@ class _LowMemoryMAML(torch.autograd.Function):
             raise RuntimeError("memory='low': the meta-gradient was not computed because no parameter required a "
                                "gradient (or grad mode was off) when meta_loss ran")
         scaled = [grad_mean * t for t in saved]
-        return (None,) * 12 + tuple(scaled)
+        return (None,) * 13 + tuple(scaled)
