@@ -26,7 +26,7 @@ def _check_row(row):
         assert row["median_ms"] > 0 and isinstance(row["samples"], int) and row["samples"] >= 1
         assert row["reason"] is None
         if row["impl"] != suite.REFERENCE:  # passed the check: within the workload's tolerance
-            assert row["rel_error"] <= suite.RTOL[row["workload"]], row
+            assert row["rel_error"] <= suite.RTOL[suite.CHECK_DTYPE][row["workload"]], row
     else:
         assert isinstance(row["reason"], str) and row["reason"], row
         assert row["median_ms"] is None and row["tasks_per_s"] is None, row

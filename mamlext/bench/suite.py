@@ -14,8 +14,9 @@ Workloads (implementations in mamlext.bench.impls):
             T = 1000 with the meta-batch split across 1 and P CPU processes (gloo; mamlext.bench.distributed), and
             the scaling tasks/s(P) / tasks/s(1); results.json's "distributed" section
 
-Per case: the loop runs first and is the reference; each other implementation's first call is checked against it
-(normwise relative error per tensor <= the workload's rtol) and a mismatch marks its row failed; then one call
+Per case: every implementation runs once in float64 on the same data and initial parameters, and its result is
+checked against the float64 loop's (normwise relative error per tensor <= the workload's rtol; see CHECK_DTYPE); a
+mismatch marks its row failed; then, in float32, a warm-up call, one call
 measures peak memory, then all passing implementations are timed in interleaved rounds (mamlext.bench.common
 .time_impls). The loop's timing is skipped where one call of it takes longer than the suite's loop_max_call_s
 (60 s for Conv4 on the CPU; its meta-gradient still serves as the reference), and speedups against it are then
@@ -56,9 +57,14 @@ SINE_INNER_LR = 0.01
 CONV_INNER_LR = {5: 0.4, 20: 0.1}  # MAML's Omniglot settings
 IMAML = dict(inner_lr=0.01, steps=5, lam=10.0, cg_steps=5)  # lam large enough for CG to converge on the sinusoids
 TASK_SGD_TASKS, TASK_SGD_TENSORS, TASK_SGD_LR = 32, 6, 0.01
-# Normwise relative tolerance of the meta-gradient check, float32: the fused and generic engines sum in other
-# orders than the loop; conv nets and CG amplify that rounding more than the MLP.
-RTOL = {"mlp": 1e-4, "conv4": 1e-3, "imaml": 1e-3, "task_sgd": 1e-6}
+# The check runs every implementation once in float64 on the same data and initial parameters, and compares with
+# the float64 loop; the timing runs in float32. Comparing float32 results says little: second-order MAML amplifies
+# rounding so much that the float32 loop itself is 2.4 (relative) from the float64 one on Conv4-32 20-way N = 5,
+# where every float64 implementation agrees with the loop to 2e-13, and 1e-3 from it on 1-256-256-1 T = 1000 N = 5.
+CHECK_DTYPE = torch.float64
+# Normwise relative tolerance per tensor, by the dtype of the check (float32 only for builders given by tests).
+RTOL = {torch.float64: {"mlp": 1e-6, "conv4": 1e-6, "imaml": 1e-6, "task_sgd": 1e-12},
+        torch.float32: {"mlp": 2e-3, "conv4": 2e-3, "imaml": 2e-3, "task_sgd": 1e-6}}
 LABELS = {"loop": "plain loop", "vmap": "torch.func vmap", "higher": "higher", "torchopt": "torchopt",
           "fused": "mamlext fused", "generic-graph": "mamlext generic (graph)",
           "generic-low": "mamlext generic (low)", "generic-low-chunk1": "mamlext generic (low, task_chunk=1)",
@@ -147,12 +153,12 @@ def _maml_builders(model, setting, data, names):
     return {name: (lambda name=name: MAML_IMPLS[name](model, setting, data)) for name in names}
 
 
-def build_case(case: Case, device: torch.device, seed: int) -> Built:
+def build_case(case: Case, device: torch.device, seed: int, dtype: torch.dtype = DTYPE) -> Built:
     torch.manual_seed(seed)
     p = case.params
     if case.workload in ("mlp", "imaml"):
-        model = sine_mlp(p["width"]).to(device=device, dtype=DTYPE)
-        batch = SinusoidTasks(seed=seed + 1, dtype=DTYPE, device=device).sample(case.tasks, SINE_SHOTS,
+        model = sine_mlp(p["width"]).to(device=device, dtype=dtype)
+        batch = SinusoidTasks(seed=seed + 1, dtype=dtype, device=device).sample(case.tasks, SINE_SHOTS,
                                                                                 SINE_QUERIES)
         data = (batch.x_support, batch.y_support, batch.x_query, batch.y_query)
         if case.workload == "mlp":
@@ -163,10 +169,10 @@ def build_case(case: Case, device: torch.device, seed: int) -> Built:
         return Built(data, {name: (lambda fn=fn: fn(model, setting, data)) for name, fn in IMAML_IMPLS.items()})
     if case.workload == "conv4":
         ways, shots, queries = p["ways"], p["shots"], p["queries"]
-        model = conv4(ways, hidden=p["hidden"]).to(device=device, dtype=DTYPE)
+        model = conv4(ways, hidden=p["hidden"]).to(device=device, dtype=dtype)
         gen = torch.Generator(device=device).manual_seed(seed + 1)
         images = lambda per_class: torch.randn(case.tasks, ways * per_class, 1, 28, 28, generator=gen,  # noqa: E731
-                                               device=device, dtype=DTYPE)
+                                               device=device, dtype=dtype)
         labels = lambda per_class: torch.arange(ways, device=device).repeat_interleave(per_class).repeat(  # noqa: E731
             case.tasks, 1)
         data = (images(shots), labels(shots), images(queries), labels(queries))
@@ -176,8 +182,8 @@ def build_case(case: Case, device: torch.device, seed: int) -> Built:
     if case.workload == "task_sgd":
         gen = torch.Generator(device=device).manual_seed(seed + 1)
         shapes = layer_shapes(p["n_tensors"], max(1, p["size"] // case.tasks))
-        params = [torch.randn(case.tasks, *s, generator=gen, device=device, dtype=DTYPE) for s in shapes]
-        grads = [torch.randn(case.tasks, *s, generator=gen, device=device, dtype=DTYPE) for s in shapes]
+        params = [torch.randn(case.tasks, *s, generator=gen, device=device, dtype=dtype) for s in shapes]
+        grads = [torch.randn(case.tasks, *s, generator=gen, device=device, dtype=dtype) for s in shapes]
         impls, _ = task_sgd_impls(params, grads, TASK_SGD_LR, shared=False)
         named = {"loop": impls["loop"], "foreach": impls["foreach:add"], "fused": impls["fused"]}
         return Built((params, grads), {name: (lambda fn=fn: fn) for name, fn in named.items()})
@@ -200,47 +206,68 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0][:200] if text else ''}"
 
 
-def run_case(case: Case, device: torch.device, settings: SuiteSettings, seed: int = 0,
-             builders: Optional[Dict[str, Callable]] = None) -> List[dict]:
-    """One row per implementation of the case. `builders` replaces the case's implementations (tests)."""
-    if builders is None:
-        builders = build_case(case, device, seed).builders
-    rows = {name: _row(case, name) for name in builders}
-    runs: Dict[str, Callable[[], List[Tensor]]] = {}
+def _build_runs(builders: Dict[str, Callable], rows: Dict[str, dict]) -> Dict[str, Callable[[], List[Tensor]]]:
+    """The implementations that build; the others' rows say why not."""
+    runs = {}
     for name, build in builders.items():
+        if rows[name]["status"] != "ok":
+            continue
         try:
             runs[name] = build()
         except Skip as skip:
             rows[name].update(status="skipped", reason=str(skip))
         except Exception as error:  # an implementation that breaks is a failed row, not a crashed suite
             rows[name].update(status="failed", reason=f"could not be built: {_first_line(error)}")
+    return runs
 
-    # The check, which is also each implementation's first (warm-up) call.
-    outputs: Dict[str, List[Tensor]] = {}
+
+def _first_calls(runs, rows, device, time_it: bool) -> Dict[str, List[Tensor]]:
+    """Each implementation's first call (its outputs); one that raises is a failed row."""
+    outputs = {}
     for name, run in list(runs.items()):
         try:
             start = time.perf_counter()
             outputs[name] = [t.detach().clone() for t in run()]
             sync(device)
-            rows[name]["first_call_s"] = time.perf_counter() - start
+            if time_it:
+                rows[name]["first_call_s"] = time.perf_counter() - start
         except Exception as error:
             rows[name].update(status="failed", reason=f"raised {_first_line(error)}")
             del runs[name]
+    return outputs
+
+
+def run_case(case: Case, device: torch.device, settings: SuiteSettings, seed: int = 0,
+             builders: Optional[Dict[str, Callable]] = None) -> List[dict]:
+    """One row per implementation of the case: checked in CHECK_DTYPE, then timed in DTYPE. `builders` replaces
+    the case's implementations (tests); they are then checked as they are."""
+    check_builders = builders
+    if builders is None:
+        builders = build_case(case, device, seed).builders
+        check_builders = build_case(case, device, seed, CHECK_DTYPE).builders
+    rows = {name: _row(case, name) for name in builders}
+
+    # The check: every implementation against the plain loop, on the same data and initial parameters.
+    check_runs = _build_runs(check_builders, rows)
+    outputs = _first_calls(check_runs, rows, device, time_it=check_builders is builders)
+    del check_runs
     reference = outputs.get(REFERENCE)
-    for name in list(runs):
+    for name in list(outputs):
         if name == REFERENCE:
             continue
         if reference is None:
             rows[name].update(status="failed", reason="no reference: the plain loop did not run")
-            del runs[name]
             continue
-        bad = mismatch(outputs[name], reference, RTOL[case.workload])
+        rtol = RTOL[reference[0].dtype][case.workload]
+        bad = mismatch(outputs[name], reference, rtol)
         rows[name]["rel_error"] = None if bad and "rel. error" not in bad else max_rel_error(outputs[name], reference)
         if bad:
             what = "output" if case.workload == "task_sgd" else "meta-gradient"
             rows[name].update(status="failed", reason=f"{what} disagrees with the plain loop's ({bad})")
-            del runs[name]
     del outputs, reference
+    # The timed implementations: those that passed, their first call a warm-up.
+    runs = _build_runs(builders, rows)
+    _first_calls(runs, rows, device, time_it=True)
     loop_cap_s = settings.loop_max_call_s * LOOP_CAP_SCALE.get(case.workload, 1.0)
     # Peak memory, from each implementation's second call, whose duration also decides whether the loop is timed
     # (a first call can be slowed by one-time initialisation; one far over the cap is not called again).
@@ -347,7 +374,8 @@ def run_suite(suite: str, device: torch.device, out_dir: str, workloads=WORKLOAD
     results = {
         "schema_version": SCHEMA_VERSION, "title": f"mamlext bench --suite {suite} on {device}", "suite": suite,
         "device": str(device), "command": command, "complete": False, "machine": machine_info(device),
-        "settings": {**settings._asdict(), "seed": seed, "dtype": str(DTYPE), "rtol": RTOL,
+        "settings": {**settings._asdict(), "seed": seed, "dtype": str(DTYPE), "check_dtype": str(CHECK_DTYPE),
+                     "rtol": {str(dtype): tolerances for dtype, tolerances in RTOL.items()},
                      "time_budget_s": time_budget_s},
         "memory_kind": memory_kind, "memory_kind_description": MEMORY_KINDS[memory_kind],
         "notes": notes(workloads, MAML_IMPLS) if workloads else [], "rows": [], "wall_s": None,
