@@ -199,16 +199,34 @@ class FusedMLPModule(nn.Module):
                              f"(xs {list(xs.shape)}, xq {list(xq.shape)})")
 
     def _check_pair(self, method: str, x: Tensor, y: Tensor, x_name: str, y_name: str) -> None:
-        if self._generic is not None:
-            return self._check_pair_generic(method, x, y, x_name, y_name)
-        params = self._params()
-        like = params[0]
-        in_f, out_f = self._layers[0].in_features, self._layers[-1].out_features
+        """An input pair of `method`: tensors on the model's device, shaped for the engine (_check_shapes_mlp /
+        _check_shapes_generic), finite, and class indices within the model's outputs."""
+        like = self._params()[0]
         for name, t in ((x_name, x), (y_name, y)):
             if not isinstance(t, Tensor):
                 raise TypeError(f"{self._owner}.{method}: {name} must be a tensor, got {type(t).__name__}")
             if t.device != like.device:
                 raise ValueError(f"{self._owner}.{method}: {name} is on {t.device} but the model is on {like.device}")
+        if self._generic is None:
+            self._check_shapes_mlp(method, x, y, x_name, y_name, like)
+        else:
+            self._check_shapes_generic(method, x, y, x_name, y_name, like)
+        if not torch.isfinite(x).all():
+            raise ValueError(f"{self._owner}.{method}: {x_name} holds non-finite values (nan or inf)")
+        if y.dtype.is_floating_point and not torch.isfinite(y).all():
+            raise ValueError(f"{self._owner}.{method}: {y_name} holds non-finite values (nan or inf)")
+        if self.loss == "ce":
+            out_f = self._layers[-1].out_features if self._generic is None else self._generic.validate(method, x, y)
+            low, high = int(y.min()), int(y.max())
+            if low < 0 or high >= out_f:
+                raise ValueError(f"{self._owner}.{method}: {y_name} holds the class index "
+                                 f"{low if low < 0 else high}, outside [0, {out_f}) (the model has {out_f} outputs)")
+        elif self._generic is not None:
+            self._generic.validate(method, x, y)
+
+    def _check_shapes_mlp(self, method: str, x: Tensor, y: Tensor, x_name: str, y_name: str, like: Tensor) -> None:
+        """The fused MLP engine's view: x [T, K, in], y [T, K, out] (mse) or int64 [T, K] (ce), the model's dtype."""
+        in_f, out_f = self._layers[0].in_features, self._layers[-1].out_features
         if x.dim() != 3:
             raise ValueError(f"{self._owner}.{method}: {x_name} must be [T, K, in] = [T, K, {in_f}] (3 dimensions), "
                              f"got {list(x.shape)}")
@@ -236,25 +254,12 @@ class FusedMLPModule(nn.Module):
             if y.shape != (tasks, rows):
                 raise ValueError(f"{self._owner}.{method}: {y_name} must be [T, K] = {[tasks, rows]} for loss 'ce' "
                                  f"({x_name} is {list(x.shape)}), got {list(y.shape)}")
-            low, high = int(y.min()), int(y.max())
-            if low < 0 or high >= out_f:
-                raise ValueError(f"{self._owner}.{method}: {y_name} holds the class index "
-                                 f"{low if low < 0 else high}, outside [0, {out_f}) (the model has {out_f} outputs)")
-        if not torch.isfinite(x).all():
-            raise ValueError(f"{self._owner}.{method}: {x_name} holds non-finite values (nan or inf)")
-        if self.loss == "mse" and not torch.isfinite(y).all():
-            raise ValueError(f"{self._owner}.{method}: {y_name} holds non-finite values (nan or inf)")
 
-    def _check_pair_generic(self, method: str, x: Tensor, y: Tensor, x_name: str, y_name: str) -> None:
+    def _check_shapes_generic(self, method: str, x: Tensor, y: Tensor, x_name: str, y_name: str,
+                              like: Tensor) -> None:
         """The generic engine's view: x [T, K, *in], y [T, K, *out] (mse: like the model's output; ce: int64
-        [T, K]; a loss callable: any tensor with T leading), the model's dtype and device. The first call of each
-        input shape also runs one task through the model to check that it can be batched (GenericEngine.validate)."""
-        like = self._params()[0]
-        for name, t in ((x_name, x), (y_name, y)):
-            if not isinstance(t, Tensor):
-                raise TypeError(f"{self._owner}.{method}: {name} must be a tensor, got {type(t).__name__}")
-            if t.device != like.device:
-                raise ValueError(f"{self._owner}.{method}: {name} is on {t.device} but the model is on {like.device}")
+        [T, K]; a loss callable: any tensor with T leading), the model's dtype. (_check_pair then runs one task
+        through the model on the first call of each input shape: GenericEngine.validate.)"""
         if x.dim() < 2 or x.shape[0] < 1 or x.shape[1] < 1:
             raise ValueError(f"{self._owner}.{method}: {x_name} must be [T, K, *input shape] with T >= 1 tasks of "
                              f"K >= 1 examples, got {list(x.shape)}")
@@ -274,17 +279,6 @@ class FusedMLPModule(nn.Module):
         if self.loss == "mse" and y.dtype != like.dtype:
             raise ValueError(f"{self._owner}.{method}: {y_name} has dtype {y.dtype} but the model's parameters are "
                              f"{like.dtype} (loss 'mse')")
-        if not torch.isfinite(x).all():
-            raise ValueError(f"{self._owner}.{method}: {x_name} holds non-finite values (nan or inf)")
-        if y.dtype.is_floating_point and not torch.isfinite(y).all():
-            raise ValueError(f"{self._owner}.{method}: {y_name} holds non-finite values (nan or inf)")
-        out_features = self._generic.validate(method, x, y)
-        if self.loss == "ce":
-            low, high = int(y.min()), int(y.max())
-            if low < 0 or high >= out_features:
-                raise ValueError(f"{self._owner}.{method}: {y_name} holds the class index "
-                                 f"{low if low < 0 else high}, outside [0, {out_features}) (the model has "
-                                 f"{out_features} outputs)")
 
     def predict(self, adapted: Sequence[Tensor], x: Tensor) -> Tensor:
         """Each task's model output with its adapted parameters: x [T, K, *in] -> [T, K, *out]."""
