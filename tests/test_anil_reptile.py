@@ -62,6 +62,8 @@ def test_anil_adapt_predict_shapes_and_errors():
     xs, ys, xq, yq = image_tasks(2, 4, 5, 3, 8, torch.float64, gen)
     out = anil.predict(anil.adapt(xs, ys, steps=2), xq)
     assert out.shape == (2, 5, 3)
+    loss = anil.meta_loss(xs, ys, xq, yq)
+    torch.testing.assert_close(anil.last_task_losses.mean(), loss.detach())
     with pytest.raises(ValueError, match=r"ANIL.meta_loss: xs has T = 1 tasks but xq has 2"):
         anil.meta_loss(xs[:1], ys[:1], xq, yq)
     with pytest.raises(ValueError, match=r"ANIL: xs must be \[T, K, \*input shape\]"):
@@ -104,6 +106,20 @@ def test_reptile_matches_plain_loop(model_kind):
             torch.testing.assert_close(p.detach(), e, rtol=1e-10, atol=1e-12)
 
 
-def test_reptile_bad_outer_step():
+def test_reptile_bad_input_and_evaluation():
     with pytest.raises(ValueError, match="Reptile: outer_step must be a float > 0, got 0"):
         Reptile(mlp([1, 2, 1], "relu"), outer_step=0)
+    gen = torch.Generator().manual_seed(2)
+    model = mlp([2, 4, 1], "relu").double()
+    reptile = Reptile(model, inner_lr=0.1, inner_steps=2)
+    xs, ys, xq, _ = make_tasks([2, 4, 1], 3, 5, 4, "mse", torch.float64, "cpu", gen)
+    with pytest.raises(ValueError, match=r"xs must be \[T, K, in\] with in = 2"):
+        reptile.step(xs[:, :, :1], ys)
+    adapted = reptile.adapt(xs, ys, steps=2)
+    names = [n for n, _ in model.named_parameters()]
+    out = reptile.predict(adapted, xq)
+    for t in range(3):
+        expected = functional_call(model, {n: a[t] for n, a in zip(names, adapted)}, (xq[t],))
+        torch.testing.assert_close(out[t], expected)
+    for a, phi in zip(adapted, reptile.step(xs, ys)):  # step adapts from the same theta as adapt did
+        torch.testing.assert_close(a, phi)
