@@ -13,12 +13,10 @@
 //   R-backward: Rdz_{L-1} = H_loss Rz_{L-1}; (Hv)_W_l = Rdz_l^T h_{l-1} + dz_l^T Rh_{l-1}, (Hv)_b_l = sum_k Rdz_l;
 //               Rdh_{l-1} = Rdz_l W_l + dz_l VW_l, Rdz_{l-1} = f'(z_{l-1}) * Rdh_{l-1} + f''(z_{l-1}) * dh_{l-1} * Rz_{l-1}.
 //
-// Inner loops run over contiguous memory (a row of W, h or dz) so that the compiler vectorizes them, and are
-// axpys where rows are short: a dot product ends in a horizontal sum, which costs as much as a short row's
-// multiply-adds. The forward products h W^T of layers with up to kMaxTransposedIn inputs therefore read the weights
-// transposed (MlpForwardWeights: W^T [in, out], made once per parameter set by transpose_weights); wider layers
-// take dot products of rows of W, whose horizontal sums are cheaper than the transposes. The backward products
-// read W as it is.
+// Every matrix product is one register-tiled kernel, gemm (C (+)= A B, B row-major): blocks of C stay in registers
+// while the shared dimension streams by, and each element of C is summed over that dimension in order, whatever the
+// tiling (but for single-column products: dot products, vectorized). The forward products h W^T therefore read the weights transposed (MlpForwardWeights: W^T [in, out], made
+// once per parameter set by transpose_weights); the backward products read W as it is.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -28,6 +26,20 @@
 #include "common/activations.h"
 #include "common/losses.h"
 #include "common/sgd_math.h"
+
+// Host code compiled for AVX-512, AVX2 + FMA and the baseline x86-64 (GCC), the best picked when the library loads
+// (the build targets the baseline, on which the matrix loops run 4 floats per instruction, without FMA). flatten
+// inlines all that such a function calls, so that all of it is compiled for the clone's instruction set.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#define MAMLEXT_HOST_ISA_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten))
+// gemm is such a function of its own (called, not inlined, by its callers): one copy of its register blocks per
+// instruction set instead of one per call site, which kept the CPU kernels' file compiling for minutes.
+#define MAMLEXT_GEMM_FUNCTION MAMLEXT_HOST_ISA_CLONES
+#else
+#define MAMLEXT_HOST_ISA_CLONES
+#define MAMLEXT_GEMM_FUNCTION C10_HOST_DEVICE inline
+#endif
 
 namespace mamlext {
 
@@ -94,21 +106,15 @@ C10_HOST_DEVICE inline MlpParams<const scalar_t*> as_const(const MlpParams<scala
   return c;
 }
 
-// The weights of a parameter set as the forward passes read them, per layer: w[l] = W_l^T [in, out] when
-// transposed[l], else W_l [out, in] (row-major). A layer with one input feature is its own transpose in memory
-// (w[l] is then W_l itself); layers with more inputs, up to kMaxTransposedIn, and more than one output are copied
-// into a buffer of mlp_transposed_numel elements; the others are read as W_l.
-constexpr int64_t kMaxTransposedIn = 128;  // 1-256-256-1: dot products beat the transposes (measured)
-
+// The weights of a parameter set as the forward passes read them: w[l] = W_l^T [in, out], row-major. A layer with
+// one input or one output feature is its own transpose in memory (w[l] is then W_l itself); the others are copied
+// into a buffer of mlp_transposed_numel elements.
 template <typename scalar_t>
 struct MlpForwardWeights {
   const scalar_t* w[kMlpMaxLayers] = {};
-  bool transposed[kMlpMaxLayers] = {};
 };
 
-C10_HOST_DEVICE inline bool layer_copies_transpose(const MlpDims& d, int l) {
-  return d.in(l) > 1 && d.in(l) <= kMaxTransposedIn && d.out(l) > 1;
-}
+C10_HOST_DEVICE inline bool layer_copies_transpose(const MlpDims& d, int l) { return d.in(l) > 1 && d.out(l) > 1; }
 
 C10_HOST_DEVICE inline int64_t mlp_transposed_numel(const MlpDims& d) {
   int64_t n = 0;
@@ -125,7 +131,6 @@ C10_HOST_DEVICE inline MlpForwardWeights<scalar_t> forward_weights(const MlpDims
   for (int l = 0; l < d.layers; ++l) {
     const bool copy = layer_copies_transpose(d, l);
     f.w[l] = copy ? buffer : p.weight(l);
-    f.transposed[l] = copy || d.in(l) == 1;
     if (copy) buffer += d.in(l) * d.out(l);
   }
   return f;
@@ -219,119 +224,176 @@ C10_HOST_DEVICE inline void axpy(int64_t n, scalar_t alpha, const scalar_t* __re
   for (int64_t j = 0; j < n; ++j) out[j] += alpha * x[j];
 }
 
-// out[j] += a[0] x[0][j] + a[1] x[1][j] + a[2] x[2][j] + a[3] x[3][j]: four axpys in one pass over out.
+// C (+)= A B for C [M, N] (row stride ldc), A [M, depth] read as A[r, p] = a[r * a_row + p * a_col] (a matrix,
+// its transpose, or with zero strides a constant), B [depth, N] row-major (row stride ldb).
 template <typename scalar_t>
-C10_HOST_DEVICE inline void axpy4(int64_t n, const scalar_t* a, const scalar_t* __restrict__ x0,
-                                  const scalar_t* __restrict__ x1, const scalar_t* __restrict__ x2,
-                                  const scalar_t* __restrict__ x3, scalar_t* __restrict__ out) {
-  const scalar_t a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
-  for (int64_t j = 0; j < n; ++j) out[j] += a0 * x0[j] + a1 * x1[j] + a2 * x2[j] + a3 * x3[j];
-}
+struct GemmOperands {
+  int64_t M = 0, N = 0, depth = 0;
+  const scalar_t* a = nullptr;
+  int64_t a_row = 0, a_col = 0;
+  const scalar_t* b = nullptr;
+  int64_t ldb = 0;
+  scalar_t* c = nullptr;
+  int64_t ldc = 0;
+};
 
-// out[k, :] = bias + in[k, :] W^T; with bias null, out[k, :] += in[k, :] W^T, in the two forms of
-// MlpForwardWeights.
+// Rows [r0, r0 + MR) x columns [c0, c0 + NR) of C, held in registers over the whole shared dimension.
+#if defined(__GNUC__) && !defined(__CUDACC__)
+// Host: with GCC's vector types, spelled out so that the compiler keeps the accumulators in registers (from plain
+// arrays it kept them on the stack outside the inner loop). NR * sizeof(scalar_t) is 128 or 32 bytes (two 64-byte or
+// one 32-byte vector per row), or NR is 1. The arithmetic is the same as the portable version below.
+template <typename scalar_t, int Bytes>
+struct HostVector {
+  typedef scalar_t type __attribute__((vector_size(Bytes)));
+};
 
-// From WT = W^T [I, O]: each row of out is built by axpys of four rows of WT at a time.
-template <typename scalar_t>
-C10_HOST_DEVICE inline void linear_forward_transposed(int64_t K, int64_t I, int64_t O, const scalar_t* __restrict__ in,
-                                                      const scalar_t* __restrict__ WT,
-                                                      const scalar_t* __restrict__ bias, scalar_t* __restrict__ out) {
-  for (int64_t k = 0; k < K; ++k) {
-    const scalar_t* __restrict__ x = in + k * I;
-    scalar_t* __restrict__ out_row = out + k * O;
-    if (bias != nullptr) {
-      for (int64_t o = 0; o < O; ++o) out_row[o] = bias[o];
-    }
-    int64_t i = 0;
-    for (; i + 4 <= I; i += 4) axpy4(O, x + i, WT + i * O, WT + (i + 1) * O, WT + (i + 2) * O, WT + (i + 3) * O, out_row);
-    for (; i < I; ++i) axpy(O, x[i], WT + i * O, out_row);
-  }
-}
-
-// From W [O, I]: dot products of rows; four outputs at a time share each load of the input row, and blocks of four
-// weight rows stay in L1 while every input row passes by.
-template <typename scalar_t>
-C10_HOST_DEVICE inline void linear_forward_rows(int64_t K, int64_t I, int64_t O, const scalar_t* __restrict__ in,
-                                                const scalar_t* __restrict__ W, const scalar_t* __restrict__ bias,
-                                                scalar_t* __restrict__ out) {
-  int64_t o = 0;
-  for (; o + 4 <= O; o += 4) {
-    const scalar_t* __restrict__ w0 = W + o * I;
-    const scalar_t* __restrict__ w1 = w0 + I;
-    const scalar_t* __restrict__ w2 = w1 + I;
-    const scalar_t* __restrict__ w3 = w2 + I;
-    for (int64_t k = 0; k < K; ++k) {
-      const scalar_t* __restrict__ x = in + k * I;
-      scalar_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-      MAMLEXT_SIMD_SUM(s0, s1, s2, s3)
-      for (int64_t i = 0; i < I; ++i) {
-        s0 += x[i] * w0[i];
-        s1 += x[i] * w1[i];
-        s2 += x[i] * w2[i];
-        s3 += x[i] * w3[i];
+template <int MR, int NR, typename scalar_t>
+inline void gemm_block(const GemmOperands<scalar_t>& g, int64_t r0, int64_t c0, bool accumulate) {
+  constexpr int kBytes = NR * static_cast<int>(sizeof(scalar_t)) >= 64 ? 64 : NR * static_cast<int>(sizeof(scalar_t));
+  constexpr int kLanes = kBytes / static_cast<int>(sizeof(scalar_t)), kVectors = NR / kLanes;
+  using V = typename HostVector<scalar_t, kBytes>::type;
+  static_assert(kVectors * kLanes == NR, "gemm_block: NR must fill whole vectors");
+  V acc[MR][kVectors];
+  scalar_t* c = g.c + r0 * g.ldc + c0;
+  for (int r = 0; r < MR; ++r) {
+    for (int v = 0; v < kVectors; ++v) {
+      if (accumulate) {
+        __builtin_memcpy(&acc[r][v], c + r * g.ldc + v * kLanes, kBytes);
+      } else {
+        acc[r][v] = V{};
       }
-      const scalar_t sums[4] = {s0, s1, s2, s3};
-      scalar_t* __restrict__ out_row = out + k * O + o;
-      for (int j = 0; j < 4; ++j) out_row[j] = bias != nullptr ? bias[o + j] + sums[j] : out_row[j] + sums[j];
     }
   }
-  for (; o < O; ++o) {
+  const scalar_t* a = g.a + r0 * g.a_row;
+  const scalar_t* b = g.b + c0;
+  for (int64_t p = 0; p < g.depth; ++p) {
+    V b_row[kVectors];
+    for (int v = 0; v < kVectors; ++v) __builtin_memcpy(&b_row[v], b + p * g.ldb + v * kLanes, kBytes);
+    for (int r = 0; r < MR; ++r) {
+      const V a_rp = V{} + a[r * g.a_row + p * g.a_col];
+      for (int v = 0; v < kVectors; ++v) acc[r][v] += a_rp * b_row[v];
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    for (int v = 0; v < kVectors; ++v) __builtin_memcpy(c + r * g.ldc + v * kLanes, &acc[r][v], kBytes);
+  }
+}
+#else
+template <int MR, int NR, typename scalar_t>
+C10_HOST_DEVICE inline void gemm_block(const GemmOperands<scalar_t>& g, int64_t r0, int64_t c0, bool accumulate) {
+  scalar_t acc[MR][NR];
+  scalar_t* c = g.c + r0 * g.ldc + c0;
+  for (int r = 0; r < MR; ++r) {
+    for (int j = 0; j < NR; ++j) acc[r][j] = accumulate ? c[r * g.ldc + j] : scalar_t(0);
+  }
+  const scalar_t* a = g.a + r0 * g.a_row;
+  const scalar_t* b = g.b + c0;
+  for (int64_t p = 0; p < g.depth; ++p) {
+    for (int r = 0; r < MR; ++r) {
+      const scalar_t a_rp = a[r * g.a_row + p * g.a_col];
+      for (int j = 0; j < NR; ++j) acc[r][j] += a_rp * b[p * g.ldb + j];
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    for (int j = 0; j < NR; ++j) c[r * g.ldc + j] = acc[r][j];
+  }
+}
+#endif
+
+// Rows [r0, r0 + MR), all N columns: blocks of 128 bytes of columns (two AVX-512 registers per row), then of 32
+// bytes, then single columns.
+template <int MR, typename scalar_t>
+C10_HOST_DEVICE inline void gemm_rows(const GemmOperands<scalar_t>& g, int64_t r0, bool accumulate) {
+  constexpr int kWide = static_cast<int>(128 / sizeof(scalar_t)), kNarrow = static_cast<int>(32 / sizeof(scalar_t));
+  int64_t c = 0;
+  for (; c + kWide <= g.N; c += kWide) gemm_block<MR, kWide>(g, r0, c, accumulate);
+  for (; c + kNarrow <= g.N; c += kNarrow) gemm_block<MR, kNarrow>(g, r0, c, accumulate);
+  for (; c < g.N; ++c) gemm_block<MR, 1>(g, r0, c, accumulate);
+}
+
+// At most 6 rows per block: 12 accumulator registers for the widest blocks, so that the multiply-adds of a block
+// are independent enough to fill the FMA units.
+constexpr int kGemmMaxRows = 6;
+
+template <typename scalar_t>
+C10_HOST_DEVICE inline void gemm_rows_n(int64_t rows, const GemmOperands<scalar_t>& g, int64_t r0, bool accumulate) {
+  switch (rows) {
+    case 6: gemm_rows<6>(g, r0, accumulate); break;
+    case 5: gemm_rows<5>(g, r0, accumulate); break;
+    case 4: gemm_rows<4>(g, r0, accumulate); break;
+    case 3: gemm_rows<3>(g, r0, accumulate); break;
+    case 2: gemm_rows<2>(g, r0, accumulate); break;
+    default: gemm_rows<1>(g, r0, accumulate); break;
+  }
+}
+
+// C = A B (accumulate: C += A B). The rows go in blocks of equal size (at most kGemmMaxRows; the last may be
+// smaller): 10 rows are two blocks of 5 rather than 6 + 4. A single column with contiguous rows of A is a dot
+// product per row instead.
+template <typename scalar_t>
+MAMLEXT_GEMM_FUNCTION void gemm(const GemmOperands<scalar_t>& g, bool accumulate) {
+  if (g.N == 1 && g.a_col == 1 && g.ldb == 1) {
+    for (int64_t r = 0; r < g.M; ++r) {
+      const scalar_t s = dot(g.depth, g.a + r * g.a_row, g.b);
+      g.c[r * g.ldc] = accumulate ? g.c[r * g.ldc] + s : s;
+    }
+    return;
+  }
+  const int64_t blocks = (g.M + kGemmMaxRows - 1) / kGemmMaxRows;
+  const int64_t rows = blocks == 0 ? 0 : (g.M + blocks - 1) / blocks;
+  for (int64_t r = 0; r < g.M; r += rows) gemm_rows_n(g.M - r < rows ? g.M - r : rows, g, r, accumulate);
+}
+
+// Shapes of the layer products: in [K, I], W [O, I] (WT = W^T [I, O]), d/out [K, O].
+
+// out = bias + in W^T (each row), or with bias null out += in W^T.
+template <typename scalar_t>
+C10_HOST_DEVICE inline void linear_forward(int64_t K, int64_t I, int64_t O, const scalar_t* in, const scalar_t* WT,
+                                           const scalar_t* bias, scalar_t* out) {
+  if (bias != nullptr) {
     for (int64_t k = 0; k < K; ++k) {
-      const scalar_t s = dot(I, in + k * I, W + o * I);
-      out[k * O + o] = bias != nullptr ? bias[o] + s : out[k * O + o] + s;
+      for (int64_t o = 0; o < O; ++o) out[k * O + o] = bias[o];
     }
   }
+  GemmOperands<scalar_t> g;
+  g.M = K, g.N = O, g.depth = I;
+  g.a = in, g.a_row = I, g.a_col = 1;
+  g.b = WT, g.ldb = O;
+  g.c = out, g.ldc = O;
+  gemm(g, true);
 }
 
-// Layer l's product with the forward weights f.
+// gW (+)= d^T in and, when gb is not null, gb (+)= sum_k d[k, :]: the gradient of the layer's parameters.
 template <typename scalar_t>
-C10_HOST_DEVICE inline void linear_forward(const MlpDims& d, int l, const MlpForwardWeights<scalar_t>& f, int64_t K,
-                                           const scalar_t* in, const scalar_t* bias, scalar_t* out) {
-  if (f.transposed[l]) {
-    linear_forward_transposed(K, d.in(l), d.out(l), in, f.w[l], bias, out);
-  } else {
-    linear_forward_rows(K, d.in(l), d.out(l), in, f.w[l], bias, out);
-  }
-}
-
-// gW[o, i] += sum_k d[k, o] in[k, i] and, when gb is not null, gb[o] += sum_k d[k, o]: the gradient of the
-// layer's parameters. Four rows k at a time per pass over a row of gW.
-template <typename scalar_t>
-C10_HOST_DEVICE inline void linear_param_grad_add(int64_t K, int64_t I, int64_t O, const scalar_t* __restrict__ d,
-                                                  const scalar_t* __restrict__ in, scalar_t* __restrict__ gW,
-                                                  scalar_t* __restrict__ gb) {
-  if (I == 1) {  // W is one column: gW[o] += sum_k d[k, o] in[k], looping over the outputs
-    for (int64_t k = 0; k < K; ++k) axpy(O, in[k], d + k * O, gW);
-  } else {
-    for (int64_t o = 0; o < O; ++o) {
-      scalar_t* gW_row = gW + o * I;
-      int64_t k = 0;
-      for (; k + 4 <= K; k += 4) {
-        const scalar_t a[4] = {d[k * O + o], d[(k + 1) * O + o], d[(k + 2) * O + o], d[(k + 3) * O + o]};
-        axpy4(I, a, in + k * I, in + (k + 1) * I, in + (k + 2) * I, in + (k + 3) * I, gW_row);
-      }
-      for (; k < K; ++k) axpy(I, d[k * O + o], in + k * I, gW_row);
-    }
-  }
+C10_HOST_DEVICE inline void linear_param_grad(int64_t K, int64_t I, int64_t O, const scalar_t* d, const scalar_t* in,
+                                              scalar_t* gW, scalar_t* gb, bool accumulate) {
+  GemmOperands<scalar_t> g;
+  g.M = O, g.N = I, g.depth = K;
+  g.a = d, g.a_row = 1, g.a_col = O;
+  g.b = in, g.ldb = I;
+  g.c = gW, g.ldc = I;
+  gemm(g, accumulate);
   if (gb != nullptr) {
-    for (int64_t k = 0; k < K; ++k) axpy(O, scalar_t(1), d + k * O, gb);
+    const scalar_t one = 1;
+    GemmOperands<scalar_t> s;  // ones [1, K] d
+    s.M = 1, s.N = O, s.depth = K;
+    s.a = &one;
+    s.b = d, s.ldb = O;
+    s.c = gb, s.ldc = O;
+    gemm(s, accumulate);
   }
 }
 
-// din[k, i] += sum_o d[k, o] W[o, i]: the gradient of the layer's input. Four outputs o at a time per pass over a
-// row of din, each block of four weight rows kept in L1 for all rows k.
+// din (+)= d W: the gradient of the layer's input.
 template <typename scalar_t>
-C10_HOST_DEVICE inline void linear_input_grad_add(int64_t K, int64_t I, int64_t O, const scalar_t* __restrict__ d,
-                                                  const scalar_t* __restrict__ W, scalar_t* __restrict__ din) {
-  int64_t o = 0;
-  for (; o + 4 <= O; o += 4) {
-    for (int64_t k = 0; k < K; ++k) {
-      axpy4(I, d + k * O + o, W + o * I, W + (o + 1) * I, W + (o + 2) * I, W + (o + 3) * I, din + k * I);
-    }
-  }
-  for (; o < O; ++o) {
-    for (int64_t k = 0; k < K; ++k) axpy(I, d[k * O + o], W + o * I, din + k * I);
-  }
+C10_HOST_DEVICE inline void linear_input_grad(int64_t K, int64_t I, int64_t O, const scalar_t* d, const scalar_t* W,
+                                              scalar_t* din, bool accumulate) {
+  GemmOperands<scalar_t> g;
+  g.M = K, g.N = I, g.depth = O;
+  g.a = d, g.a_row = O, g.a_col = 1;
+  g.b = W, g.ldb = I;
+  g.c = din, g.ldc = I;
+  gemm(g, accumulate);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -346,7 +408,7 @@ C10_HOST_DEVICE inline void mlp_forward(const MlpConfig& c, int64_t K, const sca
   const MlpDims& d = c.dims;
   for (int l = 0; l < d.layers; ++l) {
     const scalar_t* in = l == 0 ? x : a.h[l - 1];
-    linear_forward(d, l, pt, K, in, p.bias(l), a.z[l]);
+    linear_forward(K, d.in(l), d.out(l), in, pt.w[l], p.bias(l), a.z[l]);
     if (l + 1 < d.layers) {
       activation_forward(c.activation, static_cast<scalar_t>(c.act_param), K * d.out(l), a.z[l], a.h[l]);
     }
@@ -363,14 +425,9 @@ C10_HOST_DEVICE inline void mlp_backward(const MlpConfig& c, int64_t K, const sc
   for (int l = d.layers - 1; l >= 0; --l) {
     const int64_t I = d.in(l), O = d.out(l);
     const scalar_t* in = l == 0 ? x : a.h[l - 1];
-    if (grads != nullptr) {
-      fill(O * I, scalar_t(0), grads->weight(l));
-      fill(O, scalar_t(0), grads->bias(l));
-      linear_param_grad_add(K, I, O, a.dz[l], in, grads->weight(l), grads->bias(l));
-    }
+    if (grads != nullptr) linear_param_grad(K, I, O, a.dz[l], in, grads->weight(l), grads->bias(l), false);
     if (l > 0) {
-      fill(K * I, scalar_t(0), a.dh[l - 1]);
-      linear_input_grad_add(K, I, O, a.dz[l], p.weight(l), a.dh[l - 1]);
+      linear_input_grad(K, I, O, a.dz[l], p.weight(l), a.dh[l - 1], false);
       activation_backward(c.activation, static_cast<scalar_t>(c.act_param), K * I, a.z[l - 1], a.h[l - 1],
                           a.dh[l - 1], a.dz[l - 1]);
     }
@@ -386,8 +443,11 @@ C10_HOST_DEVICE inline void mlp_r_forward(const MlpConfig& c, int64_t K, const s
   const MlpDims& d = c.dims;
   for (int l = 0; l < d.layers; ++l) {
     const scalar_t* in = l == 0 ? x : a.h[l - 1];
-    linear_forward(d, l, vt, K, in, v.bias(l), a.rz[l]);  // h VW^T + Vb
-    if (l > 0) linear_forward(d, l, pt, K, a.rh[l - 1], static_cast<const scalar_t*>(nullptr), a.rz[l]);  // + Rh W^T
+    linear_forward(K, d.in(l), d.out(l), in, vt.w[l], v.bias(l), a.rz[l]);  // h VW^T + Vb
+    if (l > 0) {
+      linear_forward(K, d.in(l), d.out(l), a.rh[l - 1], pt.w[l], static_cast<const scalar_t*>(nullptr),
+                     a.rz[l]);  // + Rh W^T
+    }
     if (l + 1 < d.layers) {
       activation_backward(c.activation, static_cast<scalar_t>(c.act_param), K * d.out(l), a.z[l], a.h[l], a.rz[l],
                           a.rh[l]);
@@ -404,15 +464,12 @@ C10_HOST_DEVICE inline void mlp_r_backward(const MlpConfig& c, int64_t K, const 
   for (int l = d.layers - 1; l >= 0; --l) {
     const int64_t I = d.in(l), O = d.out(l);
     const scalar_t* in = l == 0 ? x : a.h[l - 1];
-    fill(O * I, scalar_t(0), hv.weight(l));
-    fill(O, scalar_t(0), hv.bias(l));
-    linear_param_grad_add(K, I, O, a.rdz[l], in, hv.weight(l), hv.bias(l));  // Rdz^T h, sum_k Rdz
+    linear_param_grad(K, I, O, a.rdz[l], in, hv.weight(l), hv.bias(l), false);  // Rdz^T h, sum_k Rdz
     if (l == 0) break;
-    linear_param_grad_add(K, I, O, a.dz[l], a.rh[l - 1], hv.weight(l), static_cast<scalar_t*>(nullptr));  // + dz^T Rh
+    linear_param_grad(K, I, O, a.dz[l], a.rh[l - 1], hv.weight(l), static_cast<scalar_t*>(nullptr), true);  // + dz^T Rh
     scalar_t* rdh = a.rdz[l - 1];  // R{dL/dh_{l-1}}, turned into R{dL/dz_{l-1}} in place
-    fill(K * I, scalar_t(0), rdh);
-    linear_input_grad_add(K, I, O, a.rdz[l], p.weight(l), rdh);
-    linear_input_grad_add(K, I, O, a.dz[l], v.weight(l), rdh);
+    linear_input_grad(K, I, O, a.rdz[l], p.weight(l), rdh, false);
+    linear_input_grad(K, I, O, a.dz[l], v.weight(l), rdh, true);
     activation_r_backward(c.activation, static_cast<scalar_t>(c.act_param), K * I, a.z[l - 1], a.h[l - 1],
                           a.dh[l - 1], a.rz[l - 1], rdh);
   }

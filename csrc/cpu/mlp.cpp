@@ -249,24 +249,15 @@ void maml_tasks(const MamlArgs<scalar_t>& m, int64_t begin, int64_t end, scalar_
   }
 }
 
-// The per-task loops, also compiled for AVX2+FMA and AVX-512 and picked when the library loads (the build targets
-// the baseline ISA, with which the small matrix loops run 4 floats per instruction, no FMA). flatten inlines the
-// whole per-task math of common/mlp_math.h into each clone, so that all of it is compiled for the clone's ISA.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MAMLEXT_MLP_ISA_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten))
-#else
-#define MAMLEXT_MLP_ISA_CLONES
-#endif
-
+// The per-task loops, compiled per instruction set (MAMLEXT_HOST_ISA_CLONES, common/mlp_math.h).
 #define MAMLEXT_MLP_TASK_CLONES(T)                                                                              \
-  MAMLEXT_MLP_ISA_CLONES void loss_grad_tasks_isa(const LossGradArgs<T>& g, int64_t begin, int64_t end, T* s) { \
+  MAMLEXT_HOST_ISA_CLONES void loss_grad_tasks_isa(const LossGradArgs<T>& g, int64_t begin, int64_t end, T* s) { \
     loss_grad_tasks(g, begin, end, s);                                                                          \
   }                                                                                                             \
-  MAMLEXT_MLP_ISA_CLONES void hvp_tasks_isa(const LossGradArgs<T>& g, int64_t begin, int64_t end, T* s) {       \
+  MAMLEXT_HOST_ISA_CLONES void hvp_tasks_isa(const LossGradArgs<T>& g, int64_t begin, int64_t end, T* s) {       \
     hvp_tasks(g, begin, end, s);                                                                                \
   }                                                                                                             \
-  MAMLEXT_MLP_ISA_CLONES void maml_tasks_isa(const MamlArgs<T>& m, int64_t begin, int64_t end, T* s) {          \
+  MAMLEXT_HOST_ISA_CLONES void maml_tasks_isa(const MamlArgs<T>& m, int64_t begin, int64_t end, T* s) {          \
     maml_tasks(m, begin, end, s);                                                                               \
   }
 MAMLEXT_MLP_TASK_CLONES(float)
