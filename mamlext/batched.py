@@ -172,6 +172,7 @@ class FusedMLPModule(nn.Module):
             self.activation, self.act_param = spec.activation, spec.act_param
             self._layers = spec.layers
             self._generic = None
+            self._mlp_codes = ops.mlp_codes(self._owner, self.activation, self.act_param, self.loss)
         else:
             self.activation = self.act_param = self._layers = None
             self._generic = GenericEngine(model, self.loss, self._owner)
@@ -192,15 +193,27 @@ class FusedMLPModule(nn.Module):
 
     def _check_support_query(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> None:
         """meta_loss's inputs: each pair fits the model, and support and query hold the same tasks."""
-        self._check_pair("meta_loss", xs, ys, "xs", "ys")
-        self._check_pair("meta_loss", xq, yq, "xq", "yq")
+        self._check_pair("meta_loss", xs, ys, "xs", "ys", finite=False)
+        self._check_pair("meta_loss", xq, yq, "xq", "yq", finite=False)
         if xq.shape[0] != xs.shape[0]:
             raise ValueError(f"{self._owner}.meta_loss: xs has T = {xs.shape[0]} tasks but xq has {xq.shape[0]} "
                              f"(xs {list(xs.shape)}, xq {list(xq.shape)})")
+        self._check_finite("meta_loss", (("xs", xs), ("ys", ys), ("xq", xq), ("yq", yq)))
 
-    def _check_pair(self, method: str, x: Tensor, y: Tensor, x_name: str, y_name: str) -> None:
+    def _check_finite(self, method: str, named: Sequence[Tuple[str, Tensor]]) -> None:
+        """The floating-point tensors of named hold no nan or inf: one pass over all of them (a check per tensor
+        costs as much as a small meta-iteration's kernel), then a search for the culprit to name it."""
+        floats = [(name, t) for name, t in named if t.is_floating_point()]
+        if not floats or bool(torch.isfinite(torch.cat([t.reshape(-1) for _, t in floats])).all()):
+            return
+        for name, t in floats:
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{self._owner}.{method}: {name} holds non-finite values (nan or inf)")
+
+    def _check_pair(self, method: str, x: Tensor, y: Tensor, x_name: str, y_name: str, finite: bool = True) -> None:
         """An input pair of `method`: tensors on the model's device, shaped for the engine (_check_shapes_mlp /
-        _check_shapes_generic), finite, and class indices within the model's outputs."""
+        _check_shapes_generic), class indices within the model's outputs, and (unless the caller checks that for
+        all its inputs at once) finite."""
         like = self._params()[0]
         for name, t in ((x_name, x), (y_name, y)):
             if not isinstance(t, Tensor):
@@ -211,10 +224,8 @@ class FusedMLPModule(nn.Module):
             self._check_shapes_mlp(method, x, y, x_name, y_name, like)
         else:
             self._check_shapes_generic(method, x, y, x_name, y_name, like)
-        if not torch.isfinite(x).all():
-            raise ValueError(f"{self._owner}.{method}: {x_name} holds non-finite values (nan or inf)")
-        if y.dtype.is_floating_point and not torch.isfinite(y).all():
-            raise ValueError(f"{self._owner}.{method}: {y_name} holds non-finite values (nan or inf)")
+        if finite:
+            self._check_finite(method, ((x_name, x), (y_name, y)))
         if self.loss == "ce":
             out_f = self._layers[-1].out_features if self._generic is None else self._generic.validate(method, x, y)
             low, high = int(y.min()), int(y.max())
@@ -374,6 +385,7 @@ class BatchedMAML(FusedMLPModule):
         self.task_chunk = task_chunk
         self._multi_step = step_weights is not None
         self.last_task_losses: Optional[Tensor] = None
+        self._fixed_lrs: Tuple[Optional[tuple], Optional[Tensor]] = (None, None)  # (setting, the rates)
 
         params = self._params()
         like = params[0]
@@ -402,8 +414,12 @@ class BatchedMAML(FusedMLPModule):
     def _step_lrs(self, steps: int) -> List[Tensor]:
         """lrs of ops.mlp_maml: P tensors [N] or [N, *S_i]."""
         params = self._params()
-        if self.lr_mode == "fixed":  # one tensor, read for every parameter
-            return [torch.full((steps,), self.inner_lr, dtype=params[0].dtype, device=params[0].device)] * len(params)
+        if self.lr_mode == "fixed":  # one tensor, read for every parameter, made once per setting
+            key = (steps, self.inner_lr, params[0].dtype, params[0].device)
+            if self._fixed_lrs[0] != key:
+                self._fixed_lrs = (key, torch.full((steps,), self.inner_lr, dtype=params[0].dtype,
+                                                   device=params[0].device))
+            return [self._fixed_lrs[1]] * len(params)
         if self.lr_mode == "per_layer_step":
             return list(self.inner_lrs)
         return [r.unsqueeze(0).expand(steps, *r.shape).contiguous() for r in self.inner_lrs]
@@ -427,9 +443,8 @@ class BatchedMAML(FusedMLPModule):
         self._check_support_query(xs, ys, xq, yq)
         weights = self.step_weights if self._multi_step else None
         if self._generic is None:
-            losses, _, _ = ops.mlp_maml(self._params(), xs, ys, xq, yq, self._step_lrs(self.inner_steps),
-                                        self.step_weights, self.first_order, self.activation, self.act_param,
-                                        self.loss)
+            losses, _, _ = ops.mlp_maml_checked(self._params(), xs, ys, xq, yq, self._step_lrs(self.inner_steps),
+                                                self.step_weights, self.first_order, *self._mlp_codes)
         elif self.memory == "graph":
             losses = self._generic.task_losses_graph(xs, ys, xq, yq, self.inner_steps, self._rate_at, weights,
                                                      self.first_order)

@@ -4,7 +4,7 @@ Each op runs its compiled kernel where one serves the tensors' device and its tw
 """
 import math
 import numbers
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -71,13 +71,21 @@ Loss = Union[str, int]
 MLPLr = Union[float, Tensor, Sequence[Tensor]]
 
 
+# (op name, device type) -> whether a compiled kernel serves it; kernels register when the library loads, so the
+# answer never changes, and asking the dispatcher costs microseconds on every call of a small op.
+_COMPILED: Dict[Tuple[str, str], bool] = {}
+
+
 def _compiled(name: str, device: torch.device) -> bool:
     """Whether the compiled op `name` exists and has a kernel for this device (the MLP ops may be built for CPU
     only while task_sgd has CUDA kernels)."""
-    if not (_ext.has_kernels(device.type) and hasattr(torch.ops.mamlext, name)):
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"mamlext::{name}", key)
+    found = _COMPILED.get((name, device.type))
+    if found is None:
+        key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+        found = (_ext.has_kernels(device.type) and hasattr(torch.ops.mamlext, name) and key is not None
+                 and torch._C._dispatch_has_kernel_for_dispatch_key(f"mamlext::{name}", key))
+        _COMPILED[(name, device.type)] = found
+    return found
 
 
 def mlp_codes(op: str, activation: Activation, act_param: Optional[float], loss: Loss) -> Tuple[int, float, int]:
@@ -279,10 +287,18 @@ def mlp_maml(params: Sequence[Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: T
     on_cpu = xs.device.type == "cpu" if isinstance(xs, Tensor) else False
     reference.check_mlp_maml(params, xs, ys, xq, yq, lrs, weights, first_order, act_code, act_param, loss_code,
                              check_values=on_cpu)
+    return mlp_maml_checked(params, xs, ys, xq, yq, lrs, weights, first_order, act_code, act_param, loss_code)
+
+
+def mlp_maml_checked(params: List[Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, lrs: List[Tensor],
+                     step_weights: Tensor, first_order: bool, act_code: int, act_param: float,
+                     loss_code: int) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
+    """mlp_maml on arguments a caller has already validated (BatchedMAML checks its inputs once; the kernels keep
+    their own checks): codes from mlp_codes, P rate tensors, step_weights [N]."""
     if _compiled("mlp_maml", xs.device):
-        return torch.ops.mamlext.mlp_maml(params, xs, ys, xq, yq, lrs, weights, first_order, act_code, act_param,
-                                          loss_code)
-    out = _MLPMAMLReference.apply(first_order, act_code, act_param, loss_code, xs, ys, xq, yq, weights,
+        return torch.ops.mamlext.mlp_maml(params, xs, ys, xq, yq, lrs, step_weights, first_order, act_code,
+                                          act_param, loss_code)
+    out = _MLPMAMLReference.apply(first_order, act_code, act_param, loss_code, xs, ys, xq, yq, step_weights,
                                   len(params), *params, *lrs)
     n = len(params)
     return out[0], list(out[1:1 + n]), list(out[1 + n:])
