@@ -178,18 +178,27 @@ C10_HOST_DEVICE inline int64_t mlp_activations_numel(const MlpDims& d, int64_t r
   return (with_r ? 7 : 4) * rows * d.layer_outputs_width();
 }
 
+// The arrays z, h, dz, dh from base and, when r_base is not null, rz, rh, rdz from r_base.
 template <typename scalar_t>
-C10_HOST_DEVICE inline MlpActivations<scalar_t> carve_activations(const MlpDims& d, int64_t rows, bool with_r,
-                                                                  scalar_t* base) {
+C10_HOST_DEVICE inline MlpActivations<scalar_t> carve_activations_at(const MlpDims& d, int64_t rows, scalar_t* base,
+                                                                     scalar_t* r_base) {
   MlpActivations<scalar_t> a;
   scalar_t** arrays[7] = {a.z, a.h, a.dz, a.dh, a.rz, a.rh, a.rdz};
-  for (int j = 0; j < (with_r ? 7 : 4); ++j) {
+  for (int j = 0; j < (r_base != nullptr ? 7 : 4); ++j) {
+    if (j == 4) base = r_base;
     for (int l = 0; l < d.layers; ++l) {
       arrays[j][l] = base;
       base += rows * d.out(l);
     }
   }
   return a;
+}
+
+// All arrays from one buffer of mlp_activations_numel(d, rows, with_r) elements.
+template <typename scalar_t>
+C10_HOST_DEVICE inline MlpActivations<scalar_t> carve_activations(const MlpDims& d, int64_t rows, bool with_r,
+                                                                  scalar_t* base) {
+  return carve_activations_at(d, rows, base, with_r ? base + mlp_activations_numel(d, rows, false) : nullptr);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -523,13 +532,31 @@ struct MamlScratch {
   // [N + 2, Pt] (Pt = mlp_transposed_numel): the transposed weights of theta_0 .. theta_N and of direction.
   // theta_0's are written once per scratch by prepare_maml_scratch, for every task that uses it.
   scalar_t* transposed = nullptr;
-  MlpActivations<scalar_t> support, query;
+  // The support passes' z, h, dz, dh: second order, [N] sets, one per inner step, that the reverse recursion's HVP
+  // at theta_k reads instead of recomputing them; first order, one set. support_r: the R-passes' arrays.
+  scalar_t* support_steps = nullptr;
+  scalar_t* support_r = nullptr;
+  int64_t support_rows = 0;
+  MlpActivations<scalar_t> query;
 };
 
 C10_HOST_DEVICE inline int64_t mlp_maml_scratch_numel(const MlpDims& d, int64_t steps, int64_t support_rows,
                                                       int64_t query_rows, bool first_order) {
-  return (2 * steps + 3) * d.total_param_numel() + (steps + 2) * mlp_transposed_numel(d) +
-         mlp_activations_numel(d, support_rows, !first_order) + mlp_activations_numel(d, query_rows, false);
+  const int64_t support = first_order ? mlp_activations_numel(d, support_rows, false)
+                                      : steps * mlp_activations_numel(d, support_rows, false) +
+                                            mlp_activations_numel(d, support_rows, true) -
+                                            mlp_activations_numel(d, support_rows, false);
+  return (2 * steps + 3) * d.total_param_numel() + (steps + 2) * mlp_transposed_numel(d) + support +
+         mlp_activations_numel(d, query_rows, false);
+}
+
+// The support activations of inner step k (of the only set, first order).
+template <typename scalar_t>
+C10_HOST_DEVICE inline MlpActivations<scalar_t> support_activations(const MlpDims& d, const MamlScratch<scalar_t>& s,
+                                                                    int64_t k) {
+  const int64_t step = s.support_r == nullptr ? 0 : k;
+  return carve_activations_at(d, s.support_rows, s.support_steps + step * mlp_activations_numel(d, s.support_rows, false),
+                              s.support_r);
 }
 
 template <typename scalar_t>
@@ -543,9 +570,13 @@ C10_HOST_DEVICE inline MamlScratch<scalar_t> carve_maml_scratch(const MlpDims& d
   s.hv = s.direction + P;
   s.query_grad = s.hv + P;
   s.transposed = s.query_grad + P;
-  scalar_t* activations = s.transposed + (steps + 2) * mlp_transposed_numel(d);
-  s.support = carve_activations(d, support_rows, !first_order, activations);
-  s.query = carve_activations(d, query_rows, false, activations + mlp_activations_numel(d, support_rows, !first_order));
+  const int64_t step_numel = mlp_activations_numel(d, support_rows, false);
+  s.support_rows = support_rows;
+  s.support_steps = s.transposed + (steps + 2) * mlp_transposed_numel(d);
+  scalar_t* after_steps = s.support_steps + (first_order ? 1 : steps) * step_numel;
+  s.support_r = first_order ? nullptr : after_steps;
+  scalar_t* query = first_order ? after_steps : after_steps + mlp_activations_numel(d, support_rows, true) - step_numel;
+  s.query = carve_activations(d, query_rows, false, query);
   return s;
 }
 
@@ -587,11 +618,12 @@ C10_HOST_DEVICE inline scalar_t mlp_maml_task(const MlpConfig& c, int64_t steps,
   const MlpParams<scalar_t*> query_grad = carve_params(d, s.query_grad);
   const MlpParams<scalar_t*>& v = meta_grad;
 
-  // Inner loop. The support activations of the last step (theta_{N-1}) stay in s.support for the first HVP.
+  // Inner loop. Second order keeps each step's support activations for the HVP at its theta_k.
   for (int64_t k = 0; k < steps; ++k) {
     const MlpParams<const scalar_t*> theta_k = theta(k);
     const MlpParams<scalar_t*> g = grad(k);
-    mlp_loss_and_grad(c, support_rows, xs, ys, theta_k, theta_t(k), s.support, &g);
+    MlpActivations<scalar_t> support = support_activations(d, s, k);
+    mlp_loss_and_grad(c, support_rows, xs, ys, theta_k, theta_t(k), support, &g);
     const MlpParams<scalar_t*> next = carve_params(d, s.thetas + k * P);
     for (int i = 0; i < num_params; ++i) {
       const int64_t n = d.param_numel(i);
@@ -630,10 +662,6 @@ C10_HOST_DEVICE inline scalar_t mlp_maml_task(const MlpConfig& c, int64_t steps,
     }
     if (!first_order) {
       const MlpParams<const scalar_t*> theta_k = theta(k);
-      if (k != steps - 1) {
-        mlp_loss_and_grad(c, support_rows, xs, ys, theta_k, theta_t(k), s.support,
-                          static_cast<const MlpParams<scalar_t*>*>(nullptr));
-      }
       for (int i = 0; i < num_params; ++i) {
         const int64_t n = d.param_numel(i);
         if (lrs.per_element[i]) {
@@ -646,7 +674,8 @@ C10_HOST_DEVICE inline scalar_t mlp_maml_task(const MlpConfig& c, int64_t steps,
       }
       const MlpForwardWeights<scalar_t> direction_t =
           transpose_weights(d, as_const(direction), s.transposed + (steps + 1) * Pt);
-      mlp_hessian_vector(c, support_rows, xs, theta_k, theta_t(k), as_const(direction), direction_t, s.support, hv);
+      MlpActivations<scalar_t> support = support_activations(d, s, k);
+      mlp_hessian_vector(c, support_rows, xs, theta_k, theta_t(k), as_const(direction), direction_t, support, hv);
       for (int i = 0; i < num_params; ++i) axpy(d.param_numel(i), scalar_t(-1), hv.ptr[i], v.ptr[i]);
     }
     if (k >= 1 && step_weights[k - 1] != scalar_t(0)) query_loss += add_query_term(k, step_weights[k - 1]);
