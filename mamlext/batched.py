@@ -186,6 +186,11 @@ class FusedMLPModule(nn.Module):
             return self._generic.params()
         return [p for layer in self._layers for p in (layer.weight, layer.bias)]
 
+    def _first_param(self) -> Tensor:
+        """The first parameter: the model's dtype and device (cheaper than _params()[0], which reads every layer's
+        attributes)."""
+        return self._generic.params()[0] if self._generic is not None else self._layers[0].weight
+
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
 
@@ -214,7 +219,7 @@ class FusedMLPModule(nn.Module):
         """An input pair of `method`: tensors on the model's device, shaped for the engine (_check_shapes_mlp /
         _check_shapes_generic), class indices within the model's outputs, and (unless the caller checks that for
         all its inputs at once) finite."""
-        like = self._params()[0]
+        like = self._first_param()
         for name, t in ((x_name, x), (y_name, y)):
             if not isinstance(t, Tensor):
                 raise TypeError(f"{self._owner}.{method}: {name} must be a tensor, got {type(t).__name__}")
@@ -411,9 +416,8 @@ class BatchedMAML(FusedMLPModule):
 
     # --- the model's parameters and the rates as the ops take them ------------------------------------------------
 
-    def _step_lrs(self, steps: int) -> List[Tensor]:
-        """lrs of ops.mlp_maml: P tensors [N] or [N, *S_i]."""
-        params = self._params()
+    def _step_lrs(self, params: List[Tensor], steps: int) -> List[Tensor]:
+        """lrs of ops.mlp_maml for params: P tensors [N] or [N, *S_i]."""
         if self.lr_mode == "fixed":  # one tensor, read for every parameter, made once per setting
             key = (steps, self.inner_lr, params[0].dtype, params[0].device)
             if self._fixed_lrs[0] != key:
@@ -443,7 +447,8 @@ class BatchedMAML(FusedMLPModule):
         self._check_support_query(xs, ys, xq, yq)
         weights = self.step_weights if self._multi_step else None
         if self._generic is None:
-            losses, _, _ = ops.mlp_maml_checked(self._params(), xs, ys, xq, yq, self._step_lrs(self.inner_steps),
+            params = self._params()
+            losses, _, _ = ops.mlp_maml_checked(params, xs, ys, xq, yq, self._step_lrs(params, self.inner_steps),
                                                 self.step_weights, self.first_order, *self._mlp_codes)
         elif self.memory == "graph":
             losses = self._generic.task_losses_graph(xs, ys, xq, yq, self.inner_steps, self._rate_at, weights,
