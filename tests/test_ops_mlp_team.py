@@ -1,7 +1,7 @@
 """The per-task MLP math run by a team of threads per task, as the CUDA block kernel (csrc/cuda/mlp_block.cu) runs it
 on a thread block: on the CPU with MAMLEXT_MLP_CPU_PATH=team and MAMLEXT_TEAM_THREADS=k std::threads sharing a
 barrier, so that these tests exercise how the work is split and synchronised without a GPU; on CUDA, the block
-kernel itself (scratch in shared memory and in the global workspace) against the reference twins."""
+kernels themselves (scratch in shared memory and in the global workspace) against the reference twins."""
 import pytest
 import torch
 
@@ -114,9 +114,8 @@ def test_team_maml_matches_reference(team, dtype, first_order):
         assert_maml_matches_reference(out, expected, dtype, case)
 
 
-@pytest.mark.parametrize("team", [3, 7], indirect=True)
-@pytest.mark.parametrize("loss", list(LOSSES))
-def test_team_loss_grad_and_hvp_match_reference(team, loss):
+def check_loss_grad_and_hvp(loss, device, path):
+    """mlp_loss_grad and mlp_hvp on `device` against the reference, in float64; path: the CPU path to check."""
     gen = torch.Generator().manual_seed(7)
     c = codes("gelu", loss)
     for widths in ([1, 40, 40, 1], [3, 5, 4], [2, 64, 6]):
@@ -124,14 +123,22 @@ def test_team_loss_grad_and_hvp_match_reference(team, loss):
         params = [p.detach().double() for p in mlp(widths, "gelu").parameters()]
         params[0] = params[0].expand(3, *params[0].shape).contiguous()  # one per-task tensor
         x, y = make_tasks(widths, 3, 10, 0, loss, torch.float64, "cpu", gen)[:2]
-        losses, grads = torch.ops.mamlext.mlp_loss_grad(params, x, y, *c)
-        assert _ext._C.mlp_cpu_last_path() == "team"
+        vectors = [torch.randn(s, generator=gen, dtype=torch.float64) for s in reference._task_shapes(params, 3)]
+        on_device = cast([params, vectors, x, y], torch.float64, device)
+        losses, grads = torch.ops.mamlext.mlp_loss_grad(on_device[0], *on_device[2:], *c)
+        hv = torch.ops.mamlext.mlp_hvp(*on_device, *c)
+        if path is not None:
+            assert _ext._C.mlp_cpu_last_path() == path
         e_losses, e_grads = reference.mlp_loss_grad(params, x, y, *c)
         assert_rel(losses, e_losses, torch.float64, f"{widths} losses")
         assert_rel(grads, e_grads, torch.float64, f"{widths} grads")
-        vectors = [torch.randn(s, generator=gen, dtype=torch.float64) for s in reference._task_shapes(params, 3)]
-        hv = torch.ops.mamlext.mlp_hvp(params, vectors, x, y, *c)
         assert_rel(hv, reference.mlp_hvp(params, vectors, x, y, *c), torch.float64, f"{widths} hvp")
+
+
+@pytest.mark.parametrize("team", [3, 7], indirect=True)
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_team_loss_grad_and_hvp_match_reference(team, loss):
+    check_loss_grad_and_hvp(loss, "cpu", "team")
 
 
 @pytest.mark.parametrize("threads", ["0", "65", "four", "3x"])
@@ -181,6 +188,15 @@ def test_block_kernel_shared_and_global_scratch_agree(monkeypatch, dtype):
     monkeypatch.setenv("MAMLEXT_MLP_CUDA_PATH", "batched")
     batched = torch.ops.mamlext.mlp_maml(*args)
     assert_rel(outs["block"][1], batched[1], dtype, "meta_grads vs the batched kernel")
+
+
+@pytest.mark.parametrize("path", ["block", "block_global", "auto"])
+@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.cuda
+@pytest.mark.skipif(not GPU, reason="no GPU visible")
+def test_block_kernel_loss_grad_and_hvp_match_reference(monkeypatch, path, loss):
+    monkeypatch.setenv("MAMLEXT_MLP_CUDA_PATH", path)
+    check_loss_grad_and_hvp(loss, "cuda", None)
 
 
 @pytest.mark.cuda

@@ -19,7 +19,8 @@
 // once per parameter set by transpose_weights); the backward products read W as it is.
 //
 // Every pass takes a team (common/team.h), the threads that run the task together: one on the CPU (SerialTeam),
-// a thread block on the GPU (cuda/mlp_block.cu). They split each loop and product and sync between passes.
+// a thread block on the GPU (cuda/mlp_block.cu). They split each loop and product (a team of several threads deals
+// out small blocks of C, gemm_in_small_blocks, each summed in the same order) and sync between passes.
 #pragma once
 
 #include <c10/macros/Macros.h>

@@ -103,6 +103,111 @@ inline std::vector<at::Tensor> per_task_outputs(at::TensorList like, const std::
   return out;
 }
 
+template <typename scalar_t>
+TaskBatched<const scalar_t*> batched_inputs(const std::vector<at::Tensor>& ts, const MlpCall& call) {
+  TaskBatched<const scalar_t*> b;
+  for (size_t i = 0; i < ts.size(); ++i) {
+    b.base.ptr[i] = ts[i].data_ptr<scalar_t>();
+    b.stride[i] = call.per_task[i] ? call.config.dims.param_numel(static_cast<int>(i)) : 0;
+  }
+  return b;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// mlp_loss_grad and mlp_hvp
+
+// An mlp_loss_grad call (hvp: an mlp_hvp call, with vectors) checked, its inputs made contiguous and its outputs
+// allocated.
+struct LossGradTensors {
+  bool hvp;
+  MlpCall call;
+  at::Tensor x, y;
+  std::vector<at::Tensor> params, vectors;
+  at::Tensor losses;            // mlp_loss_grad's
+  std::vector<at::Tensor> out;  // the gradients (mlp_loss_grad) or H v (mlp_hvp)
+
+  LossGradTensors(bool hvp_in, at::TensorList params_in, at::TensorList vectors_in, const at::Tensor& x_in,
+                  const at::Tensor& y_in, int64_t activation, double act_param, int64_t loss)
+      : hvp(hvp_in),
+        call(check_mlp_loss_grad(hvp_in ? "mlp_hvp" : "mlp_loss_grad", params_in, x_in, y_in, activation, act_param,
+                                 loss)),
+        x(x_in.contiguous()),
+        y(y_in.contiguous()),
+        params(contiguous(params_in)) {
+    if (hvp) {
+      check_mlp_vectors("mlp_hvp", vectors_in, params_in, call, x_in);
+      vectors = contiguous(vectors_in);
+    } else {
+      losses = at::empty({call.tasks}, x_in.options());
+    }
+    out = per_task_outputs(params_in, call.per_task, call.tasks, x_in.options());
+  }
+};
+
+// Elements of one task's scratch buffer for mlp_loss_grad (hvp: mlp_hvp) over `rows` rows: the activations and the
+// forward weights of theta (and of v).
+C10_HOST_DEVICE inline int64_t mlp_loss_grad_scratch_numel(const MlpDims& d, int64_t rows, bool hvp) {
+  return mlp_activations_numel(d, rows, hvp) + (hvp ? 2 : 1) * mlp_transposed_numel(d);
+}
+
+// mlp_loss_grad's or mlp_hvp's arguments as the per-task loops read them.
+template <typename scalar_t>
+struct LossGradArgs {
+  bool hvp = false;
+  MlpConfig config;
+  int64_t rows = 0;
+  const scalar_t* x = nullptr;
+  TaskBatched<const scalar_t*> params;
+  TaskTargets<scalar_t> y;
+  TaskBatched<scalar_t*> out;      // grads (mlp_loss_grad) or H v (mlp_hvp)
+  TaskBatched<scalar_t*> vectors;  // mlp_hvp's v
+  scalar_t* losses = nullptr;      // mlp_loss_grad's
+
+  explicit LossGradArgs(const LossGradTensors& g)
+      : hvp(g.hvp),
+        config(g.call.config),
+        rows(g.x.size(1)),
+        x(g.x.data_ptr<scalar_t>()),
+        params(batched_inputs<scalar_t>(g.params, g.call)),
+        y(g.y, config.loss),
+        out(batched_outputs<scalar_t>(g.out)) {
+    if (hvp) {
+      vectors = batched_outputs<scalar_t>(g.vectors);
+    } else {
+      losses = g.losses.data_ptr<scalar_t>();
+    }
+  }
+
+  C10_HOST_DEVICE int64_t scratch_numel() const { return mlp_loss_grad_scratch_numel(config.dims, rows, hvp); }
+};
+
+// Tasks first, first + step, ... < end of mlp_loss_grad or mlp_hvp, run by the team with the scratch buffer
+// [g.scratch_numel()] that its members share.
+template <typename Team, typename scalar_t>
+C10_HOST_DEVICE inline void loss_grad_tasks(const Team& team, const LossGradArgs<scalar_t>& g, int64_t first,
+                                            int64_t end, int64_t step, scalar_t* scratch) {
+  const MlpConfig& c = g.config;
+  MlpActivations<scalar_t> a = carve_activations(c.dims, g.rows, g.hvp, scratch);
+  scalar_t* transposed = scratch + mlp_activations_numel(c.dims, g.rows, g.hvp);
+  for (int64_t t = first; t < end; t += step) {
+    const scalar_t* x_t = g.x + t * g.rows * c.dims.width[0];
+    const MlpParams<const scalar_t*> theta_t = g.params.at(t);
+    const MlpForwardWeights<scalar_t> theta_fw = transpose_weights(team, c.dims, theta_t, transposed);
+    if (!g.hvp) {
+      const MlpParams<scalar_t*> grads = g.out.at(t);
+      const scalar_t loss = mlp_loss_and_grad(team, c, g.rows, x_t, g.y.at(t), theta_t, theta_fw, a, &grads);
+      if (team.rank() == 0) g.losses[t] = loss;
+      continue;
+    }
+    const MlpParams<const scalar_t*> v_t = as_const(g.vectors.at(t));
+    const MlpForwardWeights<scalar_t> v_fw =
+        transpose_weights(team, c.dims, v_t, transposed + mlp_transposed_numel(c.dims));
+    mlp_loss_and_grad(team, c, g.rows, x_t, g.y.at(t), theta_t, theta_fw, a,
+                      static_cast<const MlpParams<scalar_t*>*>(nullptr));
+    mlp_hessian_vector(team, c, g.rows, x_t, theta_t, theta_fw, v_t, v_fw, a, g.out.at(t));
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // mlp_maml
 

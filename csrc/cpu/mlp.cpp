@@ -91,68 +91,10 @@ int64_t task_grain(int64_t tasks, int64_t work_per_task) {
 // Multiply-adds of one forward pass over `rows` rows.
 int64_t forward_work(const MlpDims& d, int64_t rows) { return rows * d.total_param_numel(); }
 
-template <typename scalar_t>
-TaskBatched<const scalar_t*> batched_inputs(const std::vector<at::Tensor>& ts, const MlpCall& call) {
-  TaskBatched<const scalar_t*> b;
-  for (size_t i = 0; i < ts.size(); ++i) {
-    b.base.ptr[i] = ts[i].data_ptr<scalar_t>();
-    b.stride[i] = call.per_task[i] ? call.config.dims.param_numel(static_cast<int>(i)) : 0;
-  }
-  return b;
-}
-
-// The per-task loops of each parallel chunk, given the chunk's scratch buffer.
-template <typename scalar_t>
-struct LossGradArgs {
-  MlpConfig config;
-  int64_t rows = 0;
-  const scalar_t* x = nullptr;
-  TaskBatched<const scalar_t*> params;
-  const TaskTargets<scalar_t>* y = nullptr;
-  TaskBatched<scalar_t*> out;      // grads (mlp_loss_grad) or H v (mlp_hvp)
-  TaskBatched<scalar_t*> vectors;  // mlp_hvp's v
-  scalar_t* losses = nullptr;      // mlp_loss_grad's
-};
-
-template <typename Team, typename scalar_t>
-void loss_grad_tasks(const Team& team, const LossGradArgs<scalar_t>& g, int64_t begin, int64_t end,
-                     scalar_t* scratch) {
-  const MlpConfig& c = g.config;
-  MlpActivations<scalar_t> a = carve_activations(c.dims, g.rows, false, scratch);
-  scalar_t* transposed = scratch + mlp_activations_numel(c.dims, g.rows, false);
-  for (int64_t t = begin; t < end; ++t) {
-    const MlpParams<scalar_t*> grads = g.out.at(t);
-    const MlpParams<const scalar_t*> theta_t = g.params.at(t);
-    const scalar_t loss = mlp_loss_and_grad(team, c, g.rows, g.x + t * g.rows * c.dims.width[0], g.y->at(t),
-                                            theta_t, transpose_weights(team, c.dims, theta_t, transposed), a, &grads);
-    if (team.rank() == 0) g.losses[t] = loss;
-  }
-}
-
-template <typename Team, typename scalar_t>
-void hvp_tasks(const Team& team, const LossGradArgs<scalar_t>& g, int64_t begin, int64_t end, scalar_t* scratch) {
-  const MlpConfig& c = g.config;
-  MlpActivations<scalar_t> a = carve_activations(c.dims, g.rows, true, scratch);
-  scalar_t* transposed = scratch + mlp_activations_numel(c.dims, g.rows, true);
-  const int64_t transposed_numel = mlp_transposed_numel(c.dims);
-  for (int64_t t = begin; t < end; ++t) {
-    const scalar_t* x_t = g.x + t * g.rows * c.dims.width[0];
-    const MlpParams<const scalar_t*> theta_t = g.params.at(t), v_t = as_const(g.vectors.at(t));
-    const MlpForwardWeights<scalar_t> theta_fw = transpose_weights(team, c.dims, theta_t, transposed);
-    const MlpForwardWeights<scalar_t> v_fw = transpose_weights(team, c.dims, v_t, transposed + transposed_numel);
-    mlp_loss_and_grad(team, c, g.rows, x_t, g.y->at(t), theta_t, theta_fw, a,
-                      static_cast<const MlpParams<scalar_t*>*>(nullptr));
-    mlp_hessian_vector(team, c, g.rows, x_t, theta_t, theta_fw, v_t, v_fw, a, g.out.at(t));
-  }
-}
-
 // The per-task loops, compiled per instruction set (MAMLEXT_HOST_ISA_CLONES, common/mlp_math.h).
 #define MAMLEXT_MLP_TASK_CLONES(T)                                                                              \
   MAMLEXT_HOST_ISA_CLONES void loss_grad_tasks_isa(const LossGradArgs<T>& g, int64_t begin, int64_t end, T* s) { \
-    loss_grad_tasks(SerialTeam(), g, begin, end, s);                                                            \
-  }                                                                                                             \
-  MAMLEXT_HOST_ISA_CLONES void hvp_tasks_isa(const LossGradArgs<T>& g, int64_t begin, int64_t end, T* s) {       \
-    hvp_tasks(SerialTeam(), g, begin, end, s);                                                                  \
+    loss_grad_tasks(SerialTeam(), g, begin, end, 1, s);                                                         \
   }                                                                                                             \
   MAMLEXT_HOST_ISA_CLONES void maml_tasks_isa(const MamlArgs<T>& m, int64_t begin, int64_t end, T* s) {          \
     maml_tasks(SerialTeam(), m, begin, end, 1, s);                                                              \
@@ -212,79 +154,43 @@ void run_on_thread_team(const Work& work) {
   for (auto& m : members) m.join();
 }
 
+// mlp_loss_grad (hvp false) or mlp_hvp on the per-task or team path.
+LossGradTensors loss_grad_per_task(CpuPath path, bool hvp, at::TensorList params, at::TensorList vectors,
+                                   const at::Tensor& x, const at::Tensor& y, int64_t activation, double act_param,
+                                   int64_t loss) {
+  LossGradTensors g(hvp, params, vectors, x, y, activation, act_param, loss);
+  const int64_t tasks = g.call.tasks;
+  if (tasks == 0) return g;
+  AT_DISPATCH_FLOATING_TYPES(g.x.scalar_type(), "mlp_loss_grad_cpu", [&] {
+    const LossGradArgs<scalar_t> args(g);
+    if (path == CpuPath::kTeam) {
+      std::vector<scalar_t> scratch(args.scratch_numel());
+      run_on_thread_team([&](const ThreadTeam& team) { loss_grad_tasks(team, args, 0, tasks, 1, scratch.data()); });
+      return;
+    }
+    const int64_t work = (hvp ? 8 : 3) * forward_work(args.config.dims, args.rows);
+    at::parallel_for(0, tasks, task_grain(tasks, work), [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> scratch(args.scratch_numel());
+      loss_grad_tasks_isa(args, begin, end, scratch.data());
+    });
+  });
+  return g;
+}
+
 std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_loss_grad_cpu(at::TensorList params, const at::Tensor& x,
                                                                   const at::Tensor& y, int64_t activation,
                                                                   double act_param, int64_t loss) {
   const CpuPath path = mlp_cpu_path(peek_mlp_dims(params), peek_size(x, 0), peek_size(x, 1));
   if (path == CpuPath::kBatched) return mlp_loss_grad_batched(params, x, y, activation, act_param, loss);
-  const MlpCall call = check_mlp_loss_grad("mlp_loss_grad", params, x, y, activation, act_param, loss);
-  const MlpConfig& c = call.config;
-  const int64_t tasks = call.tasks, rows = x.size(1);
-  const at::Tensor xc = x.contiguous(), yc = y.contiguous();
-  const std::vector<at::Tensor> ps = contiguous(params);
-  at::Tensor losses = at::empty({tasks}, x.options());
-  std::vector<at::Tensor> grads = per_task_outputs(params, call.per_task, tasks, x.options());
-  if (tasks == 0) return {losses, grads};
-
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mlp_loss_grad_cpu", [&] {
-    const TaskTargets<scalar_t> target(yc, c.loss);
-    LossGradArgs<scalar_t> args;
-    args.config = c;
-    args.rows = rows;
-    args.x = xc.data_ptr<scalar_t>();
-    args.params = batched_inputs<scalar_t>(ps, call);
-    args.y = &target;
-    args.out = batched_outputs<scalar_t>(grads);
-    args.losses = losses.data_ptr<scalar_t>();
-    const int64_t scratch_numel = mlp_activations_numel(c.dims, rows, false) + mlp_transposed_numel(c.dims);
-    if (path == CpuPath::kTeam) {
-      std::vector<scalar_t> scratch(scratch_numel);
-      run_on_thread_team([&](const ThreadTeam& team) { loss_grad_tasks(team, args, 0, tasks, scratch.data()); });
-      return;
-    }
-    at::parallel_for(0, tasks, task_grain(tasks, 3 * forward_work(c.dims, rows)), [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> scratch(scratch_numel);
-      loss_grad_tasks_isa(args, begin, end, scratch.data());
-    });
-  });
-  return {losses, grads};
+  const LossGradTensors g = loss_grad_per_task(path, false, params, {}, x, y, activation, act_param, loss);
+  return {g.losses, g.out};
 }
 
 std::vector<at::Tensor> mlp_hvp_cpu(at::TensorList params, at::TensorList vectors, const at::Tensor& x,
                                     const at::Tensor& y, int64_t activation, double act_param, int64_t loss) {
   const CpuPath path = mlp_cpu_path(peek_mlp_dims(params), peek_size(x, 0), peek_size(x, 1));
   if (path == CpuPath::kBatched) return mlp_hvp_batched(params, vectors, x, y, activation, act_param, loss);
-  const MlpCall call = check_mlp_loss_grad("mlp_hvp", params, x, y, activation, act_param, loss);
-  check_mlp_vectors("mlp_hvp", vectors, params, call, x);
-  const MlpConfig& c = call.config;
-  const int64_t tasks = call.tasks, rows = x.size(1);
-  const at::Tensor xc = x.contiguous(), yc = y.contiguous();
-  const std::vector<at::Tensor> ps = contiguous(params), vs = contiguous(vectors);
-  std::vector<at::Tensor> out = per_task_outputs(params, call.per_task, tasks, x.options());
-  if (tasks == 0) return out;
-
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mlp_hvp_cpu", [&] {
-    const TaskTargets<scalar_t> target(yc, c.loss);
-    LossGradArgs<scalar_t> args;
-    args.config = c;
-    args.rows = rows;
-    args.x = xc.data_ptr<scalar_t>();
-    args.params = batched_inputs<scalar_t>(ps, call);
-    args.y = &target;
-    args.out = batched_outputs<scalar_t>(out);
-    args.vectors = batched_outputs<scalar_t>(vs);
-    const int64_t scratch_numel = mlp_activations_numel(c.dims, rows, true) + 2 * mlp_transposed_numel(c.dims);
-    if (path == CpuPath::kTeam) {
-      std::vector<scalar_t> scratch(scratch_numel);
-      run_on_thread_team([&](const ThreadTeam& team) { hvp_tasks(team, args, 0, tasks, scratch.data()); });
-      return;
-    }
-    at::parallel_for(0, tasks, task_grain(tasks, 8 * forward_work(c.dims, rows)), [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> scratch(scratch_numel);
-      hvp_tasks_isa(args, begin, end, scratch.data());
-    });
-  });
-  return out;
+  return loss_grad_per_task(path, true, params, vectors, x, y, activation, act_param, loss).out;
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_maml_cpu(
