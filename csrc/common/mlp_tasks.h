@@ -71,6 +71,9 @@ inline MlpDims peek_mlp_dims(at::TensorList params) {
   return d;
 }
 
+// Size dim of an input x [T, K, in], 0 when x has another rank (the op's checks then fail on every kernel).
+inline int64_t peek_input_size(const at::Tensor& x, int64_t dim) { return x.dim() == 3 ? x.size(dim) : 0; }
+
 // Per-task tensors [T, ...]: stride = elements per task.
 template <typename scalar_t>
 TaskBatched<scalar_t*> batched_outputs(const std::vector<at::Tensor>& ts) {

@@ -77,9 +77,6 @@ CpuPath mlp_cpu_path(const MlpDims& d, int64_t tasks, int64_t rows) {
   return path;
 }
 
-// Size dim of x [T, K, in] for the rule, 0 when x has another rank (the op's checks then fail on either path).
-int64_t peek_size(const at::Tensor& x, int64_t dim) { return x.dim() == 3 ? x.size(dim) : 0; }
-
 // Multiply-adds a parallel chunk should hold at least, so that small calls are not spread over the thread pool.
 constexpr int64_t kMinWorkPerChunk = 1 << 16;
 
@@ -180,7 +177,7 @@ LossGradTensors loss_grad_per_task(CpuPath path, bool hvp, at::TensorList params
 std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_loss_grad_cpu(at::TensorList params, const at::Tensor& x,
                                                                   const at::Tensor& y, int64_t activation,
                                                                   double act_param, int64_t loss) {
-  const CpuPath path = mlp_cpu_path(peek_mlp_dims(params), peek_size(x, 0), peek_size(x, 1));
+  const CpuPath path = mlp_cpu_path(peek_mlp_dims(params), peek_input_size(x, 0), peek_input_size(x, 1));
   if (path == CpuPath::kBatched) return mlp_loss_grad_batched(params, x, y, activation, act_param, loss);
   const LossGradTensors g = loss_grad_per_task(path, false, params, {}, x, y, activation, act_param, loss);
   return {g.losses, g.out};
@@ -188,7 +185,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_loss_grad_cpu(at::TensorList
 
 std::vector<at::Tensor> mlp_hvp_cpu(at::TensorList params, at::TensorList vectors, const at::Tensor& x,
                                     const at::Tensor& y, int64_t activation, double act_param, int64_t loss) {
-  const CpuPath path = mlp_cpu_path(peek_mlp_dims(params), peek_size(x, 0), peek_size(x, 1));
+  const CpuPath path = mlp_cpu_path(peek_mlp_dims(params), peek_input_size(x, 0), peek_input_size(x, 1));
   if (path == CpuPath::kBatched) return mlp_hvp_batched(params, vectors, x, y, activation, act_param, loss);
   return loss_grad_per_task(path, true, params, vectors, x, y, activation, act_param, loss).out;
 }
@@ -197,7 +194,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_mam
     at::TensorList params, const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
     at::TensorList lrs, const at::Tensor& step_weights, bool first_order, int64_t activation, double act_param,
     int64_t loss) {
-  const CpuPath path = mlp_cpu_path(peek_mlp_dims(params), peek_size(xs, 0), peek_size(xs, 1));
+  const CpuPath path = mlp_cpu_path(peek_mlp_dims(params), peek_input_size(xs, 0), peek_input_size(xs, 1));
   if (path == CpuPath::kBatched) {
     return mlp_maml_batched(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss);
   }

@@ -145,12 +145,9 @@ CudaPath mlp_cuda_path(const MlpDims& d, int64_t scratch_numel, int64_t element_
               env, "'");
 }
 
-// Size dim of x [T, K, in], 0 when x has another rank (the op's checks then fail on either path).
-int64_t peek_size(const at::Tensor& x, int64_t dim) { return x.dim() == 3 ? x.size(dim) : 0; }
-
 CudaPath loss_grad_cuda_path(bool hvp, at::TensorList params, const at::Tensor& x) {
   const MlpDims d = peek_mlp_dims(params);
-  return mlp_cuda_path(d, mlp_loss_grad_scratch_numel(d, peek_size(x, 1), hvp), x.element_size());
+  return mlp_cuda_path(d, mlp_loss_grad_scratch_numel(d, peek_input_size(x, 1), hvp), x.element_size());
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_loss_grad_cuda(at::TensorList params, const at::Tensor& x,
@@ -177,7 +174,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_mam
     int64_t loss) {
   const MlpDims d = peek_mlp_dims(params);
   const int64_t scratch_numel =
-      mlp_maml_scratch_numel(d, step_weights.numel(), peek_size(xs, 1), peek_size(xq, 1), first_order);
+      mlp_maml_scratch_numel(d, step_weights.numel(), peek_input_size(xs, 1), peek_input_size(xq, 1), first_order);
   const CudaPath path = mlp_cuda_path(d, scratch_numel, xs.element_size());
   if (path == CudaPath::kBatched) {
     return mlp_maml_batched(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss);
