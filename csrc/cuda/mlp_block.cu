@@ -30,9 +30,10 @@ namespace {
 constexpr int kBlockThreads = 128;  // a multiple of 32 (BlockTeam)
 constexpr int64_t kMaxBlockWidth = 64;
 // The global workspace holds one scratch per block: a task's scratch is at most this, and the grid at most
-// kWorkspaceBlocksPerSm blocks per multiprocessor, the tasks beyond it taken in turn (grid stride).
+// kWorkspaceBlocksPerSm blocks per multiprocessor (about as many as fit one at a time: the kernels use 96-168
+// registers per thread, sm_90), the tasks beyond it taken in turn (grid stride).
 constexpr int64_t kMaxGlobalScratchBytes = int64_t(1) << 20;
-constexpr int64_t kWorkspaceBlocksPerSm = 8;
+constexpr int64_t kWorkspaceBlocksPerSm = 4;
 constexpr int64_t kMaxGrid = int64_t(1) << 20;
 
 // The host checks class indices only for CPU tensors (no sync): rows [0, rows) of task t's targets.
