@@ -327,5 +327,5 @@ def test_paths_agree_on_a_wide_net(monkeypatch):
 
 def test_bad_path_value(monkeypatch):
     monkeypatch.setenv(PATH_ENV, "gpu")
-    with pytest.raises(RuntimeError, match="MAMLEXT_MLP_CPU_PATH must be per_task, batched or auto"):
+    with pytest.raises(RuntimeError, match="MAMLEXT_MLP_CPU_PATH must be per_task, batched, team or auto"):
         torch.ops.mamlext.mlp_loss_grad(*_maml_args([1, 4, 1], 2, 3, 1)[:3], *codes("relu", "mse"))

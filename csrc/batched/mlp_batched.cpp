@@ -50,7 +50,7 @@ void maml_update_rows(const MamlUpdateArgs<scalar_t>& m) {
 template <typename scalar_t>
 void activation_forward(Activation act, scalar_t param, int64_t n, const scalar_t* z, scalar_t* h) {
   at::parallel_for(0, n, kElementGrain, [&](int64_t begin, int64_t end) {
-    ::mamlext::activation_forward(act, param, end - begin, z + begin, h + begin);
+    ::mamlext::activation_forward(SerialTeam(), act, param, end - begin, z + begin, h + begin);
   });
 }
 
@@ -58,7 +58,8 @@ template <typename scalar_t>
 void activation_backward(Activation act, scalar_t param, int64_t n, const scalar_t* z, const scalar_t* h,
                          const scalar_t* in, scalar_t* out) {
   at::parallel_for(0, n, kElementGrain, [&](int64_t begin, int64_t end) {
-    ::mamlext::activation_backward(act, param, end - begin, z + begin, h + begin, in + begin, out + begin);
+    ::mamlext::activation_backward(SerialTeam(), act, param, end - begin, z + begin, h + begin, in + begin,
+                                   out + begin);
   });
 }
 
@@ -66,8 +67,8 @@ template <typename scalar_t>
 void activation_r_backward(Activation act, scalar_t param, int64_t n, const scalar_t* z, const scalar_t* h,
                            const scalar_t* dh, const scalar_t* rz, scalar_t* rdz) {
   at::parallel_for(0, n, kElementGrain, [&](int64_t begin, int64_t end) {
-    ::mamlext::activation_r_backward(act, param, end - begin, z + begin, h + begin, dh + begin, rz + begin,
-                                     rdz + begin);
+    ::mamlext::activation_r_backward(SerialTeam(), act, param, end - begin, z + begin, h + begin, dh + begin,
+                                     rz + begin, rdz + begin);
   });
 }
 
@@ -77,7 +78,8 @@ void loss_forward_backward(Loss loss, int64_t tasks, int64_t K, int64_t O, const
   const int64_t n = K * O;
   at::parallel_for(0, tasks, task_grain(n), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      losses[t] = ::mamlext::loss_forward_backward(loss, K, O, z + t * n, y.at(t), dz == nullptr ? dz : dz + t * n);
+      losses[t] = ::mamlext::loss_forward_backward(SerialTeam(), loss, K, O, z + t * n, y.at(t),
+                                                   dz == nullptr ? dz : dz + t * n);
     }
   });
 }
@@ -87,7 +89,9 @@ void loss_r_backward(Loss loss, int64_t tasks, int64_t K, int64_t O, const scala
                      scalar_t* rdz) {
   const int64_t n = K * O;
   at::parallel_for(0, tasks, task_grain(n), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) ::mamlext::loss_r_backward(loss, K, O, z + t * n, rz + t * n, rdz + t * n);
+    for (int64_t t = begin; t < end; ++t) {
+      ::mamlext::loss_r_backward(SerialTeam(), loss, K, O, z + t * n, rz + t * n, rdz + t * n);
+    }
   });
 }
 
@@ -549,13 +553,3 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_mam
 }
 
 }  // namespace mamlext
-
-#ifdef MAMLEXT_WITH_CUDA
-// The CUDA kernels of the fused MLP ops are the batched implementation (its element-wise kernels in
-// cuda/mlp_elementwise.cu, GEMMs by ATen/cuBLAS).
-TORCH_LIBRARY_IMPL(mamlext, CUDA, m) {
-  m.impl("mlp_loss_grad", &mamlext::mlp_loss_grad_batched);
-  m.impl("mlp_hvp", &mamlext::mlp_hvp_batched);
-  m.impl("mlp_maml", &mamlext::mlp_maml_batched);
-}
-#endif

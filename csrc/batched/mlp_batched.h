@@ -8,8 +8,8 @@
 // (grid-stride kernels, cuda/mlp_elementwise.cu). The passes and the MAML reverse recursion are the ones of
 // common/mlp_math.h (which the per-task CPU kernel runs), spelled over whole [T, ...] tensors.
 //
-// Registered as the CUDA kernels of the three ops (cuda/mlp.cu); on the CPU, cpu/mlp.cpp calls it for wide
-// networks (see mlp_cpu_path there).
+// The CUDA kernels of mlp_loss_grad and mlp_hvp, and of mlp_maml on wide networks (cuda/mlp_block.cu registers
+// them); on the CPU, cpu/mlp.cpp calls it for wide networks (see mlp_cpu_path there).
 #pragma once
 
 #include <ATen/ATen.h>

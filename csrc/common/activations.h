@@ -10,6 +10,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/team.h"
+
 namespace mamlext {
 
 enum class Activation : int64_t {
@@ -101,38 +103,42 @@ C10_HOST_DEVICE inline scalar_t activation_second_derivative(scalar_t z, scalar_
   }
 }
 
-// Elementwise passes over n values, one loop per activation.
+// Elementwise passes over n values, one loop per activation, each member of the team taking its share (no sync:
+// the caller separates passes).
 
 // h = f(z).
-template <typename scalar_t>
-C10_HOST_DEVICE inline void activation_forward(Activation act, scalar_t param, int64_t n, const scalar_t* __restrict__ z,
-                                               scalar_t* __restrict__ h) {
+template <typename Team, typename scalar_t>
+C10_HOST_DEVICE inline void activation_forward(const Team& team, Activation act, scalar_t param, int64_t n,
+                                               const scalar_t* __restrict__ z, scalar_t* __restrict__ h) {
   dispatch_activation(act, [&](auto tag) {
     constexpr Activation A = decltype(tag)::value;
-    for (int64_t j = 0; j < n; ++j) h[j] = activation_value<A>(z[j], param);
+    for (int64_t j = team.rank(); j < n; j += team.size()) h[j] = activation_value<A>(z[j], param);
   });
 }
 
 // out = f'(z) * in: the backward pass (in = dL/dh, out = dL/dz) and the R-forward pass (in = Rz, out = Rh).
 // out may alias in.
-template <typename scalar_t>
-C10_HOST_DEVICE inline void activation_backward(Activation act, scalar_t param, int64_t n, const scalar_t* z,
-                                                const scalar_t* h, const scalar_t* in, scalar_t* out) {
+template <typename Team, typename scalar_t>
+C10_HOST_DEVICE inline void activation_backward(const Team& team, Activation act, scalar_t param, int64_t n,
+                                                const scalar_t* z, const scalar_t* h, const scalar_t* in,
+                                                scalar_t* out) {
   dispatch_activation(act, [&](auto tag) {
     constexpr Activation A = decltype(tag)::value;
-    for (int64_t j = 0; j < n; ++j) out[j] = activation_derivative<A>(z[j], h[j], param) * in[j];
+    for (int64_t j = team.rank(); j < n; j += team.size()) {
+      out[j] = activation_derivative<A>(z[j], h[j], param) * in[j];
+    }
   });
 }
 
 // The R-backward pass through the activation, in place: rdz = f'(z) * rdz + f''(z) * dh * rz, where on entry
 // rdz holds R{dL/dh}, and dh = dL/dh, rz = R{z}.
-template <typename scalar_t>
-C10_HOST_DEVICE inline void activation_r_backward(Activation act, scalar_t param, int64_t n, const scalar_t* z,
-                                                  const scalar_t* h, const scalar_t* dh, const scalar_t* rz,
-                                                  scalar_t* rdz) {
+template <typename Team, typename scalar_t>
+C10_HOST_DEVICE inline void activation_r_backward(const Team& team, Activation act, scalar_t param, int64_t n,
+                                                  const scalar_t* z, const scalar_t* h, const scalar_t* dh,
+                                                  const scalar_t* rz, scalar_t* rdz) {
   dispatch_activation(act, [&](auto tag) {
     constexpr Activation A = decltype(tag)::value;
-    for (int64_t j = 0; j < n; ++j) {
+    for (int64_t j = team.rank(); j < n; j += team.size()) {
       scalar_t r = activation_derivative<A>(z[j], h[j], param) * rdz[j];
       if constexpr (A != Activation::kRelu && A != Activation::kLeakyRelu) {
         r += activation_second_derivative<A>(z[j], h[j], param) * dh[j] * rz[j];

@@ -13,6 +13,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/team.h"
+
 namespace mamlext {
 
 enum class Loss : int64_t {
@@ -43,28 +45,30 @@ C10_HOST_DEVICE inline scalar_t softmax_row(int64_t O, const scalar_t* __restric
   return max + std::log(sum);
 }
 
-// The loss of z [K, O] against y and, when dz is not null, dz = dL/dz [K, O].
-template <typename scalar_t>
-C10_HOST_DEVICE inline scalar_t loss_forward_backward(Loss loss, int64_t K, int64_t O, const scalar_t* __restrict__ z,
-                                                      LossTarget<scalar_t> y, scalar_t* __restrict__ dz) {
+// The loss of z [K, O] against y (returned to every member of the team) and, when dz is not null, dz = dL/dz [K, O].
+// The team splits mse by elements, ce by rows.
+template <typename Team, typename scalar_t>
+C10_HOST_DEVICE inline scalar_t loss_forward_backward(const Team& team, Loss loss, int64_t K, int64_t O,
+                                                      const scalar_t* __restrict__ z, LossTarget<scalar_t> y,
+                                                      scalar_t* __restrict__ dz) {
   if (loss == Loss::kMse) {
     const int64_t n = K * O;
     const scalar_t inv_n = scalar_t(1) / static_cast<scalar_t>(n);
     scalar_t sum = 0;
-    for (int64_t j = 0; j < n; ++j) {
+    for (int64_t j = team.rank(); j < n; j += team.size()) {
       const scalar_t diff = z[j] - y.values[j];
       sum += diff * diff;
     }
     if (dz != nullptr) {
       const scalar_t scale = scalar_t(2) * inv_n;
-      for (int64_t j = 0; j < n; ++j) dz[j] = scale * (z[j] - y.values[j]);
+      for (int64_t j = team.rank(); j < n; j += team.size()) dz[j] = scale * (z[j] - y.values[j]);
     }
-    return sum * inv_n;
+    return team.sum(sum) * inv_n;
   }
   // Cross-entropy. dz holds each row's softmax, then (softmax - onehot) / K; a row's loss is lse - z[class].
   const scalar_t inv_k = scalar_t(1) / static_cast<scalar_t>(K);
   scalar_t sum = 0;
-  for (int64_t k = 0; k < K; ++k) {
+  for (int64_t k = team.rank(); k < K; k += team.size()) {
     const scalar_t* row = z + k * O;
     const int64_t cls = y.classes[k];
     if (dz != nullptr) {
@@ -80,22 +84,24 @@ C10_HOST_DEVICE inline scalar_t loss_forward_backward(Loss loss, int64_t K, int6
       sum += max + std::log(exp_sum) - row[cls];
     }
   }
-  return sum * inv_k;
+  return team.sum(sum) * inv_k;
 }
 
 // The loss's Hessian w.r.t. z times rz: rdz = R{dL/dz} [K, O] for the direction R{z} = rz [K, O].
 //   mse: (2 / (K O)) rz;   ce: row k: (p_k * (rz_k - <p_k, rz_k>)) / K, p_k = softmax(z_k).
-template <typename scalar_t>
-C10_HOST_DEVICE inline void loss_r_backward(Loss loss, int64_t K, int64_t O, const scalar_t* __restrict__ z,
-                                            const scalar_t* __restrict__ rz, scalar_t* __restrict__ rdz) {
+// The team splits mse by elements, ce by rows (no sync: the caller separates passes).
+template <typename Team, typename scalar_t>
+C10_HOST_DEVICE inline void loss_r_backward(const Team& team, Loss loss, int64_t K, int64_t O,
+                                            const scalar_t* __restrict__ z, const scalar_t* __restrict__ rz,
+                                            scalar_t* __restrict__ rdz) {
   if (loss == Loss::kMse) {
     const int64_t n = K * O;
     const scalar_t scale = scalar_t(2) / static_cast<scalar_t>(n);
-    for (int64_t j = 0; j < n; ++j) rdz[j] = scale * rz[j];
+    for (int64_t j = team.rank(); j < n; j += team.size()) rdz[j] = scale * rz[j];
     return;
   }
   const scalar_t inv_k = scalar_t(1) / static_cast<scalar_t>(K);
-  for (int64_t k = 0; k < K; ++k) {
+  for (int64_t k = team.rank(); k < K; k += team.size()) {
     const scalar_t* r = rz + k * O;
     scalar_t* p = rdz + k * O;
     softmax_row(O, z + k * O, p);

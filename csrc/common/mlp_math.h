@@ -17,6 +17,10 @@
 // while the shared dimension streams by, and each element of C is summed over that dimension in order, whatever the
 // tiling (but for single-column products: dot products, vectorized). The forward products h W^T therefore read the weights transposed (MlpForwardWeights: W^T [in, out], made
 // once per parameter set by transpose_weights); the backward products read W as it is.
+//
+// Every pass takes a team (common/team.h), the threads that run the task together: one on the CPU (SerialTeam),
+// a thread block on the GPU (cuda/mlp_block.cu). They split each loop and product (a team of several threads deals
+// out small blocks of C, gemm_in_small_blocks, each summed in the same order) and sync between passes.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -26,6 +30,7 @@
 #include "common/activations.h"
 #include "common/losses.h"
 #include "common/sgd_math.h"
+#include "common/team.h"
 
 // Host code compiled for AVX-512, AVX2 + FMA and the baseline x86-64 (GCC), the best picked when the library loads
 // (the build targets the baseline, on which the matrix loops run 4 floats per instruction, without FMA). flatten
@@ -136,9 +141,10 @@ C10_HOST_DEVICE inline MlpForwardWeights<scalar_t> forward_weights(const MlpDims
   return f;
 }
 
-// Writes p's transposed weights to buffer [mlp_transposed_numel(d)]; returns p's forward weights.
-template <typename scalar_t>
-C10_HOST_DEVICE inline MlpForwardWeights<scalar_t> transpose_weights(const MlpDims& d,
+// Writes p's transposed weights to buffer [mlp_transposed_numel(d)], the team's members taking turns by tiles;
+// returns p's forward weights, synced.
+template <typename Team, typename scalar_t>
+C10_HOST_DEVICE inline MlpForwardWeights<scalar_t> transpose_weights(const Team& team, const MlpDims& d,
                                                                       const MlpParams<const scalar_t*>& p,
                                                                       scalar_t* buffer) {
   const MlpForwardWeights<scalar_t> f = forward_weights(d, p, static_cast<const scalar_t*>(buffer));
@@ -149,8 +155,10 @@ C10_HOST_DEVICE inline MlpForwardWeights<scalar_t> transpose_weights(const MlpDi
     scalar_t* __restrict__ WT = const_cast<scalar_t*>(f.w[l]);
     // In tiles, so that the rows a tile writes stay in L1 (column by column, a wide W misses on every element).
     constexpr int64_t kTile = 16;
+    int64_t tile = 0;
     for (int64_t o0 = 0; o0 < O; o0 += kTile) {
       for (int64_t i0 = 0; i0 < I; i0 += kTile) {
+        if (tile++ % team.size() != team.rank()) continue;
         const int64_t o_end = o0 + kTile < O ? o0 + kTile : O, i_end = i0 + kTile < I ? i0 + kTile : I;
         for (int64_t o = o0; o < o_end; ++o) {
           for (int64_t i = i0; i < i_end; ++i) WT[i * O + o] = W[o * I + i];
@@ -158,6 +166,7 @@ C10_HOST_DEVICE inline MlpForwardWeights<scalar_t> transpose_weights(const MlpDi
       }
     }
   }
+  team.sync();
   return f;
 }
 
@@ -203,6 +212,10 @@ C10_HOST_DEVICE inline MlpActivations<scalar_t> carve_activations(const MlpDims&
 
 // ---------------------------------------------------------------------------------------------------------------
 // Small dense helpers. Shapes: in [K, I], W [O, I], d/out [K, O].
+//
+// Teams (common/team.h): the element-wise helpers (fill, axpy) and the products (team_gemm) give each member its
+// share and return unsynced; the layer helpers, the passes and the drivers below return synced, so that what they
+// wrote may be read by any member.
 
 // A loop whose partial sums may be reordered so that it vectorizes: `omp simd reduction` on the host (the build
 // passes -fopenmp), nothing in device code.
@@ -213,24 +226,26 @@ C10_HOST_DEVICE inline MlpActivations<scalar_t> carve_activations(const MlpDims&
 #define MAMLEXT_SIMD_SUM(...)
 #endif
 
-template <typename scalar_t>
-C10_HOST_DEVICE inline void fill(int64_t n, scalar_t value, scalar_t* __restrict__ out) {
-  for (int64_t j = 0; j < n; ++j) out[j] = value;
+template <typename Team, typename scalar_t>
+C10_HOST_DEVICE inline void fill(const Team& team, int64_t n, scalar_t value, scalar_t* __restrict__ out) {
+  for (int64_t j = team.rank(); j < n; j += team.size()) out[j] = value;
 }
 
-// <a, b> over n elements.
-template <typename scalar_t>
-C10_HOST_DEVICE inline scalar_t dot(int64_t n, const scalar_t* __restrict__ a, const scalar_t* __restrict__ b) {
+// <a, b> over n elements, returned to every member (the reduction syncs).
+template <typename Team, typename scalar_t>
+C10_HOST_DEVICE inline scalar_t dot(const Team& team, int64_t n, const scalar_t* __restrict__ a,
+                                    const scalar_t* __restrict__ b) {
   scalar_t s = 0;
   MAMLEXT_SIMD_SUM(s)
-  for (int64_t j = 0; j < n; ++j) s += a[j] * b[j];
-  return s;
+  for (int64_t j = team.rank(); j < n; j += team.size()) s += a[j] * b[j];
+  return team.sum(s);
 }
 
 // out[j] += alpha * x[j].
-template <typename scalar_t>
-C10_HOST_DEVICE inline void axpy(int64_t n, scalar_t alpha, const scalar_t* __restrict__ x, scalar_t* __restrict__ out) {
-  for (int64_t j = 0; j < n; ++j) out[j] += alpha * x[j];
+template <typename Team, typename scalar_t>
+C10_HOST_DEVICE inline void axpy(const Team& team, int64_t n, scalar_t alpha, const scalar_t* __restrict__ x,
+                                 scalar_t* __restrict__ out) {
+  for (int64_t j = team.rank(); j < n; j += team.size()) out[j] += alpha * x[j];
 }
 
 // C (+)= A B for C [M, N] (row stride ldc), A [M, depth] read as A[r, p] = a[r * a_row + p * a_col] (a matrix,
@@ -343,7 +358,7 @@ template <typename scalar_t>
 MAMLEXT_GEMM_FUNCTION void gemm(const GemmOperands<scalar_t>& g, bool accumulate) {
   if (g.N == 1 && g.a_col == 1 && g.ldb == 1) {
     for (int64_t r = 0; r < g.M; ++r) {
-      const scalar_t s = dot(g.depth, g.a + r * g.a_row, g.b);
+      const scalar_t s = dot(SerialTeam(), g.depth, g.a + r * g.a_row, g.b);
       g.c[r * g.ldc] = accumulate ? g.c[r * g.ldc] + s : s;
     }
     return;
@@ -353,35 +368,78 @@ MAMLEXT_GEMM_FUNCTION void gemm(const GemmOperands<scalar_t>& g, bool accumulate
   for (int64_t r = 0; r < g.M; r += rows) gemm_rows_n(g.M - r < rows ? g.M - r : rows, g, r, accumulate);
 }
 
+// Member `part` of `parts`'s share of C = A B (accumulate: C += A B) for a team of many threads (a GPU block): blocks
+// of at most 2 x 2 elements of C, small enough that every thread of a block has some for the narrow layers, dealt
+// out in turn; single columns with contiguous rows of A as dot products, by rows. Every element of C is summed in
+// the same order as by gemm.
+template <typename scalar_t>
+C10_HOST_DEVICE inline void gemm_in_small_blocks(const GemmOperands<scalar_t>& g, bool accumulate, int part,
+                                                 int parts) {
+  if (g.N == 1 && g.a_col == 1 && g.ldb == 1) {
+    for (int64_t r = part; r < g.M; r += parts) {
+      const scalar_t s = dot(SerialTeam(), g.depth, g.a + r * g.a_row, g.b);
+      g.c[r * g.ldc] = accumulate ? g.c[r * g.ldc] + s : s;
+    }
+    return;
+  }
+  const int64_t row_blocks = (g.M + 1) / 2, column_blocks = (g.N + 1) / 2;
+  for (int64_t block = part; block < row_blocks * column_blocks; block += parts) {
+    const int64_t r = block / column_blocks * 2, c = block % column_blocks * 2;
+    const bool two_rows = r + 1 < g.M, two_columns = c + 1 < g.N;
+    if (two_rows && two_columns) {
+      gemm_block<2, 2>(g, r, c, accumulate);
+    } else if (two_rows) {
+      gemm_block<2, 1>(g, r, c, accumulate);
+    } else if (two_columns) {
+      gemm_block<1, 2>(g, r, c, accumulate);
+    } else {
+      gemm_block<1, 1>(g, r, c, accumulate);
+    }
+  }
+}
+
+// The team's share of C (+)= A B: one thread runs the register-tiled gemm, a team of several the small blocks.
+template <typename scalar_t>
+C10_HOST_DEVICE inline void team_gemm(const SerialTeam&, const GemmOperands<scalar_t>& g, bool accumulate) {
+  gemm(g, accumulate);
+}
+
+template <typename Team, typename scalar_t>
+C10_HOST_DEVICE inline void team_gemm(const Team& team, const GemmOperands<scalar_t>& g, bool accumulate) {
+  gemm_in_small_blocks(g, accumulate, team.rank(), team.size());
+}
+
 // Shapes of the layer products: in [K, I], W [O, I] (WT = W^T [I, O]), d/out [K, O].
 
 // out = bias + in W^T (each row), or with bias null out += in W^T.
-template <typename scalar_t>
-C10_HOST_DEVICE inline void linear_forward(int64_t K, int64_t I, int64_t O, const scalar_t* in, const scalar_t* WT,
-                                           const scalar_t* bias, scalar_t* out) {
+template <typename Team, typename scalar_t>
+C10_HOST_DEVICE inline void linear_forward(const Team& team, int64_t K, int64_t I, int64_t O, const scalar_t* in,
+                                           const scalar_t* WT, const scalar_t* bias, scalar_t* out) {
   if (bias != nullptr) {
-    for (int64_t k = 0; k < K; ++k) {
+    for (int64_t k = team.rank(); k < K; k += team.size()) {
       for (int64_t o = 0; o < O; ++o) out[k * O + o] = bias[o];
     }
+    team.sync();  // the product's blocks are dealt out otherwise
   }
   GemmOperands<scalar_t> g;
   g.M = K, g.N = O, g.depth = I;
   g.a = in, g.a_row = I, g.a_col = 1;
   g.b = WT, g.ldb = O;
   g.c = out, g.ldc = O;
-  gemm(g, true);
+  team_gemm(team, g, true);
+  team.sync();
 }
 
 // gW (+)= d^T in and, when gb is not null, gb (+)= sum_k d[k, :]: the gradient of the layer's parameters.
-template <typename scalar_t>
-C10_HOST_DEVICE inline void linear_param_grad(int64_t K, int64_t I, int64_t O, const scalar_t* d, const scalar_t* in,
-                                              scalar_t* gW, scalar_t* gb, bool accumulate) {
+template <typename Team, typename scalar_t>
+C10_HOST_DEVICE inline void linear_param_grad(const Team& team, int64_t K, int64_t I, int64_t O, const scalar_t* d,
+                                              const scalar_t* in, scalar_t* gW, scalar_t* gb, bool accumulate) {
   GemmOperands<scalar_t> g;
   g.M = O, g.N = I, g.depth = K;
   g.a = d, g.a_row = 1, g.a_col = O;
   g.b = in, g.ldb = I;
   g.c = gW, g.ldc = I;
-  gemm(g, accumulate);
+  team_gemm(team, g, accumulate);
   if (gb != nullptr) {
     const scalar_t one = 1;
     GemmOperands<scalar_t> s;  // ones [1, K] d
@@ -389,20 +447,22 @@ C10_HOST_DEVICE inline void linear_param_grad(int64_t K, int64_t I, int64_t O, c
     s.a = &one;
     s.b = d, s.ldb = O;
     s.c = gb, s.ldc = O;
-    gemm(s, accumulate);
+    team_gemm(team, s, accumulate);
   }
+  team.sync();
 }
 
 // din (+)= d W: the gradient of the layer's input.
-template <typename scalar_t>
-C10_HOST_DEVICE inline void linear_input_grad(int64_t K, int64_t I, int64_t O, const scalar_t* d, const scalar_t* W,
-                                              scalar_t* din, bool accumulate) {
+template <typename Team, typename scalar_t>
+C10_HOST_DEVICE inline void linear_input_grad(const Team& team, int64_t K, int64_t I, int64_t O, const scalar_t* d,
+                                              const scalar_t* W, scalar_t* din, bool accumulate) {
   GemmOperands<scalar_t> g;
   g.M = K, g.N = I, g.depth = O;
   g.a = d, g.a_row = O, g.a_col = 1;
   g.b = W, g.ldb = I;
   g.c = din, g.ldc = I;
-  gemm(g, accumulate);
+  team_gemm(team, g, accumulate);
+  team.sync();
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -410,77 +470,82 @@ C10_HOST_DEVICE inline void linear_input_grad(int64_t K, int64_t I, int64_t O, c
 
 // Forward: fills a.z (and a.h below the last layer); the network's output is a.z[L - 1].
 // pt: p's forward weights.
-template <typename scalar_t>
-C10_HOST_DEVICE inline void mlp_forward(const MlpConfig& c, int64_t K, const scalar_t* x,
+template <typename Team, typename scalar_t>
+C10_HOST_DEVICE inline void mlp_forward(const Team& team, const MlpConfig& c, int64_t K, const scalar_t* x,
                                         const MlpParams<const scalar_t*>& p, const MlpForwardWeights<scalar_t>& pt,
                                         MlpActivations<scalar_t>& a) {
   const MlpDims& d = c.dims;
   for (int l = 0; l < d.layers; ++l) {
     const scalar_t* in = l == 0 ? x : a.h[l - 1];
-    linear_forward(K, d.in(l), d.out(l), in, pt.w[l], p.bias(l), a.z[l]);
+    linear_forward(team, K, d.in(l), d.out(l), in, pt.w[l], p.bias(l), a.z[l]);
     if (l + 1 < d.layers) {
-      activation_forward(c.activation, static_cast<scalar_t>(c.act_param), K * d.out(l), a.z[l], a.h[l]);
+      activation_forward(team, c.activation, static_cast<scalar_t>(c.act_param), K * d.out(l), a.z[l], a.h[l]);
+      team.sync();
     }
   }
 }
 
 // Backward, from a.dz[L - 1] = dL/dz_{L-1}: fills a.dz and a.dh of every layer and, when grads is not null, writes
 // the gradient w.r.t. the parameters to *grads.
-template <typename scalar_t>
-C10_HOST_DEVICE inline void mlp_backward(const MlpConfig& c, int64_t K, const scalar_t* x,
+template <typename Team, typename scalar_t>
+C10_HOST_DEVICE inline void mlp_backward(const Team& team, const MlpConfig& c, int64_t K, const scalar_t* x,
                                          const MlpParams<const scalar_t*>& p, MlpActivations<scalar_t>& a,
                                          const MlpParams<scalar_t*>* grads) {
   const MlpDims& d = c.dims;
   for (int l = d.layers - 1; l >= 0; --l) {
     const int64_t I = d.in(l), O = d.out(l);
     const scalar_t* in = l == 0 ? x : a.h[l - 1];
-    if (grads != nullptr) linear_param_grad(K, I, O, a.dz[l], in, grads->weight(l), grads->bias(l), false);
+    if (grads != nullptr) linear_param_grad(team, K, I, O, a.dz[l], in, grads->weight(l), grads->bias(l), false);
     if (l > 0) {
-      linear_input_grad(K, I, O, a.dz[l], p.weight(l), a.dh[l - 1], false);
-      activation_backward(c.activation, static_cast<scalar_t>(c.act_param), K * I, a.z[l - 1], a.h[l - 1],
+      linear_input_grad(team, K, I, O, a.dz[l], p.weight(l), a.dh[l - 1], false);
+      activation_backward(team, c.activation, static_cast<scalar_t>(c.act_param), K * I, a.z[l - 1], a.h[l - 1],
                           a.dh[l - 1], a.dz[l - 1]);
+      team.sync();
     }
   }
 }
 
 // R-forward along the direction v (shaped like the parameters), after mlp_forward: fills a.rz (and a.rh).
 // pt, vt: the forward weights of p and v.
-template <typename scalar_t>
-C10_HOST_DEVICE inline void mlp_r_forward(const MlpConfig& c, int64_t K, const scalar_t* x,
+template <typename Team, typename scalar_t>
+C10_HOST_DEVICE inline void mlp_r_forward(const Team& team, const MlpConfig& c, int64_t K, const scalar_t* x,
                                           const MlpForwardWeights<scalar_t>& pt, const MlpParams<const scalar_t*>& v,
                                           const MlpForwardWeights<scalar_t>& vt, MlpActivations<scalar_t>& a) {
   const MlpDims& d = c.dims;
   for (int l = 0; l < d.layers; ++l) {
     const scalar_t* in = l == 0 ? x : a.h[l - 1];
-    linear_forward(K, d.in(l), d.out(l), in, vt.w[l], v.bias(l), a.rz[l]);  // h VW^T + Vb
+    linear_forward(team, K, d.in(l), d.out(l), in, vt.w[l], v.bias(l), a.rz[l]);  // h VW^T + Vb
     if (l > 0) {
-      linear_forward(K, d.in(l), d.out(l), a.rh[l - 1], pt.w[l], static_cast<const scalar_t*>(nullptr),
+      linear_forward(team, K, d.in(l), d.out(l), a.rh[l - 1], pt.w[l], static_cast<const scalar_t*>(nullptr),
                      a.rz[l]);  // + Rh W^T
     }
     if (l + 1 < d.layers) {
-      activation_backward(c.activation, static_cast<scalar_t>(c.act_param), K * d.out(l), a.z[l], a.h[l], a.rz[l],
-                          a.rh[l]);
+      activation_backward(team, c.activation, static_cast<scalar_t>(c.act_param), K * d.out(l), a.z[l], a.h[l],
+                          a.rz[l], a.rh[l]);
+      team.sync();
     }
   }
 }
 
 // R-backward, from a.rdz[L - 1] = R{dL/dz_{L-1}}, after mlp_backward and mlp_r_forward: writes H v to hv.
-template <typename scalar_t>
-C10_HOST_DEVICE inline void mlp_r_backward(const MlpConfig& c, int64_t K, const scalar_t* x,
+template <typename Team, typename scalar_t>
+C10_HOST_DEVICE inline void mlp_r_backward(const Team& team, const MlpConfig& c, int64_t K, const scalar_t* x,
                                            const MlpParams<const scalar_t*>& p, const MlpParams<const scalar_t*>& v,
                                            MlpActivations<scalar_t>& a, const MlpParams<scalar_t*>& hv) {
   const MlpDims& d = c.dims;
   for (int l = d.layers - 1; l >= 0; --l) {
     const int64_t I = d.in(l), O = d.out(l);
     const scalar_t* in = l == 0 ? x : a.h[l - 1];
-    linear_param_grad(K, I, O, a.rdz[l], in, hv.weight(l), hv.bias(l), false);  // Rdz^T h, sum_k Rdz
+    linear_param_grad(team, K, I, O, a.rdz[l], in, hv.weight(l), hv.bias(l), false);  // Rdz^T h, sum_k Rdz
     if (l == 0) break;
-    linear_param_grad(K, I, O, a.dz[l], a.rh[l - 1], hv.weight(l), static_cast<scalar_t*>(nullptr), true);  // + dz^T Rh
+    linear_param_grad(team, K, I, O, a.dz[l], a.rh[l - 1], hv.weight(l), static_cast<scalar_t*>(nullptr),
+                      true);  // + dz^T Rh
     scalar_t* rdh = a.rdz[l - 1];  // R{dL/dh_{l-1}}, turned into R{dL/dz_{l-1}} in place
-    linear_input_grad(K, I, O, a.rdz[l], p.weight(l), rdh, false);
-    linear_input_grad(K, I, O, a.dz[l], v.weight(l), rdh, true);
-    activation_r_backward(c.activation, static_cast<scalar_t>(c.act_param), K * I, a.z[l - 1], a.h[l - 1],
+    linear_input_grad(team, K, I, O, a.rdz[l], p.weight(l), rdh, false);
+    linear_input_grad(team, K, I, O, a.dz[l], v.weight(l), rdh, true);
+    activation_r_backward(team, c.activation, static_cast<scalar_t>(c.act_param), K * I, a.z[l - 1], a.h[l - 1],
                           a.dh[l - 1], a.rz[l - 1], rdh);
+    team.sync();
   }
 }
 
@@ -489,29 +554,31 @@ C10_HOST_DEVICE inline void mlp_r_backward(const MlpConfig& c, int64_t K, const 
 
 // One task's loss at p (forward weights pt) over its K rows (x, y); runs the forward and backward passes, leaving
 // a ready for mlp_hessian_vector, and writes the gradient to *grads when grads is not null.
-template <typename scalar_t>
-C10_HOST_DEVICE inline scalar_t mlp_loss_and_grad(const MlpConfig& c, int64_t K, const scalar_t* x,
+template <typename Team, typename scalar_t>
+C10_HOST_DEVICE inline scalar_t mlp_loss_and_grad(const Team& team, const MlpConfig& c, int64_t K, const scalar_t* x,
                                                   LossTarget<scalar_t> y, const MlpParams<const scalar_t*>& p,
                                                   const MlpForwardWeights<scalar_t>& pt, MlpActivations<scalar_t>& a,
                                                   const MlpParams<scalar_t*>* grads) {
   const int last = c.dims.layers - 1;
-  mlp_forward(c, K, x, p, pt, a);
-  const scalar_t loss = loss_forward_backward(c.loss, K, c.dims.output_width(), a.z[last], y, a.dz[last]);
-  mlp_backward(c, K, x, p, a, grads);
+  mlp_forward(team, c, K, x, p, pt, a);
+  const scalar_t loss = loss_forward_backward(team, c.loss, K, c.dims.output_width(), a.z[last], y, a.dz[last]);
+  team.sync();
+  mlp_backward(team, c, K, x, p, a, grads);
   return loss;
 }
 
 // hv = H v, H the Hessian of the task's loss at p, after mlp_loss_and_grad at the same p, x, y filled a.
 // pt, vt: the forward weights of p and v.
-template <typename scalar_t>
-C10_HOST_DEVICE inline void mlp_hessian_vector(const MlpConfig& c, int64_t K, const scalar_t* x,
+template <typename Team, typename scalar_t>
+C10_HOST_DEVICE inline void mlp_hessian_vector(const Team& team, const MlpConfig& c, int64_t K, const scalar_t* x,
                                                const MlpParams<const scalar_t*>& p, const MlpForwardWeights<scalar_t>& pt,
                                                const MlpParams<const scalar_t*>& v, const MlpForwardWeights<scalar_t>& vt,
                                                MlpActivations<scalar_t>& a, const MlpParams<scalar_t*>& hv) {
   const int last = c.dims.layers - 1;
-  mlp_r_forward(c, K, x, pt, v, vt, a);
-  loss_r_backward(c.loss, K, c.dims.output_width(), a.z[last], a.rz[last], a.rdz[last]);
-  mlp_r_backward(c, K, x, p, v, a, hv);
+  mlp_r_forward(team, c, K, x, pt, v, vt, a);
+  loss_r_backward(team, c.loss, K, c.dims.output_width(), a.z[last], a.rz[last], a.rdz[last]);
+  team.sync();
+  mlp_r_backward(team, c, K, x, p, v, a, hv);
 }
 
 // The inner-loop learning rates of mlp_maml, per parameter: lr[p] is [N] (one rate per step) or [N, numel_p].
@@ -581,10 +648,10 @@ C10_HOST_DEVICE inline MamlScratch<scalar_t> carve_maml_scratch(const MlpDims& d
 }
 
 // Writes theta_0's forward weights into s, once for all the tasks that use s.
-template <typename scalar_t>
-C10_HOST_DEVICE inline void prepare_maml_scratch(const MlpDims& d, const MlpParams<const scalar_t*>& theta0,
-                                                 MamlScratch<scalar_t>& s) {
-  transpose_weights(d, theta0, s.transposed);
+template <typename Team, typename scalar_t>
+C10_HOST_DEVICE inline void prepare_maml_scratch(const Team& team, const MlpDims& d,
+                                                 const MlpParams<const scalar_t*>& theta0, MamlScratch<scalar_t>& s) {
+  transpose_weights(team, d, theta0, s.transposed);
 }
 
 // One task of mlp_maml; returns its weighted query loss sum_k w_k L_query(theta_k).
@@ -595,10 +662,10 @@ C10_HOST_DEVICE inline void prepare_maml_scratch(const MlpDims& d, const MlpPara
 //                 v_k += w_k grad L_query(theta_k) for k >= 1;
 //               meta_grad = v_0.
 // Query passes of steps with weight exactly 0 are skipped. meta_grad (the running v) and lr_grad ([N] or
-// [N, numel_p] per parameter) are this task's outputs.
-template <typename scalar_t>
-C10_HOST_DEVICE inline scalar_t mlp_maml_task(const MlpConfig& c, int64_t steps, const scalar_t* step_weights,
-                                              bool first_order, int64_t support_rows, const scalar_t* xs,
+// [N, numel_p] per parameter) are this task's outputs. Every member of the team returns the query loss.
+template <typename Team, typename scalar_t>
+C10_HOST_DEVICE inline scalar_t mlp_maml_task(const Team& team, const MlpConfig& c, int64_t steps,
+                                              const scalar_t* step_weights, bool first_order, int64_t support_rows, const scalar_t* xs,
                                               LossTarget<scalar_t> ys, int64_t query_rows, const scalar_t* xq,
                                               LossTarget<scalar_t> yq, const MlpParams<const scalar_t*>& theta0,
                                               const MamlLrs<scalar_t>& lrs, MamlScratch<scalar_t>& s,
@@ -623,29 +690,37 @@ C10_HOST_DEVICE inline scalar_t mlp_maml_task(const MlpConfig& c, int64_t steps,
     const MlpParams<const scalar_t*> theta_k = theta(k);
     const MlpParams<scalar_t*> g = grad(k);
     MlpActivations<scalar_t> support = support_activations(d, s, k);
-    mlp_loss_and_grad(c, support_rows, xs, ys, theta_k, theta_t(k), support, &g);
+    mlp_loss_and_grad(team, c, support_rows, xs, ys, theta_k, theta_t(k), support, &g);
     const MlpParams<scalar_t*> next = carve_params(d, s.thetas + k * P);
     for (int i = 0; i < num_params; ++i) {
       const int64_t n = d.param_numel(i);
       if (lrs.per_element[i]) {
         const scalar_t* lr = lrs.lr[i] + k * n;
-        for (int64_t e = 0; e < n; ++e) next.ptr[i][e] = sgd_update<scalar_t>(theta_k.ptr[i][e], g.ptr[i][e], lr[e]);
+        for (int64_t e = team.rank(); e < n; e += team.size()) {
+          next.ptr[i][e] = sgd_update<scalar_t>(theta_k.ptr[i][e], g.ptr[i][e], lr[e]);
+        }
       } else {
         const scalar_t lr = lrs.lr[i][k];
-        for (int64_t e = 0; e < n; ++e) next.ptr[i][e] = sgd_update<scalar_t>(theta_k.ptr[i][e], g.ptr[i][e], lr);
+        for (int64_t e = team.rank(); e < n; e += team.size()) {
+          next.ptr[i][e] = sgd_update<scalar_t>(theta_k.ptr[i][e], g.ptr[i][e], lr);
+        }
       }
     }
-    transpose_weights(d, as_const(next), s.transposed + (k + 1) * Pt);
+    team.sync();
+    transpose_weights(team, d, as_const(next), s.transposed + (k + 1) * Pt);
   }
 
   // v += w grad L_query(theta_k); returns w L_query(theta_k).
   auto add_query_term = [&](int64_t k, scalar_t w) {
-    const scalar_t loss = mlp_loss_and_grad(c, query_rows, xq, yq, theta(k), theta_t(k), s.query, &query_grad);
-    for (int i = 0; i < num_params; ++i) axpy(d.param_numel(i), w, query_grad.ptr[i], v.ptr[i]);
+    const scalar_t loss =
+        mlp_loss_and_grad(team, c, query_rows, xq, yq, theta(k), theta_t(k), s.query, &query_grad);
+    for (int i = 0; i < num_params; ++i) axpy(team, d.param_numel(i), w, query_grad.ptr[i], v.ptr[i]);
+    team.sync();
     return w * loss;
   };
 
-  for (int i = 0; i < num_params; ++i) fill(d.param_numel(i), scalar_t(0), v.ptr[i]);
+  for (int i = 0; i < num_params; ++i) fill(team, d.param_numel(i), scalar_t(0), v.ptr[i]);
+  team.sync();
   scalar_t query_loss = 0;
   if (step_weights[steps - 1] != scalar_t(0)) query_loss += add_query_term(steps, step_weights[steps - 1]);
 
@@ -655,9 +730,10 @@ C10_HOST_DEVICE inline scalar_t mlp_maml_task(const MlpConfig& c, int64_t steps,
       const int64_t n = d.param_numel(i);
       if (lrs.per_element[i]) {
         scalar_t* out = lr_grad.ptr[i] + k * n;
-        for (int64_t e = 0; e < n; ++e) out[e] = -(v.ptr[i][e] * g.ptr[i][e]);
+        for (int64_t e = team.rank(); e < n; e += team.size()) out[e] = -(v.ptr[i][e] * g.ptr[i][e]);
       } else {
-        lr_grad.ptr[i][k] = -dot(n, v.ptr[i], g.ptr[i]);
+        const scalar_t v_dot_g = dot(team, n, v.ptr[i], g.ptr[i]);
+        if (team.rank() == 0) lr_grad.ptr[i][k] = -v_dot_g;
       }
     }
     if (!first_order) {
@@ -666,20 +742,24 @@ C10_HOST_DEVICE inline scalar_t mlp_maml_task(const MlpConfig& c, int64_t steps,
         const int64_t n = d.param_numel(i);
         if (lrs.per_element[i]) {
           const scalar_t* lr = lrs.lr[i] + k * n;
-          for (int64_t e = 0; e < n; ++e) direction.ptr[i][e] = lr[e] * v.ptr[i][e];
+          for (int64_t e = team.rank(); e < n; e += team.size()) direction.ptr[i][e] = lr[e] * v.ptr[i][e];
         } else {
           const scalar_t lr = lrs.lr[i][k];
-          for (int64_t e = 0; e < n; ++e) direction.ptr[i][e] = lr * v.ptr[i][e];
+          for (int64_t e = team.rank(); e < n; e += team.size()) direction.ptr[i][e] = lr * v.ptr[i][e];
         }
       }
+      team.sync();
       const MlpForwardWeights<scalar_t> direction_t =
-          transpose_weights(d, as_const(direction), s.transposed + (steps + 1) * Pt);
+          transpose_weights(team, d, as_const(direction), s.transposed + (steps + 1) * Pt);
       MlpActivations<scalar_t> support = support_activations(d, s, k);
-      mlp_hessian_vector(c, support_rows, xs, theta_k, theta_t(k), as_const(direction), direction_t, support, hv);
-      for (int i = 0; i < num_params; ++i) axpy(d.param_numel(i), scalar_t(-1), hv.ptr[i], v.ptr[i]);
+      mlp_hessian_vector(team, c, support_rows, xs, theta_k, theta_t(k), as_const(direction), direction_t, support,
+                         hv);
+      for (int i = 0; i < num_params; ++i) axpy(team, d.param_numel(i), scalar_t(-1), hv.ptr[i], v.ptr[i]);
+      team.sync();
     }
     if (k >= 1 && step_weights[k - 1] != scalar_t(0)) query_loss += add_query_term(k, step_weights[k - 1]);
   }
+  team.sync();  // the last lr_grad reads the scratch that the team's next task writes
   return query_loss;
 }
 

@@ -9,7 +9,7 @@
 namespace mamlext {
 
 // The path of the most recent CPU call of mlp_loss_grad / mlp_hvp / mlp_maml in this process: "per_task",
-// "batched", or "" before the first (for tests; exposed as mamlext._C.mlp_cpu_last_path()).
+// "batched", "team", or "" before the first (for tests; exposed as mamlext._C.mlp_cpu_last_path()).
 std::string mlp_cpu_last_path();
 
 }  // namespace mamlext

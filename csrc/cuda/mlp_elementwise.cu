@@ -34,7 +34,7 @@ template <typename scalar_t>
 __global__ void activation_forward_kernel(Activation act, scalar_t param, int64_t n, const scalar_t* z,
                                           scalar_t* h) {
   for (int64_t e = global_thread(); e < n; e += grid_threads()) {
-    ::mamlext::activation_forward(act, param, 1, z + e, h + e);
+    ::mamlext::activation_forward(SerialTeam(), act, param, 1, z + e, h + e);
   }
 }
 
@@ -42,7 +42,7 @@ template <typename scalar_t>
 __global__ void activation_backward_kernel(Activation act, scalar_t param, int64_t n, const scalar_t* z,
                                            const scalar_t* h, const scalar_t* in, scalar_t* out) {
   for (int64_t e = global_thread(); e < n; e += grid_threads()) {
-    ::mamlext::activation_backward(act, param, 1, z + e, h + e, in + e, out + e);
+    ::mamlext::activation_backward(SerialTeam(), act, param, 1, z + e, h + e, in + e, out + e);
   }
 }
 
@@ -51,7 +51,7 @@ __global__ void activation_r_backward_kernel(Activation act, scalar_t param, int
                                              const scalar_t* h, const scalar_t* dh, const scalar_t* rz,
                                              scalar_t* rdz) {
   for (int64_t e = global_thread(); e < n; e += grid_threads()) {
-    ::mamlext::activation_r_backward(act, param, 1, z + e, h + e, dh + e, rz + e, rdz + e);
+    ::mamlext::activation_r_backward(SerialTeam(), act, param, 1, z + e, h + e, dh + e, rz + e, rdz + e);
   }
 }
 
@@ -64,7 +64,8 @@ __global__ void loss_forward_backward_kernel(Loss loss, int64_t tasks, int64_t K
     if (target.classes != nullptr) {  // the host checks class indices only for CPU tensors (no sync)
       for (int64_t k = 0; k < K; ++k) CUDA_KERNEL_ASSERT(target.classes[k] >= 0 && target.classes[k] < O);
     }
-    losses[t] = ::mamlext::loss_forward_backward(loss, K, O, z + t * n, target, dz == nullptr ? dz : dz + t * n);
+    losses[t] = ::mamlext::loss_forward_backward(SerialTeam(), loss, K, O, z + t * n, target,
+                                                 dz == nullptr ? dz : dz + t * n);
   }
 }
 
@@ -73,7 +74,7 @@ __global__ void loss_r_backward_kernel(Loss loss, int64_t tasks, int64_t K, int6
                                        const scalar_t* rz, scalar_t* rdz) {
   const int64_t n = K * O;
   for (int64_t t = global_thread(); t < tasks; t += grid_threads()) {
-    ::mamlext::loss_r_backward(loss, K, O, z + t * n, rz + t * n, rdz + t * n);
+    ::mamlext::loss_r_backward(SerialTeam(), loss, K, O, z + t * n, rz + t * n, rdz + t * n);
   }
 }
 
