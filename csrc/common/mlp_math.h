@@ -15,8 +15,9 @@
 //
 // Every matrix product is one register-tiled kernel, gemm (C (+)= A B, B row-major): blocks of C stay in registers
 // while the shared dimension streams by, and each element of C is summed over that dimension in order, whatever the
-// tiling (but for single-column products: dot products, vectorized). The forward products h W^T therefore read the weights transposed (MlpForwardWeights: W^T [in, out], made
-// once per parameter set by transpose_weights); the backward products read W as it is.
+// tiling (but for single-column products: dot products, vectorized). The forward products h W^T therefore read the
+// weights transposed (MlpForwardWeights: W^T [in, out], made once per parameter set by transpose_weights); the
+// backward products read W as it is.
 //
 // Every pass takes a team (common/team.h), the threads that run the task together: one on the CPU (SerialTeam),
 // a thread block on the GPU (cuda/mlp_block.cu). They split each loop and product (a team of several threads deals
@@ -261,6 +262,18 @@ struct GemmOperands {
   int64_t ldc = 0;
 };
 
+template <typename scalar_t>
+C10_HOST_DEVICE inline GemmOperands<scalar_t> gemm_operands(int64_t M, int64_t N, int64_t depth, const scalar_t* a,
+                                                            int64_t a_row, int64_t a_col, const scalar_t* b,
+                                                            int64_t ldb, scalar_t* c, int64_t ldc) {
+  GemmOperands<scalar_t> g;
+  g.M = M, g.N = N, g.depth = depth;
+  g.a = a, g.a_row = a_row, g.a_col = a_col;
+  g.b = b, g.ldb = ldb;
+  g.c = c, g.ldc = ldc;
+  return g;
+}
+
 // Rows [r0, r0 + MR) x columns [c0, c0 + NR) of C, held in registers over the whole shared dimension.
 #if defined(__GNUC__) && !defined(__CUDACC__)
 // Host: with GCC's vector types, spelled out so that the compiler keeps the accumulators in registers (from plain
@@ -421,12 +434,7 @@ C10_HOST_DEVICE inline void linear_forward(const Team& team, int64_t K, int64_t 
     }
     team.sync();  // the product's blocks are dealt out otherwise
   }
-  GemmOperands<scalar_t> g;
-  g.M = K, g.N = O, g.depth = I;
-  g.a = in, g.a_row = I, g.a_col = 1;
-  g.b = WT, g.ldb = O;
-  g.c = out, g.ldc = O;
-  team_gemm(team, g, true);
+  team_gemm(team, gemm_operands(K, O, I, in, I, 1, WT, O, out, O), true);
   team.sync();
 }
 
@@ -434,20 +442,10 @@ C10_HOST_DEVICE inline void linear_forward(const Team& team, int64_t K, int64_t 
 template <typename Team, typename scalar_t>
 C10_HOST_DEVICE inline void linear_param_grad(const Team& team, int64_t K, int64_t I, int64_t O, const scalar_t* d,
                                               const scalar_t* in, scalar_t* gW, scalar_t* gb, bool accumulate) {
-  GemmOperands<scalar_t> g;
-  g.M = O, g.N = I, g.depth = K;
-  g.a = d, g.a_row = 1, g.a_col = O;
-  g.b = in, g.ldb = I;
-  g.c = gW, g.ldc = I;
-  team_gemm(team, g, accumulate);
+  team_gemm(team, gemm_operands(O, I, K, d, 1, O, in, I, gW, I), accumulate);
   if (gb != nullptr) {
-    const scalar_t one = 1;
-    GemmOperands<scalar_t> s;  // ones [1, K] d
-    s.M = 1, s.N = O, s.depth = K;
-    s.a = &one;
-    s.b = d, s.ldb = O;
-    s.c = gb, s.ldc = O;
-    team_gemm(team, s, accumulate);
+    const scalar_t one = 1;  // gb (+)= ones [1, K] d
+    team_gemm(team, gemm_operands(1, O, K, &one, 0, 0, d, O, gb, O), accumulate);
   }
   team.sync();
 }
@@ -456,12 +454,7 @@ C10_HOST_DEVICE inline void linear_param_grad(const Team& team, int64_t K, int64
 template <typename Team, typename scalar_t>
 C10_HOST_DEVICE inline void linear_input_grad(const Team& team, int64_t K, int64_t I, int64_t O, const scalar_t* d,
                                               const scalar_t* W, scalar_t* din, bool accumulate) {
-  GemmOperands<scalar_t> g;
-  g.M = K, g.N = I, g.depth = O;
-  g.a = d, g.a_row = O, g.a_col = 1;
-  g.b = W, g.ldb = I;
-  g.c = din, g.ldc = I;
-  team_gemm(team, g, accumulate);
+  team_gemm(team, gemm_operands(K, I, O, d, O, 1, W, I, din, I), accumulate);
   team.sync();
 }
 
@@ -665,8 +658,8 @@ C10_HOST_DEVICE inline void prepare_maml_scratch(const Team& team, const MlpDims
 // [N, numel_p] per parameter) are this task's outputs. Every member of the team returns the query loss.
 template <typename Team, typename scalar_t>
 C10_HOST_DEVICE inline scalar_t mlp_maml_task(const Team& team, const MlpConfig& c, int64_t steps,
-                                              const scalar_t* step_weights, bool first_order, int64_t support_rows, const scalar_t* xs,
-                                              LossTarget<scalar_t> ys, int64_t query_rows, const scalar_t* xq,
+                                              const scalar_t* step_weights, bool first_order, int64_t support_rows,
+                                              const scalar_t* xs, LossTarget<scalar_t> ys, int64_t query_rows, const scalar_t* xq,
                                               LossTarget<scalar_t> yq, const MlpParams<const scalar_t*>& theta0,
                                               const MamlLrs<scalar_t>& lrs, MamlScratch<scalar_t>& s,
                                               const MlpParams<scalar_t*>& meta_grad,
@@ -678,7 +671,9 @@ C10_HOST_DEVICE inline scalar_t mlp_maml_task(const Team& team, const MlpConfig&
     return k == 0 ? theta0 : as_const(carve_params(d, s.thetas + (k - 1) * P));
   };
   // theta_k's forward weights; the transposed copies of theta_1 .. theta_N are written as the inner loop makes them.
-  auto theta_t = [&](int64_t k) { return forward_weights(d, theta(k), static_cast<const scalar_t*>(s.transposed + k * Pt)); };
+  auto theta_t = [&](int64_t k) {
+    return forward_weights(d, theta(k), static_cast<const scalar_t*>(s.transposed + k * Pt));
+  };
   auto grad = [&](int64_t k) { return carve_params(d, s.grads + k * P); };
   const MlpParams<scalar_t*> direction = carve_params(d, s.direction);
   const MlpParams<scalar_t*> hv = carve_params(d, s.hv);
