@@ -65,6 +65,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("task_sgd", &task_sgd_eager, "torch.ops.mamlext.task_sgd for eager calls");
   module.def("task_sgd_tensor_lr", &task_sgd_tensor_lr_eager, "torch.ops.mamlext.task_sgd.tensor_lr for eager calls");
   module.def("mlp_cpu_last_path", &mamlext::mlp_cpu_last_path,
-             "Which implementation the last CPU call of an MLP op ran: 'per_task', 'batched' or '' (none yet); "
-             "MAMLEXT_MLP_CPU_PATH=per_task|batched|auto forces one (see csrc/cpu/mlp.cpp).");
+             "Which implementation the last CPU call of an MLP op ran: 'per_task', 'batched', 'team' or '' (none "
+             "yet); MAMLEXT_MLP_CPU_PATH=per_task|batched|team|auto chooses (see csrc/cpu/mlp.cpp).");
 }

@@ -2,7 +2,7 @@
 //   per task: validation and allocation on the host, then one at::parallel_for over tasks, each chunk of tasks with
 //     its own scratch buffer; the per-task math is common/mlp_math.h (on a SerialTeam);
 //   batched:  batched/mlp_batched.h (ATen batched GEMMs over the tasks + the shared element-wise math).
-// mlp_cpu_path picks one per call (see there). A third path, for tests only, runs the per-task math on a team of
+// mlp_cpu_path picks one per call (see there; the per-task one unless told otherwise). A third path, for tests only, runs the per-task math on a team of
 // std::threads per task, the way the CUDA block kernel (cuda/mlp_block.cu) runs it on a thread block.
 #include "cpu/mlp_path.h"
 
@@ -33,37 +33,23 @@ namespace {
 // Path selection.
 //
 // The environment variable MAMLEXT_MLP_CPU_PATH, read on every call, forces a path:
-//   per_task  the per-task kernel below;   batched  batched/mlp_batched.h;   auto (or unset/empty)  the rule below;
+//   per_task  the per-task kernel below;   batched  batched/mlp_batched.h;   auto (or unset/empty)  per_task;
 //   team      for tests: the per-task math with MAMLEXT_TEAM_THREADS (default 4) std::threads per task, one task
 //             after another (see ThreadTeam).
-// Rule (auto), from measurements of mlp_maml (second order, float32, 2 cores with OpenMP; 1-40-40-1 ... 1-256-256-1
-// and a 784-256-256-5 classifier, K = 10/25, T = 25/250/1000, N = 1/5): with W = T * K * P multiply-adds per
-// forward pass of all tasks (P = parameters of the network) and T * P per-task parameter values,
-//   batched  iff  K >= 20  and  W >= 2^18  and  T * P <= 2M.
-// The per-task kernel, parallel over tasks with one task's matrices in cache, wins almost everywhere: 1.3-2.5x at
-// K = 10 (1-40-40-1 T = 25: 0.22 vs 0.34 ms; 1-128-128-1 T = 1000: 63 vs 156 ms) and when T * P is large (the
-// batched path streams every [T, *S_i] tensor through memory a few times per step). The batched GEMMs only win,
-// by 5-8%, with many rows per task and a moderate footprint (1-256-256-1, K = 25, T = 25: 13.2 vs 14.2 ms).
+// auto runs the per-task kernel: with the register-tiled products it beats the batched path wherever both were
+// measured (2 cores, float32; per_task vs batched ms): mlp_maml 1-256-256-1 K = 25 T = 25 N = 1 4.0-4.4 vs 13-19,
+// N = 5 16.6-16.9 vs 52-56; 1-128-128-1 K = 25 T = 250 10.6 vs 33-37; 1-64-64-1 K = 50 T = 1000 21.6 vs 75-79;
+// mlp_loss_grad and mlp_hvp 1.2-2x faster too, but a tie on mlp_hvp 1-784-784-1 (40.4 vs 40.0). The batched path
+// stays reachable (batched) because CUDA runs it for wide networks and the CPU tests cover it that way.
 
 enum class CpuPath : int { kUnset = 0, kPerTask = 1, kBatched = 2, kTeam = 3 };
 
 std::atomic<int> last_path{static_cast<int>(CpuPath::kUnset)};
 
-bool batched_is_faster(const MlpDims& d, int64_t tasks, int64_t rows) {
-  constexpr int64_t kMinRows = 20;
-  constexpr int64_t kMinWork = int64_t(1) << 18;
-  constexpr int64_t kMaxFootprint = int64_t(2) << 20;
-  const int64_t footprint = tasks * d.total_param_numel();
-  return rows >= kMinRows && footprint * rows >= kMinWork && footprint <= kMaxFootprint;
-}
-
-// tasks, rows: T and K of x (of xs for mlp_maml).
-CpuPath mlp_cpu_path(const MlpDims& d, int64_t tasks, int64_t rows) {
+CpuPath mlp_cpu_path() {
   const char* env = std::getenv("MAMLEXT_MLP_CPU_PATH");
   CpuPath path;
-  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0) {
-    path = batched_is_faster(d, tasks, rows) ? CpuPath::kBatched : CpuPath::kPerTask;
-  } else if (std::strcmp(env, "per_task") == 0) {
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0 || std::strcmp(env, "per_task") == 0) {
     path = CpuPath::kPerTask;
   } else if (std::strcmp(env, "batched") == 0) {
     path = CpuPath::kBatched;
@@ -177,7 +163,7 @@ LossGradTensors loss_grad_per_task(CpuPath path, bool hvp, at::TensorList params
 std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_loss_grad_cpu(at::TensorList params, const at::Tensor& x,
                                                                   const at::Tensor& y, int64_t activation,
                                                                   double act_param, int64_t loss) {
-  const CpuPath path = mlp_cpu_path(peek_mlp_dims(params), peek_input_size(x, 0), peek_input_size(x, 1));
+  const CpuPath path = mlp_cpu_path();
   if (path == CpuPath::kBatched) return mlp_loss_grad_batched(params, x, y, activation, act_param, loss);
   const LossGradTensors g = loss_grad_per_task(path, false, params, {}, x, y, activation, act_param, loss);
   return {g.losses, g.out};
@@ -185,7 +171,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_loss_grad_cpu(at::TensorList
 
 std::vector<at::Tensor> mlp_hvp_cpu(at::TensorList params, at::TensorList vectors, const at::Tensor& x,
                                     const at::Tensor& y, int64_t activation, double act_param, int64_t loss) {
-  const CpuPath path = mlp_cpu_path(peek_mlp_dims(params), peek_input_size(x, 0), peek_input_size(x, 1));
+  const CpuPath path = mlp_cpu_path();
   if (path == CpuPath::kBatched) return mlp_hvp_batched(params, vectors, x, y, activation, act_param, loss);
   return loss_grad_per_task(path, true, params, vectors, x, y, activation, act_param, loss).out;
 }
@@ -194,7 +180,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_mam
     at::TensorList params, const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
     at::TensorList lrs, const at::Tensor& step_weights, bool first_order, int64_t activation, double act_param,
     int64_t loss) {
-  const CpuPath path = mlp_cpu_path(peek_mlp_dims(params), peek_input_size(xs, 0), peek_input_size(xs, 1));
+  const CpuPath path = mlp_cpu_path();
   if (path == CpuPath::kBatched) {
     return mlp_maml_batched(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss);
   }
