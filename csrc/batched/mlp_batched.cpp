@@ -13,6 +13,7 @@
 #include <optional>
 
 #include "common/mlp_checks.h"
+#include "common/mlp_tasks.h"  // contiguous, per_task_outputs
 
 namespace mamlext {
 
@@ -361,26 +362,9 @@ class BatchedMlp {
   at::ScalarType dtype_;
 };
 
-std::vector<at::Tensor> contiguous(at::TensorList ts) {
-  std::vector<at::Tensor> out;
-  out.reserve(ts.size());
-  for (const auto& t : ts) out.push_back(t.contiguous());
-  return out;
-}
-
-// Shape S_i of params[i] without its task dimension.
-at::IntArrayRef param_shape(const at::Tensor& p, bool per_task) { return per_task ? p.sizes().slice(1) : p.sizes(); }
-
 std::vector<int64_t> with_tasks(int64_t tasks, at::IntArrayRef shape) {
   std::vector<int64_t> out{tasks};
   out.insert(out.end(), shape.begin(), shape.end());
-  return out;
-}
-
-std::vector<at::Tensor> empty_per_task(at::TensorList like, const std::vector<bool>& per_task, int64_t tasks,
-                                       const at::TensorOptions& options) {
-  std::vector<at::Tensor> out;
-  for (size_t i = 0; i < like.size(); ++i) out.push_back(at::empty(with_tasks(tasks, param_shape(like[i], per_task[i])), options));
   return out;
 }
 
@@ -399,7 +383,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_loss_grad_batched(at::Tensor
   const c10::OptionalDeviceGuard guard(x.device());
   const BelowAutograd below_autograd;
   const int64_t tasks = call.tasks;
-  if (tasks == 0) return {at::empty({0}, x.options()), empty_per_task(params, call.per_task, 0, x.options())};
+  if (tasks == 0) return {at::empty({0}, x.options()), per_task_outputs(params, call.per_task, 0, x.options())};
   const BatchedMlp net(call.config, tasks, x);
   const at::Tensor xc = x.contiguous(), yc = y.contiguous();
   const std::vector<at::Tensor> ps = contiguous(params);
@@ -417,7 +401,7 @@ std::vector<at::Tensor> mlp_hvp_batched(at::TensorList params, at::TensorList ve
   const c10::OptionalDeviceGuard guard(x.device());
   const BelowAutograd below_autograd;
   const int64_t tasks = call.tasks;
-  if (tasks == 0) return empty_per_task(params, call.per_task, 0, x.options());
+  if (tasks == 0) return per_task_outputs(params, call.per_task, 0, x.options());
   const BatchedMlp net(call.config, tasks, x);
   const at::Tensor xc = x.contiguous(), yc = y.contiguous();
   const std::vector<at::Tensor> ps = contiguous(params), vs = contiguous(vectors);
