@@ -364,16 +364,29 @@ C10_HOST_DEVICE inline void gemm_rows_n(int64_t rows, const GemmOperands<scalar_
   }
 }
 
+// A single column of C with contiguous rows of A: a dot product per row.
+template <typename scalar_t>
+C10_HOST_DEVICE inline bool is_dot_per_row(const GemmOperands<scalar_t>& g) {
+  return g.N == 1 && g.a_col == 1 && g.ldb == 1;
+}
+
+// Rows first, first + step, ... of such a C.
+template <typename scalar_t>
+C10_HOST_DEVICE inline void gemm_dot_rows(const GemmOperands<scalar_t>& g, bool accumulate, int64_t first,
+                                          int64_t step) {
+  for (int64_t r = first; r < g.M; r += step) {
+    const scalar_t s = dot(SerialTeam(), g.depth, g.a + r * g.a_row, g.b);
+    g.c[r * g.ldc] = accumulate ? g.c[r * g.ldc] + s : s;
+  }
+}
+
 // C = A B (accumulate: C += A B). The rows go in blocks of equal size (at most kGemmMaxRows; the last may be
 // smaller): 10 rows are two blocks of 5 rather than 6 + 4. A single column with contiguous rows of A is a dot
 // product per row instead.
 template <typename scalar_t>
 MAMLEXT_GEMM_FUNCTION void gemm(const GemmOperands<scalar_t>& g, bool accumulate) {
-  if (g.N == 1 && g.a_col == 1 && g.ldb == 1) {
-    for (int64_t r = 0; r < g.M; ++r) {
-      const scalar_t s = dot(SerialTeam(), g.depth, g.a + r * g.a_row, g.b);
-      g.c[r * g.ldc] = accumulate ? g.c[r * g.ldc] + s : s;
-    }
+  if (is_dot_per_row(g)) {
+    gemm_dot_rows(g, accumulate, 0, 1);
     return;
   }
   const int64_t blocks = (g.M + kGemmMaxRows - 1) / kGemmMaxRows;
@@ -388,11 +401,8 @@ MAMLEXT_GEMM_FUNCTION void gemm(const GemmOperands<scalar_t>& g, bool accumulate
 template <typename scalar_t>
 C10_HOST_DEVICE inline void gemm_in_small_blocks(const GemmOperands<scalar_t>& g, bool accumulate, int part,
                                                  int parts) {
-  if (g.N == 1 && g.a_col == 1 && g.ldb == 1) {
-    for (int64_t r = part; r < g.M; r += parts) {
-      const scalar_t s = dot(SerialTeam(), g.depth, g.a + r * g.a_row, g.b);
-      g.c[r * g.ldc] = accumulate ? g.c[r * g.ldc] + s : s;
-    }
+  if (is_dot_per_row(g)) {
+    gemm_dot_rows(g, accumulate, part, parts);
     return;
   }
   const int64_t row_blocks = (g.M + 1) / 2, column_blocks = (g.N + 1) / 2;
