@@ -34,6 +34,11 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--min-run-time", type=float, default=3.0)
     args = parser.parse_args()
+    for name in ("tasks", "steps", "hidden"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not args.min_run_time > 0:
+        parser.error(f"--min-run-time must be > 0 seconds, got {args.min_run_time}")
     torch.manual_seed(0)
     ways, queries, lr = 5, 15, 0.4
     model = conv4(ways, hidden=args.hidden)

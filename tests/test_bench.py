@@ -13,6 +13,14 @@ from mamlext.bench.common import MEMORY_KINDS, mismatch, peak_memory
 from mamlext.bench.impls import MAMLEXT_IMPLS, Skip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_script(*args, timeout):
+    """Runs python with args in the repository root, with this checkout's mamlext importable."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 TIMING_KEYS = ("median_ms", "iqr_ms", "q1_ms", "q3_ms", "tasks_per_s")
 STATUSES = ("ok", "failed", "skipped")
 
@@ -34,10 +42,8 @@ def _check_row(row):
 
 def test_quick_suite_writes_json_table_and_plot(tmp_path):
     out = tmp_path / "bench"
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "mamlext", "bench", "--suite", "quick", "--device", "cpu",
-                           "--out", str(out), "--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = _run_script("-m", "mamlext", "bench", "--suite", "quick", "--device", "cpu", "--out", str(out),
+                       "--no-progress", timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "ms (IQR)" in proc.stdout and "vs loop" in proc.stdout  # the table
 
@@ -233,3 +239,24 @@ def test_distributed_refuses_cuda(capsys, monkeypatch):
     with pytest.raises(SystemExit) as error:
         main(["bench", "--device", "cuda", "--distributed", "2"])
     assert error.value.code == 2 and "--distributed measures CPU processes (gloo) only" in capsys.readouterr().err
+
+
+CONV4_FLOOR = os.path.join(ROOT, "benchmarks", "conv4_floor.py")
+
+
+
+def test_conv4_floor_prints_times_and_memory_as_json():
+    proc = _run_script(CONV4_FLOOR, "--tasks", "2", "--hidden", "4", "--min-run-time", "0.05", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert (out["tasks"], out["steps"], out["hidden"]) == (2, 1, 4)
+    assert set(out["ms"]) == {"loop", "query_only", "query_batched"} and all(v > 0 for v in out["ms"].values())
+    assert set(out["peak_rss_mib"]) == {"loop", "query_only", "generic_low_chunk1"}
+    assert out["query_only_vs_loop"] == pytest.approx(out["ms"]["query_only"] / out["ms"]["loop"])
+
+
+@pytest.mark.parametrize("bad", [["--tasks", "0"], ["--steps", "0"], ["--hidden", "-1"], ["--min-run-time", "0"]])
+def test_conv4_floor_rejects_bad_arguments(bad):
+    proc = _run_script(CONV4_FLOOR, *bad, timeout=120)
+    assert proc.returncode == 2
+    assert bad[0] in proc.stderr
