@@ -448,8 +448,8 @@ class BatchedMAML(FusedMLPModule):
         weights = self.step_weights if self._multi_step else None
         if self._generic is None:
             params = self._params()
-            losses, _, _ = ops.mlp_maml_checked(params, xs, ys, xq, yq, self._step_lrs(params, self.inner_steps),
-                                                self.step_weights, self.first_order, *self._mlp_codes)
+            losses, _, _ = ops._mlp_maml_checked(params, xs, ys, xq, yq, self._step_lrs(params, self.inner_steps),
+                                                 self.step_weights, self.first_order, *self._mlp_codes)
         elif self.memory == "graph":
             losses = self._generic.task_losses_graph(xs, ys, xq, yq, self.inner_steps, self._rate_at, weights,
                                                      self.first_order)

@@ -287,12 +287,12 @@ def mlp_maml(params: Sequence[Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: T
     on_cpu = xs.device.type == "cpu" if isinstance(xs, Tensor) else False
     reference.check_mlp_maml(params, xs, ys, xq, yq, lrs, weights, first_order, act_code, act_param, loss_code,
                              check_values=on_cpu)
-    return mlp_maml_checked(params, xs, ys, xq, yq, lrs, weights, first_order, act_code, act_param, loss_code)
+    return _mlp_maml_checked(params, xs, ys, xq, yq, lrs, weights, first_order, act_code, act_param, loss_code)
 
 
-def mlp_maml_checked(params: List[Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, lrs: List[Tensor],
-                     step_weights: Tensor, first_order: bool, act_code: int, act_param: float,
-                     loss_code: int) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
+def _mlp_maml_checked(params: List[Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, lrs: List[Tensor],
+                      step_weights: Tensor, first_order: bool, act_code: int, act_param: float,
+                      loss_code: int) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
     """mlp_maml on arguments a caller has already validated (BatchedMAML checks its inputs once; the kernels keep
     their own checks): codes from mlp_codes, P rate tensors, step_weights [N]."""
     if _compiled("mlp_maml", xs.device):
