@@ -2,7 +2,9 @@
 //
 // The integer codes are the ops' `activation` argument (Python: mamlext/_mlp_codes.py ACTIVATIONS). Each derivative
 // takes both the pre-activation z and the value h = f(z), and uses whichever is cheaper. At a kink (z == 0) the
-// derivatives are torch's: relu' = 0, leaky_relu' = negative_slope, elu' = alpha.
+// derivatives are torch's: relu' = 0, leaky_relu' = negative_slope, elu' = alpha. NaN propagates as in torch: every
+// comparison with NaN is false, so relu tests z <= 0 (NaN keeps its value and passes the gradient through), where
+// z > 0 ? z : 0 would turn a NaN into a healthy-looking 0.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -52,7 +54,7 @@ struct GeluConstants {
 template <Activation A, typename scalar_t>
 C10_HOST_DEVICE inline scalar_t activation_value(scalar_t z, scalar_t param) {
   if constexpr (A == Activation::kRelu) {
-    return z > scalar_t(0) ? z : scalar_t(0);
+    return z <= scalar_t(0) ? scalar_t(0) : z;
   } else if constexpr (A == Activation::kLeakyRelu) {
     return z > scalar_t(0) ? z : param * z;
   } else if constexpr (A == Activation::kTanh) {
@@ -70,7 +72,7 @@ C10_HOST_DEVICE inline scalar_t activation_value(scalar_t z, scalar_t param) {
 template <Activation A, typename scalar_t>
 C10_HOST_DEVICE inline scalar_t activation_derivative(scalar_t z, scalar_t h, scalar_t param) {
   if constexpr (A == Activation::kRelu) {
-    return z > scalar_t(0) ? scalar_t(1) : scalar_t(0);
+    return z <= scalar_t(0) ? scalar_t(0) : scalar_t(1);
   } else if constexpr (A == Activation::kLeakyRelu) {
     return z > scalar_t(0) ? scalar_t(1) : param;
   } else if constexpr (A == Activation::kTanh) {
