@@ -80,15 +80,35 @@ def _bind_batch_norm(input, running_mean, running_var, weight=None, bias=None, t
     return input, running_mean, running_var, weight, bias, training, eps
 
 
+def _slot_paths(model: nn.Module, kind: str) -> Dict[str, List[str]]:
+    """For each parameter (kind "_parameters") or buffer ("_buffers") of the model, by the name named_parameters() /
+    named_buffers() give it: the paths that reach it through distinct (module, attribute) slots.
+
+    functional_call must substitute every slot once: a tied weight (one tensor in two modules) needs both of its
+    paths, a module used twice (one slot at two paths) only one; given both, functional_call leaves the substitute
+    in the module for good."""
+    first_name: Dict[int, str] = {}
+    paths: Dict[str, List[str]] = {}
+    seen = set()
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for key, tensor in getattr(module, kind).items():
+            if tensor is None or (id(module), key) in seen:
+                continue
+            seen.add((id(module), key))
+            path = f"{prefix}.{key}" if prefix else key
+            paths.setdefault(first_name.setdefault(id(tensor), path), []).append(path)
+    return paths
+
+
 class _ModuleTracker:
     """Knows which of the model's modules is running, to name it when a forward fails, and which of them changed
-    one of their own buffers in place."""
+    one of their own buffers (in place, or by assigning a new tensor to it)."""
 
     def __init__(self, model: nn.Module):
         self.names = {id(m): name or type(model).__name__ for name, m in model.named_modules()}
         self.stack: List[nn.Module] = []
         self.mutated: List[Tuple[nn.Module, str]] = []
-        self._versions: Dict[int, Dict[str, int]] = {}
+        self._buffers_before: Dict[int, Dict[str, Tuple[Tensor, int]]] = {}
 
     def describe(self, module: nn.Module) -> str:
         return f"module '{self.names[id(module)]}' ({type(module).__name__})"
@@ -96,15 +116,17 @@ class _ModuleTracker:
     def _pre(self, module, args):
         if id(module) in self.names:
             self.stack.append(module)
-            self._versions[id(module)] = {n: b._version for n, b in module.named_buffers(recurse=False)}
+            self._buffers_before[id(module)] = {n: (b, b._version) for n, b in module.named_buffers(recurse=False)}
 
     def _post(self, module, args, output):
         if id(module) not in self.names:
             return
         self.stack.pop()
-        before = self._versions.pop(id(module))
-        for name, buf in module.named_buffers(recurse=False):
-            if buf._version != before.get(name, buf._version):
+        before = self._buffers_before.pop(id(module))
+        after = dict(module.named_buffers(recurse=False))
+        for name in sorted(before.keys() | after.keys()):
+            old, version = before.get(name, (None, None))
+            if after.get(name) is not old or old._version != version:
                 self.mutated.append((module, name))
 
     def __enter__(self):
@@ -133,7 +155,10 @@ class GenericEngine:
         self.model = model
         self.owner = owner
         self.loss_fn = BUILTIN_LOSSES[loss] if isinstance(loss, str) else loss
+        self.custom_loss = not isinstance(loss, str)
         self.names = [name for name, _ in model.named_parameters()]
+        self._param_paths = _slot_paths(model, "_parameters")
+        self._buffer_paths = _slot_paths(model, "_buffers")
         self._validated = set()  # input signatures whose first forward passed the checks
         self.out_features: Dict[tuple, int] = {}
 
@@ -159,11 +184,12 @@ class GenericEngine:
         """One task's output (vmapped over tasks by the callers). exact: F.batch_norm from primitive ops, for the
         forwards that are differentiated twice under vmap (where PyTorch's batch_norm rule is wrong); otherwise the
         native kernels, which vmap gets right to first order and which are several times faster."""
-        mapping = {**buffers, **dict(zip(self.names, params))}
+        mapping = {path: tensor for name, tensor in buffers.items() for path in self._buffer_paths.get(name, [name])}
+        mapping.update((path, tensor) for name, tensor in zip(self.names, params) for path in self._param_paths[name])
         if exact:
             with _BatchNormFromPrimitives():
-                return functional_call(self.model, mapping, (x,))
-        return functional_call(self.model, mapping, (x,))
+                return functional_call(self.model, mapping, (x,), tie_weights=False)
+        return functional_call(self.model, mapping, (x,), tie_weights=False)
 
     def _loss_exact(self, params, buffers, x: Tensor, y: Tensor) -> Tensor:
         return self.loss_fn(self._output(params, buffers, x, exact=True), y)
@@ -197,6 +223,14 @@ class GenericEngine:
             raise RuntimeError(f"{self.owner}(generic engine): the model's output per task must be [K, ...] with one "
                                f"row per example, got shape {list(out.shape[1:])} for {method}'s input "
                                f"{list(x.shape[1:])}")
+        if self.custom_loss and y is not None:
+            with torch.no_grad():
+                value = self.loss_fn(out[0], y[0])
+            if not isinstance(value, Tensor) or value.dim() != 0 or not value.is_floating_point():
+                got = f"a tensor of shape {list(value.shape)} and dtype {value.dtype}" if isinstance(value, Tensor) \
+                    else type(value).__name__
+                raise ValueError(f"{self.owner}.{method}: the loss callable must return one task's mean loss as a "
+                                 f"floating-point scalar (a 0-dimensional tensor), got {got}")
         self._validated.add(signature)
         self.out_features[signature] = out.shape[-1]
         return out.shape[-1]
