@@ -11,14 +11,14 @@ Engines: "fused_mlp" (ops.mlp_maml) serves an nn.Sequential of nn.Linear layers 
 them and the losses "mse" / "ce"; "generic" (mamlext.engines.generic: torch.func over tasks, any nn.Module, any
 loss callable) serves every other model.
 """
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from mamlext import ops, reference
 from mamlext._mlp_codes import ACTIVATIONS, LOSSES
-from mamlext.engines.generic import MEMORY_MODES, GenericEngine, LossFn
+from mamlext.engines.generic import MEMORY_MODES, GenericEngine, LossFn, Rate
 
 LR_MODES = ("fixed", "per_layer_step", "per_param")
 BACKENDS = ("auto", "fused", "generic")
@@ -74,6 +74,7 @@ def parse_mlp(model: nn.Module, loss: Union[str, LossFn] = "mse") -> MLPSpec:
         raise UnsupportedModel(None, "Sequential", "the model is empty")
     layers: List[nn.Linear] = []
     activation: Optional[Tuple[str, float]] = None
+    owner_of: Dict[int, int] = {}  # id of a parameter -> index of the first layer holding it
     for index, module in enumerate(modules):
         kind = type(module).__name__
         expect_linear = index % 2 == 0
@@ -83,6 +84,12 @@ def parse_mlp(model: nn.Module, loss: Union[str, LossFn] = "mse") -> MLPSpec:
                                        "between Linear layers")
             if module.bias is None:
                 raise UnsupportedModel(index, kind, "a Linear layer without bias is not supported")
+            for name in ("weight", "bias"):
+                first = owner_of.setdefault(id(getattr(module, name)), index)
+                if first != index:
+                    raise UnsupportedModel(index, kind, f"its {name} is also layer {first}'s (a module used twice "
+                                           "or a tied parameter); the fused MLP kernels need every layer to have "
+                                           "parameters of its own")
             if layers and module.in_features != layers[-1].out_features:
                 raise UnsupportedModel(index, kind, f"in_features = {module.in_features} but the previous Linear "
                                        f"has out_features = {layers[-1].out_features}")
@@ -177,14 +184,32 @@ class FusedMLPModule(nn.Module):
             self.activation = self.act_param = self._layers = None
             self._generic = GenericEngine(model, self.loss, self._owner)
 
+    # The name error messages give; algorithms built on a BatchedMAML of their own (ANIL, Reptile) set theirs.
+    _display_name: Optional[str] = None
+
     @property
     def _owner(self) -> str:
-        return type(self).__name__
+        return self._display_name or type(self).__name__
 
     def _params(self) -> List[Tensor]:
         if self._generic is not None:
             return self._generic.params()
         return [p for layer in self._layers for p in (layer.weight, layer.bias)]
+
+    def _rate_schedule(self, params: Sequence[Tensor], rate_at: Callable[[int], Rate]) -> Callable[[int], Rate]:
+        """rate_at (inner step -> ops.task_sgd's rate) with a rate of 0 for the parameters that do not require grad:
+        the inner loop leaves frozen parameters as they are (learn2learn's MAML(allow_nograd=True)), and they get
+        no meta-gradient."""
+        frozen = [not p.requires_grad for p in params]
+        if not any(frozen):
+            return rate_at
+
+        def frozen_rate_at(step: int) -> List[Tensor]:
+            rate = rate_at(step)
+            if not isinstance(rate, list):
+                rate = [torch.tensor(float(rate), dtype=params[0].dtype, device=params[0].device)] * len(params)
+            return [r.new_zeros(()) if f else r for r, f in zip(rate, frozen)]
+        return frozen_rate_at
 
     def _first_param(self) -> Tensor:
         """The first parameter: the model's dtype and device (cheaper than _params()[0], which reads every layer's
@@ -363,23 +388,23 @@ class BatchedMAML(FusedMLPModule):
                  task_chunk: Optional[int] = None):
         super().__init__()
         if not isinstance(model, nn.Module):
-            raise TypeError(f"BatchedMAML: model must be an nn.Module, got {type(model).__name__}")
+            raise TypeError(f"{self._owner}: model must be an nn.Module, got {type(model).__name__}")
         if not callable(loss) and loss not in LOSSES:
-            raise ValueError(f"BatchedMAML: loss must be one of {list(LOSSES)} or a callable loss_fn(output, target), "
-                             f"got {loss!r}")
+            raise ValueError(f"{self._owner}: loss must be one of {list(LOSSES)} or a callable "
+                             f"loss_fn(output, target), got {loss!r}")
         if lr_mode not in LR_MODES:
-            raise ValueError(f"BatchedMAML: lr_mode must be one of {list(LR_MODES)}, got {lr_mode!r}")
+            raise ValueError(f"{self._owner}: lr_mode must be one of {list(LR_MODES)}, got {lr_mode!r}")
         if memory not in MEMORY_MODES:
-            raise ValueError(f"BatchedMAML: memory must be one of {list(MEMORY_MODES)}, got {memory!r}")
+            raise ValueError(f"{self._owner}: memory must be one of {list(MEMORY_MODES)}, got {memory!r}")
         if task_chunk is not None and (isinstance(task_chunk, bool) or not isinstance(task_chunk, int)
                                        or task_chunk < 1 or memory != "low"):
-            raise ValueError(f"BatchedMAML: task_chunk must be None or an int >= 1, with memory='low', got "
+            raise ValueError(f"{self._owner}: task_chunk must be None or an int >= 1, with memory='low', got "
                              f"task_chunk={task_chunk!r} with memory={memory!r}")
         if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
-            raise ValueError(f"BatchedMAML: inner_steps must be an int >= 1, got {inner_steps!r}")
+            raise ValueError(f"{self._owner}: inner_steps must be an int >= 1, got {inner_steps!r}")
         if isinstance(inner_lr, bool) or not isinstance(inner_lr, (int, float)) or not torch.isfinite(
                 torch.tensor(float(inner_lr))):
-            raise ValueError(f"BatchedMAML: inner_lr must be a finite float, got {inner_lr!r}")
+            raise ValueError(f"{self._owner}: inner_lr must be a finite float, got {inner_lr!r}")
         self.loss = loss
         self._bind_model(model, backend)
         self.inner_lr = float(inner_lr)
@@ -400,10 +425,10 @@ class BatchedMAML(FusedMLPModule):
         else:
             weights = torch.as_tensor(step_weights, dtype=torch.float64).to(dtype=like.dtype, device=like.device)
             if weights.shape != (inner_steps,):
-                raise ValueError(f"BatchedMAML: step_weights must hold inner_steps = {inner_steps} weights, got "
+                raise ValueError(f"{self._owner}: step_weights must hold inner_steps = {inner_steps} weights, got "
                                  f"shape {list(weights.shape)}")
             if not torch.isfinite(weights).all():
-                raise ValueError("BatchedMAML: step_weights must be finite")
+                raise ValueError(f"{self._owner}: step_weights must be finite")
         self.register_buffer("step_weights", weights)
         if lr_mode == "per_layer_step":
             rates = [torch.full((inner_steps,), self.inner_lr, dtype=like.dtype, device=like.device) for _ in params]
@@ -417,16 +442,19 @@ class BatchedMAML(FusedMLPModule):
     # --- the model's parameters and the rates as the ops take them ------------------------------------------------
 
     def _step_lrs(self, params: List[Tensor], steps: int) -> List[Tensor]:
-        """lrs of ops.mlp_maml for params: P tensors [N] or [N, *S_i]."""
+        """lrs of ops.mlp_maml for params: P tensors [N] or [N, *S_i]; zeros for frozen parameters (as
+        _rate_schedule)."""
         if self.lr_mode == "fixed":  # one tensor, read for every parameter, made once per setting
             key = (steps, self.inner_lr, params[0].dtype, params[0].device)
             if self._fixed_lrs[0] != key:
                 self._fixed_lrs = (key, torch.full((steps,), self.inner_lr, dtype=params[0].dtype,
                                                    device=params[0].device))
-            return [self._fixed_lrs[1]] * len(params)
-        if self.lr_mode == "per_layer_step":
-            return list(self.inner_lrs)
-        return [r.unsqueeze(0).expand(steps, *r.shape).contiguous() for r in self.inner_lrs]
+            lrs = [self._fixed_lrs[1]] * len(params)
+        elif self.lr_mode == "per_layer_step":
+            lrs = list(self.inner_lrs)
+        else:
+            lrs = [r.unsqueeze(0).expand(steps, *r.shape).contiguous() for r in self.inner_lrs]
+        return [r if p.requires_grad else torch.zeros_like(r) for r, p in zip(lrs, params)]
 
     def _rate_at(self, step: int):
         """task_sgd's rate for inner step `step` (per_layer_step beyond inner_steps keeps the last step's rate)."""
@@ -446,20 +474,23 @@ class BatchedMAML(FusedMLPModule):
         xs [T, K, in], ys [T, K, out] (mse) or [T, K] int64 (ce); xq [T, Kq, in], yq likewise."""
         self._check_support_query(xs, ys, xq, yq)
         weights = self.step_weights if self._multi_step else None
+        params = self._params()
         if self._generic is None:
-            params = self._params()
             losses, _, _ = ops._mlp_maml_checked(params, xs, ys, xq, yq, self._step_lrs(params, self.inner_steps),
                                                  self.step_weights, self.first_order, *self._mlp_codes)
         elif self.memory == "graph":
-            losses = self._generic.task_losses_graph(xs, ys, xq, yq, self.inner_steps, self._rate_at, weights,
+            losses = self._generic.task_losses_graph(xs, ys, xq, yq, self.inner_steps,
+                                                     self._rate_schedule(params, self._rate_at), weights,
                                                      self.first_order)
         else:
             if any(t.requires_grad for t in (xs, ys, xq, yq)):
-                raise ValueError("BatchedMAML.meta_loss: memory='low' gives no gradient to the inputs, but one of "
+                raise ValueError(f"{self._owner}.meta_loss: memory='low' gives no gradient to the inputs, but one of "
                                  "xs, ys, xq, yq requires grad; use memory='graph' to differentiate w.r.t. the data")
-            mean, losses = self._generic.meta_loss_low(xs, ys, xq, yq, self.inner_steps, self._rate_at,
-                                                       list(self.inner_lrs), self.lr_mode, weights, self.first_order,
-                                                       self.task_chunk)
+            # A frozen parameter's rate is not used (_rate_schedule), so it gets no gradient.
+            rates = [r if p.requires_grad else r.detach() for r, p in zip(self.inner_lrs, params)]
+            mean, losses = self._generic.meta_loss_low(xs, ys, xq, yq, self.inner_steps,
+                                                       self._rate_schedule(params, self._rate_at), rates,
+                                                       self.lr_mode, weights, self.first_order, self.task_chunk)
             self.last_task_losses = losses.detach()
             return mean
         self.last_task_losses = losses.detach()
@@ -471,16 +502,18 @@ class BatchedMAML(FusedMLPModule):
         last step's rate."""
         steps = self.inner_steps if steps is None else steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"BatchedMAML.adapt: steps must be an int >= 0, got {steps!r}")
+            raise ValueError(f"{self._owner}.adapt: steps must be an int >= 0, got {steps!r}")
         self._check_pair("adapt", xs, ys, "xs", "ys")
+        params = self._params()
+        rate_at = self._rate_schedule(params, self._rate_at)
         if self._generic is not None:
-            return self._generic.adapt(xs, ys, steps, self._rate_at)
+            return self._generic.adapt(xs, ys, steps, rate_at)
         tasks = xs.shape[0]
         with torch.no_grad():
-            current = [p.detach().unsqueeze(0).expand(tasks, *p.shape).clone() for p in self._params()]
+            current = [p.detach().unsqueeze(0).expand(tasks, *p.shape).clone() for p in params]
             for step in range(steps):
                 _, grads = ops.mlp_loss_grad(current, xs, ys, self.activation, self.act_param, self.loss)
-                current = ops.task_sgd(current, grads, self._rate_at(step))
+                current = ops.task_sgd(current, grads, rate_at(step))
         return current
 
     def extra_repr(self) -> str:

@@ -19,6 +19,11 @@ from mamlext.batched import BatchedMAML
 from mamlext.engines.generic import GenericEngine, LossFn
 
 
+class _Head(BatchedMAML):
+    """ANIL's head: a BatchedMAML whose errors name ANIL."""
+    _display_name = "ANIL"
+
+
 class ANIL(nn.Module):
     """Args:
         backbone: any nn.Module mapping one task's inputs [K, *input shape] to features [K, F]; meta-learned by the
@@ -35,7 +40,7 @@ class ANIL(nn.Module):
             if not isinstance(module, nn.Module):
                 raise TypeError(f"ANIL: {name} must be an nn.Module, got {type(module).__name__}")
         self.backbone = backbone
-        self.head = BatchedMAML(head, inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order, loss=loss,
+        self.head = _Head(head, inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order, loss=loss,
                                 lr_mode=lr_mode, step_weights=step_weights, backend="generic", memory="graph")
         self._backbone = GenericEngine(backbone, loss, "ANIL")
 

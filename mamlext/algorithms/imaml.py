@@ -16,7 +16,8 @@ For each task t, starting from theta:
                  beta_t; tensors [T, *S_i]) on the Hessian-vector products of ops.mlp_hvp.
 meta_loss returns the mean over tasks of L_query,t(phi_t); its backward puts mean_t g_t into the model's parameters
 (phi_t is treated as the exact minimiser of the proximal objective, as in the paper: no gradient through the inner
-steps themselves).
+steps themselves). Parameters with requires_grad=False are not adapted (they stay at theta) and get no
+meta-gradient; the solve runs on the adapted parameters.
 """
 import math
 import numbers
@@ -73,6 +74,11 @@ def _check_positive_float(name: str, value) -> float:
     return float(value)
 
 
+# lam's range: the solve scales Hessian-vector products by 1 / lam, which overflows for absurd values; the paper's
+# settings are near 1.
+LAM_RANGE = (1e-8, 1e8)
+
+
 class iMAML(FusedMLPModule):  # noqa: N801  (the algorithm's name)
     """Implicit MAML over a batch of T tasks at once.
 
@@ -101,6 +107,9 @@ class iMAML(FusedMLPModule):  # noqa: N801  (the algorithm's name)
         self.cg_steps = _check_positive_int("cg_steps", cg_steps)
         self.inner_lr = _check_positive_float("inner_lr", inner_lr)
         self.lam = _check_positive_float("lam", lam)
+        if not LAM_RANGE[0] <= self.lam <= LAM_RANGE[1]:
+            raise ValueError(f"iMAML: lam must be in [{LAM_RANGE[0]:g}, {LAM_RANGE[1]:g}] (the strength of the "
+                             f"proximal term; the solve divides by it), got {lam!r}")
         self.loss = loss
         self._bind_model(model, backend)
         self.last_task_losses: Optional[Tensor] = None
@@ -109,27 +118,33 @@ class iMAML(FusedMLPModule):  # noqa: N801  (the algorithm's name)
     # --- the inner solve and the implicit gradient ----------------------------------------------------------------
 
     def _inner(self, xs: Tensor, ys: Tensor, steps: int) -> List[Tensor]:
-        """phi after `steps` gradient-descent steps on L_support + lam/2 ||phi - theta||^2, [T, *S_i] each."""
-        theta = [p.detach() for p in self._params()]
+        """phi after `steps` gradient-descent steps on L_support + lam/2 ||phi - theta||^2, [T, *S_i] each
+        (parameters with requires_grad=False stay at theta)."""
+        params = self._params()
+        rate_at = self._rate_schedule(params, lambda step: self.inner_lr)
+        theta = [p.detach() for p in params]
         current = theta  # shared by all tasks until the first step; the proximal gradient is 0 there
         for step in range(steps):
             _, grads = ops.mlp_loss_grad(current, xs, ys, self.activation, self.act_param, self.loss)
             if step > 0:
                 for g, c, p in zip(grads, current, theta):
                     g.add_(c - p, alpha=self.lam)
-            current = ops.task_sgd(current, grads, self.inner_lr)
+            current = ops.task_sgd(current, grads, rate_at(step))
         if steps == 0:
             current = [p.unsqueeze(0).expand(xs.shape[0], *p.shape).clone() for p in theta]
         return current
 
-    def _solve(self, phi: List[Tensor], b: List[Tensor], xs: Tensor, ys: Tensor) -> Tuple[List[Tensor], Tensor]:
-        """x ~ (I + H_t / lam)^{-1} b_t for every task: cg_steps of conjugate gradient in lockstep, from x = 0.
+    def _solve(self, phi: List[Tensor], b: List[Tensor], xs: Tensor, ys: Tensor,
+               adapted: List[bool]) -> Tuple[List[Tensor], Tensor]:
+        """x ~ (I + H_t / lam)^{-1} b_t for every task: cg_steps of conjugate gradient in lockstep, from x = 0,
+        on the adapted parameters only (the blocks of H between them; x is 0 for the others).
         Returns (x, the relative residual norms [T])."""
         inv_lam = 1.0 / self.lam
+        b = [bi if a else torch.zeros_like(bi) for bi, a in zip(b, adapted)]
 
         def apply_a(v: List[Tensor]) -> List[Tensor]:
             hv = ops.mlp_hvp(phi, v, xs, ys, self.activation, self.act_param, self.loss)
-            return [h.mul_(inv_lam).add_(vi) for h, vi in zip(hv, v)]
+            return [h.mul_(inv_lam).add_(vi) if a else h.zero_() for h, vi, a in zip(hv, v, adapted)]
 
         x = [torch.zeros_like(bi) for bi in b]
         r = [bi.clone() for bi in b]
@@ -166,7 +181,7 @@ class iMAML(FusedMLPModule):  # noqa: N801  (the algorithm's name)
         with torch.no_grad():
             phi = self._inner(xs, ys, self.inner_steps)
             losses, query_grads = ops.mlp_loss_grad(phi, xq, yq, self.activation, self.act_param, self.loss)
-            meta_grads, residuals = self._solve(phi, query_grads, xs, ys)
+            meta_grads, residuals = self._solve(phi, query_grads, xs, ys, [p.requires_grad for p in params])
         self.last_task_losses = losses.detach()
         self.last_cg_residuals = residuals
         return _ImplicitMetaGradient.apply(losses.detach(), len(params), *params, *meta_grads).mean()

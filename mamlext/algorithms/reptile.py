@@ -7,6 +7,7 @@ Each task's phi_t is `inner_steps` full-batch SGD steps from theta on its data, 
 BatchedMAML.adapt (the fused MLP kernels for a supported MLP, the generic engine otherwise; the update of every task
 and parameter in one ops.task_sgd call). No second-order terms: Reptile needs none.
 """
+import math
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -14,6 +15,11 @@ from torch import Tensor, nn
 
 from mamlext.batched import BatchedMAML
 from mamlext.engines.generic import LossFn
+
+
+class _Learner(BatchedMAML):
+    """Reptile's inner loop: a BatchedMAML whose errors name Reptile."""
+    _display_name = "Reptile"
 
 
 class Reptile(nn.Module):
@@ -27,9 +33,10 @@ class Reptile(nn.Module):
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 5, outer_step: float = 0.1,
                  loss: Union[str, LossFn] = "mse", backend: str = "auto"):
         super().__init__()
-        if isinstance(outer_step, bool) or not isinstance(outer_step, (int, float)) or not outer_step > 0:
-            raise ValueError(f"Reptile: outer_step must be a float > 0, got {outer_step!r}")
-        self.maml = BatchedMAML(model, inner_lr=inner_lr, inner_steps=inner_steps, loss=loss, backend=backend)
+        if isinstance(outer_step, bool) or not isinstance(outer_step, (int, float)) or not outer_step > 0 \
+                or not math.isfinite(outer_step):
+            raise ValueError(f"Reptile: outer_step must be a finite float > 0, got {outer_step!r}")
+        self.maml = _Learner(model, inner_lr=inner_lr, inner_steps=inner_steps, loss=loss, backend=backend)
         self.model = model
         self.outer_step = float(outer_step)
 
@@ -39,11 +46,12 @@ class Reptile(nn.Module):
 
     def step(self, xs: Tensor, ys: Tensor) -> List[Tensor]:
         """One Reptile meta-step on T tasks: moves the model's parameters in place and returns the per-task adapted
-        parameters phi_t ([T, *S_i] each)."""
+        parameters phi_t ([T, *S_i] each). Parameters with requires_grad=False are neither adapted nor moved."""
         adapted = self.maml.adapt(xs, ys)
         with torch.no_grad():
             for param, phi in zip(self.maml._params(), adapted):
-                param.add_(phi.mean(0) - param, alpha=self.outer_step)
+                if param.requires_grad:
+                    param.add_(phi.mean(0) - param, alpha=self.outer_step)
         return adapted
 
     def adapt(self, xs: Tensor, ys: Tensor, steps: Optional[int] = None) -> List[Tensor]:
