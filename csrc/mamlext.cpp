@@ -7,6 +7,11 @@
 #ifndef MAMLEXT_CUDA_ARCHS
 #define MAMLEXT_CUDA_ARCHS ""
 #endif
+#ifdef MAMLEXT_WITH_CUDA
+#define MAMLEXT_WITH_CUDA_FLAG true
+#else
+#define MAMLEXT_WITH_CUDA_FLAG false
+#endif
 
 TORCH_LIBRARY(mamlext, m) {
   // out[i][t] = params[i][t, or shared] - lr * grads[i][t] for all tasks t; lr a float, or per parameter a
@@ -27,13 +32,50 @@ TORCH_LIBRARY(mamlext, m) {
 
 namespace {
 
+// task_sgd and maml_reverse_step take all their tensors in lists. With every list empty the dispatcher has no
+// tensor to pick a kernel by and uses this CompositeExplicitAutograd one: empty in, empty out. It also serves
+// tensors on a device with no kernel of ours, with an error that says so.
+void lists_only_kernel(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const auto& schema = op.schema();
+  const size_t num_args = schema.arguments().size();
+  for (const auto& arg : torch::jit::last(*stack, num_args)) {
+    if (arg.isTensorList() && !arg.toTensorList().empty()) {
+      const at::Tensor first = arg.toTensorList().get(0);
+      TORCH_CHECK(false, schema.name(), ": no mamlext kernel serves tensors on ", first.device(),
+                  " (this build has kernels for the CPU", MAMLEXT_WITH_CUDA_FLAG ? " and CUDA" : "", ")");
+    }
+  }
+  torch::jit::drop(*stack, num_args);
+  for (size_t i = 0; i < schema.returns().size(); ++i) stack->emplace_back(c10::List<at::Tensor>());
+}
+
+// torch.func.vmap reaches the ops through this key: say what to do instead of "Batching rule not implemented".
+void no_vmap_kernel(const c10::OperatorHandle& op, torch::jit::Stack*) {
+  TORCH_CHECK(false, op.schema().name(), ": torch.func.vmap over mamlext ops is not supported: each op already runs "
+              "every task of a meta-batch at once. Stack the tasks along the leading task dimension T of its tensors "
+              "instead of vmapping over them.");
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mamlext, CompositeExplicitAutograd, m) {
+  for (const char* name : {"task_sgd", "task_sgd.tensor_lr", "maml_reverse_step"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&lists_only_kernel>());
+  }
+}
+
+TORCH_LIBRARY_IMPL(mamlext, FuncTorchBatched, m) {
+  for (const char* name : {"task_sgd", "task_sgd.tensor_lr", "mlp_loss_grad", "mlp_hvp", "mlp_maml",
+                           "maml_reverse_step"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&no_vmap_kernel>());
+  }
+}
+
+namespace {
+
 pybind11::dict build_info() {
   pybind11::dict info;
-#ifdef MAMLEXT_WITH_CUDA
-  info["cuda"] = true;
-#else
-  info["cuda"] = false;
-#endif
+  info["cuda"] = MAMLEXT_WITH_CUDA_FLAG;
   info["cuda_archs"] = std::string(MAMLEXT_CUDA_ARCHS);
   info["debug"] = static_cast<bool>(MAMLEXT_DEBUG);
   info["torch_version"] = std::string(MAMLEXT_TORCH_VERSION);

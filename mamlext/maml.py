@@ -64,6 +64,8 @@ class MAML(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"MAML: model must be an nn.Module, got {type(model).__name__}")
+        if next(model.parameters(), None) is None:
+            raise ValueError(f"MAML: the model ({type(model).__name__}) has no parameters to meta-learn")
         if isinstance(lr, Tensor) and lr.dim() != 0:
             raise ValueError(f"MAML: lr must be a float or a scalar tensor, got a tensor of shape {list(lr.shape)}")
         self.module = model

@@ -379,8 +379,8 @@ def maml_reverse_step(v: Sequence[Tensor], hv: Sequence[Tensor], grads: Sequence
     Returns ``(v_next, lr_grads)``: v_next P tensors ``[T, *S_i]`` (``[S_i]`` when sum_tasks); lr_grads P tensors
     ``[S_i]``, ``-sum_t g_t * v_t`` (per-element d meta-loss / d alpha_k; sum it for one rate per tensor), or empty.
     """
+    reference.check_maml_reverse_step(v, hv, grads, sum_tasks)  # before list(): a tensor is not a list of tensors
     v, hv, grads = list(v), list(hv), list(grads)
-    reference.check_maml_reverse_step(v, hv, grads, sum_tasks)
     if v and _compiled("maml_reverse_step", v[0].device):
         v_next, lr_grads = torch.ops.mamlext.maml_reverse_step(v, hv, grads, sum_tasks)
         return list(v_next), list(lr_grads)

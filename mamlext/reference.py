@@ -284,6 +284,10 @@ def check_mlp_maml(params: Sequence[Tensor], xs: Tensor, ys: Tensor, xq: Tensor,
             raise ValueError(f"{op}: lrs[{i}] has dtype {r.dtype} but params[0] has dtype {dtype}")
         if r.device != device:
             raise ValueError(f"{op}: lrs[{i}] is on {r.device} but params[0] is on {device}")
+        if check_values and not torch.isfinite(r).all():
+            raise ValueError(f"{op}: lrs[{i}] must be finite (it holds nan or inf)")
+    if check_values and not torch.isfinite(step_weights).all():
+        raise ValueError(f"{op}: step_weights must be finite (it holds nan or inf)")
 
 
 def mlp_activation(z: Tensor, activation: int, act_param: float) -> Tensor:
