@@ -107,7 +107,7 @@ def test_reptile_matches_plain_loop(model_kind):
 
 
 def test_reptile_bad_input_and_evaluation():
-    with pytest.raises(ValueError, match="Reptile: outer_step must be a float > 0, got 0"):
+    with pytest.raises(ValueError, match="Reptile: outer_step must be a finite float > 0, got 0"):
         Reptile(mlp([1, 2, 1], "relu"), outer_step=0)
     gen = torch.Generator().manual_seed(2)
     model = mlp([2, 4, 1], "relu").double()

@@ -199,7 +199,7 @@ def test_zero_right_hand_side_task():
     b = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in phi]
     for bi in b:
         bi[1] = 0
-    x, residuals = imaml._solve(phi, b, xs, ys)
+    x, residuals = imaml._solve(phi, b, xs, ys, [True] * len(phi))
     assert all(torch.isfinite(xi).all() and (xi[1] == 0).all() for xi in x)
     assert residuals[1] == 0 and (residuals < 1e-6).all()
     # each other task: (I + H_t / lam) x_t = b_t
