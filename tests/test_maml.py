@@ -401,7 +401,8 @@ def test_bad_constructor_arguments():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
-def test_adapt_calls_task_sgd_once(monkeypatch, device, first_order):
+def test_adapt_with_a_tensor_rate_calls_task_sgd_once(monkeypatch, device, first_order):
+    """A tensor (learnable) rate goes through task_sgd, which differentiates it."""
     real = mamlext.ops.task_sgd
     calls = []
 
@@ -412,6 +413,7 @@ def test_adapt_calls_task_sgd_once(monkeypatch, device, first_order):
 
     monkeypatch.setattr(mamlext.ops, "task_sgd", counting_task_sgd)
     model, tasks, loss_fn, lr = make_case("convnet_bn", device)
+    lr = torch.tensor(lr, dtype=torch.float64, device=device)
     maml = MAML(model, lr=lr, first_order=first_order)
     n_params = len(list(model.parameters()))
     xs, ys, xq, yq = tasks[0]
@@ -423,7 +425,7 @@ def test_adapt_calls_task_sgd_once(monkeypatch, device, first_order):
         assert len(calls) == k + 1
         params, grads, call_lr, out = calls[-1]
         assert len(params) == len(grads) == len(out) == n_params
-        assert call_lr == lr
+        assert torch.equal(call_lr, lr.to(call_lr.dtype))
         for g, o in zip(grads, out):
             assert g.shape[0] == 1 and o.shape[0] == 1  # one task, leading task dimension
             assert g.requires_grad is (not first_order)
@@ -437,12 +439,12 @@ def test_adapt_calls_task_sgd_once(monkeypatch, device, first_order):
 
 
 def test_task_sgd_output_is_what_the_learner_uses(monkeypatch):
-    """If task_sgd's result changes, so does the adapted learner: nothing bypasses the op."""
+    """With a tensor rate, if task_sgd's result changes, so does the adapted learner: nothing bypasses the op."""
     real = mamlext.ops.task_sgd
     monkeypatch.setattr(mamlext.ops, "task_sgd", lambda params, grads, lr: real(params, grads, 2 * lr))
     model, tasks, loss_fn, lr = make_case("sinusoid_mlp", "cpu")
     xs, ys, _, _ = tasks[0]
-    learner = MAML(model, lr=lr).clone()
+    learner = MAML(model, lr=torch.tensor(lr, dtype=torch.float64)).clone()
     loss = loss_fn(learner(xs), ys)
     grads = torch.autograd.grad(loss, list(learner.module.parameters()), retain_graph=True)
     learner.adapt(loss)
@@ -461,6 +463,24 @@ def test_cpu_float64_uses_compiled_kernel_when_available(monkeypatch):
     monkeypatch.setattr(mamlext.reference, "task_sgd", forbidden)
     model, tasks, loss_fn, lr = make_case("sinusoid_mlp", "cpu")
     xs, ys, xq, yq = tasks[0]
-    learner = MAML(model, lr=lr).clone()
+    learner = MAML(model, lr=torch.tensor(lr, dtype=torch.float64)).clone()
     learner.adapt(loss_fn(learner(xs), ys))
     loss_fn(learner(xq), yq).backward()
+
+
+@pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
+def test_float_rate_update_is_exact_sgd_without_task_sgd(monkeypatch, first_order):
+    """A float rate: one task has nothing to batch, so the update is one multi-tensor add, p - lr * g exactly,
+    differentiable twice (the second-order meta-gradient is pinned by the tests above)."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a float rate should not need task_sgd")
+    monkeypatch.setattr(mamlext.ops, "task_sgd", forbidden)
+    model, tasks, loss_fn, lr = make_case("sinusoid_mlp", "cpu")
+    xs, ys, _, _ = tasks[0]
+    learner = MAML(model, lr=lr, first_order=first_order).clone()
+    loss = loss_fn(learner(xs), ys)
+    grads = torch.autograd.grad(loss, list(learner.module.parameters()), retain_graph=True)
+    learner.adapt(loss)
+    for p, p0, g in zip(learner.module.parameters(), model.parameters(), grads):
+        assert torch.equal(p.detach(), torch.add(p0.detach(), g, alpha=-lr))
+        assert p.grad_fn is not None
