@@ -7,12 +7,14 @@ batched engine (mamlext.BatchedMAML) is where all tasks of a meta-batch run at o
     learner.adapt(loss_fn(learner(x_support), y_support))
     loss_fn(learner(x_query), y_query).backward()  # meta-gradient lands in model.parameters()
 """
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from mamlext import ops
+from mamlext.batched import BatchedMAML
+from mamlext.engines.generic import LossFn
 
 
 def clone_module(module: nn.Module, memo: Optional[Dict[int, Tensor]] = None) -> nn.Module:
@@ -117,6 +119,30 @@ class MAML(nn.Module):
             return list(torch._foreach_add(params, grads, alpha=-lr))
         lr = lr.to(device=grads[0].device, dtype=grads[0].dtype)
         return [u.squeeze(0) for u in ops.task_sgd(params, [g.unsqueeze(0) for g in grads], lr)]
+
+    def batched(self, inner_steps: int = 1, loss: Union[str, LossFn] = "mse", **options) -> BatchedMAML:
+        """The task-batched engine for this learner's model, rate and first-order flag: the loop
+
+            for xs, ys, xq, yq in tasks:
+                learner = maml.clone()
+                for _ in range(inner_steps):
+                    learner.adapt(loss_fn(learner(xs), ys))
+                (loss_fn(learner(xq), yq) / len(tasks)).backward()
+
+        becomes ``maml.batched(inner_steps, loss).meta_loss(*mamlext.data.stack_tasks(tasks)).backward()``, with the
+        same meta-gradient (frozen parameters, as with allow_nograd=True, are not adapted). loss: "mse"
+        (F.mse_loss), "ce" (F.cross_entropy) or a callable loss_fn(output, target); options: the other arguments of
+        BatchedMAML (backend, memory, lr_mode, step_weights, ...)."""
+        if isinstance(self.lr, Tensor):
+            raise ValueError("MAML.batched: a tensor lr (a learned step size) has no BatchedMAML counterpart; "
+                             "BatchedMAML learns rates with lr_mode='per_layer_step' or 'per_param'")
+        if not self.allow_nograd:
+            frozen = next((p for p in self.module.parameters() if not p.requires_grad), None)
+            if frozen is not None:
+                raise RuntimeError(f"MAML.batched: parameter '{self._name_of(frozen)}' does not require grad; "
+                                   "pass allow_nograd=True to leave such parameters unadapted")
+        return BatchedMAML(self.module, inner_lr=self.lr, inner_steps=inner_steps, first_order=self.first_order,
+                           loss=loss, **options)
 
     def clone(self, first_order: Optional[bool] = None, allow_unused: Optional[bool] = None,
               allow_nograd: Optional[bool] = None) -> "MAML":
