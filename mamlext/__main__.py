@@ -1,7 +1,16 @@
 """Command line: python -m mamlext info | demo | train | eval | bench"""
 import argparse
 import json
+import re
 import sys
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (no usage block): exit status 2 and "PROG: error: MESSAGE", the form
+    of every other bad argument's message."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _print_info(as_json: bool) -> None:
@@ -51,7 +60,7 @@ _TRAIN_OPTIONS = ("algo", "first_order", "iterations", "meta_batch", "shots", "q
                   "train_alphabets", "test_alphabets", "cache_dir")
 
 
-def _add_train_parser(commands) -> None:
+def _add_train_parser(commands) -> argparse.ArgumentParser:
     from mamlext.train import ALGOS, DEFAULT_SINE_ITERATIONS, DTYPES, TASKS
 
     train = commands.add_parser(
@@ -109,9 +118,10 @@ def _add_train_parser(commands) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--threads", type=int, help="CPU threads of torch (torch.set_num_threads; default: torch's). On a "
                    "shared machine whose cores are busy, --threads 1 can be several times faster for conv nets")
+    return train
 
 
-def _add_eval_parser(commands) -> None:
+def _add_eval_parser(commands) -> argparse.ArgumentParser:
     ev = commands.add_parser("eval", help="re-evaluate a saved run on new tasks",
                              description="Rebuild a run from its checkpoint and evaluate it on new tasks (by default "
                                          "the run's own evaluation tasks, so the numbers match the run's eval.txt).")
@@ -122,22 +132,14 @@ def _add_eval_parser(commands) -> None:
     ev.add_argument("--out", help="folder for eval.json / eval.txt (and the sine plot); default: print only")
     ev.add_argument("--no-progress", action="store_true")
     ev.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's)")
-
-
-def _set_threads(parser, threads) -> None:
-    if threads is not None:
-        if threads < 1:
-            parser.error(f"--threads must be at least 1, got {threads}")
-        import torch
-
-        torch.set_num_threads(threads)
+    return ev
 
 
 def _train(parser, args) -> int:
     from mamlext import train as train_module
     from mamlext.distributed import PeerLost
 
-    _set_threads(parser, args.threads)
+    train_module.set_threads(args.threads)
 
     options = {name: getattr(args, name) for name in _TRAIN_OPTIONS}
     try:
@@ -154,11 +156,6 @@ def _train(parser, args) -> int:
                 parser.error("train needs a task (sine or omniglot), or --resume RUN_DIR")
             config = train_module.make_config(args.task, **options)
             train_module.train(config, out=args.out, progress=not args.no_progress, evaluate=not args.no_eval)
-    except KeyboardInterrupt:
-        return 130
-    except (train_module.ConfigError, FileNotFoundError) as error:
-        print(f"python -m mamlext train: error: {error}", file=sys.stderr)
-        return 2
     except PeerLost as error:  # under torchrun: another process died or stopped answering
         print(f"python -m mamlext train: error: the processes of the run lost each other: {error}", file=sys.stderr)
         return 1
@@ -168,19 +165,49 @@ def _train(parser, args) -> int:
 def _eval(parser, args) -> int:
     from mamlext import evaluate, train as train_module
 
-    _set_threads(parser, args.threads)
-    try:
-        evaluate.run_eval(args.checkpoint, tasks=args.tasks, seed=args.seed, device=args.device, out=args.out,
-                          progress=not args.no_progress)
-    except KeyboardInterrupt:
-        return 130
-    except (train_module.ConfigError, FileNotFoundError) as error:
-        print(f"python -m mamlext eval: error: {error}", file=sys.stderr)
-        return 2
+    train_module.set_threads(args.threads)
+    evaluate.run_eval(args.checkpoint, tasks=args.tasks, seed=args.seed, device=args.device, out=args.out,
+                      progress=not args.no_progress)
     return 0
 
+
+def _out_of_memory(error: BaseException) -> bool:
+    """torch's out-of-memory errors: CUDA's OutOfMemoryError, or the plain RuntimeError of the CPU allocator."""
+    import torch
+
+    text = str(error)
+    return isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)) or (
+        isinstance(error, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text))
+
+
+# what to make smaller when a command runs out of memory
+_MEMORY_OPTIONS = {"train": "--hidden, --meta-batch, --eval-tasks", "eval": "--tasks",
+                   "bench": "--suite quick, --workloads"}
+
+
+def _run(command, run, parser, args) -> int:
+    """run(parser, args): train, eval or bench. A bad argument (ConfigError, whose message names the flag), a missing
+    file or memory running out ends with exit status 2 and one line on stderr; Ctrl-C with 130."""
+    from mamlext.train import ConfigError
+
+    try:
+        return run(parser, args)
+    except KeyboardInterrupt:
+        return 130
+    except (ConfigError, FileNotFoundError) as error:
+        message = str(error)
+    except (RuntimeError, MemoryError) as error:
+        if not _out_of_memory(error):
+            raise
+        amount = re.search(r"[Tt]ried to allocate ([\d.]+ ?\w+)", str(error))
+        message = (f"out of memory{' allocating ' + amount.group(1) if amount else ''}: use smaller sizes "
+                   f"({_MEMORY_OPTIONS[command]})")
+    print(f"python -m mamlext {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mamlext", description=__doc__)
+    parser = _Parser(prog="python -m mamlext", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="versions, compiled kernels and the backend used on each device")
     info.add_argument("--json", action="store_true", help="print as JSON")
@@ -188,8 +215,8 @@ def main(argv=None) -> int:
     demo.add_argument("--iterations", type=int, default=300)
     demo.add_argument("--meta-batch", type=int, default=25)
     demo.add_argument("--seed", type=int, default=0)
-    _add_train_parser(commands)
-    _add_eval_parser(commands)
+    train = _add_train_parser(commands)
+    ev = _add_eval_parser(commands)
     bench = commands.add_parser("bench", help="benchmark mamlext against pure-PyTorch MAML side by side",
                                 description="Times one meta-iteration of every implementation (plain per-task loop, "
                                             "torch.func vmap, higher, torchopt, mamlext's engines) on the same data "
@@ -200,12 +227,9 @@ def main(argv=None) -> int:
     bench_suite.add_arguments(bench)
     args = parser.parse_args(argv)
 
-    if args.command == "train":
-        return _train(parser, args)
-    if args.command == "eval":
-        return _eval(parser, args)
-    if args.command == "bench":
-        return bench_suite.main(bench, args)
+    runs = {"train": (_train, train), "eval": (_eval, ev), "bench": (bench_suite.main, bench)}
+    if args.command in runs:
+        return _run(args.command, *runs[args.command], args)
     if args.command == "info":
         _print_info(args.json)
     elif args.command == "demo":

@@ -93,7 +93,8 @@ def plot_sine(learner, path, tasks: int = 4, shots: int = 5, steps: int = 10, se
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    batch = SinusoidTasks(seed=seed + 7919, dtype=dtype, device=device).sample(tasks, shots)
+    # other tasks than the evaluation's; modulo 2**64 as torch takes seeds, so that any seed has a plot
+    batch = SinusoidTasks(seed=(seed + 7919) % 2**64, dtype=dtype, device=device).sample(tasks, shots)
     grid = torch.linspace(-5, 5, 200, dtype=dtype, device=device)
     x_grid = grid.reshape(1, -1, 1).expand(tasks, -1, -1).contiguous()
     curves = {}
@@ -154,16 +155,17 @@ def run_eval(checkpoint, tasks: Optional[int] = None, seed: Optional[int] = None
              out: Optional[str] = None, progress: bool = True) -> Dict:
     """``python -m mamlext eval CHECKPOINT``: rebuilds the run from its checkpoint and evaluates it on new tasks
     (the run's evaluation seed unless ``seed``). Writes eval.json / eval.txt (and the sine plot) into ``out`` if
-    given."""
+    given. ConfigError names a bad argument."""
     from mamlext import train
 
+    if tasks is not None:
+        train.check_int(tasks, "--tasks")
+    if seed is not None:
+        train.check_int(seed, "--seed", *train.SEED_RANGE)
     experiment, config, state = train.load_run(checkpoint, device=device, progress=progress)
     print(f"checkpoint {train.checkpoint_path(checkpoint)}: {config['task']}, iteration {state['iteration']} of "
           f"{config['iterations']}", flush=True)
-    out_dir = None
-    if out is not None:
-        out_dir = Path(out)
-        out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = None if out is None else train.writable_dir(out, "--out")
     result = train.evaluate_run(experiment, config, out_dir, tasks=tasks, seed=seed, progress=progress,
                                 write=out_dir is not None)
     result["iteration"] = state["iteration"]

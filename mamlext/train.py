@@ -8,7 +8,7 @@ A run directory holds
     metrics.jsonl     one JSON object per logged iteration (loss, accuracy, tasks/s, elapsed seconds)
     checkpoint.pt     the latest checkpoint, written atomically (temp file + os.replace) every ``checkpoint_every``
                       iterations, at the end, and on Ctrl-C: model, learner (learnable rates), optimizer, RNG states
-                      (torch, the task sampler) and the iteration
+                      (torch, the task sampler), the iteration and the metrics.jsonl line in progress
     eval.json         the evaluation after training (and eval.txt, its table; sine: sine_adaptation.png)
 
 ``train(config, resume=RUN_DIR_OR_CHECKPOINT)`` continues a run exactly: an interrupted and resumed run ends with
@@ -25,6 +25,7 @@ import json
 import math
 import os
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -80,8 +81,16 @@ RESUME_OVERRIDABLE = ("iterations", "checkpoint_every", "log_every", "device", "
                       "plot_tasks")
 
 
+# What torch.manual_seed accepts (a negative seed means 2**64 + seed).
+SEED_RANGE = (-2**63, 2**64 - 1)
+
+# The sizes that memory_estimate depends on, named when a run would not fit.
+SIZE_OPTIONS = {"sine": ("hidden", "meta_batch", "shots", "query", "inner_steps"),
+                "omniglot": ("hidden", "ways", "shots", "query", "inner_steps")}
+
+
 class ConfigError(ValueError):
-    """A bad training argument: the message names it."""
+    """A bad command-line argument (train, eval, bench) or run file: the message names it."""
 
 
 # --- configuration ----------------------------------------------------------------------------------------------------
@@ -113,10 +122,19 @@ def make_config(task: str, **overrides) -> Dict[str, Any]:
     return config
 
 
-def _int(config, name, low=1):
-    value = config[name]
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_int(value, flag: str, low: int = 1, high: Optional[int] = None) -> None:
+    """ConfigError naming ``flag`` unless ``value`` is an integer from ``low`` to ``high`` (None: no upper bound)."""
+    if not _is_int(value) or value < low or (high is not None and value > high):
+        expected = f">= {low}" if high is None else f"from {low} to {high}"
+        raise ConfigError(f"{flag} must be an integer {expected}, got {value!r}")
+
+
+def _int(config, name, low=1, high=None):
+    check_int(config[name], f"--{name.replace('_', '-')}", low, high)
 
 
 def _positive(config, name):
@@ -144,7 +162,9 @@ def check_config(config: Dict[str, Any]) -> None:
     for name in ("iterations", "meta_batch", "shots", "query", "inner_steps", "hidden", "checkpoint_every",
                  "log_every", "eval_tasks"):
         _int(config, name)
-    _int(config, "seed", low=0)
+    _int(config, "seed", 0, SEED_RANGE[1])
+    if config.get("eval_seed") is not None:
+        _int(config, "eval_seed", *SEED_RANGE)
     for name in ("inner_lr", "meta_lr"):
         _positive(config, name)
     if config["dtype"] not in DTYPES:
@@ -189,6 +209,67 @@ def resolve_device(name: Optional[str]) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no GPU is visible to torch (torch.cuda.is_available() is False)")
     return device
+
+
+def memory_estimate(config: Dict[str, Any]) -> int:
+    """Roughly the bytes a meta-iteration needs at once: the parameters with their gradient and Adam's two moments,
+    each task's adapted copy of them and the hidden activations of every inner step (kept for the meta-gradient).
+    Sine runs its whole meta-batch at once; omniglot one task at a time. Good for refusing absurd sizes, not for
+    planning a run."""
+    c = config
+    h, steps = c["hidden"], c["inner_steps"] + 1
+    if c["task"] == "sine":  # 1-h-h-1 MLP
+        params, tasks = h * h + 4 * h + 1, c["meta_batch"]
+        activations = tasks * (c["shots"] + c["query"]) * 2 * h * steps
+    else:  # Conv4 (3x3 convolutions, batch norm) on 28x28 images: the first layer's outputs dominate
+        params, tasks = 27 * h * h + 21 * h + c["ways"] * (h + 1), 1
+        activations = c["ways"] * (c["shots"] + c["query"]) * h * 28 * 28 * 2 * steps
+    return DTYPES[c["dtype"]].itemsize * (params * (4 + tasks) + activations)
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Free bytes for the run: the GPU's free memory, or Linux's MemAvailable; None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(config: Dict[str, Any], device: torch.device) -> None:
+    """ConfigError naming the sizes when the run would need more memory than the device has free (it would fail to
+    allocate, or crawl in swap, only after building the model)."""
+    need, free = memory_estimate(config), available_memory(device)
+    if free is not None and need > free:
+        sizes = ", ".join(f"--{name.replace('_', '-')} {config[name]}" for name in SIZE_OPTIONS[config["task"]])
+        raise ConfigError(f"{sizes}: training would need about {need / 2**30:,.1f} GiB of memory, more than the "
+                          f"{free / 2**30:,.1f} GiB free on {device}")
+
+
+def set_threads(threads: Optional[int]) -> None:
+    """--threads: torch's CPU threads (None: leave torch's default), at most one per CPU."""
+    if threads is not None:
+        check_int(threads, "--threads", 1, os.cpu_count() or 1)
+        torch.set_num_threads(threads)
+
+
+def writable_dir(path, flag: str) -> Path:
+    """Creates the folder ``path`` (the value of ``flag``) if needed and writes a temporary file in it, so a folder
+    that cannot take the files is refused before the work, not after it."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path}: is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as error:
+        raise ConfigError(f"{flag} {path}: cannot write files there ({error.strerror or error})") from None
+    return path
 
 
 # --- the experiments ------------------------------------------------------------------------------------------------
@@ -388,12 +469,14 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_checkpoint(path: Path, experiment, config: Dict[str, Any], iteration: int, elapsed: float,
-                    rng: Optional[Dict[str, Any]] = None) -> None:
+                    rng: Optional[Dict[str, Any]] = None, window: Optional[Dict[str, Any]] = None) -> None:
+    """window: the metrics.jsonl line in progress (see _window), so that a resumed run logs it as an uninterrupted
+    one would."""
     atomic_save({
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": config, "iteration": iteration,
         "elapsed_s": elapsed, "model": experiment.model.state_dict(), "learner": experiment.learner.state_dict(),
         "optimizer": experiment.optimizer.state_dict(), "rng": _rng_state(experiment) if rng is None else rng,
-        "mamlext_version": mamlext.__version__, "torch_version": str(torch.__version__),
+        "window": window, "mamlext_version": mamlext.__version__, "torch_version": str(torch.__version__),
     }, path)
 
 
@@ -411,28 +494,70 @@ def load_checkpoint(path) -> Dict[str, Any]:
     path = checkpoint_path(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001  (a corrupt file, or one that is not a torch checkpoint)
-        raise ConfigError(f"{path}: not a readable mamlext checkpoint ({type(error).__name__}: {error})") from None
+    except Exception:  # noqa: BLE001  (torch's message, which suggests weights_only=False, would mislead here)
+        raise ConfigError(f"{path}: corrupt, or not a mamlext checkpoint (torch.load cannot read it)") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(f"{path}: not a mamlext training checkpoint")
     if state.get("version") != CHECKPOINT_VERSION:
         raise ConfigError(f"{path}: checkpoint version {state.get('version')} is not supported (this mamlext "
                          f"reads version {CHECKPOINT_VERSION})")
+    _check_fields(path, state)
     return state
 
 
-def restore(experiment, state: Dict[str, Any]) -> None:
-    experiment.learner.load_state_dict(state["learner"])
-    experiment.optimizer.load_state_dict(state["optimizer"])
-    _load_rng_state(experiment, state["rng"])
+def _check_fields(path: Path, state: Dict[str, Any]) -> None:
+    """ConfigError naming ``path`` when a field of the checkpoint is missing or of the wrong type (a damaged or
+    edited file), which would crash the run later or continue it from nonsense (a negative iteration, say). The
+    config's values are checked by check_config."""
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise ConfigError(f"{path}: malformed mamlext checkpoint: {what}")
+
+    for key in ("config", "model", "learner", "optimizer", "rng"):
+        need(isinstance(state.get(key), dict), f"{key!r} is missing or not a dict")
+    iteration = state.get("iteration")
+    need(_is_int(iteration) and iteration >= 0, f"'iteration' must be an integer >= 0, got {iteration!r}")
+    need(isinstance(state.get("elapsed_s", 0.0), (int, float)), "'elapsed_s' is not a number")
+    need(isinstance(state["rng"].get("torch"), Tensor) and "sampler" in state["rng"],
+         "'rng' lacks the torch or the task sampler's state")
+    task = state["config"].get("task")
+    need(task in TASKS, f"the config's task {task!r} is not one of {', '.join(TASKS)}")
+    missing = sorted(set(default_config(task)) - set(state["config"]))
+    need(not missing, f"the config lacks {', '.join(missing)}")
+    window = state.get("window")  # None in checkpoints written before windows were saved
+    need(window is None or (isinstance(window, dict) and isinstance(window.get("sums"), dict)
+                            and all(isinstance(v, float) for v in window["sums"].values())
+                            and _is_int(window.get("iterations")) and window["iterations"] >= 0
+                            and isinstance(window.get("seconds"), float)),
+         "'window' is not {sums, iterations, seconds}")
+
+
+def restore(experiment, state: Dict[str, Any], path: Path) -> None:
+    """Loads a checkpoint (from ``path``) into the experiment built from its config; ConfigError when its tensors do
+    not fit that model (an edited config, or a damaged file)."""
+    try:
+        experiment.learner.load_state_dict(state["learner"])
+        experiment.optimizer.load_state_dict(state["optimizer"])
+        for group in experiment.optimizer.param_groups:  # load_state_dict checks the counts, not the shapes
+            for param in group["params"]:
+                for name, value in experiment.optimizer.state[param].items():
+                    if isinstance(value, Tensor) and value.dim() > 0 and value.shape != param.shape:
+                        raise ValueError(f"the optimizer's {name} has shape {list(value.shape)}, its parameter "
+                                         f"{list(param.shape)}")
+        _load_rng_state(experiment, state["rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as error:
+        detail = " ".join(line.strip() for line in str(error).splitlines()[:2])  # torch's first mismatch
+        c = experiment.config
+        raise ConfigError(f"{path}: does not fit the {c['task']} model of its config (--hidden {c['hidden']}): "
+                          f"{detail}") from None
 
 
 # --- the training loop ----------------------------------------------------------------------------------------------
 
 class _Interrupts:
-    """Ctrl-C during training. While the optimizer updates the parameters (phase 'step') the SIGINT is held back
-    until the update is complete, so the state is never half-updated; elsewhere it raises KeyboardInterrupt at
-    once. Installed only in the main thread."""
+    """Ctrl-C during training. While the optimizer updates the parameters and the iteration's metrics are recorded
+    (phase 'step') the SIGINT is held back until both are complete, so the state is never half-updated; elsewhere it
+    raises KeyboardInterrupt at once. Installed only in the main thread."""
 
     def __init__(self):
         self.phase = "idle"
@@ -492,8 +617,18 @@ def _truncate_metrics(path: Path, iteration: int) -> None:
 
 
 def eval_seed(config: Dict[str, Any]) -> int:
-    """The evaluation tasks' seed: far from the training sampler's, so the tasks are new ones."""
-    return config["eval_seed"] if config.get("eval_seed") is not None else config["seed"] + 1_000_003
+    """The evaluation tasks' seed: far from the training sampler's, so the tasks are new ones (modulo 2**64, as
+    torch takes seeds, so that a --seed near the top of SEED_RANGE has one too)."""
+    return config["eval_seed"] if config.get("eval_seed") is not None else (config["seed"] + 1_000_003) % 2**64
+
+
+def _window(sums: Dict[str, Tensor], iterations: int, start: float, local_tasks: int) -> Dict[str, Any]:
+    """The logging window so far, for the checkpoint: each metric's sum over the window's iterations (averaged over
+    the ranks' tasks: a collective under torchrun), the iterations and the seconds."""
+    sums = {key: value.clone() for key, value in sums.items()}
+    distributed.weighted_average_(list(sums.values()), local_tasks)
+    return {"sums": {key: value.item() for key, value in sums.items()}, "iterations": iterations,
+            "seconds": time.perf_counter() - start}
 
 
 def train(config: Optional[Dict[str, Any]] = None, out=None, resume=None, progress: bool = True,
@@ -554,18 +689,20 @@ def _train(config, out, resume, progress, evaluate, callback, overrides) -> Dict
     progress = progress and main
     device = distributed.local_device(resolve_device(config["device"]))
     config["device"] = str(device)
+    check_memory(config, device)
     experiment = build_experiment(config, device, progress=progress)
     experiment.task_shard = task_shard
     local_tasks = len(range(config["meta_batch"])[task_shard])
-    iteration, elapsed_before = 0, 0.0
+    iteration, elapsed_before, resumed_window = 0, 0.0, None
     if state is not None:
-        restore(experiment, state)
+        restore(experiment, state, ckpt)
         iteration, elapsed_before = state["iteration"], state.get("elapsed_s", 0.0)
+        resumed_window = state.get("window")  # None from a checkpoint written before windows were saved
         del state
     metrics_path = run_dir / "metrics.jsonl"
     ckpt_path = run_dir / CHECKPOINT_NAME
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        writable_dir(run_dir, "--out" if resume is None else "--resume")
         _atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
         if resume is not None:
             _truncate_metrics(metrics_path, iteration)
@@ -583,8 +720,10 @@ def _train(config, out, resume, progress, evaluate, callback, overrides) -> Dict
 
     bar = tqdm(total=c["iterations"], initial=iteration, desc=f"train {_run_name(c)}", unit="it", dynamic_ncols=True,
                disable=not progress, mininterval=0.5)
-    sums: Dict[str, Tensor] = {}
-    window_start, window_iters = time.perf_counter(), 0
+    # the metrics.jsonl line in progress: sums over its iterations (a resumed run's from the checkpoint)
+    carried = resumed_window or {"sums": {}, "iterations": 0, "seconds": 0.0}
+    sums = {key: torch.tensor(value, dtype=torch.float64, device=device) for key, value in carried["sums"].items()}
+    window_start, window_iters = time.perf_counter() - carried["seconds"], carried["iterations"]
     interrupts = _Interrupts()
     snapshot = None
     model, optimizer = experiment.model, experiment.optimizer
@@ -599,8 +738,6 @@ def _train(config, out, resume, progress, evaluate, callback, overrides) -> Dict
                 interrupts.phase = "step"
                 optimizer.step()
                 iteration += 1
-                interrupts.phase = "idle"
-                interrupts.check()
                 for key, value in (("loss", loss), *extra.items()):
                     sums[key] = sums[key] + value if key in sums else value.detach().double().clone()
                 window_iters += 1
@@ -621,16 +758,20 @@ def _train(config, out, resume, progress, evaluate, callback, overrides) -> Dict
                                      **({"acc": f"{logged['accuracy']:.3f}"} if "accuracy" in logged else {}),
                                      "tasks/s": f"{logged['tasks_per_s']:.0f}"}, refresh=False)
                     sums, window_start, window_iters = {}, now, 0
+                interrupts.phase = "idle"
+                interrupts.check()
                 bar.update(1)
-                if main and (iteration % c["checkpoint_every"] == 0 or iteration == c["iterations"]):
-                    interrupts.phase = "saving"
-                    save_checkpoint(ckpt_path, experiment, c, iteration, elapsed())
-                    interrupts.phase = "idle"
+                if iteration % c["checkpoint_every"] == 0 or iteration == c["iterations"]:
+                    window = _window(sums, window_iters, window_start, local_tasks)  # on every rank
+                    if main:
+                        interrupts.phase = "saving"
+                        save_checkpoint(ckpt_path, experiment, c, iteration, elapsed(), window=window)
+                        interrupts.phase = "idle"
                 if callback is not None:
                     callback(iteration, logged)
                 interrupts.check()
-            if main and (iteration == 0 or not ckpt_path.exists()):
-                save_checkpoint(ckpt_path, experiment, c, iteration, elapsed())
+            if main and (iteration == 0 or not ckpt_path.exists()):  # the loop ran no iteration
+                save_checkpoint(ckpt_path, experiment, c, iteration, elapsed(), window=resumed_window)
     except KeyboardInterrupt:
         bar.close()
         if not main:
@@ -645,7 +786,9 @@ def _train(config, out, resume, progress, evaluate, callback, overrides) -> Dict
             if phase == "compute":  # the iteration in progress is dropped: rewind its task sampling
                 rng = snapshot
                 _load_rng_state(experiment, snapshot)
-            save_checkpoint(ckpt_path, experiment, c, iteration, elapsed(), rng=rng)
+            # under torchrun the other ranks' sums are out of reach here: the resumed run starts a new window
+            window = _window(sums, window_iters, window_start, local_tasks) if distributed.world_size() == 1 else None
+            save_checkpoint(ckpt_path, experiment, c, iteration, elapsed(), rng=rng, window=window)
             print(f"\ninterrupted: saved the checkpoint of iteration {iteration} to {ckpt_path}; continue with\n"
                   f"  python -m mamlext train --resume {run_dir}", flush=True)
         raise
@@ -680,16 +823,18 @@ def evaluate_run(experiment, config: Dict[str, Any], out_dir: Optional[Path], ta
 
 def load_run(checkpoint, device: Optional[str] = None, progress: bool = True):
     """(experiment with the checkpoint's state, config, state) for evaluation."""
-    state = load_checkpoint(checkpoint)
+    path = checkpoint_path(checkpoint)
+    state = load_checkpoint(path)
     config = copy.deepcopy(state["config"])
     if device is not None:
         config["device"] = device
-    elif config.get("device", "cpu").startswith("cuda") and not torch.cuda.is_available():
+    elif str(config["device"]).startswith("cuda") and not torch.cuda.is_available():
         config["device"] = "cpu"
+    check_config(config)
     device_ = resolve_device(config["device"])
     config["device"] = str(device_)
     experiment = build_experiment(config, device_, progress=progress)
-    restore(experiment, state)
+    restore(experiment, state, path)
     return experiment, config, state
 
 

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -43,6 +44,19 @@ def final_state(run_dir):
     experiment, _, state = load_run(run_dir, device="cpu", progress=False)
     params = [p.detach().clone() for p in experiment.learner.parameters()]
     return params, experiment.optimizer.state_dict(), state
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_metrics(a, b):
+    """The runs' metrics.jsonl lines are the same but for the timings: iterations, and averages bit for bit."""
+    def untimed(run_dir):
+        return [{k: v for k, v in m.items() if k not in ("tasks_per_s", "elapsed_s")} for m in metrics(run_dir)]
+
+    assert untimed(b) == untimed(a)
+    assert all(m["tasks_per_s"] > 0 for m in metrics(b))
 
 
 def assert_same_state(a, b):
@@ -110,10 +124,36 @@ def test_resume_is_bitwise_exact(tmp_path, algo):
     assert_same_state(full, resumed)
     if algo == "metasgd":  # the learnable rates are in the learner's parameters, and they moved
         assert len(full[0]) == 12 and not torch.equal(full[0][-1], torch.full_like(full[0][-1], 0.001))
-    # the resumed run's metrics log has each iteration once
-    iterations = [json.loads(line)["iteration"] for line in (tmp_path / "half" / "metrics.jsonl").read_text()
-                  .splitlines()]
-    assert iterations == list(range(5, 45, 5))
+    # the resumed run's metrics log has each iteration once, with the uninterrupted run's numbers
+    assert [m["iteration"] for m in metrics(tmp_path / "half")] == list(range(5, 45, 5))
+    assert_same_metrics(tmp_path / "full", tmp_path / "half")
+
+
+class Killed(Exception):
+    """The process dying (SIGKILL, a power cut): nothing is saved on the way out."""
+
+
+def test_a_killed_and_resumed_run_writes_the_metrics_of_an_uninterrupted_one(tmp_path):
+    # a checkpoint every 7 iterations, a metrics line every 5: the line of iteration 15 spans the checkpoint of 14
+    train(tiny_sine(checkpoint_every=7), out=tmp_path / "full", progress=False, evaluate=False)
+
+    def die(iteration, logged):
+        if iteration == 17:  # after the line of 15, which the resumed run writes again
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(tiny_sine(checkpoint_every=7), out=tmp_path / "cut", progress=False, evaluate=False, callback=die)
+    assert load_checkpoint(tmp_path / "cut")["iteration"] == 14
+    # a checkpoint written before the window was saved still resumes (its line of 15 averages 15 alone)
+    shutil.copytree(tmp_path / "cut", tmp_path / "old")
+    old = load_checkpoint(tmp_path / "old")
+    old.pop("window", None)
+    torch.save(old, tmp_path / "old" / "checkpoint.pt")
+    for run in ("cut", "old"):
+        train(resume=tmp_path / run, progress=False, evaluate=False)
+        assert_same_state(final_state(tmp_path / "full"), final_state(tmp_path / run))
+    assert_same_metrics(tmp_path / "full", tmp_path / "cut")
+    assert [m["iteration"] for m in metrics(tmp_path / "old")] == list(range(5, 45, 5))
 
 
 def test_resume_rejects_changed_hyperparameters_and_missing_checkpoints(tmp_path):
@@ -125,7 +165,7 @@ def test_resume_rejects_changed_hyperparameters_and_missing_checkpoints(tmp_path
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(resume=tmp_path / "nothing", progress=False)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ConfigError, match="not a readable mamlext checkpoint"):
+    with pytest.raises(ConfigError, match="corrupt, or not a mamlext checkpoint"):
         train(resume=tmp_path / "junk.pt", progress=False)
 
 
@@ -143,6 +183,7 @@ def test_keyboard_interrupt_between_iterations_saves_a_checkpoint_that_resumes_e
     assert load_checkpoint(tmp_path / "cut")["iteration"] == 13
     train(resume=tmp_path / "cut", progress=False, evaluate=False)
     assert_same_state(final_state(tmp_path / "full"), final_state(tmp_path / "cut"))
+    assert_same_metrics(tmp_path / "full", tmp_path / "cut")  # the line of 15 averages 11-15, as uninterrupted
 
 
 def test_keyboard_interrupt_mid_iteration_drops_the_iteration_and_rewinds_the_sampler(tmp_path, monkeypatch):
@@ -163,6 +204,7 @@ def test_keyboard_interrupt_mid_iteration_drops_the_iteration_and_rewinds_the_sa
     assert load_checkpoint(tmp_path / "cut")["iteration"] == 16
     train(resume=tmp_path / "cut", progress=False, evaluate=False)
     assert_same_state(final_state(tmp_path / "full"), final_state(tmp_path / "cut"))
+    assert_same_metrics(tmp_path / "full", tmp_path / "cut")
 
 
 def test_sigint_saves_a_checkpoint_and_the_cli_exits_130(tmp_path, capsys):

@@ -480,6 +480,8 @@ def add_arguments(parser) -> None:
 
 
 def main(parser, args) -> int:
+    from mamlext.train import SEED_RANGE, check_int, set_threads, writable_dir
+
     device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device_name == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch sees no CUDA GPU")
@@ -497,16 +499,15 @@ def main(parser, args) -> int:
         elif unknown or not workloads:
             parser.error(f"--workloads must be a comma-separated subset of {list(WORKLOADS)}, or {DISTRIBUTED} alone "
                          f"with --distributed P, got {args.workloads!r}")
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if args.time_budget is not None and not args.time_budget > 0:
         parser.error(f"--time-budget must be a positive number of seconds, got {args.time_budget}")
+    check_int(args.seed, "--seed", SEED_RANGE[0], SEED_RANGE[1] - 1)  # the cases' data take seed + 1
     device = torch.device(device_name)
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     out_dir = args.out or os.path.join("bench-results", f"{args.suite}-{device.type}")
+    writable_dir(out_dir, "--out")  # before the suite's minutes of measuring, not after them
     command = "python -m mamlext " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith(
         "__main__.py") else None
     results = run_suite(args.suite, device, out_dir, workloads, args.seed, progress=not args.no_progress,
