@@ -28,6 +28,17 @@ TORCH_LIBRARY(mamlext, m) {
   // One step of MAML's reverse recursion for any model: v_next = v - hv (per task, or summed over tasks) and,
   // when grads (the support gradients) are given, the rate gradient lr_grads = -sum_t grads_t * v_t.
   m.def("maml_reverse_step(Tensor[] v, Tensor[] hv, Tensor[] grads, bool sum_tasks) -> (Tensor[], Tensor[])");
+  // One MLP (params as above, shared) on one batch of rows x [K, in], and its first and second derivatives: the
+  // layers of mamlext.nn.FusedMLP. mlp_forward returns the output and the hidden layers' z and h (for the
+  // backward passes); mlp_backward the gradients of params and, when input_grad, of x, from grad_out = dL/dout;
+  // mlp_backward_backward the gradients of <grad_param_grads, param grads> + <grad_grad_x, grad x> w.r.t.
+  // params, x (when input_grad) and grad_out.
+  m.def("mlp_forward(Tensor[] params, Tensor x, int activation, float act_param) -> (Tensor, Tensor)");
+  m.def("mlp_backward(Tensor[] params, Tensor x, Tensor activations, Tensor grad_out, int activation, "
+        "float act_param, bool input_grad) -> (Tensor[], Tensor)");
+  m.def("mlp_backward_backward(Tensor[] params, Tensor x, Tensor activations, Tensor grad_out, "
+        "Tensor[] grad_param_grads, Tensor? grad_grad_x, int activation, float act_param, bool input_grad) "
+        "-> (Tensor[], Tensor, Tensor)");
 }
 
 namespace {
@@ -66,7 +77,7 @@ TORCH_LIBRARY_IMPL(mamlext, CompositeExplicitAutograd, m) {
 
 TORCH_LIBRARY_IMPL(mamlext, FuncTorchBatched, m) {
   for (const char* name : {"task_sgd", "task_sgd.tensor_lr", "mlp_loss_grad", "mlp_hvp", "mlp_maml",
-                           "maml_reverse_step"}) {
+                           "maml_reverse_step", "mlp_forward", "mlp_backward", "mlp_backward_backward"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&no_vmap_kernel>());
   }
 }

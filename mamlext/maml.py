@@ -15,6 +15,9 @@ from torch import Tensor, nn
 from mamlext import ops
 from mamlext.batched import BatchedMAML
 from mamlext.engines.generic import LossFn
+from mamlext.nn import FusedLayers, fused_layers, run_fused
+
+_PARSE = object()  # MAML's own reading of the model (clones reuse their original's)
 
 
 def clone_module(module: nn.Module, memo: Optional[Dict[int, Tensor]] = None) -> nn.Module:
@@ -59,10 +62,14 @@ class MAML(nn.Module):
         allow_unused: allow parameters that the adaptation loss does not use (they are not updated).
             Defaults to ``allow_nograd``.
         allow_nograd: allow parameters with ``requires_grad=False`` (they are not updated).
+
+    On a model that the fused MLP engine serves (an nn.Sequential of nn.Linear layers with one activation kind
+    between them, see mamlext.BatchedMAML), a learner's forward is one fused op with analytic first and second
+    derivatives (mamlext.ops.mlp); every other model, and a model with forward hooks, runs its own forward.
     """
 
     def __init__(self, model: nn.Module, lr, first_order: bool = False, allow_unused: Optional[bool] = None,
-                 allow_nograd: bool = False):
+                 allow_nograd: bool = False, _fused=_PARSE):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"MAML: model must be an nn.Module, got {type(model).__name__}")
@@ -75,8 +82,14 @@ class MAML(nn.Module):
         self.first_order = first_order
         self.allow_nograd = allow_nograd
         self.allow_unused = allow_nograd if allow_unused is None else allow_unused
+        # A model the fused MLP engine serves runs as one fused op with analytic first and second derivatives.
+        self._fused: Optional[FusedLayers] = fused_layers(model) if _fused is _PARSE else _fused
 
     def forward(self, *args, **kwargs):
+        if self._fused is not None and len(args) == 1 and not kwargs and isinstance(args[0], Tensor):
+            out = run_fused(self.module, self._fused, args[0])
+            if out is not None:
+                return out
         return self.module(*args, **kwargs)
 
     def _name_of(self, param: Tensor) -> str:
@@ -150,4 +163,4 @@ class MAML(nn.Module):
         return MAML(clone_module(self.module), lr=self.lr,
                     first_order=self.first_order if first_order is None else first_order,
                     allow_unused=self.allow_unused if allow_unused is None else allow_unused,
-                    allow_nograd=self.allow_nograd if allow_nograd is None else allow_nograd)
+                    allow_nograd=self.allow_nograd if allow_nograd is None else allow_nograd, _fused=self._fused)

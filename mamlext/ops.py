@@ -357,6 +357,66 @@ if _ext._C is not None:
 
 
 # ================================================================================================================
+# The layers of one MLP with analytic first and second derivatives: mlp_forward, mlp_backward, mlp_backward_backward
+# (the layers of mamlext.nn.FusedMLP and of mamlext.MAML's learners on a supported MLP). Their autograd is registered
+# in C++ (csrc/autograd/mlp_layers.cpp): mlp_forward's backward is mlp_backward, whose backward is
+# mlp_backward_backward (not differentiable again).
+
+
+def _functorch_wrapped(tensors: Sequence[Tensor]) -> bool:
+    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+def mlp(params: Sequence[Tensor], x: Tensor, activation: Activation = "relu",
+        act_param: Optional[float] = None) -> Tensor:
+    """An MLP's output for x [..., in]: params [W_1, b_1, ..., W_L, b_L] (nn.Linear layout, no task dimension),
+    the activation between layers and none after the last (names and act_param as in mlp_loss_grad).
+
+    One fused op (mlp_forward) whose backward is one fused op (mlp_backward) and whose double backward is analytic
+    (mlp_backward_backward, by Pearlmutter's R-operator): a handful of autograd nodes instead of several per layer.
+    Where no compiled kernel serves the device, and inside torch.func transforms (vmap, grad), the same layers run
+    as plain PyTorch ops (mamlext.reference.mlp_forward), differentiable any number of times. Third derivatives
+    through the fused op raise an error."""
+    act_code, act_param, _ = mlp_codes("mlp", activation, act_param, "mse")
+    params = list(params)
+    if not isinstance(x, Tensor) or x.dim() < 1:
+        raise ValueError(f"mlp: x must be a tensor [..., in], got "
+                         f"{list(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if _compiled("mlp_forward", x.device) and not _functorch_wrapped([x, *params]):
+        out = torch.ops.mamlext.mlp_forward(params, rows, act_code, act_param)[0]
+    else:
+        out = reference.mlp_forward(params, rows, act_code, act_param)
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _hidden_numel(params, rows: int) -> int:
+    return rows * sum(params[i].shape[0] for i in range(0, len(params) - 2, 2))
+
+
+def _mlp_forward_fake(params, x, activation, act_param):
+    torch._check(x.dim() == 2, lambda: f"mlp_forward: x must be [K, in], got {list(x.shape)}")
+    return x.new_empty(x.shape[0], params[-1].shape[0]), x.new_empty(2 * _hidden_numel(params, x.shape[0]))
+
+
+def _mlp_backward_fake(params, x, activations, grad_out, activation, act_param, input_grad):
+    return [p.new_empty(p.shape) for p in params], x.new_empty(x.shape if input_grad else (0,))
+
+
+def _mlp_backward_backward_fake(params, x, activations, grad_out, grad_param_grads, grad_grad_x, activation,
+                                act_param, input_grad):
+    return ([p.new_empty(p.shape) for p in params], x.new_empty(x.shape if input_grad else (0,)),
+            grad_out.new_empty(grad_out.shape))
+
+
+if _ext._C is not None:
+    for _name, _fake in (("mlp_forward", _mlp_forward_fake), ("mlp_backward", _mlp_backward_fake),
+                         ("mlp_backward_backward", _mlp_backward_backward_fake)):
+        if hasattr(torch.ops.mamlext, _name) and not _registered(f"mamlext::{_name}", "Meta"):
+            torch.library.register_fake(f"mamlext::{_name}")(_fake)
+
+
+# ================================================================================================================
 # maml_reverse_step: the combine step of MAML's reverse recursion for any model (the generic engine, memory="low").
 #
 # Gradients (register_autograd below; the same formulas for the reference twin through plain autograd): v_next is

@@ -489,11 +489,11 @@ C10_HOST_DEVICE inline void mlp_forward(const Team& team, const MlpConfig& c, in
 }
 
 // Backward, from a.dz[L - 1] = dL/dz_{L-1}: fills a.dz and a.dh of every layer and, when grads is not null, writes
-// the gradient w.r.t. the parameters to *grads.
+// the gradient w.r.t. the parameters to *grads; when dx is not null, the gradient w.r.t. the input x [K, in] to dx.
 template <typename Team, typename scalar_t>
 C10_HOST_DEVICE inline void mlp_backward(const Team& team, const MlpConfig& c, int64_t K, const scalar_t* x,
                                          const MlpParams<const scalar_t*>& p, MlpActivations<scalar_t>& a,
-                                         const MlpParams<scalar_t*>* grads) {
+                                         const MlpParams<scalar_t*>* grads, scalar_t* dx = nullptr) {
   const MlpDims& d = c.dims;
   for (int l = d.layers - 1; l >= 0; --l) {
     const int64_t I = d.in(l), O = d.out(l);
@@ -504,22 +504,26 @@ C10_HOST_DEVICE inline void mlp_backward(const Team& team, const MlpConfig& c, i
       activation_backward(team, c.activation, static_cast<scalar_t>(c.act_param), K * I, a.z[l - 1], a.h[l - 1],
                           a.dh[l - 1], a.dz[l - 1]);
       team.sync();
+    } else if (dx != nullptr) {
+      linear_input_grad(team, K, I, O, a.dz[0], p.weight(0), dx, false);
     }
   }
 }
 
-// R-forward along the direction v (shaped like the parameters), after mlp_forward: fills a.rz (and a.rh).
-// pt, vt: the forward weights of p and v.
+// R-forward along the direction v (shaped like the parameters) and, when rx is not null, rx (shaped like the input
+// x: R{x}), after mlp_forward: fills a.rz (and a.rh). pt, vt: the forward weights of p and v.
 template <typename Team, typename scalar_t>
 C10_HOST_DEVICE inline void mlp_r_forward(const Team& team, const MlpConfig& c, int64_t K, const scalar_t* x,
                                           const MlpForwardWeights<scalar_t>& pt, const MlpParams<const scalar_t*>& v,
-                                          const MlpForwardWeights<scalar_t>& vt, MlpActivations<scalar_t>& a) {
+                                          const MlpForwardWeights<scalar_t>& vt, MlpActivations<scalar_t>& a,
+                                          const scalar_t* rx = nullptr) {
   const MlpDims& d = c.dims;
   for (int l = 0; l < d.layers; ++l) {
     const scalar_t* in = l == 0 ? x : a.h[l - 1];
+    const scalar_t* r_in = l == 0 ? rx : a.rh[l - 1];
     linear_forward(team, K, d.in(l), d.out(l), in, vt.w[l], v.bias(l), a.rz[l]);  // h VW^T + Vb
-    if (l > 0) {
-      linear_forward(team, K, d.in(l), d.out(l), a.rh[l - 1], pt.w[l], static_cast<const scalar_t*>(nullptr),
+    if (r_in != nullptr) {
+      linear_forward(team, K, d.in(l), d.out(l), r_in, pt.w[l], static_cast<const scalar_t*>(nullptr),
                      a.rz[l]);  // + Rh W^T
     }
     if (l + 1 < d.layers) {
@@ -530,19 +534,30 @@ C10_HOST_DEVICE inline void mlp_r_forward(const Team& team, const MlpConfig& c, 
   }
 }
 
-// R-backward, from a.rdz[L - 1] = R{dL/dz_{L-1}}, after mlp_backward and mlp_r_forward: writes H v to hv.
+// R-backward, from a.rdz[L - 1] = R{dL/dz_{L-1}}, after mlp_backward and mlp_r_forward (with the same rx): writes
+// H v to hv and, when rdx is not null, R{dL/dx} to rdx [K, in].
 template <typename Team, typename scalar_t>
 C10_HOST_DEVICE inline void mlp_r_backward(const Team& team, const MlpConfig& c, int64_t K, const scalar_t* x,
                                            const MlpParams<const scalar_t*>& p, const MlpParams<const scalar_t*>& v,
-                                           MlpActivations<scalar_t>& a, const MlpParams<scalar_t*>& hv) {
+                                           MlpActivations<scalar_t>& a, const MlpParams<scalar_t*>& hv,
+                                           const scalar_t* rx = nullptr, scalar_t* rdx = nullptr) {
   const MlpDims& d = c.dims;
   for (int l = d.layers - 1; l >= 0; --l) {
     const int64_t I = d.in(l), O = d.out(l);
     const scalar_t* in = l == 0 ? x : a.h[l - 1];
+    const scalar_t* r_in = l == 0 ? rx : a.rh[l - 1];
     linear_param_grad(team, K, I, O, a.rdz[l], in, hv.weight(l), hv.bias(l), false);  // Rdz^T h, sum_k Rdz
-    if (l == 0) break;
-    linear_param_grad(team, K, I, O, a.dz[l], a.rh[l - 1], hv.weight(l), static_cast<scalar_t*>(nullptr),
-                      true);  // + dz^T Rh
+    if (r_in != nullptr) {
+      linear_param_grad(team, K, I, O, a.dz[l], r_in, hv.weight(l), static_cast<scalar_t*>(nullptr),
+                        true);  // + dz^T Rh
+    }
+    if (l == 0) {
+      if (rdx != nullptr) {
+        linear_input_grad(team, K, I, O, a.rdz[0], p.weight(0), rdx, false);
+        linear_input_grad(team, K, I, O, a.dz[0], v.weight(0), rdx, true);
+      }
+      break;
+    }
     scalar_t* rdh = a.rdz[l - 1];  // R{dL/dh_{l-1}}, turned into R{dL/dz_{l-1}} in place
     linear_input_grad(team, K, I, O, a.rdz[l], p.weight(l), rdh, false);
     linear_input_grad(team, K, I, O, a.dz[l], v.weight(l), rdh, true);
