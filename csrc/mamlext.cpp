@@ -110,6 +110,15 @@ std::vector<at::Tensor> task_sgd_tensor_lr_eager(const std::vector<at::Tensor>& 
   return op.call(params, grads, lr);
 }
 
+// mlp_forward through the dispatcher (autograd, kernels) for eager calls from mamlext.ops: a learner's forward in
+// mamlext.MAML's per-task loop, where torch.ops' argument boxing is a sizeable part of the call.
+std::tuple<at::Tensor, at::Tensor> mlp_forward_eager(const std::vector<at::Tensor>& params, const at::Tensor& x,
+                                                     int64_t activation, double act_param) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mamlext::mlp_forward", "").typed<
+      std::tuple<at::Tensor, at::Tensor>(at::TensorList, const at::Tensor&, int64_t, double)>();
+  return op.call(params, x, activation, act_param);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
@@ -117,6 +126,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("build_info", &build_info, "How this extension was compiled.");
   module.def("task_sgd", &task_sgd_eager, "torch.ops.mamlext.task_sgd for eager calls");
   module.def("task_sgd_tensor_lr", &task_sgd_tensor_lr_eager, "torch.ops.mamlext.task_sgd.tensor_lr for eager calls");
+  module.def("mlp_forward", &mlp_forward_eager, "torch.ops.mamlext.mlp_forward for eager calls");
   module.def("mlp_cpu_last_path", &mamlext::mlp_cpu_last_path,
              "Which implementation the last CPU call of an MLP op ran: 'per_task', 'batched', 'team' or '' (none "
              "yet); MAMLEXT_MLP_CPU_PATH=per_task|batched|team|auto chooses (see csrc/cpu/mlp.cpp).");

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from mamlext import ops
 from mamlext.batched import BatchedMAML
 from mamlext.engines.generic import LossFn
-from mamlext.nn import FusedLayers, fused_layers, run_fused
+from mamlext.nn import FusedLayers, fused_layers, parameter_slots, run_fused
 
 _PARSE = object()  # MAML's own reading of the model (clones reuse their original's)
 
@@ -103,7 +103,9 @@ class MAML(nn.Module):
         allow_nograd = self.allow_nograd if allow_nograd is None else allow_nograd
         second_order = not first_order
 
-        params = list(self.module.parameters())
+        # A fused model's parameters sit in known slots: no walk over the module tree to find or replace them.
+        slots = parameter_slots(self.module, self._fused) if self._fused is not None else None
+        params = [slot[key] for slot, key in slots] if slots is not None else list(self.module.parameters())
         diff_params = [p for p in params if p.requires_grad]
         if len(diff_params) != len(params) and not allow_nograd:
             frozen = next(p for p in params if not p.requires_grad)
@@ -120,8 +122,14 @@ class MAML(nn.Module):
             elif not allow_unused:
                 raise RuntimeError(f"MAML.adapt: parameter '{self._name_of(p)}' was not used to compute the loss; "
                                    "pass allow_unused=True to leave unused parameters unadapted")
-        if to_update:
-            _replace_parameters(self.module, dict(zip(map(id, to_update), self._sgd(to_update, steps))))
+        if not to_update:
+            return
+        updated = dict(zip(map(id, to_update), self._sgd(to_update, steps)))
+        if slots is None:
+            _replace_parameters(self.module, updated)
+            return
+        for slot, key in slots:
+            slot[key] = updated.get(id(slot[key]), slot[key])
 
     def _sgd(self, params: List[Tensor], grads: List[Tensor]) -> List[Tensor]:
         """params - lr * grads. One task has nothing to batch over tasks: a float rate takes one multi-tensor

@@ -70,14 +70,17 @@ def _has_hooks(modules: List[nn.Module]) -> bool:
     return any(globals_) or any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
+def parameter_slots(model: nn.Module, layers: FusedLayers) -> List[Tuple[dict, str]]:
+    """Where the model (or a clone_module copy of it) holds its parameters, in ops.mlp's order: (the Linear
+    layer's _parameters, "weight" or "bias"). Every parameter of such a model is in one of them."""
+    modules = list(model._modules.values())
+    return [(modules[i]._parameters, key) for i in layers.indices for key in ("weight", "bias")]
+
+
 def run_fused(model: nn.Module, layers: FusedLayers, x: Tensor) -> Optional[Tensor]:
     """model(x) through ops.mlp, with the tensors the model holds now (a learner's adapted ones); None when forward
     hooks are registered (they must see the layers run one by one)."""
-    modules = list(model._modules.values())
-    if _has_hooks([model, *modules]):
+    if _has_hooks([model, *model._modules.values()]):
         return None
-    params = []
-    for i in layers.indices:
-        linear = modules[i]._parameters
-        params += [linear["weight"], linear["bias"]]
-    return ops.mlp(params, x, layers.activation, layers.act_param)
+    params = [slot[key] for slot, key in parameter_slots(model, layers)]
+    return ops._mlp(params, x, layers.activation, layers.act_param)

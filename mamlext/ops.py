@@ -378,15 +378,21 @@ def mlp(params: Sequence[Tensor], x: Tensor, activation: Activation = "relu",
     as plain PyTorch ops (mamlext.reference.mlp_forward), differentiable any number of times. Third derivatives
     through the fused op raise an error."""
     act_code, act_param, _ = mlp_codes("mlp", activation, act_param, "mse")
-    params = list(params)
     if not isinstance(x, Tensor) or x.dim() < 1:
         raise ValueError(f"mlp: x must be a tensor [..., in], got "
                          f"{list(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    return _mlp(list(params), x, act_code, act_param)
+
+
+def _mlp(params: List[Tensor], x: Tensor, act_code: int, act_param: float) -> Tensor:
+    """mlp on checked codes (the C++ kernels check the tensors)."""
     rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    if _compiled("mlp_forward", x.device) and not _functorch_wrapped([x, *params]):
-        out = torch.ops.mamlext.mlp_forward(params, rows, act_code, act_param)[0]
-    else:
+    if not _compiled("mlp_forward", x.device) or _functorch_wrapped([x, *params]):
         out = reference.mlp_forward(params, rows, act_code, act_param)
+    elif torch.compiler.is_compiling():  # the registered op, which the compiler traces through its fake kernel
+        out = torch.ops.mamlext.mlp_forward(params, rows, act_code, act_param)[0]
+    else:  # eagerly, the same op through a direct binding (no argument boxing)
+        out = _ext._C.mlp_forward(params, rows, act_code, act_param)[0]
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out.shape[-1])
 
 
