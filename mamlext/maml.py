@@ -17,26 +17,27 @@ from mamlext.batched import BatchedMAML
 from mamlext.engines.generic import LossFn
 from mamlext.nn import FusedLayers, fused_layers, parameter_slots, run_fused
 
-_PARSE = object()  # MAML's own reading of the model (clones reuse their original's)
-
 
 def clone_module(module: nn.Module, memo: Optional[Dict[int, Tensor]] = None) -> nn.Module:
     """A copy of ``module`` whose parameters are differentiable clones of the originals (gradients flow back to
     them). Tied parameters stay tied; buffers are shared with the original, as in learn2learn."""
     memo = {} if memo is None else memo
-    clone = module.__new__(type(module))
-    clone.__dict__ = module.__dict__.copy()
-    clone._parameters = module._parameters.copy()
-    clone._buffers = module._buffers.copy()
-    clone._modules = module._modules.copy()
+    # The attributes go straight into the copy's __dict__: nn.Module.__setattr__'s checks cost more than the rest
+    # of a small model's clone.
+    state = module.__dict__.copy()
+    parameters = state["_parameters"] = module._parameters.copy()
+    state["_buffers"] = module._buffers.copy()
+    modules = state["_modules"] = module._modules.copy()
     for key, param in module._parameters.items():
         if param is not None:
             if id(param) not in memo:
                 memo[id(param)] = param.clone()
-            clone._parameters[key] = memo[id(param)]
+            parameters[key] = memo[id(param)]
     for key, child in module._modules.items():
         if child is not None:
-            clone._modules[key] = clone_module(child, memo)
+            modules[key] = clone_module(child, memo)
+    clone = module.__new__(type(module))
+    object.__setattr__(clone, "__dict__", state)
     if hasattr(type(clone), "flatten_parameters"):  # RNNs cache flat weights (the type: no __getattr__ miss)
         clone = clone._apply(lambda x: x)
     return clone
@@ -69,7 +70,7 @@ class MAML(nn.Module):
     """
 
     def __init__(self, model: nn.Module, lr, first_order: bool = False, allow_unused: Optional[bool] = None,
-                 allow_nograd: bool = False, _fused=_PARSE):
+                 allow_nograd: bool = False):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"MAML: model must be an nn.Module, got {type(model).__name__}")
@@ -83,7 +84,7 @@ class MAML(nn.Module):
         self.allow_nograd = allow_nograd
         self.allow_unused = allow_nograd if allow_unused is None else allow_unused
         # A model the fused MLP engine serves runs as one fused op with analytic first and second derivatives.
-        self._fused: Optional[FusedLayers] = fused_layers(model) if _fused is _PARSE else _fused
+        self._fused: Optional[FusedLayers] = fused_layers(model)
 
     def forward(self, *args, **kwargs):
         if self._fused is not None and len(args) == 1 and not kwargs and isinstance(args[0], Tensor):
@@ -168,7 +169,12 @@ class MAML(nn.Module):
     def clone(self, first_order: Optional[bool] = None, allow_unused: Optional[bool] = None,
               allow_nograd: Optional[bool] = None) -> "MAML":
         """A copy whose adaptation does not touch this learner, but whose gradients flow back to it."""
-        return MAML(clone_module(self.module), lr=self.lr,
-                    first_order=self.first_order if first_order is None else first_order,
-                    allow_unused=self.allow_unused if allow_unused is None else allow_unused,
-                    allow_nograd=self.allow_nograd if allow_nograd is None else allow_nograd, _fused=self._fused)
+        # __init__'s checks and parsing hold for a clone; its attributes go straight into __dict__ (see clone_module)
+        learner = MAML.__new__(MAML)
+        nn.Module.__init__(learner)
+        vars(learner).update(lr=self.lr, _fused=self._fused,
+                             first_order=self.first_order if first_order is None else first_order,
+                             allow_unused=self.allow_unused if allow_unused is None else allow_unused,
+                             allow_nograd=self.allow_nograd if allow_nograd is None else allow_nograd)
+        learner._modules["module"] = clone_module(self.module)
+        return learner
