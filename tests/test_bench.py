@@ -1,5 +1,6 @@
 """python -m mamlext bench: the quick suite's JSON schema and plot, and the pieces that decide a row's fate (the
 meta-gradient check, failures and skips of implementations). No timing assertions."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -260,3 +261,18 @@ def test_conv4_floor_rejects_bad_arguments(bad):
     proc = _run_script(CONV4_FLOOR, *bad, timeout=120)
     assert proc.returncode == 2
     assert bad[0] in proc.stderr
+
+
+def test_learner_loop_rows(device):
+    """The learn2learn-style loops: the written-out algorithm and the one-import swap pass the meta-gradient check
+    and carry their speed-ups against it; learn2learn itself runs when installed and is skipped with a reason
+    otherwise."""
+    case = _tiny_case()
+    rows = {r["impl"]: r for r in suite.run_case(case, torch.device(device), TINY)}
+    for name in ("l2l-style", "mamlext.MAML"):
+        assert rows[name]["status"] == "ok", rows[name]
+    assert rows["mamlext.MAML"]["speedup_vs_l2l-style"] > 0 and rows["l2l-style"]["speedup_vs_l2l-style"] is None
+    if importlib.util.find_spec("learn2learn") is None:
+        assert rows["learn2learn"]["status"] == "skipped" and "not installed" in rows["learn2learn"]["reason"]
+    else:
+        assert rows["learn2learn"]["status"] == "ok", rows["learn2learn"]

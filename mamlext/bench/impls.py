@@ -8,6 +8,11 @@ does not apply (a library not installed, an engine that cannot serve the model).
   loop      a plain per-task autograd loop, the learn2learn way: for each task, torch.func.functional_call +
             torch.autograd.grad(create_graph=not first_order) inner steps, then the query loss / T, .backward().
             It is the reference every other implementation's meta-gradient is checked against.
+  l2l-style learn2learn 0.2's MAML written out in plain PyTorch (clone_module, then each parameter replaced by
+            p + (-lr * g)), in the loop as a learn2learn user writes it: learner = clone(); adapt(support loss);
+            (query loss / T).backward().
+  mamlext.MAML  the one-import swap: mamlext.MAML in that loop.
+  learn2learn   learn2learn.algorithms.MAML in that loop (when installed).
   vmap      torch.func.grad of the mean query loss, the per-task losses from torch.func.vmap over tasks of the inner
             adaptation written with torch.func.grad ("vmap(grad)" MAML). The model runs as it is: an
             nn.BatchNorm2d in training mode gives wrong second-order meta-gradients under vmap (functorch issue
@@ -28,6 +33,7 @@ from torch.nn import functional as F
 
 import mamlext
 from mamlext import batched
+from mamlext.maml import _replace_parameters, clone_module
 
 Run = Callable[[], List[Tensor]]
 LOSS_FUNCTIONS = {"mse": F.mse_loss, "ce": F.cross_entropy}
@@ -77,6 +83,52 @@ def loop(model: nn.Module, setting: Setting, data) -> Run:
             (loss(functional_call(model, fast, (xq[t],)), yq[t]) / tasks).backward()
         return [p.grad for p in params]
     return run
+
+
+def _learner_loop(make_learner: Callable[[], Callable[[Tensor], Tensor]], adapt: Callable, params: List[Tensor],
+                  setting: Setting, data) -> Run:
+    """The loop as a learn2learn user writes it: per task, learner = clone(); adapt(learner, support loss) per
+    step; (query loss / T).backward()."""
+    xs, ys, xq, yq = data
+    loss = LOSS_FUNCTIONS[setting.loss]
+    tasks = xs.shape[0]
+
+    def run():
+        _zero_grads(params)
+        for t in range(tasks):
+            learner = make_learner()
+            for _ in range(setting.steps):
+                adapt(learner, loss(learner(xs[t]), ys[t]))
+            (loss(learner(xq[t]), yq[t]) / tasks).backward()
+        return [p.grad for p in params]
+    return run
+
+
+def l2l_style(model: nn.Module, setting: Setting, data) -> Run:
+    """learn2learn 0.2's MAML written out in plain PyTorch: clone_module, autograd.grad of the support loss,
+    every parameter replaced by p + (-lr * g)."""
+    def adapt(learner, support):
+        params = list(learner.parameters())
+        grads = torch.autograd.grad(support, params, retain_graph=not setting.first_order,
+                                    create_graph=not setting.first_order)
+        _replace_parameters(learner, {id(p): p + (-setting.inner_lr * g) for p, g in zip(params, grads)})
+    return _learner_loop(lambda: clone_module(model), adapt, list(model.parameters()), setting, data)
+
+
+def mamlext_maml(model: nn.Module, setting: Setting, data) -> Run:
+    """The one-import swap: mamlext.MAML in the learn2learn loop."""
+    maml = mamlext.MAML(model, lr=setting.inner_lr, first_order=setting.first_order)
+    return _learner_loop(maml.clone, lambda learner, support: learner.adapt(support), list(model.parameters()),
+                         setting, data)
+
+
+def learn2learn_maml(model: nn.Module, setting: Setting, data) -> Run:
+    _require("learn2learn")
+    import learn2learn
+
+    maml = learn2learn.algorithms.MAML(model, lr=setting.inner_lr, first_order=setting.first_order)
+    return _learner_loop(maml.clone, lambda learner, support: learner.adapt(support), list(model.parameters()),
+                         setting, data)
 
 
 def vmap_grad(model: nn.Module, setting: Setting, data) -> Run:
@@ -208,6 +260,9 @@ MAMLEXT_IMPLS = ("fused", "generic-graph", "generic-low", "generic-low-chunk1")
 # Every MAML implementation by row name; workloads pick the ones that apply to them.
 MAML_IMPLS: Dict[str, Callable[[nn.Module, Setting, tuple], Run]] = {
     "loop": loop,
+    "l2l-style": l2l_style,
+    "mamlext.MAML": mamlext_maml,
+    "learn2learn": learn2learn_maml,
     "vmap": vmap_grad,
     "higher": higher_loop,
     "torchopt": torchopt_loop,

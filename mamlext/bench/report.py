@@ -9,7 +9,7 @@ def _cells(row: dict) -> List[str]:
     steps = "" if row["steps"] is None else str(row["steps"])
     head = [row["case"], str(row["tasks"]), steps, row["impl"]]
     if row["status"] != "ok":
-        return head + ["", "", "", "", "", "", f"{row['status'].upper()}: {row['reason']}"]
+        return head + ["", "", "", "", "", "", "", f"{row['status'].upper()}: {row['reason']}"]
     speedup = lambda key: "" if row[key] is None else f"{row[key]:.2f}x"  # noqa: E731
     memory = "" if row["peak_mem_bytes"] is None else f"{row['peak_mem_bytes'] / 2**20:.1f}"
     error = "" if row["rel_error"] is None else f"{row['rel_error']:.1e}"
@@ -17,7 +17,8 @@ def _cells(row: dict) -> List[str]:
     if (row.get("foreign_cpu_load") or 0) > FOREIGN_LOAD_WARN:
         note += f" [noisy: other processes used {row['foreign_cpu_load']:.1f} CPUs]"
     return head + [f"{row['median_ms']:.4g} ({row['iqr_ms']:.2g})", f"{row['tasks_per_s']:,.0f}",
-                   speedup("speedup_vs_loop"), speedup("speedup_vs_vmap"), memory, error, note]
+                   speedup("speedup_vs_loop"), speedup("speedup_vs_vmap"), speedup("speedup_vs_l2l-style"), memory,
+                   error, note]
 
 
 def _distributed_title(section: dict) -> str:
@@ -42,8 +43,8 @@ def format_table(results: dict) -> str:
     """The per-implementation table (when cases ran), the distributed table (with --distributed) and the notes."""
     lines = []
     if results["rows"]:
-        cols = ["case", "T", "N", "impl", "ms (IQR)", "tasks/s", "vs loop", "vs vmap", "peak MiB", "rel err",
-                "status"]
+        cols = ["case", "T", "N", "impl", "ms (IQR)", "tasks/s", "vs loop", "vs vmap", "vs l2l-style", "peak MiB",
+                "rel err", "status"]
         lines += _aligned(cols, [_cells(r) for r in results["rows"]], [
             f"{results['title']}: ms = median per meta-iteration "
             "(interquartile range); vs = that implementation's median / this one's; peak MiB = "
@@ -72,13 +73,13 @@ def markdown_table(results: dict) -> str:
     process count of the distributed measurement."""
     parts = []
     if results["rows"]:
-        head = ["case", "T", "N", "implementation", "ms (IQR)", "tasks/s", "vs loop", "vs vmap", "peak MiB",
-                "status"]
+        head = ["case", "T", "N", "implementation", "ms (IQR)", "tasks/s", "vs loop", "vs vmap", "vs l2l-style",
+                "peak MiB", "status"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for row in results["rows"]:
             cells = _cells(row)
             status = cells[-1] if row["status"] == "ok" else f"{row['status']}: {row['reason']}"
-            lines.append("| " + " | ".join(cells[:4] + cells[4:9] + [status.replace("|", "/")]) + " |")
+            lines.append("| " + " | ".join(cells[:4] + cells[4:10] + [status.replace("|", "/")]) + " |")
         parts.append("\n".join(lines))
     section = results.get("distributed")
     if section is not None:

@@ -68,7 +68,12 @@ CHECK_MAX_TASKS = 8
 # Normwise relative tolerance per tensor, by the dtype of the check (float32 only for builders given by tests).
 RTOL = {torch.float64: {"mlp": 1e-6, "conv4": 1e-6, "imaml": 1e-6, "task_sgd": 1e-12},
         torch.float32: {"mlp": 2e-3, "conv4": 2e-3, "imaml": 2e-3, "task_sgd": 1e-6}}
+# The learn2learn-style loops (clone / adapt / backward per task): learn2learn's algorithm written out, learn2learn
+# itself when installed, and the one-import swap to mamlext.MAML; the speed-ups are also given against the first two.
+LEARNER_LOOPS = ("l2l-style", "learn2learn", "mamlext.MAML")
+BASELINES = ("loop", "vmap", "l2l-style", "learn2learn")
 LABELS = {"loop": "plain loop", "vmap": "torch.func vmap", "higher": "higher", "torchopt": "torchopt",
+          "l2l-style": "l2l-style loop", "learn2learn": "learn2learn", "mamlext.MAML": "mamlext.MAML",
           "fused": "mamlext fused", "generic-graph": "mamlext generic (graph)",
           "generic-low": "mamlext generic (low)", "generic-low-chunk1": "mamlext generic (low, task_chunk=1)",
           "foreach": "torch._foreach"}
@@ -166,7 +171,7 @@ def build_case(case: Case, device: torch.device, seed: int, dtype: torch.dtype =
         data = (batch.x_support, batch.y_support, batch.x_query, batch.y_query)
         if case.workload == "mlp":
             setting = Setting(SINE_INNER_LR, case.steps, p["first_order"], "mse")
-            names = ("loop", "vmap", "higher", "torchopt", "fused", "generic-graph")
+            names = ("loop", *LEARNER_LOOPS, "vmap", "higher", "torchopt", "fused", "generic-graph")
             return Built(data, _maml_builders(model, setting, data, names))
         setting = IMAMLSetting(p["inner_lr"], p["steps"], p["lam"], p["cg_steps"], "mse")
         return Built(data, {name: (lambda fn=fn: fn(model, setting, data)) for name, fn in IMAML_IMPLS.items()})
@@ -180,7 +185,8 @@ def build_case(case: Case, device: torch.device, seed: int, dtype: torch.dtype =
             case.tasks, 1)
         data = (images(shots), labels(shots), images(queries), labels(queries))
         setting = Setting(CONV_INNER_LR[ways], case.steps, p["first_order"], "ce")
-        names = ("loop", "vmap", "higher", "torchopt", "generic-graph", "generic-low", "generic-low-chunk1")
+        names = ("loop", *LEARNER_LOOPS, "vmap", "higher", "torchopt", "generic-graph", "generic-low",
+                 "generic-low-chunk1")
         return Built(data, _maml_builders(model, setting, data, names))
     if case.workload == "task_sgd":
         gen = torch.Generator(device=device).manual_seed(seed + 1)
@@ -201,7 +207,7 @@ def _row(case: Case, impl: str) -> dict:
             "status": "ok", "reason": None, "rel_error": None, "first_call_s": None, "second_call_s": None,
             "median_ms": None,
             "iqr_ms": None, "q1_ms": None, "q3_ms": None, "samples": None, "tasks_per_s": None,
-            "speedup_vs_loop": None, "speedup_vs_vmap": None, "peak_mem_bytes": None}
+            **{f"speedup_vs_{baseline}": None for baseline in BASELINES}, "peak_mem_bytes": None}
 
 
 def _first_line(error: BaseException) -> str:
@@ -303,7 +309,7 @@ def run_case(case: Case, device: torch.device, settings: SuiteSettings, seed: in
         stats = summary(times[name])
         rows[name].update(stats)
         rows[name]["tasks_per_s"] = case.tasks / (stats["median_ms"] * 1e-3)
-    for baseline in ("loop", "vmap"):
+    for baseline in BASELINES:
         if baseline not in runs:
             continue
         for name in runs:
@@ -317,7 +323,7 @@ def run_case(case: Case, device: torch.device, settings: SuiteSettings, seed: in
 def notes(workloads, impl_names) -> List[str]:
     """What a reader of the results must know about the implementations that took part."""
     out = []
-    for lib in ("higher", "torchopt"):
+    for lib in ("learn2learn", "higher", "torchopt"):
         if lib in impl_names and not implementations.importable(lib):
             out.append(f"{lib} is not installed: its rows are skipped (pip install {lib} to include it)")
     if {"higher", "torchopt"} & set(impl_names):
