@@ -276,3 +276,8 @@ def test_learner_loop_rows(device):
         assert rows["learn2learn"]["status"] == "skipped" and "not installed" in rows["learn2learn"]["reason"]
     else:
         assert rows["learn2learn"]["status"] == "ok", rows["learn2learn"]
+
+
+def test_dropin_suite_cases():
+    cases = [(c.workload, c.tasks, c.steps) for c in suite.cases("dropin", torch.device("cpu"))]
+    assert cases == [("mlp", 25, 1), ("mlp", 25, 5), ("mlp", 250, 1), ("conv4", 8, 1)]

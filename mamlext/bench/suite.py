@@ -43,13 +43,14 @@ from mamlext.data.sinusoid import SinusoidTasks
 from mamlext.models import conv4, sine_mlp
 
 SCHEMA_VERSION = 1
-SUITES = ("quick", "full")
+SUITES = ("quick", "full", "dropin")
 WORKLOADS = ("mlp", "conv4", "imaml", "task_sgd")
 DISTRIBUTED = "distributed"  # a --workloads name that selects only the --distributed measurement
 DISTRIBUTED_TASKS = 1000
 # mamlext.bench.distributed.run's timing per suite: iterations per world size, and how long each waits for idle cores
 DISTRIBUTED_TIMING = {"quick": dict(warmup=2, blocks=4, iters_per_block=3, quiet_wait_s=2.0),
                       "full": dict(warmup=3, blocks=8, iters_per_block=5, quiet_wait_s=10.0)}
+DISTRIBUTED_TIMING["dropin"] = DISTRIBUTED_TIMING["full"]
 REFERENCE = "loop"
 DTYPE = torch.float32
 SINE_SHOTS = SINE_QUERIES = 10
@@ -131,6 +132,9 @@ def cases(suite: str, device: torch.device) -> List[Case]:
     if suite == "quick":
         return ([_mlp(40, t, 1, False) for t in (5, 20)] + [_mlp(40, 10, 2, True)]
                 + [_conv(5, 2, 8, 2, 1)] + [_imaml(4)] + [_task_sgd(10**4)])
+    if suite == "dropin":  # the learn2learn user's loop and its swaps: the sinusoid MLP and Conv4, second order
+        hidden = 64 if device.type == "cuda" else 32
+        return [_mlp(40, 25, 1, False), _mlp(40, 25, 5, False), _mlp(40, 250, 1, False), _conv(5, 15, hidden, 8, 1)]
     if suite != "full":
         raise ValueError(f"suite must be one of {list(SUITES)}, got {suite!r}")
     hidden = 64 if device.type == "cuda" else 32
@@ -468,7 +472,9 @@ def _process_count(text: str) -> int:
 def add_arguments(parser) -> None:
     parser.add_argument("--suite", choices=SUITES, default="full",
                         help="quick: a tiny subset in about a minute (a smoke test); full: every workload "
-                             "(about 20 minutes on a 2-core CPU)")
+                             "(about 20 minutes on a 2-core CPU); dropin: the learn2learn user's per-task loop "
+                             "against mamlext.MAML and the batched engines (sinusoid T = 25 N = 1 and 5, T = 250 "
+                             "N = 1; Conv4 5-way 1-shot T = 8)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when a GPU is visible, else cpu")
     parser.add_argument("--out", help="output folder for results.json and speedup.png "
                                       "(default bench-results/<suite>-<device>)")
