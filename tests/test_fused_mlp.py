@@ -145,9 +145,9 @@ def run_loop(maml, tasks, steps, loss_fn):
     return grads
 
 
-def sine_tasks(count, seed=0, width=1):
+def sine_tasks(count, shots=10, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return [tuple(torch.randn(10, width, generator=gen, dtype=torch.float64) for _ in range(4)) for _ in range(count)]
+    return [tuple(torch.randn(shots, 1, generator=gen, dtype=torch.float64) for _ in range(4)) for _ in range(count)]
 
 
 @compiled
