@@ -27,6 +27,15 @@ class FusedMLP(nn.Module):
 
     def __init__(self, layers: Sequence[nn.Linear], activation: str = "relu", act_param: Optional[float] = None):
         super().__init__()
+        layers = list(layers)
+        for i, layer in enumerate(layers):
+            if type(layer) is not nn.Linear or layer.bias is None:
+                raise ValueError(f"FusedMLP: layers[{i}] must be an nn.Linear with bias, got {layer!r}")
+            if i and layer.in_features != layers[i - 1].out_features:
+                raise ValueError(f"FusedMLP: layers[{i}] has in_features = {layer.in_features} but layers[{i - 1}] "
+                                 f"has out_features = {layers[i - 1].out_features}")
+        if not layers:
+            raise ValueError("FusedMLP: layers must hold at least one nn.Linear")
         self.layers = nn.ModuleList(layers)
         self.activation, self.act_param, _ = ops.mlp_codes("FusedMLP", activation, act_param, "mse")
 

@@ -378,10 +378,15 @@ def mlp(params: Sequence[Tensor], x: Tensor, activation: Activation = "relu",
     as plain PyTorch ops (mamlext.reference.mlp_forward), differentiable any number of times. Third derivatives
     through the fused op raise an error."""
     act_code, act_param, _ = mlp_codes("mlp", activation, act_param, "mse")
-    if not isinstance(x, Tensor) or x.dim() < 1:
-        raise ValueError(f"mlp: x must be a tensor [..., in], got "
-                         f"{list(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
-    return _mlp(list(params), x, act_code, act_param)
+    params = list(params)
+    sizes = reference._check_mlp_params("mlp", params, shared_only=True)
+    if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != sizes[0]:
+        raise ValueError(f"mlp: x must be a tensor [..., in] with in = {sizes[0]} (params[0] is "
+                         f"{list(params[0].shape)}), got {list(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    if x.dtype != params[0].dtype or x.device != params[0].device:
+        raise ValueError(f"mlp: x is {x.dtype} on {x.device} but params[0] is {params[0].dtype} on "
+                         f"{params[0].device}")
+    return _mlp(params, x, act_code, act_param)
 
 
 def _mlp(params: List[Tensor], x: Tensor, act_code: int, act_param: float) -> Tensor:

@@ -110,6 +110,23 @@ def test_from_sequential_shares_parameters_and_refuses_other_models():
         mamlext.nn.FusedMLP.from_sequential(nn.Sequential(nn.Linear(2, 2), nn.Dropout(), nn.Linear(2, 2)))
     with pytest.raises(ValueError, match="FusedMLP: activation must be one of"):
         mamlext.nn.FusedMLP([nn.Linear(2, 2)], activation="swish")
+    with pytest.raises(ValueError, match=r"FusedMLP: layers\[1\] has in_features = 4 but layers\[0\] has "
+                                         "out_features = 3"):
+        mamlext.nn.FusedMLP([nn.Linear(2, 3), nn.Linear(4, 1)])
+    with pytest.raises(ValueError, match=r"FusedMLP: layers\[0\] must be an nn.Linear with bias"):
+        mamlext.nn.FusedMLP([nn.Linear(2, 3, bias=False)])
+
+
+def test_mlp_input_errors_name_the_argument():
+    params = [torch.randn(4, 3), torch.randn(4), torch.randn(2, 4), torch.randn(2)]
+    with pytest.raises(ValueError, match=r"mlp: x must be a tensor \[..., in\] with in = 3"):
+        ops.mlp(params, torch.randn(5, 2))
+    with pytest.raises(ValueError, match=r"mlp: params\[3\] \(b_2\) must be \[2\]"):
+        ops.mlp(params[:3] + [torch.randn(3)], torch.randn(5, 3))
+    with pytest.raises(ValueError, match="mlp: x is torch.float64 on cpu but params.0. is torch.float32"):
+        ops.mlp(params, torch.randn(5, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="mlp: activation must be one of"):
+        ops.mlp(params, torch.randn(5, 3), "swish")
 
 
 @compiled
