@@ -210,8 +210,10 @@ def test_buffer_reassigned_in_forward_is_refused_naming_the_module():
     assert_unchanged(model, before, "after the refused call")
 
 
+@pytest.mark.parametrize("cpu_path", ["per_task", "batched", "team"])
 @pytest.mark.parametrize("make", [lambda: nn.ReLU(), lambda: nn.LeakyReLU(0.1), lambda: nn.ELU()])
-def test_nan_propagates_through_the_fused_kernels(make):
+def test_nan_propagates_through_the_fused_kernels(make, cpu_path, monkeypatch):
+    monkeypatch.setenv("MAMLEXT_MLP_CPU_PATH", cpu_path)  # every CPU implementation of the fused ops
     model = nn.Sequential(nn.Linear(4, 5), make(), nn.Linear(5, 4)).double()
     with torch.no_grad():
         model[0].weight[1, 2] = float("nan")
