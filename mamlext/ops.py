@@ -88,6 +88,13 @@ def _compiled(name: str, device: torch.device) -> bool:
     return found
 
 
+# Asked once here for the devices the kernels are built for, so that a call traced by torch.compile only reads the
+# answer (the dispatcher query itself cannot be traced).
+for _op in ("mlp_loss_grad", "mlp_hvp", "mlp_maml", "maml_reverse_step", "mlp_forward"):
+    for _device in ("cpu", "cuda"):
+        _compiled(_op, torch.device(_device))
+
+
 def mlp_codes(op: str, activation: Activation, act_param: Optional[float], loss: Loss) -> Tuple[int, float, int]:
     """(activation code, act_param, loss code) from names or codes; act_param defaults to nn.LeakyReLU's
     negative_slope (0.01) and nn.ELU's alpha (1.0)."""
@@ -392,10 +399,12 @@ def mlp(params: Sequence[Tensor], x: Tensor, activation: Activation = "relu",
 def _mlp(params: List[Tensor], x: Tensor, act_code: int, act_param: float) -> Tensor:
     """mlp on checked codes (the C++ kernels check the tensors)."""
     rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    if not _compiled("mlp_forward", x.device) or _functorch_wrapped([x, *params]):
+    if not _compiled("mlp_forward", x.device):
         out = reference.mlp_forward(params, rows, act_code, act_param)
     elif torch.compiler.is_compiling():  # the registered op, which the compiler traces through its fake kernel
         out = torch.ops.mamlext.mlp_forward(params, rows, act_code, act_param)[0]
+    elif _functorch_wrapped([x, *params]):
+        out = reference.mlp_forward(params, rows, act_code, act_param)
     else:  # eagerly, the same op through a direct binding (no argument boxing)
         out = _ext._C.mlp_forward(params, rows, act_code, act_param)[0]
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out.shape[-1])

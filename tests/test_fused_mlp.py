@@ -231,3 +231,21 @@ def test_maml_runs_the_module_when_it_has_hooks_or_is_not_an_mlp():
     assert seen == [torch.Size([4, 3])]
     handle.remove()
     assert mamlext.MAML(nn.Sequential(nn.Linear(2, 2), nn.Dropout()), lr=0.1)._fused is None
+
+
+@compiled
+@pytest.mark.slow
+def test_torch_compile_traces_the_fused_op():
+    torch.manual_seed(5)
+    model = mlp([3, 4, 2], "tanh")
+    fused = mamlext.nn.FusedMLP.from_sequential(model)
+    x = torch.randn(5, 3)
+    out = torch.compile(lambda x: fused(x).square().sum(), fullgraph=True)(x)
+    out.backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    want = model(x).square().sum()
+    want.backward()
+    torch.testing.assert_close(out, want)
+    for a, b in zip(got, model.parameters()):
+        torch.testing.assert_close(a, b.grad)
