@@ -388,8 +388,9 @@ def mlp(params: Sequence[Tensor], x: Tensor, activation: Activation = "relu",
     params = list(params)
     sizes = reference._check_mlp_params("mlp", params, shared_only=True)
     if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != sizes[0]:
+        got = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"mlp: x must be a tensor [..., in] with in = {sizes[0]} (params[0] is "
-                         f"{list(params[0].shape)}), got {list(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+                         f"{list(params[0].shape)}), got {got}")
     if x.dtype != params[0].dtype or x.device != params[0].device:
         raise ValueError(f"mlp: x is {x.dtype} on {x.device} but params[0] is {params[0].dtype} on "
                          f"{params[0].device}")
