@@ -1,6 +1,7 @@
-"""A drop-in replacement for learn2learn 0.2's ``l2l.algorithms.MAML``. One task at a time, as learn2learn: its
-update is one multi-tensor add (a tensor rate goes through the ``task_sgd`` op, which differentiates it); the
-batched engine (mamlext.BatchedMAML) is where all tasks of a meta-batch run at once.
+"""A drop-in replacement for learn2learn 0.2's ``l2l.algorithms.MAML``. One task at a time, as learn2learn: on an
+MLP that the fused engine serves, a learner's forward is one fused op with analytic first and second derivatives
+(mamlext.nn); its update is one multi-tensor add (a tensor rate goes through the ``task_sgd`` op, which
+differentiates it). maml.batched() gives the engine that runs all tasks of a meta-batch at once (BatchedMAML).
 
     maml = mamlext.MAML(model, lr=0.01)          # was: l2l.algorithms.MAML(model, lr=0.01)
     learner = maml.clone()
