@@ -267,7 +267,7 @@ def test_learner_loop_rows(device):
     """The learn2learn-style loops: the written-out algorithm and the one-import swap pass the meta-gradient check
     and carry their speed-ups against it; learn2learn itself runs when installed and is skipped with a reason
     otherwise."""
-    case = _tiny_case()
+    case = suite._mlp(8, 3, 1, False, learner_loops=True)
     rows = {r["impl"]: r for r in suite.run_case(case, torch.device(device), TINY)}
     for name in ("l2l-style", "mamlext.MAML"):
         assert rows[name]["status"] == "ok", rows[name]

@@ -70,7 +70,8 @@ CHECK_MAX_TASKS = 8
 RTOL = {torch.float64: {"mlp": 1e-6, "conv4": 1e-6, "imaml": 1e-6, "task_sgd": 1e-12},
         torch.float32: {"mlp": 2e-3, "conv4": 2e-3, "imaml": 2e-3, "task_sgd": 1e-6}}
 # The learn2learn-style loops (clone / adapt / backward per task): learn2learn's algorithm written out, learn2learn
-# itself when installed, and the one-import swap to mamlext.MAML; the speed-ups are also given against the first two.
+# itself when installed, and the one-import swap to mamlext.MAML (cases with learner_loops: the quick and dropin
+# suites); the speed-ups are also given against the first two.
 LEARNER_LOOPS = ("l2l-style", "learn2learn", "mamlext.MAML")
 BASELINES = ("loop", "vmap", "l2l-style", "learn2learn")
 LABELS = {"loop": "plain loop", "vmap": "torch.func vmap", "higher": "higher", "torchopt": "torchopt",
@@ -95,6 +96,7 @@ class Case(NamedTuple):
     tasks: int
     steps: Optional[int]  # inner steps (None for task_sgd)
     params: dict  # workload-specific: width, first_order, ways, queries, hidden, size
+    learner_loops: bool = False  # also the learn2learn-style loops (LEARNER_LOOPS): the quick and dropin suites
 
     @property
     def name(self) -> str:
@@ -107,14 +109,14 @@ class SuiteSettings(NamedTuple):
     loop_max_call_s: float  # the loop is not timed where one call takes longer (times LOOP_CAP_SCALE)
 
 
-def _mlp(width, tasks, steps, first_order):
+def _mlp(width, tasks, steps, first_order, learner_loops=False):
     return Case("mlp", f"sine{width}-N{steps}-{'FO' if first_order else 'SO'}", tasks, steps,
-                {"width": width, "first_order": first_order})
+                {"width": width, "first_order": first_order}, learner_loops)
 
 
-def _conv(ways, queries, hidden, tasks, steps):
+def _conv(ways, queries, hidden, tasks, steps, learner_loops=False):
     return Case("conv4", f"conv4-{hidden}-{ways}way1shot-N{steps}-SO", tasks, steps,
-                {"ways": ways, "shots": 1, "queries": queries, "hidden": hidden, "first_order": False})
+                {"ways": ways, "shots": 1, "queries": queries, "hidden": hidden, "first_order": False}, learner_loops)
 
 
 def _imaml(tasks):
@@ -130,11 +132,12 @@ def cases(suite: str, device: torch.device) -> List[Case]:
     """The cases of a suite on a device. The full suite's Conv4 has 64 filters on the GPU and 32 on the CPU (64
     would take the CPU suite past 20 minutes on 2 cores)."""
     if suite == "quick":
-        return ([_mlp(40, t, 1, False) for t in (5, 20)] + [_mlp(40, 10, 2, True)]
-                + [_conv(5, 2, 8, 2, 1)] + [_imaml(4)] + [_task_sgd(10**4)])
+        return ([_mlp(40, t, 1, False, learner_loops=True) for t in (5, 20)] + [_mlp(40, 10, 2, True)]
+                + [_conv(5, 2, 8, 2, 1, learner_loops=True)] + [_imaml(4)] + [_task_sgd(10**4)])
     if suite == "dropin":  # the learn2learn user's loop and its swaps: the sinusoid MLP and Conv4, second order
         hidden = 64 if device.type == "cuda" else 32
-        return [_mlp(40, 25, 1, False), _mlp(40, 25, 5, False), _mlp(40, 250, 1, False), _conv(5, 15, hidden, 8, 1)]
+        return [_mlp(40, 25, 1, False, True), _mlp(40, 25, 5, False, True), _mlp(40, 250, 1, False, True),
+                _conv(5, 15, hidden, 8, 1, True)]
     if suite != "full":
         raise ValueError(f"suite must be one of {list(SUITES)}, got {suite!r}")
     hidden = 64 if device.type == "cuda" else 32
@@ -168,6 +171,7 @@ def _maml_builders(model, setting, data, names):
 def build_case(case: Case, device: torch.device, seed: int, dtype: torch.dtype = DTYPE) -> Built:
     torch.manual_seed(seed)
     p = case.params
+    loops = LEARNER_LOOPS if case.learner_loops else ()
     if case.workload in ("mlp", "imaml"):
         model = sine_mlp(p["width"]).to(device=device, dtype=dtype)
         batch = SinusoidTasks(seed=seed + 1, dtype=dtype, device=device).sample(case.tasks, SINE_SHOTS,
@@ -175,7 +179,7 @@ def build_case(case: Case, device: torch.device, seed: int, dtype: torch.dtype =
         data = (batch.x_support, batch.y_support, batch.x_query, batch.y_query)
         if case.workload == "mlp":
             setting = Setting(SINE_INNER_LR, case.steps, p["first_order"], "mse")
-            names = ("loop", *LEARNER_LOOPS, "vmap", "higher", "torchopt", "fused", "generic-graph")
+            names = ("loop", *loops, "vmap", "higher", "torchopt", "fused", "generic-graph")
             return Built(data, _maml_builders(model, setting, data, names))
         setting = IMAMLSetting(p["inner_lr"], p["steps"], p["lam"], p["cg_steps"], "mse")
         return Built(data, {name: (lambda fn=fn: fn(model, setting, data)) for name, fn in IMAML_IMPLS.items()})
@@ -189,8 +193,7 @@ def build_case(case: Case, device: torch.device, seed: int, dtype: torch.dtype =
             case.tasks, 1)
         data = (images(shots), labels(shots), images(queries), labels(queries))
         setting = Setting(CONV_INNER_LR[ways], case.steps, p["first_order"], "ce")
-        names = ("loop", *LEARNER_LOOPS, "vmap", "higher", "torchopt", "generic-graph", "generic-low",
-                 "generic-low-chunk1")
+        names = ("loop", *loops, "vmap", "higher", "torchopt", "generic-graph", "generic-low", "generic-low-chunk1")
         return Built(data, _maml_builders(model, setting, data, names))
     if case.workload == "task_sgd":
         gen = torch.Generator(device=device).manual_seed(seed + 1)
