@@ -350,17 +350,24 @@ def _registered(qualname: str, key: str) -> bool:
     return any(line.startswith(key) for line in torch._C._dispatch_dump(qualname).splitlines())
 
 
+def _register_fakes(*fakes) -> None:
+    """register_fake for each (op name, fake kernel) that this build has (the import never fails on an older _C)
+    and that C++ did not give a fake kernel already."""
+    if _ext._C is None:
+        return
+    for name, fake in fakes:
+        if hasattr(torch.ops.mamlext, name) and not _registered(f"mamlext::{name}", "Meta"):
+            torch.library.register_fake(f"mamlext::{name}")(fake)
+
+
 # Only for the ops this build has (the import never fails on an older _C), and only where C++ did not register
 # its own fake / autograd kernel. mlp_maml's autograd is registered in C++ (csrc/autograd/mlp_maml.cpp): a Python
 # autograd layer costs a sizeable part of a small meta-iteration.
-if _ext._C is not None:
-    for _name, _fake in (("mlp_loss_grad", _mlp_loss_grad_fake), ("mlp_hvp", _mlp_hvp_fake),
-                         ("mlp_maml", _mlp_maml_fake)):
-        if hasattr(torch.ops.mamlext, _name) and not _registered(f"mamlext::{_name}", "Meta"):
-            torch.library.register_fake(f"mamlext::{_name}")(_fake)
-    if hasattr(torch.ops.mamlext, "mlp_loss_grad") and not _registered("mamlext::mlp_loss_grad", "Autograd"):
-        torch.library.register_autograd("mamlext::mlp_loss_grad", _mlp_loss_grad_backward,
-                                        setup_context=_mlp_loss_grad_setup_context)
+_register_fakes(("mlp_loss_grad", _mlp_loss_grad_fake), ("mlp_hvp", _mlp_hvp_fake), ("mlp_maml", _mlp_maml_fake))
+if _ext._C is not None and hasattr(torch.ops.mamlext, "mlp_loss_grad") \
+        and not _registered("mamlext::mlp_loss_grad", "Autograd"):
+    torch.library.register_autograd("mamlext::mlp_loss_grad", _mlp_loss_grad_backward,
+                                    setup_context=_mlp_loss_grad_setup_context)
 
 
 # ================================================================================================================
@@ -430,11 +437,8 @@ def _mlp_backward_backward_fake(params, x, activations, grad_out, grad_param_gra
             grad_out.new_empty(grad_out.shape))
 
 
-if _ext._C is not None:
-    for _name, _fake in (("mlp_forward", _mlp_forward_fake), ("mlp_backward", _mlp_backward_fake),
-                         ("mlp_backward_backward", _mlp_backward_backward_fake)):
-        if hasattr(torch.ops.mamlext, _name) and not _registered(f"mamlext::{_name}", "Meta"):
-            torch.library.register_fake(f"mamlext::{_name}")(_fake)
+_register_fakes(("mlp_forward", _mlp_forward_fake), ("mlp_backward", _mlp_backward_fake),
+                ("mlp_backward_backward", _mlp_backward_backward_fake))
 
 
 # ================================================================================================================
@@ -503,9 +507,8 @@ def _maml_reverse_step_backward(ctx, d_v_next, d_lr_grads):
     return d_v, d_hv, d_grads, None
 
 
+_register_fakes(("maml_reverse_step", _maml_reverse_step_fake))
 if _ext._C is not None and hasattr(torch.ops.mamlext, "maml_reverse_step"):
-    if not _registered("mamlext::maml_reverse_step", "Meta"):
-        torch.library.register_fake("mamlext::maml_reverse_step")(_maml_reverse_step_fake)
     if not _registered("mamlext::maml_reverse_step", "Autograd"):
         torch.library.register_autograd("mamlext::maml_reverse_step", _maml_reverse_step_backward,
                                         setup_context=_maml_reverse_step_setup_context)
