@@ -35,6 +35,7 @@ import torch
 from mamlext.bench.common import (FOREIGN_LOAD_WARN, MIN_SAMPLES_FOR_NOISE, ForeignLoad, machine_info, summary,
                                   time_impls, wait_quiet)
 from mamlext.bench.task_sgd import fmt_size, layer_shapes, numel, task_sgd_impls
+from mamlext.train import available_memory
 
 LR = 0.01
 DTYPE = torch.float32
@@ -47,19 +48,6 @@ SHARED_TASK_COUNTS = [32]  # shared params with T = 1 are the per-task case with
 # Total measured time per implementation and case (split over the repeats), by total size.
 FULL_MIN_RUN_TIME = {10**4: 0.3, 10**5: 0.3, 10**6: 0.45, 10**7: 0.6, 10**8: 1.5}
 QUICK_MIN_RUN_TIME = 0.15
-
-
-def device_free_bytes(device):
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def check_equal(outs, ref):
@@ -89,7 +77,7 @@ def run_case(device, size, n_tensors, tasks, shared, min_run_time, repeats, copy
     }
     # inputs + 3 checked outputs + the loop's temporary + slack
     need = (param_elements + 2 * elements + 3 * elements) * ELEMENT_BYTES * 1.2
-    free = device_free_bytes(device)
+    free = available_memory(device)
     if free is not None and need > 0.85 * free:
         row["status"] = f"skipped: needs ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
         return row
@@ -146,7 +134,7 @@ def run_case(device, size, n_tensors, tasks, shared, min_run_time, repeats, copy
 def measure_copy_bandwidth(device, repeats):
     """Device-to-device copy of 2^28 floats (1 GiB), GB/s counted as 2 * bytes (read + write)."""
     n = 2**28
-    free = device_free_bytes(device)
+    free = available_memory(device)
     while free is not None and 2 * n * ELEMENT_BYTES > 0.5 * free and n > 2**20:
         n //= 2
     src = torch.randn(n, device=device, dtype=DTYPE)
