@@ -20,10 +20,9 @@ def stack_tasks(tasks: Iterable[Sequence[Tensor]]) -> Tuple[Tensor, Tensor, Tens
         if isinstance(task, Tensor) or not isinstance(task, Sequence) or len(task) != 4:
             raise ValueError(f"stack_tasks: task {t} must be a tuple (xs, ys, xq, yq) of 4 tensors, got "
                              f"{type(task).__name__}{f' of length {len(task)}' if isinstance(task, Sequence) else ''}")
-        for name, value in zip(TASK_TENSORS, task):
+        for name, value, first in zip(TASK_TENSORS, task, tasks[0]):
             if not isinstance(value, Tensor):
                 raise TypeError(f"stack_tasks: task {t}'s {name} must be a tensor, got {type(value).__name__}")
-            first = tasks[0][TASK_TENSORS.index(name)]
             if (value.shape, value.dtype, value.device) != (first.shape, first.dtype, first.device):
                 raise ValueError(f"stack_tasks: task {t}'s {name} is {list(value.shape)} {value.dtype} on "
                                  f"{value.device} but task 0's is {list(first.shape)} {first.dtype} on "
