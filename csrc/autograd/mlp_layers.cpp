@@ -30,21 +30,20 @@ ForwardOut forward_below_autograd(at::TensorList params, const at::Tensor& x, in
   return op.call(params, x, activation, act_param);
 }
 
-BackwardOut backward_below_autograd(at::TensorList params, const at::Tensor& x, const at::Tensor& activations,
-                                    const at::Tensor& grad_out, int64_t activation, double act_param,
-                                    bool input_grad) {
-  at::AutoDispatchBelowADInplaceOrView guard;
-  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mamlext::mlp_backward", "").typed<BackwardOut(
-      at::TensorList, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double, bool)>();
-  return op.call(params, x, activations, grad_out, activation, act_param, input_grad);
-}
-
-// mlp_backward through the dispatcher's autograd key (MlpBackwardFunction when a gradient is to be recorded).
+// mlp_backward through the dispatcher: from its autograd key (MlpBackwardFunction when a gradient is to be
+// recorded), or below it (backward_below_autograd).
 BackwardOut backward_op(at::TensorList params, const at::Tensor& x, const at::Tensor& activations,
                         const at::Tensor& grad_out, int64_t activation, double act_param, bool input_grad) {
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mamlext::mlp_backward", "").typed<BackwardOut(
       at::TensorList, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double, bool)>();
   return op.call(params, x, activations, grad_out, activation, act_param, input_grad);
+}
+
+BackwardOut backward_below_autograd(at::TensorList params, const at::Tensor& x, const at::Tensor& activations,
+                                    const at::Tensor& grad_out, int64_t activation, double act_param,
+                                    bool input_grad) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return backward_op(params, x, activations, grad_out, activation, act_param, input_grad);
 }
 
 BackwardBackwardOut backward_backward_below_autograd(at::TensorList params, const at::Tensor& x,

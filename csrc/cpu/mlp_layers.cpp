@@ -18,6 +18,7 @@
 
 #include "common/mlp_checks.h"
 #include "common/mlp_math.h"
+#include "common/mlp_tasks.h"
 
 namespace mamlext {
 namespace {
@@ -90,18 +91,12 @@ std::vector<at::Tensor> empty_like_each(const std::vector<at::Tensor>& ts) {
   return out;
 }
 
-std::vector<at::Tensor> contiguous_each(at::TensorList ts) {
-  std::vector<at::Tensor> out;
-  for (const auto& t : ts) out.push_back(t.contiguous());
-  return out;
-}
-
 std::tuple<at::Tensor, at::Tensor> mlp_forward_cpu(at::TensorList params_in, const at::Tensor& x_in,
                                                    int64_t activation, double act_param) {
   constexpr const char* op = "mlp_forward";
   const MlpConfig c = check_layers(op, params_in, x_in, activation, act_param);
   const at::Tensor x = x_in.contiguous();
-  const auto params = contiguous_each(params_in);
+  const auto params = contiguous(params_in);
   const int64_t K = x.size(0);
   at::Tensor out = at::empty({K, c.dims.output_width()}, x.options());
   at::Tensor saved = at::empty({2 * hidden_numel(c.dims, K)}, x.options());
@@ -145,7 +140,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> mlp_backward_cpu(at::TensorList 
   const MlpConfig c = check_layers(op, params_in, x_in, activation, act_param);
   check_saved(op, c, x_in, activations, grad_out_in);
   const at::Tensor x = x_in.contiguous(), saved = activations.contiguous(), grad_out = grad_out_in.contiguous();
-  const auto params = contiguous_each(params_in);
+  const auto params = contiguous(params_in);
   auto grads = empty_like_each(params);
   at::Tensor dx = input_grad ? at::empty_like(x) : at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
@@ -174,8 +169,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> mlp_backward_backwar
   if (has_grad_grad_x) check_shaped_like(op, *grad_grad_x_in, "grad_grad_x", x_in.sizes(), x_in);
   const at::Tensor x = x_in.contiguous(), saved = activations.contiguous(), grad_out = grad_out_in.contiguous();
   const at::Tensor grad_grad_x = has_grad_grad_x ? grad_grad_x_in->contiguous() : at::Tensor();
-  const auto params = contiguous_each(params_in);
-  const auto directions = contiguous_each(grad_param_grads_in);
+  const auto params = contiguous(params_in);
+  const auto directions = contiguous(grad_param_grads_in);
   const int64_t K = x.size(0);
   auto d_params = empty_like_each(params);
   at::Tensor d_x = input_grad ? at::empty_like(x) : at::empty({0}, x.options());
