@@ -39,6 +39,10 @@ TORCH_LIBRARY(mamlext, m) {
   m.def("mlp_backward_backward(Tensor[] params, Tensor x, Tensor activations, Tensor grad_out, "
         "Tensor[] grad_param_grads, Tensor? grad_grad_x, int activation, float act_param, bool input_grad) "
         "-> (Tensor[], Tensor, Tensor)");
+  // A per-task learner's (mamlext.MAML's) copy of its parameters and its inner SGD step out_i = params_i - lr *
+  // grads_i: one autograd node for the whole list.
+  m.def("clone_tensors(Tensor[] tensors) -> Tensor[]");
+  m.def("sgd_update(Tensor[] params, Tensor[] grads, float lr) -> Tensor[]");
 }
 
 namespace {
@@ -77,7 +81,8 @@ TORCH_LIBRARY_IMPL(mamlext, CompositeExplicitAutograd, m) {
 
 TORCH_LIBRARY_IMPL(mamlext, FuncTorchBatched, m) {
   for (const char* name : {"task_sgd", "task_sgd.tensor_lr", "mlp_loss_grad", "mlp_hvp", "mlp_maml",
-                           "maml_reverse_step", "mlp_forward", "mlp_backward", "mlp_backward_backward"}) {
+                           "maml_reverse_step", "mlp_forward", "mlp_backward", "mlp_backward_backward",
+                           "clone_tensors", "sgd_update"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&no_vmap_kernel>());
   }
 }
@@ -119,6 +124,19 @@ std::tuple<at::Tensor, at::Tensor> mlp_forward_eager(const std::vector<at::Tenso
   return op.call(params, x, activation, act_param);
 }
 
+std::vector<at::Tensor> clone_tensors_eager(const std::vector<at::Tensor>& tensors) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mamlext::clone_tensors", "").typed<
+      std::vector<at::Tensor>(at::TensorList)>();
+  return op.call(tensors);
+}
+
+std::vector<at::Tensor> sgd_update_eager(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                                         double lr) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mamlext::sgd_update", "").typed<
+      std::vector<at::Tensor>(at::TensorList, at::TensorList, double)>();
+  return op.call(params, grads, lr);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
@@ -127,6 +145,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("task_sgd", &task_sgd_eager, "torch.ops.mamlext.task_sgd for eager calls");
   module.def("task_sgd_tensor_lr", &task_sgd_tensor_lr_eager, "torch.ops.mamlext.task_sgd.tensor_lr for eager calls");
   module.def("mlp_forward", &mlp_forward_eager, "torch.ops.mamlext.mlp_forward for eager calls");
+  module.def("clone_tensors", &clone_tensors_eager, "torch.ops.mamlext.clone_tensors for eager calls");
+  module.def("sgd_update", &sgd_update_eager, "torch.ops.mamlext.sgd_update for eager calls");
   module.def("mlp_cpu_last_path", &mamlext::mlp_cpu_last_path,
              "Which implementation the last CPU call of an MLP op ran: 'per_task', 'batched', 'team' or '' (none "
              "yet); MAMLEXT_MLP_CPU_PATH=per_task|batched|team|auto chooses (see csrc/cpu/mlp.cpp).");

@@ -8,7 +8,7 @@ differentiates it). maml.batched() gives the engine that runs all tasks of a met
     learner.adapt(loss_fn(learner(x_support), y_support))
     loss_fn(learner(x_query), y_query).backward()  # meta-gradient lands in model.parameters()
 """
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -19,28 +19,39 @@ from mamlext.engines.generic import LossFn
 from mamlext.nn import FusedLayers, fused_layers, parameter_slots, run_fused
 
 
-def clone_module(module: nn.Module, memo: Optional[Dict[int, Tensor]] = None) -> nn.Module:
+def clone_module(module: nn.Module) -> nn.Module:
     """A copy of ``module`` whose parameters are differentiable clones of the originals (gradients flow back to
     them). Tied parameters stay tied; buffers are shared with the original, as in learn2learn."""
-    memo = {} if memo is None else memo
+    slots: List[Tuple[dict, str, Tensor]] = []
+    rnns: List[nn.Module] = []
+    clone = _copy_tree(module, slots, rnns)
+    unique = list({id(param): param for _, _, param in slots}.values())
+    # Every parameter cloned at once: one autograd node for the model, not one per tensor.
+    clones = dict(zip(map(id, unique), ops.clone_tensors(unique)))
+    for parameters, key, param in slots:
+        parameters[key] = clones[id(param)]
+    for rnn in rnns:  # RNNs cache flat weights
+        rnn._apply(lambda x: x)
+    return clone
+
+
+def _copy_tree(module: nn.Module, slots: List[Tuple[dict, str, Tensor]], rnns: List[nn.Module]) -> nn.Module:
+    """A copy of the module tree that shares the original's parameters and buffers. slots gets (the copy's
+    _parameters, key, parameter) of each parameter, rnns the copies that cache flat weights."""
     # The attributes go straight into the copy's __dict__: nn.Module.__setattr__'s checks cost more than the rest
     # of a small model's clone.
     state = module.__dict__.copy()
     parameters = state["_parameters"] = module._parameters.copy()
     state["_buffers"] = module._buffers.copy()
     modules = state["_modules"] = module._modules.copy()
-    for key, param in module._parameters.items():
-        if param is not None:
-            if id(param) not in memo:
-                memo[id(param)] = param.clone()
-            parameters[key] = memo[id(param)]
-    for key, child in module._modules.items():
+    slots.extend((parameters, key, param) for key, param in parameters.items() if param is not None)
+    for key, child in modules.items():
         if child is not None:
-            modules[key] = clone_module(child, memo)
+            modules[key] = _copy_tree(child, slots, rnns)
     clone = module.__new__(type(module))
     object.__setattr__(clone, "__dict__", state)
-    if hasattr(type(clone), "flatten_parameters"):  # RNNs cache flat weights (the type: no __getattr__ miss)
-        clone = clone._apply(lambda x: x)
+    if hasattr(type(clone), "flatten_parameters"):  # the type's attribute: no __getattr__ miss
+        rnns.append(clone)
     return clone
 
 
@@ -126,7 +137,12 @@ class MAML(nn.Module):
                                    "pass allow_unused=True to leave unused parameters unadapted")
         if not to_update:
             return
-        updated = dict(zip(map(id, to_update), self._sgd(to_update, steps)))
+        new_params = self._sgd(to_update, steps)
+        if slots is not None and len(new_params) == len(slots):  # every parameter adapted (the common case)
+            for (slot, key), new in zip(slots, new_params):
+                slot[key] = new
+            return
+        updated = dict(zip(map(id, to_update), new_params))
         if slots is None:
             _replace_parameters(self.module, updated)
             return
@@ -134,12 +150,11 @@ class MAML(nn.Module):
             slot[key] = updated.get(id(slot[key]), slot[key])
 
     def _sgd(self, params: List[Tensor], grads: List[Tensor]) -> List[Tensor]:
-        """params - lr * grads. One task has nothing to batch over tasks: a float rate takes one multi-tensor
-        torch._foreach_add (a third of the fused task_sgd call's cost here, with its task dimension added and
-        removed); a tensor rate goes through task_sgd, which differentiates it."""
+        """params - lr * grads. One task has nothing to batch over tasks: a float rate takes sgd_update (one
+        autograd node for every parameter); a tensor rate goes through task_sgd, which differentiates it."""
         lr = self.lr
         if not isinstance(lr, Tensor):
-            return list(torch._foreach_add(params, grads, alpha=-lr))
+            return ops.sgd_update(params, grads, lr)
         lr = lr.to(device=grads[0].device, dtype=grads[0].dtype)
         return [u.squeeze(0) for u in ops.task_sgd(params, [g.unsqueeze(0) for g in grads], lr)]
 

@@ -52,6 +52,47 @@ if _ext._C is not None:
         torch.library.register_fake(_name)(_task_sgd_fake)
 
 
+def _direct_binding(name: str, tensors: Sequence[Tensor]):
+    """The compiled op's direct binding for an eager call (torch.ops' argument boxing costs as much as the
+    arithmetic of a small model), None where the op's reference twin serves: no extension, torch.func transforms
+    (the ops have no batching rules) and torch.compile (which traces the registered op, see the callers)."""
+    if _ext._C is None or not hasattr(_ext._C, name) or _functorch_wrapped(tensors):
+        return None
+    return getattr(_ext._C, name)
+
+
+def clone_tensors(tensors: Sequence[Tensor]) -> List[Tensor]:
+    """Copies of the tensors, differentiable as t.clone(), through one autograd node for the whole list (a
+    per-task learner's copy of its parameters)."""
+    tensors = list(tensors)
+    if torch.compiler.is_compiling() and tensors and hasattr(torch.ops.mamlext, "clone_tensors"):
+        return torch.ops.mamlext.clone_tensors(tensors)
+    binding = _direct_binding("clone_tensors", tensors)
+    return binding(tensors) if binding is not None else reference.clone_tensors(tensors)
+
+
+def sgd_update(params: Sequence[Tensor], grads: Sequence[Tensor], lr: float) -> List[Tensor]:
+    """``params[i] - lr * grads[i]`` for each i (grads[i] of params[i]'s shape, dtype and device; lr a finite
+    float), differentiable in params and grads any number of times, through one autograd node for the whole list
+    (a per-task learner's inner SGD step; task_sgd is the step of T tasks at once)."""
+    params, grads = list(params), list(grads)
+    if torch.compiler.is_compiling() and params and hasattr(torch.ops.mamlext, "sgd_update"):
+        return torch.ops.mamlext.sgd_update(params, grads, lr)
+    binding = _direct_binding("sgd_update", params + grads)
+    return binding(params, grads, lr) if binding is not None else reference.sgd_update(params, grads, lr)
+
+
+def _clone_tensors_fake(tensors):
+    return [t.new_empty(t.shape) for t in tensors]
+
+
+def _sgd_update_fake(params, grads, lr):
+    torch._check(len(params) == len(grads), lambda: "sgd_update: params and grads must have the same length")
+    for i, (p, g) in enumerate(zip(params, grads)):
+        torch._check(p.shape == g.shape, lambda: f"sgd_update: grads[{i}] must have params[{i}]'s shape")
+    return [p.new_empty(p.shape) for p in params]
+
+
 # ================================================================================================================
 # Fused task-batched MLP ops: mlp_loss_grad, mlp_hvp, mlp_maml (spec: params = [W_1, b_1, ..., W_L, b_L] in
 # nn.Linear layout, activation between layers, none after the last; see mamlext.reference for the twins).
@@ -438,7 +479,8 @@ def _mlp_backward_backward_fake(params, x, activations, grad_out, grad_param_gra
 
 
 _register_fakes(("mlp_forward", _mlp_forward_fake), ("mlp_backward", _mlp_backward_fake),
-                ("mlp_backward_backward", _mlp_backward_backward_fake))
+                ("mlp_backward_backward", _mlp_backward_backward_fake), ("clone_tensors", _clone_tensors_fake),
+                ("sgd_update", _sgd_update_fake))
 
 
 # ================================================================================================================

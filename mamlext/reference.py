@@ -113,6 +113,14 @@ _MLP_DTYPES = (torch.float64, torch.float32)
 MLP_MAX_LAYERS = 16  # kMlpMaxLayers in csrc/common/mlp_math.h
 
 
+def clone_tensors(tensors: Sequence[Tensor]) -> List[Tensor]:
+    return [t.clone() for t in tensors]
+
+
+def sgd_update(params: Sequence[Tensor], grads: Sequence[Tensor], lr: float) -> List[Tensor]:
+    return list(torch._foreach_add(list(params), list(grads), alpha=-lr)) if params else []
+
+
 def _shape(t: Tensor) -> List[int]:
     return list(t.shape)
 

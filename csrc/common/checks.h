@@ -68,4 +68,18 @@ inline std::vector<LrKind> check_task_sgd_lr_tensors(at::TensorList lrs, at::Ten
   return kinds;
 }
 
+// sgd_update: one list of parameters and one of their gradients, pairwise of one shape, dtype and device.
+inline void check_sgd_update(at::TensorList params, at::TensorList grads, double lr) {
+  TORCH_CHECK(params.size() == grads.size(), "sgd_update: params and grads must have the same length, got ",
+              params.size(), " and ", grads.size());
+  TORCH_CHECK(std::isfinite(lr), "sgd_update: lr must be finite, got ", lr);
+  for (size_t i = 0; i < params.size(); ++i) {
+    const auto &p = params[i], &g = grads[i];
+    TORCH_CHECK(g.sizes() == p.sizes(), "sgd_update: grads[", i, "] must have params[", i, "]'s shape ", p.sizes(),
+                ", got ", g.sizes());
+    TORCH_CHECK(g.scalar_type() == p.scalar_type() && g.device() == p.device(), "sgd_update: grads[", i, "] is ",
+                g.scalar_type(), " on ", g.device(), " but params[", i, "] is ", p.scalar_type(), " on ", p.device());
+  }
+}
+
 }  // namespace mamlext
