@@ -12,6 +12,8 @@ does not apply (a library not installed, an engine that cannot serve the model).
             p + (-lr * g)), in the loop as a learn2learn user writes it: learner = clone(); adapt(support loss);
             (query loss / T).backward().
   mamlext.MAML  the one-import swap: mamlext.MAML in that loop.
+  ops-only  that loop without the learner: the ops mamlext.MAML's learners call, on bare parameter lists (MLPs the
+            fused engine serves): the least a per-task learner on them costs.
   learn2learn   learn2learn.algorithms.MAML in that loop (when installed).
   vmap      torch.func.grad of the mean query loss, the per-task losses from torch.func.vmap over tasks of the inner
             adaptation written with torch.func.grad ("vmap(grad)" MAML). The model runs as it is: an
@@ -32,8 +34,9 @@ from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 
 import mamlext
-from mamlext import batched
-from mamlext.maml import _replace_parameters, clone_module
+from mamlext import batched, ops
+from mamlext.maml import _replace_parameters
+from mamlext.nn import fused_layers, parameter_slots
 
 Run = Callable[[], List[Tensor]]
 LOSS_FUNCTIONS = {"mse": F.mse_loss, "ce": F.cross_entropy}
@@ -104,6 +107,26 @@ def _learner_loop(make_learner: Callable[[], Callable[[Tensor], Tensor]], adapt:
     return run
 
 
+def _l2l_clone_module(module: nn.Module, memo: Dict[int, Tensor]) -> nn.Module:
+    """learn2learn 0.2's clone_module in plain PyTorch: a shallow copy of each module (through nn.Module's
+    __setattr__) whose parameters are p.clone(), tied ones cloned once."""
+    clone = module.__new__(type(module))
+    clone.__dict__ = module.__dict__.copy()
+    clone._parameters = module._parameters.copy()
+    clone._buffers = module._buffers.copy()
+    clone._modules = module._modules.copy()
+    for key, param in module._parameters.items():
+        if param is not None:
+            if id(param) not in memo:
+                memo[id(param)] = param.clone()
+            clone._parameters[key] = memo[id(param)]
+    for key, child in module._modules.items():
+        clone._modules[key] = child if child is None else _l2l_clone_module(child, memo)
+    if hasattr(clone, "flatten_parameters"):
+        clone = clone._apply(lambda x: x)
+    return clone
+
+
 def l2l_style(model: nn.Module, setting: Setting, data) -> Run:
     """learn2learn 0.2's MAML written out in plain PyTorch: clone_module, autograd.grad of the support loss,
     every parameter replaced by p + (-lr * g)."""
@@ -112,7 +135,7 @@ def l2l_style(model: nn.Module, setting: Setting, data) -> Run:
         grads = torch.autograd.grad(support, params, retain_graph=not setting.first_order,
                                     create_graph=not setting.first_order)
         _replace_parameters(learner, {id(p): p + (-setting.inner_lr * g) for p, g in zip(params, grads)})
-    return _learner_loop(lambda: clone_module(model), adapt, list(model.parameters()), setting, data)
+    return _learner_loop(lambda: _l2l_clone_module(model, {}), adapt, list(model.parameters()), setting, data)
 
 
 def mamlext_maml(model: nn.Module, setting: Setting, data) -> Run:
@@ -120,6 +143,34 @@ def mamlext_maml(model: nn.Module, setting: Setting, data) -> Run:
     maml = mamlext.MAML(model, lr=setting.inner_lr, first_order=setting.first_order)
     return _learner_loop(maml.clone, lambda learner, support: learner.adapt(support), list(model.parameters()),
                          setting, data)
+
+
+def ops_only_loop(model: nn.Module, setting: Setting, data) -> Run:
+    """mamlext.MAML's per-task loop with the learner taken away: the ops its learners call (clone_tensors, the
+    fused MLP layers, sgd_update) on bare parameter lists, no module. What a per-task learner on these ops costs at
+    the least; the gap to mamlext.MAML is the module bookkeeping (the clone of the module tree, nn.Module calls)."""
+    layers = fused_layers(model)
+    if layers is None:
+        raise Skip("the ops-only loop runs MLPs that the fused engine serves")
+    params = [slot[key] for slot, key in parameter_slots(model, layers)]
+    xs, ys, xq, yq = data
+    loss = LOSS_FUNCTIONS[setting.loss]
+    tasks = xs.shape[0]
+
+    def forward(fast, x):
+        return ops._mlp(fast, x, layers.activation, layers.act_param)
+
+    def run():
+        _zero_grads(params)
+        for t in range(tasks):
+            fast = ops.clone_tensors(params)
+            for _ in range(setting.steps):
+                grads = torch.autograd.grad(loss(forward(fast, xs[t]), ys[t]), fast,
+                                            create_graph=not setting.first_order)
+                fast = ops.sgd_update(fast, grads, setting.inner_lr)
+            (loss(forward(fast, xq[t]), yq[t]) / tasks).backward()
+        return [p.grad for p in params]
+    return run
 
 
 def learn2learn_maml(model: nn.Module, setting: Setting, data) -> Run:
@@ -262,6 +313,7 @@ MAML_IMPLS: Dict[str, Callable[[nn.Module, Setting, tuple], Run]] = {
     "loop": loop,
     "l2l-style": l2l_style,
     "mamlext.MAML": mamlext_maml,
+    "ops-only": ops_only_loop,
     "learn2learn": learn2learn_maml,
     "vmap": vmap_grad,
     "higher": higher_loop,

@@ -70,12 +70,13 @@ CHECK_MAX_TASKS = 8
 RTOL = {torch.float64: {"mlp": 1e-6, "conv4": 1e-6, "imaml": 1e-6, "task_sgd": 1e-12},
         torch.float32: {"mlp": 2e-3, "conv4": 2e-3, "imaml": 2e-3, "task_sgd": 1e-6}}
 # The learn2learn-style loops (clone / adapt / backward per task): learn2learn's algorithm written out, learn2learn
-# itself when installed, and the one-import swap to mamlext.MAML (cases with learner_loops: the quick and dropin
-# suites); the speed-ups are also given against the first two.
-LEARNER_LOOPS = ("l2l-style", "learn2learn", "mamlext.MAML")
+# itself when installed, the one-import swap to mamlext.MAML and its floor, the same loop on mamlext's ops without a
+# module (cases with learner_loops: the quick and dropin suites); the speed-ups are also given against the first two.
+LEARNER_LOOPS = ("l2l-style", "learn2learn", "mamlext.MAML", "ops-only")
 BASELINES = ("loop", "vmap", "l2l-style", "learn2learn")
 LABELS = {"loop": "plain loop", "vmap": "torch.func vmap", "higher": "higher", "torchopt": "torchopt",
           "l2l-style": "l2l-style loop", "learn2learn": "learn2learn", "mamlext.MAML": "mamlext.MAML",
+          "ops-only": "ops-only loop",
           "fused": "mamlext fused", "generic-graph": "mamlext generic (graph)",
           "generic-low": "mamlext generic (low)", "generic-low-chunk1": "mamlext generic (low, task_chunk=1)",
           "foreach": "torch._foreach"}
