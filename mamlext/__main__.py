@@ -74,7 +74,7 @@ def _add_train_parser(commands) -> argparse.ArgumentParser:
     train.add_argument("task", nargs="?", choices=TASKS, help="the task family (not needed with --resume)")
     g = train.add_argument_group("algorithm")
     g.add_argument("--algo", choices=ALGOS, help="maml (default), fomaml; sine also metasgd (learned per-parameter "
-                   "rates); the others have no engine in `train` yet")
+                   "rates)")
     g.add_argument("--first-order", action="store_true", default=None, help="first-order MAML (same as --algo fomaml)")
     g.add_argument("--iterations", type=int, help=f"meta-iterations (sine: {DEFAULT_SINE_ITERATIONS}; omniglot: "
                    "60000 as in the paper)")

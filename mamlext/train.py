@@ -43,7 +43,8 @@ from mamlext.maml import MAML
 from mamlext.models import conv4, sine_mlp
 
 TASKS = ("sine", "omniglot")
-ALGOS = ("maml", "fomaml", "metasgd", "anil", "imaml", "reptile")
+# The algorithms `train` drives (ANIL, iMAML and Reptile are classes to use in one's own loop, see README).
+ALGOS = ("maml", "fomaml", "metasgd")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = "mamlext-train-checkpoint"
@@ -151,12 +152,9 @@ def check_config(config: Dict[str, Any]) -> None:
     if algo not in ALGOS:
         raise ConfigError(f"unknown --algo {algo!r}; the algorithms are {', '.join(ALGOS)}")
     if algo not in SUPPORTED_ALGOS[task]:
-        if task == "omniglot":
-            raise ConfigError(f"--algo {algo}: `train omniglot` does not drive it (its Conv4 trains on mamlext.MAML, "
-                              f"which does {' and '.join(SUPPORTED_ALGOS[task])}); use --algo maml or fomaml, or "
-                              "mamlext.BatchedMAML / ANIL / Reptile on the generic engine in your own loop")
-        raise ConfigError(f"--algo {algo}: `train {task}` does not drive it yet; supported here: "
-                          f"{', '.join(SUPPORTED_ALGOS[task])}")
+        raise ConfigError(f"--algo {algo}: `train {task}` does not drive it (its Conv4 trains on mamlext.MAML, "
+                          f"which does {' and '.join(SUPPORTED_ALGOS[task])}); use --algo maml or fomaml, or "
+                          "mamlext.BatchedMAML with lr_mode='per_param' on the generic engine in your own loop")
     if config["algo"] == "maml" and config["first_order"]:
         config["algo"] = "fomaml"
     for name in ("iterations", "meta_batch", "shots", "query", "inner_steps", "hidden", "checkpoint_every",
