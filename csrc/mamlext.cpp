@@ -89,8 +89,32 @@ TORCH_LIBRARY_IMPL(mamlext, FuncTorchBatched, m) {
 
 namespace {
 
+// Which device types ("cpu", "cuda") each op has kernels for, as this build registered them: the layer ops have
+// CPU kernels only, and an op with one device-generic kernel (CompositeExplicitAutograd) serves every device.
+pybind11::dict op_kernels() {
+  auto& dispatcher = c10::Dispatcher::singleton();
+  pybind11::dict kernels;
+  for (const auto& name : dispatcher.getAllOpNames()) {
+    const std::string prefix = "mamlext::";
+    if (name.name.rfind(prefix, 0) != 0) continue;
+    const auto op = dispatcher.findSchema(name);
+    if (!op.has_value()) continue;
+    const bool cpu = op->hasKernelForDispatchKey(c10::DispatchKey::CPU);
+    const bool cuda = op->hasKernelForDispatchKey(c10::DispatchKey::CUDA);
+    const bool generic = !cpu && !cuda && op->hasKernelForDispatchKey(c10::DispatchKey::CompositeExplicitAutograd);
+    pybind11::list devices;
+    if (cpu || generic) devices.append("cpu");
+    if (cuda || generic) devices.append("cuda");
+    std::string key = name.name.substr(prefix.size());
+    if (!name.overload_name.empty()) key += "." + name.overload_name;
+    kernels[pybind11::str(key)] = devices;
+  }
+  return kernels;
+}
+
 pybind11::dict build_info() {
   pybind11::dict info;
+  info["kernels"] = op_kernels();
   info["cuda"] = MAMLEXT_WITH_CUDA_FLAG;
   info["cuda_archs"] = std::string(MAMLEXT_CUDA_ARCHS);
   info["debug"] = static_cast<bool>(MAMLEXT_DEBUG);

@@ -45,18 +45,11 @@ def _task_sgd_fake(params, grads, lr):
     return [g.new_empty(g.shape) for g in grads]
 
 
-if _ext._C is not None:
-    # task_sgd's autograd is registered in C++ (csrc/autograd/task_sgd.cpp): a Python autograd layer would cost
-    # more than the kernel itself for the small tensors of an inner loop.
-    for _name in ("mamlext::task_sgd", "mamlext::task_sgd.tensor_lr"):
-        torch.library.register_fake(_name)(_task_sgd_fake)
-
-
 def _direct_binding(name: str, tensors: Sequence[Tensor]):
     """The compiled op's direct binding for an eager call (torch.ops' argument boxing costs as much as the
     arithmetic of a small model), None where the op's reference twin serves: no extension, torch.func transforms
     (the ops have no batching rules) and torch.compile (which traces the registered op, see the callers)."""
-    if _ext._C is None or not hasattr(_ext._C, name) or _functorch_wrapped(tensors):
+    if _ext._C is None or _functorch_wrapped(tensors):
         return None
     return getattr(_ext._C, name)
 
@@ -65,7 +58,7 @@ def clone_tensors(tensors: Sequence[Tensor]) -> List[Tensor]:
     """Copies of the tensors, differentiable as t.clone(), through one autograd node for the whole list (a
     per-task learner's copy of its parameters)."""
     tensors = list(tensors)
-    if torch.compiler.is_compiling() and tensors and hasattr(torch.ops.mamlext, "clone_tensors"):
+    if torch.compiler.is_compiling() and tensors and _ext._C is not None:
         return torch.ops.mamlext.clone_tensors(tensors)
     binding = _direct_binding("clone_tensors", tensors)
     return binding(tensors) if binding is not None else reference.clone_tensors(tensors)
@@ -76,7 +69,7 @@ def sgd_update(params: Sequence[Tensor], grads: Sequence[Tensor], lr: float) -> 
     float), differentiable in params and grads any number of times, through one autograd node for the whole list
     (a per-task learner's inner SGD step; task_sgd is the step of T tasks at once)."""
     params, grads = list(params), list(grads)
-    if torch.compiler.is_compiling() and params and hasattr(torch.ops.mamlext, "sgd_update"):
+    if torch.compiler.is_compiling() and params and _ext._C is not None:
         return torch.ops.mamlext.sgd_update(params, grads, lr)
     binding = _direct_binding("sgd_update", params + grads)
     return binding(params, grads, lr) if binding is not None else reference.sgd_update(params, grads, lr)
@@ -112,28 +105,10 @@ Loss = Union[str, int]
 MLPLr = Union[float, Tensor, Sequence[Tensor]]
 
 
-# (op name, device type) -> whether a compiled kernel serves it; kernels register when the library loads, so the
-# answer never changes, and asking the dispatcher costs microseconds on every call of a small op.
-_COMPILED: Dict[Tuple[str, str], bool] = {}
-
-
 def _compiled(name: str, device: torch.device) -> bool:
-    """Whether the compiled op `name` exists and has a kernel for this device (the MLP ops may be built for CPU
-    only while task_sgd has CUDA kernels)."""
-    found = _COMPILED.get((name, device.type))
-    if found is None:
-        key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
-        found = (_ext.has_kernels(device.type) and hasattr(torch.ops.mamlext, name) and key is not None
-                 and torch._C._dispatch_has_kernel_for_dispatch_key(f"mamlext::{name}", key))
-        _COMPILED[(name, device.type)] = found
-    return found
-
-
-# Asked once here for the devices the kernels are built for, so that a call traced by torch.compile only reads the
-# answer (the dispatcher query itself cannot be traced).
-for _op in ("mlp_loss_grad", "mlp_hvp", "mlp_maml", "maml_reverse_step", "mlp_forward"):
-    for _device in ("cpu", "cuda"):
-        _compiled(_op, torch.device(_device))
+    """Whether this build has a kernel of op `name` for this device (the extension states it, see
+    mamlext._ext.BUILD_INFO: the layer ops have CPU kernels only). A dictionary read, which torch.compile traces."""
+    return device.type in _ext.BUILD_INFO.get("kernels", {}).get(name, ())
 
 
 def mlp_codes(op: str, activation: Activation, act_param: Optional[float], loss: Loss) -> Tuple[int, float, int]:
@@ -373,44 +348,6 @@ def _mlp_maml_fake(params, xs, ys, xq, yq, lrs, step_weights, first_order, activ
             [r.new_empty(tasks, *r.shape) for r in lrs])
 
 
-def _mlp_loss_grad_setup_context(ctx, inputs, output):
-    params = inputs[0]
-    _, grads = output
-    ctx.shared = _is_shared(params)
-    ctx.mark_non_differentiable(*grads)
-    ctx.set_materialize_grads(False)  # no zero tensors for the outputs without a gradient
-    ctx.save_for_backward(*grads)
-
-
-def _mlp_loss_grad_backward(ctx, go, grad_grads):
-    return _loss_grad_param_grads(go, ctx.saved_tensors, ctx.shared), None, None, None, None, None
-
-
-def _registered(qualname: str, key: str) -> bool:
-    """Whether the op already has a kernel for this dispatch key (from C++, or from an earlier import)."""
-    return any(line.startswith(key) for line in torch._C._dispatch_dump(qualname).splitlines())
-
-
-def _register_fakes(*fakes) -> None:
-    """register_fake for each (op name, fake kernel) that this build has (the import never fails on an older _C)
-    and that C++ did not give a fake kernel already."""
-    if _ext._C is None:
-        return
-    for name, fake in fakes:
-        if hasattr(torch.ops.mamlext, name) and not _registered(f"mamlext::{name}", "Meta"):
-            torch.library.register_fake(f"mamlext::{name}")(fake)
-
-
-# Only for the ops this build has (the import never fails on an older _C), and only where C++ did not register
-# its own fake / autograd kernel. mlp_maml's autograd is registered in C++ (csrc/autograd/mlp_maml.cpp): a Python
-# autograd layer costs a sizeable part of a small meta-iteration.
-_register_fakes(("mlp_loss_grad", _mlp_loss_grad_fake), ("mlp_hvp", _mlp_hvp_fake), ("mlp_maml", _mlp_maml_fake))
-if _ext._C is not None and hasattr(torch.ops.mamlext, "mlp_loss_grad") \
-        and not _registered("mamlext::mlp_loss_grad", "Autograd"):
-    torch.library.register_autograd("mamlext::mlp_loss_grad", _mlp_loss_grad_backward,
-                                    setup_context=_mlp_loss_grad_setup_context)
-
-
 # ================================================================================================================
 # The layers of one MLP with analytic first and second derivatives: mlp_forward, mlp_backward, mlp_backward_backward
 # (the layers of mamlext.nn.FusedMLP and of mamlext.MAML's learners on a supported MLP). Their autograd is registered
@@ -478,16 +415,13 @@ def _mlp_backward_backward_fake(params, x, activations, grad_out, grad_param_gra
             grad_out.new_empty(grad_out.shape))
 
 
-_register_fakes(("mlp_forward", _mlp_forward_fake), ("mlp_backward", _mlp_backward_fake),
-                ("mlp_backward_backward", _mlp_backward_backward_fake), ("clone_tensors", _clone_tensors_fake),
-                ("sgd_update", _sgd_update_fake))
 
 
 # ================================================================================================================
 # maml_reverse_step: the combine step of MAML's reverse recursion for any model (the generic engine, memory="low").
 #
-# Gradients (register_autograd below; the same formulas for the reference twin through plain autograd): v_next is
-# linear in v and hv; lr_grads = -sum_t grads_t * v_t is bilinear in grads and v. Differentiable twice over.
+# Gradients (csrc/autograd/maml_reverse_step.cpp; the same formulas for the reference twin through plain autograd):
+# v_next is linear in v and hv; lr_grads = -sum_t grads_t * v_t is bilinear in grads and v. Differentiable twice over.
 
 
 def maml_reverse_step(v: Sequence[Tensor], hv: Sequence[Tensor], grads: Sequence[Tensor] = (),
@@ -520,37 +454,15 @@ def _maml_reverse_step_fake(v, hv, grads, sum_tasks):
     return v_next, [t.new_empty(t.shape[1:]) for t in v] if grads else []
 
 
-def _maml_reverse_step_setup_context(ctx, inputs, output):
-    v, _, grads, sum_tasks = inputs
-    ctx.sum_tasks = sum_tasks
-    ctx.has_grads = bool(grads)
-    ctx.save_for_backward(*v, *grads)
 
 
-def _maml_reverse_step_backward(ctx, d_v_next, d_lr_grads):
-    saved = ctx.saved_tensors
-    n = len(d_v_next)
-    v, grads = saved[:n], saved[n:]
-    d_v, d_hv, d_grads = [], [], []
-    for i in range(n):
-        dv = d_v_next[i]
-        if dv is None:
-            dv = torch.zeros_like(v[i])
-        elif ctx.sum_tasks:
-            dv = dv.unsqueeze(0).expand_as(v[i])
-        d_hv.append(-dv)
-        if ctx.has_grads and d_lr_grads[i] is not None:
-            dl = d_lr_grads[i].unsqueeze(0)
-            dv = dv - grads[i] * dl
-            d_grads.append(-v[i] * dl)
-        elif ctx.has_grads:
-            d_grads.append(None)
-        d_v.append(dv)
-    return d_v, d_hv, d_grads, None
-
-
-_register_fakes(("maml_reverse_step", _maml_reverse_step_fake))
-if _ext._C is not None and hasattr(torch.ops.mamlext, "maml_reverse_step"):
-    if not _registered("mamlext::maml_reverse_step", "Autograd"):
-        torch.library.register_autograd("mamlext::maml_reverse_step", _maml_reverse_step_backward,
-                                        setup_context=_maml_reverse_step_setup_context)
+# The fake (meta) kernels, which torch.compile and opcheck trace; every op's autograd is registered in C++
+# (csrc/autograd/).
+if _ext._C is not None:
+    for _name, _fake in (("task_sgd", _task_sgd_fake), ("task_sgd.tensor_lr", _task_sgd_fake),
+                         ("clone_tensors", _clone_tensors_fake), ("sgd_update", _sgd_update_fake),
+                         ("mlp_loss_grad", _mlp_loss_grad_fake), ("mlp_hvp", _mlp_hvp_fake),
+                         ("mlp_maml", _mlp_maml_fake), ("mlp_forward", _mlp_forward_fake),
+                         ("mlp_backward", _mlp_backward_fake), ("mlp_backward_backward", _mlp_backward_backward_fake),
+                         ("maml_reverse_step", _maml_reverse_step_fake)):
+        torch.library.register_fake(f"mamlext::{_name}")(_fake)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import mamlext
+from mamlext import _ext
 from mamlext.data import SinusoidTasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,6 +53,11 @@ def test_backend_info_describes_this_install():
     assert info["gpu_visible"] == torch.cuda.is_available()
     if info["extension_loaded"]:
         assert info["cpu_kernels"] and info["backend"]["cpu"] == "compiled"
+        # the extension states each op's kernels: every schema it defines has a CPU kernel
+        kernels = _ext.BUILD_INFO["kernels"]
+        assert {"task_sgd", "mlp_maml", "maml_reverse_step", "mlp_forward", "sgd_update"} <= set(kernels)
+        assert all("cpu" in devices for devices in kernels.values())
+        assert ("cuda" in kernels["mlp_maml"]) == info["cuda_kernels"] and "cuda" not in kernels["mlp_forward"]
         assert info["cuda_archs"] if info["cuda_kernels"] else not info["cuda_archs"]
     else:
         assert info["backend"]["cpu"] == "reference" and info["extension_error"]

@@ -434,6 +434,19 @@ def test_mlp_maml_backward_is_not_differentiable():
         torch.autograd.grad(q, params, create_graph=True)
 
 
+def test_mlp_loss_grad_backward_is_not_differentiable():
+    """mlp_loss_grad is first order (its grads carry no graph): a create_graph backward of its losses would lack the
+    Hessian term, so it is refused, as the reference path's once_differentiable does."""
+    gen = torch.Generator().manual_seed(9)
+    sizes = [2, 4, 2]
+    params = [p.requires_grad_() for p in make_params(sizes, 3, torch.float64, "cpu", gen)]
+    x, y = make_data(sizes, 3, 4, "mse", torch.float64, "cpu", gen)
+    losses = ops.mlp_loss_grad(params, x, y, "tanh")[0].sum()
+    with pytest.raises(RuntimeError, match="not differentiable|once_differentiable"):
+        g = torch.autograd.grad(losses, params, create_graph=True)
+        torch.autograd.grad(sum(t.sum() for t in g), params)  # once_differentiable raises here
+
+
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_task"])
 @pytest.mark.parametrize("act", ["tanh", "gelu", "elu", "sigmoid"])
 @pytest.mark.parametrize("loss", list(LOSSES))

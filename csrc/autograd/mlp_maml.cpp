@@ -4,14 +4,14 @@
 //   d lrs_i = sum_t go_t lr_grads_i[t]; the data and step_weights get no gradient, and meta_grads / lr_grads are
 //   outputs without a graph. The backward is not itself differentiable (no third derivatives).
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <tuple>
 #include <vector>
+
+#include "autograd/task_weighted_sum.h"
 
 namespace mamlext {
 namespace {
@@ -30,40 +30,6 @@ MamlOutputs call_below_autograd(at::TensorList params, const at::Tensor& xs, con
       at::TensorList, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::TensorList,
       const at::Tensor&, bool, int64_t, double, int64_t)>();
   return op.call(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss);
-}
-
-// sum_t go[t] * per_task[t], shaped like per_task[0]. On the CPU a loop of its own: for the small tensors of a
-// small meta-iteration, at::matmul's dispatch costs more than the arithmetic (six of them, one per parameter of a
-// 1-40-40-1 MLP, took a tenth of a 25-task meta-iteration).
-// (Only on tensors with memory behind them: not under torch.compile or opcheck, which trace the backward with
-// fake or functional tensors.)
-bool has_cpu_memory(const at::Tensor& t) {
-  const c10::DispatchKeySet traced({c10::DispatchKey::Python, c10::DispatchKey::Functionalize,
-                                    c10::DispatchKey::FuncTorchBatched, c10::DispatchKey::FuncTorchGradWrapper});
-  return t.device().is_cpu() && t.layout() == at::kStrided && t.has_storage() && !t.key_set().has_any(traced);
-}
-
-at::Tensor task_weighted_sum(const at::Tensor& go, const at::Tensor& per_task) {
-  const auto shape = per_task.sizes().slice(1);
-  if (!has_cpu_memory(per_task) || !has_cpu_memory(go) || !per_task.is_contiguous() ||
-      go.scalar_type() != per_task.scalar_type()) {
-    return at::matmul(go, per_task.reshape({per_task.size(0), -1})).view(shape);
-  }
-  at::Tensor out = at::empty(shape, per_task.options());
-  const at::Tensor weights = go.contiguous();
-  const int64_t tasks = per_task.size(0), n = out.numel();
-  AT_DISPATCH_FLOATING_TYPES(per_task.scalar_type(), "task_weighted_sum", [&] {
-    const scalar_t* w = weights.data_ptr<scalar_t>();
-    const scalar_t* x = per_task.data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, n, 1 << 15, [&](int64_t begin, int64_t end) {
-      for (int64_t e = begin; e < end; ++e) o[e] = 0;
-      for (int64_t t = 0; t < tasks; ++t) {
-        for (int64_t e = begin; e < end; ++e) o[e] += w[t] * x[t * n + e];
-      }
-    });
-  });
-  return out;
 }
 
 class MlpMamlFunction : public torch::autograd::Function<MlpMamlFunction> {
