@@ -18,9 +18,9 @@ from torch import Tensor, nn
 
 from mamlext import ops, reference
 from mamlext._mlp_codes import ACTIVATIONS, LOSSES
-from mamlext.engines.generic import MEMORY_MODES, GenericEngine, LossFn, Rate
+from mamlext.engines.generic import MEMORY_MODES, GenericEngine, LossFn
+from mamlext.rates import LR_MODES, InnerRates
 
-LR_MODES = ("fixed", "per_layer_step", "per_param")
 BACKENDS = ("auto", "fused", "generic")
 
 
@@ -100,7 +100,7 @@ def parse_mlp(model: nn.Module, loss: Union[str, LossFn] = "mse") -> MLPSpec:
         except UnsupportedModel as error:
             raise UnsupportedModel(index, kind, error.reason) from None
         if found is None:
-            raise UnsupportedModel(index, kind, f"unsupported layer type; supported: Linear and one of "
+            raise UnsupportedModel(index, kind, "unsupported layer type; supported: Linear and one of "
                                    "ReLU, LeakyReLU, Tanh, Sigmoid, GELU(approximate='none'), ELU between them")
         if expect_linear:
             where = "as the first layer" if index == 0 else "right after another activation"
@@ -195,21 +195,6 @@ class FusedMLPModule(nn.Module):
         if self._generic is not None:
             return self._generic.params()
         return [p for layer in self._layers for p in (layer.weight, layer.bias)]
-
-    def _rate_schedule(self, params: Sequence[Tensor], rate_at: Callable[[int], Rate]) -> Callable[[int], Rate]:
-        """rate_at (inner step -> ops.task_sgd's rate) with a rate of 0 for the parameters that do not require grad:
-        the inner loop leaves frozen parameters as they are (learn2learn's MAML(allow_nograd=True)), and they get
-        no meta-gradient."""
-        frozen = [not p.requires_grad for p in params]
-        if not any(frozen):
-            return rate_at
-
-        def frozen_rate_at(step: int) -> List[Tensor]:
-            rate = rate_at(step)
-            if not isinstance(rate, list):
-                rate = [torch.tensor(float(rate), dtype=params[0].dtype, device=params[0].device)] * len(params)
-            return [r.new_zeros(()) if f else r for r, f in zip(rate, frozen)]
-        return frozen_rate_at
 
     def _first_param(self) -> Tensor:
         """The first parameter: the model's dtype and device (cheaper than _params()[0], which reads every layer's
@@ -415,7 +400,6 @@ class BatchedMAML(FusedMLPModule):
         self.task_chunk = task_chunk
         self._multi_step = step_weights is not None
         self.last_task_losses: Optional[Tensor] = None
-        self._fixed_lrs: Tuple[Optional[tuple], Optional[Tensor]] = (None, None)  # (setting, the rates)
 
         params = self._params()
         like = params[0]
@@ -430,39 +414,8 @@ class BatchedMAML(FusedMLPModule):
             if not torch.isfinite(weights).all():
                 raise ValueError(f"{self._owner}: step_weights must be finite")
         self.register_buffer("step_weights", weights)
-        if lr_mode == "per_layer_step":
-            rates = [torch.full((inner_steps,), self.inner_lr, dtype=like.dtype, device=like.device) for _ in params]
-        elif lr_mode == "per_param":
-            rates = [torch.full_like(p, self.inner_lr, memory_format=torch.contiguous_format).detach()
-                     for p in params]
-        else:
-            rates = []
-        self.inner_lrs = nn.ParameterList([nn.Parameter(r) for r in rates])
-
-    # --- the model's parameters and the rates as the ops take them ------------------------------------------------
-
-    def _step_lrs(self, params: List[Tensor], steps: int) -> List[Tensor]:
-        """lrs of ops.mlp_maml for params: P tensors [N] or [N, *S_i]; zeros for frozen parameters (as
-        _rate_schedule)."""
-        if self.lr_mode == "fixed":  # one tensor, read for every parameter, made once per setting
-            key = (steps, self.inner_lr, params[0].dtype, params[0].device)
-            if self._fixed_lrs[0] != key:
-                self._fixed_lrs = (key, torch.full((steps,), self.inner_lr, dtype=params[0].dtype,
-                                                   device=params[0].device))
-            lrs = [self._fixed_lrs[1]] * len(params)
-        elif self.lr_mode == "per_layer_step":
-            lrs = list(self.inner_lrs)
-        else:
-            lrs = [r.unsqueeze(0).expand(steps, *r.shape).contiguous() for r in self.inner_lrs]
-        return [r if p.requires_grad else torch.zeros_like(r) for r, p in zip(lrs, params)]
-
-    def _rate_at(self, step: int):
-        """task_sgd's rate for inner step `step` (per_layer_step beyond inner_steps keeps the last step's rate)."""
-        if self.lr_mode == "fixed":
-            return self.inner_lr
-        if self.lr_mode == "per_layer_step":
-            return [r[min(step, self.inner_steps - 1)] for r in self.inner_lrs]
-        return list(self.inner_lrs)
+        self._rates = InnerRates(lr_mode, self.inner_lr, inner_steps, params)
+        self.inner_lrs = self._rates.tensors
 
     # --- MAML ----------------------------------------------------------------------------------------------------
 
@@ -476,21 +429,18 @@ class BatchedMAML(FusedMLPModule):
         weights = self.step_weights if self._multi_step else None
         params = self._params()
         if self._generic is None:
-            losses, _, _ = ops._mlp_maml_checked(params, xs, ys, xq, yq, self._step_lrs(params, self.inner_steps),
+            losses, _, _ = ops._mlp_maml_checked(params, xs, ys, xq, yq,
+                                                 self._rates.of_every_step(params, self.inner_steps),
                                                  self.step_weights, self.first_order, *self._mlp_codes)
         elif self.memory == "graph":
-            losses = self._generic.task_losses_graph(xs, ys, xq, yq, self.inner_steps,
-                                                     self._rate_schedule(params, self._rate_at), weights,
+            losses = self._generic.task_losses_graph(xs, ys, xq, yq, self.inner_steps, self._rates, weights,
                                                      self.first_order)
         else:
             if any(t.requires_grad for t in (xs, ys, xq, yq)):
                 raise ValueError(f"{self._owner}.meta_loss: memory='low' gives no gradient to the inputs, but one of "
                                  "xs, ys, xq, yq requires grad; use memory='graph' to differentiate w.r.t. the data")
-            # A frozen parameter's rate is not used (_rate_schedule), so it gets no gradient.
-            rates = [r if p.requires_grad else r.detach() for r, p in zip(self.inner_lrs, params)]
-            mean, losses = self._generic.meta_loss_low(xs, ys, xq, yq, self.inner_steps,
-                                                       self._rate_schedule(params, self._rate_at), rates,
-                                                       self.lr_mode, weights, self.first_order, self.task_chunk)
+            mean, losses = self._generic.meta_loss_low(xs, ys, xq, yq, self.inner_steps, self._rates, weights,
+                                                       self.first_order, self.task_chunk)
             self.last_task_losses = losses.detach()
             return mean
         self.last_task_losses = losses.detach()
@@ -504,16 +454,15 @@ class BatchedMAML(FusedMLPModule):
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"{self._owner}.adapt: steps must be an int >= 0, got {steps!r}")
         self._check_pair("adapt", xs, ys, "xs", "ys")
-        params = self._params()
-        rate_at = self._rate_schedule(params, self._rate_at)
         if self._generic is not None:
-            return self._generic.adapt(xs, ys, steps, rate_at)
+            return self._generic.adapt(xs, ys, steps, self._rates)
+        params = self._params()
         tasks = xs.shape[0]
         with torch.no_grad():
             current = [p.detach().unsqueeze(0).expand(tasks, *p.shape).clone() for p in params]
             for step in range(steps):
                 _, grads = ops.mlp_loss_grad(current, xs, ys, self.activation, self.act_param, self.loss)
-                current = ops.task_sgd(current, grads, rate_at(step))
+                current = ops.task_sgd(current, grads, self._rates.at(step, params))
         return current
 
     def extra_repr(self) -> str:

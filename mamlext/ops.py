@@ -2,17 +2,15 @@
 
 Each op runs its compiled kernel where one serves the tensors' device and its twin in mamlext.reference otherwise.
 """
-import math
 import numbers
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from mamlext import _ext, reference
+from mamlext import _ext, rates, reference
 from mamlext._mlp_codes import ACTIVATION_NAMES, ACTIVATIONS, DEFAULT_ACT_PARAM, LOSS_NAMES, LOSSES
-
-Lr = Union[float, Tensor, Sequence[Tensor]]
+from mamlext.rates import Lr, MLPLr
 
 
 def task_sgd(params: Sequence[Tensor], grads: Sequence[Tensor], lr: Lr) -> List[Tensor]:
@@ -27,7 +25,7 @@ def task_sgd(params: Sequence[Tensor], grads: Sequence[Tensor], lr: Lr) -> List[
     Returns N tensors ``[T, *S_i]``. Differentiable in params, grads and tensor rates, twice over.
     """
     params, grads = list(params), list(grads)
-    lr = reference.normalize_task_sgd_lr(lr, len(grads))
+    lr = rates.task_sgd_rate(lr, len(grads))
     if not grads or not _ext.has_kernels(grads[0].device.type):  # no tensor, no device to dispatch on
         return reference.task_sgd(params, grads, lr)
     if torch.compiler.is_compiling():  # the registered op, which the compiler traces through its fake kernel
@@ -102,7 +100,6 @@ def _sgd_update_fake(params, grads, lr):
 
 Activation = Union[str, int]
 Loss = Union[str, int]
-MLPLr = Union[float, Tensor, Sequence[Tensor]]
 
 
 def _compiled(name: str, device: torch.device) -> bool:
@@ -257,28 +254,6 @@ def _mlp_maml_step_weights(step_weights, lrs, dtype, device) -> Tensor:
                     f"got {type(step_weights).__name__}")
 
 
-def _mlp_maml_lrs(lrs, params: Sequence[Tensor], steps: int) -> List[Tensor]:
-    p0 = params[0]
-    if isinstance(lrs, bool) or not isinstance(lrs, (numbers.Real, Tensor, list, tuple)):
-        raise TypeError(f"mlp_maml: lrs must be a float, a scalar tensor or a sequence of tensors, "
-                        f"got {type(lrs).__name__}")
-    if isinstance(lrs, numbers.Real):
-        if not math.isfinite(lrs):
-            raise ValueError(f"mlp_maml: lrs must be finite, got {lrs}")
-        return [torch.full((steps,), float(lrs), dtype=p0.dtype, device=p0.device) for _ in params]
-    if isinstance(lrs, Tensor):
-        if lrs.dim() != 0:
-            raise ValueError(f"mlp_maml: a single tensor lrs must be a scalar, got shape {list(lrs.shape)}; "
-                             "pass one tensor per parameter ([N] or [N, *S_i]) otherwise")
-        return [lrs.expand(steps) for _ in params]
-    out = []
-    for i, r in enumerate(lrs):
-        if not isinstance(r, Tensor):
-            raise TypeError(f"mlp_maml: lrs[{i}] must be a tensor, got {type(r).__name__}")
-        out.append(r.expand(steps) if r.dim() == 0 else r)  # a per-tensor scalar: the same rate every step
-    return out
-
-
 def mlp_maml(params: Sequence[Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, lrs: MLPLr,
              step_weights: Optional[Union[Tensor, Sequence[float]]] = None, first_order: bool = False,
              activation: Activation = "relu", act_param: Optional[float] = None,
@@ -306,7 +281,7 @@ def mlp_maml(params: Sequence[Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: T
         reference.check_mlp_maml(params, xs, ys, xq, yq, [], None, first_order, act_code, act_param, loss_code)
     weights = _mlp_maml_step_weights(step_weights, lrs, params[0].dtype, params[0].device)
     steps = weights.shape[0] if isinstance(weights, Tensor) and weights.dim() == 1 else 1
-    lrs = _mlp_maml_lrs(lrs, params, steps)
+    lrs = rates.mlp_maml_rates(lrs, params, steps)
     on_cpu = xs.device.type == "cpu" if isinstance(xs, Tensor) else False
     reference.check_mlp_maml(params, xs, ys, xq, yq, lrs, weights, first_order, act_code, act_param, loss_code,
                              check_values=on_cpu)

@@ -4,34 +4,15 @@ They are the test oracle for the compiled kernels and the fallback when mamlext.
 """
 import math
 import numbers
-from typing import List, Sequence, Tuple, Union
+from typing import List, Sequence, Tuple
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
 from mamlext._mlp_codes import ACTIVATION_NAMES, ACTIVATIONS, LOSS_NAMES, LOSSES
-
-Lr = Union[float, Tensor, Sequence[Tensor]]
+from mamlext.rates import Lr, task_sgd_rate
 _DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-
-
-def normalize_task_sgd_lr(lr: Lr, num_params: int) -> Union[float, List[Tensor]]:
-    """task_sgd's rate as the ops take it: a float, or a list of one tensor per parameter.
-    A single scalar tensor stands for the same rate for every parameter."""
-    if isinstance(lr, bool) or not isinstance(lr, (numbers.Real, Tensor, list, tuple)):
-        raise TypeError(f"task_sgd: lr must be a float, a tensor or a sequence of tensors, got {type(lr).__name__}")
-    if isinstance(lr, numbers.Real):
-        return float(lr)
-    if isinstance(lr, Tensor):
-        if lr.dim() != 0:
-            raise ValueError(f"task_sgd: a single tensor lr must be a scalar, got shape {list(lr.shape)}; "
-                             "pass one tensor per parameter for per-element rates")
-        return [lr] * num_params
-    for i, r in enumerate(lr):
-        if not isinstance(r, Tensor):
-            raise TypeError(f"task_sgd: lr[{i}] must be a tensor, got {type(r).__name__}")
-    return list(lr)
 
 
 def check_task_sgd(params: Sequence[Tensor], grads: Sequence[Tensor], lr: Lr) -> None:
@@ -88,7 +69,7 @@ def check_task_sgd_lr_finite(lr: Lr) -> None:
 
 def task_sgd(params: Sequence[Tensor], grads: Sequence[Tensor], lr: Lr) -> List[Tensor]:
     """out[i][t] = params[i][t, or shared] - lr_i * grads[i][t], computed in float32 for half types."""
-    lr = normalize_task_sgd_lr(lr, len(grads))
+    lr = task_sgd_rate(lr, len(grads))
     check_task_sgd(params, grads, lr)
     check_task_sgd_lr_finite(lr)
     outs = []

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from mamlext import ops
 from mamlext._mlp_codes import LOSSES
 from mamlext.batched import FusedMLPModule
+from mamlext.rates import InnerRates
 
 
 class _ImplicitMetaGradient(torch.autograd.Function):
@@ -112,6 +113,7 @@ class iMAML(FusedMLPModule):  # noqa: N801  (the algorithm's name)
                              f"proximal term; the solve divides by it), got {lam!r}")
         self.loss = loss
         self._bind_model(model, backend)
+        self._rates = InnerRates("fixed", self.inner_lr, inner_steps, self._params())
         self.last_task_losses: Optional[Tensor] = None
         self.last_cg_residuals: Optional[Tensor] = None
 
@@ -121,7 +123,6 @@ class iMAML(FusedMLPModule):  # noqa: N801  (the algorithm's name)
         """phi after `steps` gradient-descent steps on L_support + lam/2 ||phi - theta||^2, [T, *S_i] each
         (parameters with requires_grad=False stay at theta)."""
         params = self._params()
-        rate_at = self._rate_schedule(params, lambda step: self.inner_lr)
         theta = [p.detach() for p in params]
         current = theta  # shared by all tasks until the first step; the proximal gradient is 0 there
         for step in range(steps):
@@ -129,7 +130,7 @@ class iMAML(FusedMLPModule):  # noqa: N801  (the algorithm's name)
             if step > 0:
                 for g, c, p in zip(grads, current, theta):
                     g.add_(c - p, alpha=self.lam)
-            current = ops.task_sgd(current, grads, rate_at(step))
+            current = ops.task_sgd(current, grads, self._rates.at(step, params))
         if steps == 0:
             current = [p.unsqueeze(0).expand(xs.shape[0], *p.shape).clone() for p in theta]
         return current

@@ -31,9 +31,9 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from mamlext import ops
+from mamlext.rates import InnerRates, rate_times
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
-Rate = Union[float, List[Tensor]]  # ops.task_sgd's lr: a float, or per parameter a scalar or an S_i-shaped tensor
 
 
 def _mse(output: Tensor, target: Tensor) -> Tensor:
@@ -140,13 +140,6 @@ class _ModuleTracker:
         return False
 
 
-def _rate_times(rate: Rate, vectors: Sequence[Tensor]) -> List[Tensor]:
-    """α ⊙ v for per-task vectors [T, *S_i]."""
-    if isinstance(rate, float):
-        return list(torch._foreach_mul(list(vectors), rate))
-    return [v * r for v, r in zip(vectors, rate)]
-
-
 class GenericEngine:
     """MAML's pieces for one model: per-task losses, the inner loop, the meta-gradient in both memory modes.
     BatchedMAML owns the rates, the step weights and the user-facing checks; owner names it in errors."""
@@ -249,14 +242,15 @@ class GenericEngine:
         dims = None if shared else 0
         return vmap(self._loss_native, in_dims=(dims, None, 0, 0))(list(theta), self._buffers(False), x, y)
 
-    def adapt(self, xs: Tensor, ys: Tensor, steps: int, rate_at: Callable[[int], Rate]) -> List[Tensor]:
+    def adapt(self, xs: Tensor, ys: Tensor, steps: int, rates: InnerRates) -> List[Tensor]:
         """Per-task parameters after `steps` inner SGD steps, without a graph: P tensors [T, *S_i]."""
-        theta = [p.detach() for p in self.params()]
+        params = self.params()
+        theta = [p.detach() for p in params]
         shared = True
         with torch.no_grad():
             for step in range(steps):
                 g = self._support_grads(theta, shared, xs, ys)
-                theta = ops.task_sgd(theta, g, rate_at(step))
+                theta = ops.task_sgd(theta, g, rates.at(step, params))
                 shared = False
         if shared:  # no step: every task keeps θ
             theta = [p.unsqueeze(0).expand(xs.shape[0], *p.shape).clone() for p in theta]
@@ -273,15 +267,16 @@ class GenericEngine:
     # --- meta-gradients ------------------------------------------------------------------------------------------
 
     def task_losses_graph(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, steps: int,
-                          rate_at: Callable[[int], Rate], step_weights: Optional[Tensor], first_order: bool) -> Tensor:
+                          rates: InnerRates, step_weights: Optional[Tensor], first_order: bool) -> Tensor:
         """Per-task (weighted) query losses [T] with the whole unrolled inner loop in the autograd graph."""
-        theta, shared = self.params(), True
+        params = self.params()
+        theta, shared = params, True
         losses = None
         for step in range(steps):
             g = self._support_grads(theta, shared, xs, ys, exact=not first_order)
             if first_order:
                 g = [gi.detach() for gi in g]
-            theta, shared = ops.task_sgd(theta, g, rate_at(step)), False
+            theta, shared = ops.task_sgd(theta, g, rates.at(step, params)), False
             if step_weights is not None or step == steps - 1:
                 query = self._task_losses(theta, shared, xq, yq)
                 weighted = query if step_weights is None else step_weights[step] * query
@@ -289,20 +284,20 @@ class GenericEngine:
         return losses
 
     def meta_loss_low(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, steps: int,
-                      rate_at: Callable[[int], Rate], rates: Sequence[Tensor], lr_mode: str,
-                      step_weights: Optional[Tensor], first_order: bool,
+                      rates: InnerRates, step_weights: Optional[Tensor], first_order: bool,
                       task_chunk: Optional[int] = None) -> Tuple[Tensor, Tensor]:
         """(mean query loss with the meta-gradient as its backward, per-task losses [T]); see the module docstring.
         task_chunk: run the tasks in chunks of this many (peak memory grows with it), all at once when None."""
         params = self.params()
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*params, *rates))
-        mean, task_losses = _LowMemoryMAML.apply(self, xs, ys, xq, yq, steps, rate_at, lr_mode, step_weights,
-                                                 first_order, needs_grad, task_chunk, len(params), *params, *rates)
+        learnable = rates.learnable(params)
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*params, *learnable))
+        mean, task_losses = _LowMemoryMAML.apply(self, xs, ys, xq, yq, steps, rates, step_weights, first_order,
+                                                 needs_grad, task_chunk, len(params), *params, *learnable)
         return mean, task_losses
 
 
-def _low_memory_tasks(engine: GenericEngine, xs, ys, xq, yq, steps, rate_at, lr_mode, weights, first_order,
-                      needs_grad, params, rates, total_tasks):
+def _low_memory_tasks(engine: GenericEngine, xs, ys, xq, yq, steps, rates: InnerRates, weights, first_order,
+                      needs_grad, params, learnable, total_tasks):
     """memory="low" for the tasks of xs..yq (all, or one chunk): (per-task losses, and when needs_grad the sums over
     these tasks of the meta-gradients and rate gradients of mean-over-total_tasks query loss, else None, None)."""
     # The inner loop, keeping θ_0 .. θ_{N-1} (θ_0 shared by all tasks) and the query terms.
@@ -310,7 +305,7 @@ def _low_memory_tasks(engine: GenericEngine, xs, ys, xq, yq, steps, rate_at, lr_
     for step in range(steps):
         thetas.append(theta)
         g = engine._support_grads(theta, step == 0, xs, ys)
-        theta = ops.task_sgd(theta, g, rate_at(step))
+        theta = ops.task_sgd(theta, g, rates.at(step, params))
     query_value_grad = vmap(grad_and_value(engine._loss_native), in_dims=(0, None, 0, 0))
 
     def query_term(theta_k, weight):
@@ -325,8 +320,8 @@ def _low_memory_tasks(engine: GenericEngine, xs, ys, xq, yq, steps, rate_at, lr_
         return task_losses, None, None
 
     # The reverse recursion from θ_N back to θ_0.
-    want_lr = lr_mode != "fixed"
-    lr_grads = [torch.zeros_like(r) for r in rates]
+    want_lr = rates.learned
+    lr_grads = [torch.zeros_like(r) for r in learnable]
 
     def grad_and_hvp(theta_task, u, buffers, x, y):  # support gradient and H u, by forward-over-reverse, exact
         return jvp(lambda t: grad(engine._loss_exact)(t, buffers, x, y), (theta_task,), (u,))
@@ -341,7 +336,7 @@ def _low_memory_tasks(engine: GenericEngine, xs, ys, xq, yq, steps, rate_at, lr_
             g = engine._support_grads(theta_k, shared, xs, ys) if want_lr else []
         else:
             try:
-                g, hv = (hvp_shared if shared else hvp)(list(theta_k), _rate_times(rate_at(step), v),
+                g, hv = (hvp_shared if shared else hvp)(list(theta_k), rate_times(rates.at(step, params), v),
                                                         exact_buffers, xs, ys)
             except RuntimeError as error:
                 raise RuntimeError(f"{engine.owner}(generic engine, memory='low'): the Hessian-vector product "
@@ -352,11 +347,7 @@ def _low_memory_tasks(engine: GenericEngine, xs, ys, xq, yq, steps, rate_at, lr_
             g, hv = list(g), list(hv)
         v, step_lr_grads = ops.maml_reverse_step(v, hv, g if want_lr else [], sum_tasks=shared)
         if want_lr:
-            for total, step_grad in zip(lr_grads, step_lr_grads):
-                if lr_mode == "per_layer_step":
-                    total[step] += step_grad.sum()
-                else:  # per_param: one rate for every step
-                    total += step_grad
+            rates.accumulate(lr_grads, step, step_lr_grads)
         if step > 0 and weights[step - 1] is not None:
             v = [vi + qi for vi, qi in zip(v, query_term(theta_k, weights[step - 1])[0])]
     return task_losses, v, lr_grads
@@ -368,9 +359,9 @@ class _LowMemoryMAML(torch.autograd.Function):
     and tasks); backward scales them by the incoming gradient."""
 
     @staticmethod
-    def forward(ctx, engine: GenericEngine, xs, ys, xq, yq, steps, rate_at, lr_mode, step_weights, first_order,
-                needs_grad, task_chunk, n_params, *params_rates):
-        params, rates = list(params_rates[:n_params]), list(params_rates[n_params:])
+    def forward(ctx, engine: GenericEngine, xs, ys, xq, yq, steps, rates, step_weights, first_order, needs_grad,
+                task_chunk, n_params, *params_rates):
+        params, learnable = list(params_rates[:n_params]), list(params_rates[n_params:])
         tasks = xs.shape[0]
         weights = [None] * (steps - 1) + [1.0] if step_weights is None else list(step_weights.unbind())
         chunk = tasks if task_chunk is None else task_chunk
@@ -378,8 +369,8 @@ class _LowMemoryMAML(torch.autograd.Function):
         for begin in range(0, tasks, chunk):
             part = slice(begin, begin + chunk)
             chunk_losses, chunk_meta, chunk_lr = _low_memory_tasks(
-                engine, xs[part], ys[part], xq[part], yq[part], steps, rate_at, lr_mode, weights, first_order,
-                needs_grad, params, rates, tasks)
+                engine, xs[part], ys[part], xq[part], yq[part], steps, rates, weights, first_order,
+                needs_grad, params, learnable, tasks)
             losses.append(chunk_losses)
             if needs_grad:
                 meta_grads = chunk_meta if meta_grads is None else [a + b for a, b in zip(meta_grads, chunk_meta)]
@@ -398,4 +389,4 @@ class _LowMemoryMAML(torch.autograd.Function):
             raise RuntimeError("memory='low': the meta-gradient was not computed because no parameter required a "
                                "gradient (or grad mode was off) when meta_loss ran")
         scaled = [grad_mean * t for t in saved]
-        return (None,) * 13 + tuple(scaled)
+        return (None,) * 12 + tuple(scaled)
