@@ -186,7 +186,7 @@ def test_running_out_of_memory_at_run_time_is_one_line(tmp_path, capsys, monkeyp
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
                            "you tried to allocate 40000000000 bytes. Error code 12 (Cannot allocate memory)")
 
-    monkeypatch.setattr(train_module, "build_experiment", allocate)
+    monkeypatch.setattr(train_module.loop, "build_experiment", allocate)  # where the training loop looks it up
     refused(capsys, ["train", "sine", *TINY, "--out", tmp_path / "run"],
             "out of memory allocating 40000000000 bytes", "--hidden, --meta-batch")
 
