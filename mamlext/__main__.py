@@ -163,11 +163,11 @@ def _train(parser, args) -> int:
 
 
 def _eval(parser, args) -> int:
-    from mamlext import evaluate, train as train_module
+    from mamlext import train as train_module
 
     train_module.set_threads(args.threads)
-    evaluate.run_eval(args.checkpoint, tasks=args.tasks, seed=args.seed, device=args.device, out=args.out,
-                      progress=not args.no_progress)
+    train_module.run_eval(args.checkpoint, tasks=args.tasks, seed=args.seed, device=args.device, out=args.out,
+                          progress=not args.no_progress)
     return 0
 
 

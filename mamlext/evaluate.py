@@ -1,4 +1,5 @@
-"""Evaluation of meta-trained models on new tasks, with 95% confidence intervals; ``python -m mamlext eval``.
+"""Evaluation of meta-trained models on new tasks, with 95% confidence intervals (``python -m mamlext eval`` applies it
+to a saved run: mamlext.train.evaluation).
 
 The confidence interval is the normal one of the mean over tasks, as in Finn et al.'s code:
 1.96 * std / sqrt(n) (std with Bessel's correction here; the difference is 0.08% at n = 600).
@@ -150,24 +151,3 @@ def evaluate_classification(adapt: Callable, sampler, tasks: int, dtype=torch.fl
             bar.update(1)
     bar.close()
     return torch.tensor(accuracies, dtype=torch.float64)
-
-
-def run_eval(checkpoint, tasks: Optional[int] = None, seed: Optional[int] = None, device: Optional[str] = None,
-             out: Optional[str] = None, progress: bool = True) -> Dict:
-    """``python -m mamlext eval CHECKPOINT``: rebuilds the run from its checkpoint and evaluates it on new tasks
-    (the run's evaluation seed unless ``seed``). Writes eval.json / eval.txt (and the sine plot) into ``out`` if
-    given. ConfigError names a bad argument."""
-    from mamlext import train
-
-    if tasks is not None:
-        train.check_int(tasks, "--tasks")
-    if seed is not None:
-        train.check_int(seed, "--seed", *train.SEED_RANGE)
-    experiment, config, state = train.load_run(checkpoint, device=device, progress=progress)
-    print(f"checkpoint {train.checkpoint_path(checkpoint)}: {config['task']}, iteration {state['iteration']} of "
-          f"{config['iterations']}", flush=True)
-    out_dir = None if out is None else train.writable_dir(out, "--out")
-    result = train.evaluate_run(experiment, config, out_dir, tasks=tasks, seed=seed, progress=progress,
-                                write=out_dir is not None)
-    result["iteration"] = state["iteration"]
-    return result
