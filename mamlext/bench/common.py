@@ -1,6 +1,9 @@
-"""What every benchmark shares: machine details, load measurement, timing, the agreement check of two
-implementations' outputs and peak-memory measurement. Used by `python -m mamlext bench` and benchmarks/*.py."""
+"""What every benchmark shares: the device, machine details, load measurement, timing, the agreement check of two
+implementations' outputs, peak-memory measurement and the JSON file. Used by `python -m mamlext bench` and
+benchmarks/*.py."""
+import argparse
 import ctypes
+import json
 import os
 import platform
 import statistics
@@ -14,10 +17,50 @@ from torch import Tensor
 
 import mamlext
 from mamlext import _ext
+from mamlext.train import ConfigError, set_threads
 
 MIN_SAMPLES_FOR_NOISE = 4  # fewer timed blocks than this give no quartiles
 FOREIGN_LOAD_WARN = 0.1  # CPUs used by other processes during a case above which its row is flagged noisy
 
+
+# --- the command line -----------------------------------------------------------------------------------------------
+
+def add_device_argument(parser) -> None:
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when a GPU is visible, else cpu")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_device(parser, name: Optional[str]) -> torch.device:
+    """The device of --device `name` (None: default_device()), a GPU with its index; --device cuda where torch sees
+    no GPU is a usage error."""
+    name = name or default_device()
+    if name == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch sees no CUDA GPU")
+    return torch.device("cuda", torch.cuda.current_device()) if name == "cuda" else torch.device(name)
+
+
+def script_parser(doc: str, results: str) -> argparse.ArgumentParser:
+    """The parser of a benchmarks/ script that writes one JSON file: the first paragraph of its docstring `doc` as
+    the description, --device, and --out (default bench-results/<results>_<device>.json)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_device_argument(parser)
+    parser.add_argument("--out", help=f"JSON output path (default bench-results/{results}_<device>.json)")
+    return parser
+
+
+def use_threads(parser: argparse.ArgumentParser, threads: Optional[int]) -> None:
+    """--threads as `python -m mamlext` takes it (mamlext.train.set_threads), a bad value a usage error of parser."""
+    try:
+        set_threads(threads)
+    except ConfigError as error:
+        parser.error(str(error))
+
+
+# --- the machine ----------------------------------------------------------------------------------------------------
 
 def cpu_model():
     try:
@@ -47,7 +90,7 @@ def machine_info(device, **extra):
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_num_threads": torch.get_num_threads(),
         "torch_num_interop_threads": torch.get_num_interop_threads(),
-        "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "loadavg_start": load_average(),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -61,11 +104,30 @@ def machine_info(device, **extra):
     return info
 
 
+def load_average():
+    return os.getloadavg() if hasattr(os, "getloadavg") else None
+
+
+def print_machine(meta: dict, device, kernel: str, compiled: bool) -> None:
+    """A script's first lines from machine_info's `meta`: torch, CPU, threads, device and whether mamlext's `kernel`
+    is compiled for the device, with warnings where it is not (the pure-PyTorch reference runs in its place) or where
+    other processes keep the CPUs busy."""
+    gpu = f" ({meta['gpu_name']})" if device.type == "cuda" else ""
+    print(f"torch {meta['torch_version']}, {meta['cpu_model']}, {meta['torch_num_threads']} threads, device {device}"
+          f"{gpu}, {kernel}: {'compiled' if compiled else 'pure-PyTorch reference'}", flush=True)
+    if not compiled:
+        print(f"WARNING: mamlext has no compiled {kernel} for {device.type}; 'fused' runs the pure-PyTorch reference",
+              flush=True)
+    load, cpus = meta["loadavg_start"], meta["cpu_affinity"]
+    if load and cpus and load[0] > 0.5 * cpus:
+        print(f"WARNING: 1-minute load average {load[0]:.2f} on {cpus} CPUs: other processes are running, timings "
+              "will be noisy", flush=True)
+
+
 def _cuda_driver_version():
     try:
         v = torch.cuda.driver_version() if hasattr(torch.cuda, "driver_version") else None
         if v is None:
-            import ctypes
             out = ctypes.c_int()
             ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(out))
             v = out.value
@@ -100,6 +162,16 @@ class ForeignLoad:
         return max(0.0, foreign / (end[2] - self.start[2]))
 
 
+def noisy(foreign_cpus: Optional[float]) -> bool:
+    """Whether other processes used more than FOREIGN_LOAD_WARN CPUs (ForeignLoad.cpus(); None, unknown, is not)."""
+    return foreign_cpus is not None and foreign_cpus > FOREIGN_LOAD_WARN
+
+
+def noisy_note(foreign_cpus: Optional[float]) -> str:
+    """The mark of a noisy row: " [noisy: other processes used 1.5 CPUs]", or "" where it is not noisy."""
+    return f" [noisy: other processes used {foreign_cpus:.1f} CPUs]" if noisy(foreign_cpus) else ""
+
+
 def wait_quiet(max_s):
     """Waits until other processes used under FOREIGN_LOAD_WARN CPUs over two consecutive 1 s spans, or max_s."""
     deadline, calm = time.perf_counter() + max_s, 0
@@ -126,6 +198,29 @@ def summary(times):
         q1, med, q3 = times[0], statistics.median(times), times[-1]
     return {"median_ms": med * 1e3, "iqr_ms": (q3 - q1) * 1e3, "q1_ms": q1 * 1e3, "q3_ms": q3 * 1e3,
             "samples": len(times)}
+
+
+def first_call(fn: Callable[[], Sequence[Tensor]], device) -> Tuple[List[Tensor], float]:
+    """fn()'s outputs (detached copies, so that later calls cannot change them) and the seconds the call took."""
+    start = time.perf_counter()
+    outputs = [t.detach().clone() for t in fn()]
+    sync(device)
+    return outputs, time.perf_counter() - start
+
+
+def measure_case(run: Callable[[], dict], skipped_row: dict, device) -> dict:
+    """run()'s row, or skipped_row marked skipped where the device ran out of memory (a skip: the case does not fit,
+    nothing measured failed), with the CPUs other processes used meanwhile as "foreign_cpu_load"."""
+    load = ForeignLoad()
+    try:
+        row = run()
+    except torch.OutOfMemoryError as error:
+        row = {**skipped_row, "status": f"skipped: out of memory ({str(error).splitlines()[0][:120]})"}
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    row["foreign_cpu_load"] = load.cpus()
+    return row
 
 
 def time_impls(impls: Dict[str, Callable], device, min_run_time: float, repeats: int, warmup: int = 1
@@ -234,3 +329,15 @@ def peak_memory(fn: Callable, device) -> Tuple[Optional[int], str]:
     if before is None or peak is None:
         return None, CPU_MEMORY_KIND
     return max(0, peak - before) * 1024, CPU_MEMORY_KIND
+
+
+# --- the results file ----------------------------------------------------------------------------------------------
+
+def write_json(results: dict, path: str) -> None:
+    """Writes results to path (its folder made if need be) through a temporary file, so that a run cut short while
+    writing leaves the previous file whole; what JSON cannot hold is written as text."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=2, default=str)
+    os.replace(tmp, path)

@@ -23,7 +23,7 @@ import torch
 import torch.multiprocessing as mp
 
 from mamlext import BatchedMAML, distributed
-from mamlext.bench.common import FOREIGN_LOAD_WARN, ForeignLoad, machine_info, summary, wait_quiet
+from mamlext.bench.common import ForeignLoad, machine_info, noisy, summary, wait_quiet
 from mamlext.data import SinusoidTasks
 from mamlext.models import sine_mlp
 
@@ -97,7 +97,7 @@ def measure(world_size, tasks=1000, inner_steps=1, threads=1, warmup=3, blocks=8
     timing = summary(result["times_s"])
     return {"world_size": world_size, "threads_per_process": threads, "tasks_per_process_max": result["local_tasks"],
             "tasks_per_s": tasks / (timing["median_ms"] / 1e3), **timing, "foreign_load_cpus": foreign,
-            "noisy": foreign is not None and foreign > FOREIGN_LOAD_WARN}
+            "noisy": noisy(foreign)}
 
 
 def run(world_sizes=(1, 2), tasks=1000, inner_steps=1, threads=1, warmup=3, blocks=8, iters_per_block=5,

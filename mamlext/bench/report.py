@@ -1,7 +1,7 @@
 """The suite's table (stdout) and plot (PNG) from its results dict."""
 from typing import List, Optional
 
-from mamlext.bench.common import FOREIGN_LOAD_WARN
+from mamlext.bench.common import noisy_note
 from mamlext.bench.impls import MAMLEXT_IMPLS
 
 
@@ -13,9 +13,7 @@ def _cells(row: dict) -> List[str]:
     speedup = lambda key: "" if row[key] is None else f"{row[key]:.2f}x"  # noqa: E731
     memory = "" if row["peak_mem_bytes"] is None else f"{row['peak_mem_bytes'] / 2**20:.1f}"
     error = "" if row["rel_error"] is None else f"{row['rel_error']:.1e}"
-    note = "ok"
-    if (row.get("foreign_cpu_load") or 0) > FOREIGN_LOAD_WARN:
-        note += f" [noisy: other processes used {row['foreign_cpu_load']:.1f} CPUs]"
+    note = "ok" + noisy_note(row.get("foreign_cpu_load"))
     return head + [f"{row['median_ms']:.4g} ({row['iqr_ms']:.2g})", f"{row['tasks_per_s']:,.0f}",
                    speedup("speedup_vs_loop"), speedup("speedup_vs_vmap"), speedup("speedup_vs_l2l-style"), memory,
                    error, note]
@@ -45,14 +43,14 @@ def format_table(results: dict) -> str:
     if results["rows"]:
         cols = ["case", "T", "N", "impl", "ms (IQR)", "tasks/s", "vs loop", "vs vmap", "vs l2l-style", "peak MiB",
                 "rel err", "status"]
-        lines += _aligned(cols, [_cells(r) for r in results["rows"]], [
+        lines += aligned(cols, [_cells(r) for r in results["rows"]], [
             f"{results['title']}: ms = median per meta-iteration "
             "(interquartile range); vs = that implementation's median / this one's; peak MiB = "
             f"{results['memory_kind']}; rel err = normwise relative error of the meta-gradient vs the plain loop"])
     section = results.get("distributed")
     if section is not None:
         lines += [""] if lines else []
-        lines += [_distributed_title(section)] if section["status"] != "ok" else _aligned(
+        lines += [_distributed_title(section)] if section["status"] != "ok" else aligned(
             DISTRIBUTED_COLS, [_distributed_cells(r) for r in section["rows"]], [_distributed_title(section)])
     if results["notes"]:
         lines.append("")
@@ -60,7 +58,7 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _aligned(cols: List[str], table: List[List[str]], title: List[str]) -> List[str]:
+def aligned(cols: List[str], table: List[List[str]], title: List[str]) -> List[str]:
     """A plain-text table, columns padded; the last column is not (it holds long reasons)."""
     widths = [max([len(c)] + [len(row[i]) for row in table]) for i, c in enumerate(cols[:-1])]
     lines = title + ["  ".join(c.ljust(w) for c, w in zip(cols, widths)) + "  " + cols[-1],

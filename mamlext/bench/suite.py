@@ -23,22 +23,21 @@ measures peak memory, then all passing implementations are timed in interleaved 
 missing.
 """
 import argparse
-import json
-import math
 import os
 import sys
 import time
-from typing import Callable, Dict, List, NamedTuple, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from mamlext.bench import distributed as distributed_bench
 from mamlext.bench import impls as implementations
-from mamlext.bench.common import (FOREIGN_LOAD_WARN, MEMORY_KINDS, ForeignLoad, machine_info, max_rel_error,
-                                  mismatch, peak_memory, summary, sync, time_impls)
+from mamlext.bench.common import (FOREIGN_LOAD_WARN, MEMORY_KINDS, ForeignLoad, add_device_argument, default_device,
+                                  first_call, load_average, machine_info, max_rel_error, mismatch, noisy, peak_memory,
+                                  pick_device, summary, time_impls, write_json)
 from mamlext.bench.impls import IMAML_IMPLS, MAML_IMPLS, MAMLEXT_IMPLS, IMAMLSetting, Setting, Skip
-from mamlext.bench.task_sgd import fmt_size, layer_shapes, task_sgd_impls
+from mamlext.bench.task_sgd import fmt_size, layer_shapes, random_inputs, task_sgd_impls
 from mamlext.data.sinusoid import SinusoidTasks
 from mamlext.models import conv4, sine_mlp
 
@@ -169,21 +168,19 @@ def _maml_builders(model, setting, data, names):
     return {name: (lambda name=name: MAML_IMPLS[name](model, setting, data)) for name in names}
 
 
-def build_case(case: Case, device: torch.device, seed: int, dtype: torch.dtype = DTYPE) -> Built:
+def problem(case: Case, device: torch.device, seed: int, dtype: torch.dtype = DTYPE) -> Tuple[nn.Module, tuple, tuple]:
+    """(model, setting, data) of an mlp, imaml or conv4 case: the model initialised from `seed`, the tasks' data
+    (xs, ys, xq, yq) drawn from seed + 1, the Setting (IMAMLSetting for imaml) its implementations take."""
     torch.manual_seed(seed)
     p = case.params
-    loops = LEARNER_LOOPS if case.learner_loops else ()
     if case.workload in ("mlp", "imaml"):
         model = sine_mlp(p["width"]).to(device=device, dtype=dtype)
         batch = SinusoidTasks(seed=seed + 1, dtype=dtype, device=device).sample(case.tasks, SINE_SHOTS,
                                                                                 SINE_QUERIES)
         data = (batch.x_support, batch.y_support, batch.x_query, batch.y_query)
         if case.workload == "mlp":
-            setting = Setting(SINE_INNER_LR, case.steps, p["first_order"], "mse")
-            names = ("loop", *loops, "vmap", "higher", "torchopt", "fused", "generic-graph")
-            return Built(data, _maml_builders(model, setting, data, names))
-        setting = IMAMLSetting(p["inner_lr"], p["steps"], p["lam"], p["cg_steps"], "mse")
-        return Built(data, {name: (lambda fn=fn: fn(model, setting, data)) for name, fn in IMAML_IMPLS.items()})
+            return model, Setting(SINE_INNER_LR, case.steps, p["first_order"], "mse"), data
+        return model, IMAMLSetting(p["inner_lr"], p["steps"], p["lam"], p["cg_steps"], "mse"), data
     if case.workload == "conv4":
         ways, shots, queries = p["ways"], p["shots"], p["queries"]
         model = conv4(ways, hidden=p["hidden"]).to(device=device, dtype=dtype)
@@ -193,18 +190,25 @@ def build_case(case: Case, device: torch.device, seed: int, dtype: torch.dtype =
         labels = lambda per_class: torch.arange(ways, device=device).repeat_interleave(per_class).repeat(  # noqa: E731
             case.tasks, 1)
         data = (images(shots), labels(shots), images(queries), labels(queries))
-        setting = Setting(CONV_INNER_LR[ways], case.steps, p["first_order"], "ce")
-        names = ("loop", *loops, "vmap", "higher", "torchopt", "generic-graph", "generic-low", "generic-low-chunk1")
-        return Built(data, _maml_builders(model, setting, data, names))
+        return model, Setting(CONV_INNER_LR[ways], case.steps, p["first_order"], "ce"), data
+    raise ValueError(f"no model for workload {case.workload!r}; mlp, imaml and conv4 have one")
+
+
+def build_case(case: Case, device: torch.device, seed: int, dtype: torch.dtype = DTYPE) -> Built:
     if case.workload == "task_sgd":
         gen = torch.Generator(device=device).manual_seed(seed + 1)
-        shapes = layer_shapes(p["n_tensors"], max(1, p["size"] // case.tasks))
-        params = [torch.randn(case.tasks, *s, generator=gen, device=device, dtype=dtype) for s in shapes]
-        grads = [torch.randn(case.tasks, *s, generator=gen, device=device, dtype=dtype) for s in shapes]
+        shapes = layer_shapes(case.params["n_tensors"], max(1, case.params["size"] // case.tasks))
+        params, grads = random_inputs(shapes, case.tasks, False, gen, dtype)
         impls, _ = task_sgd_impls(params, grads, TASK_SGD_LR, shared=False)
         named = {"loop": impls["loop"], "foreach": impls["foreach:add"], "fused": impls["fused"]}
         return Built((params, grads), {name: (lambda fn=fn: fn) for name, fn in named.items()})
-    raise ValueError(f"unknown workload {case.workload!r}; known: {list(WORKLOADS)}")
+    model, setting, data = problem(case, device, seed, dtype)
+    if case.workload == "imaml":
+        return Built(data, {name: (lambda fn=fn: fn(model, setting, data)) for name, fn in IMAML_IMPLS.items()})
+    loops = LEARNER_LOOPS if case.learner_loops else ()
+    engines = ("fused", "generic-graph") if case.workload == "mlp" else (
+        "generic-graph", "generic-low", "generic-low-chunk1")
+    return Built(data, _maml_builders(model, setting, data, ("loop", *loops, "vmap", "higher", "torchopt", *engines)))
 
 
 # --- running a case --------------------------------------------------------------------------------------------------
@@ -243,11 +247,9 @@ def _first_calls(runs, rows, device, time_it: bool) -> Dict[str, List[Tensor]]:
     outputs = {}
     for name, run in list(runs.items()):
         try:
-            start = time.perf_counter()
-            outputs[name] = [t.detach().clone() for t in run()]
-            sync(device)
+            outputs[name], seconds = first_call(run, device)
             if time_it:
-                rows[name]["first_call_s"] = time.perf_counter() - start
+                rows[name]["first_call_s"] = seconds
         except Exception as error:
             rows[name].update(status="failed", reason=f"raised {_first_line(error)}")
             del runs[name]
@@ -421,7 +423,7 @@ def run_suite(suite: str, device: torch.device, out_dir: str, workloads=WORKLOAD
         if device.type == "cuda":
             torch.cuda.empty_cache()
         results["wall_s"] = time.perf_counter() - start
-        _write_json(results, json_path)
+        write_json(results, json_path)
     bar.close()
     if distributed_processes is not None:
         if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
@@ -432,33 +434,20 @@ def run_suite(suite: str, device: torch.device, out_dir: str, workloads=WORKLOAD
             results["notes"] += distributed_notes(results["distributed"], distributed_processes)
     results["complete"] = True
     results["wall_s"] = time.perf_counter() - start
-    results["machine"]["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    noisy = sum(1 for r in results["rows"] if (r.get("foreign_cpu_load") or 0) > FOREIGN_LOAD_WARN)
-    if noisy:
-        results["notes"].append(f"{noisy} rows ran while other processes used more than {FOREIGN_LOAD_WARN} CPUs: "
-                                "their timings are noisy")
+    results["machine"]["loadavg_end"] = load_average()
+    noisy_rows = sum(1 for r in results["rows"] if noisy(r.get("foreign_cpu_load")))
+    if noisy_rows:
+        results["notes"].append(f"{noisy_rows} rows ran while other processes used more than {FOREIGN_LOAD_WARN} "
+                                "CPUs: their timings are noisy")
     # no plot when only the distributed measurement ran (--workloads distributed)
     results["plot"] = plot_speedups(results, os.path.join(out_dir, "speedup.png")) if selected else None
-    _write_json(results, json_path)
+    write_json(results, json_path)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(markdown_table(results) + "\n")
     print(format_table(results))
     plot = f" and {results['plot']}" if results["plot"] else ""
     print(f"\nwrote {json_path}, results.md{plot} ({results['wall_s']:.0f} s)")
     return results
-
-
-def _write_json(results: dict, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=2, default=_jsonable)
-    os.replace(tmp, path)
-
-
-def _jsonable(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return str(value)
 
 
 def _process_count(text: str) -> int:
@@ -479,7 +468,7 @@ def add_arguments(parser) -> None:
                              "(about 20 minutes on a 2-core CPU); dropin: the learn2learn user's per-task loop "
                              "against mamlext.MAML and the batched engines (sinusoid T = 25 N = 1 and 5, T = 250 "
                              "N = 1; Conv4 5-way 1-shot T = 8)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when a GPU is visible, else cpu")
+    add_device_argument(parser)
     parser.add_argument("--out", help="output folder for results.json and speedup.png "
                                       "(default bench-results/<suite>-<device>)")
     parser.add_argument("--workloads", help=f"comma-separated subset of {', '.join(WORKLOADS)} (default all); "
@@ -498,9 +487,7 @@ def add_arguments(parser) -> None:
 def main(parser, args) -> int:
     from mamlext.train import SEED_RANGE, check_int, set_threads, writable_dir
 
-    device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device_name == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but torch sees no CUDA GPU")
+    device_name = args.device or default_device()
     if args.distributed is not None and device_name != "cpu":
         parser.error(f"--distributed measures CPU processes (gloo) only; add --device cpu (the device is "
                      f"{device_name}{'' if args.device else ' by default, as a GPU is visible'})")
@@ -519,9 +506,7 @@ def main(parser, args) -> int:
     if args.time_budget is not None and not args.time_budget > 0:
         parser.error(f"--time-budget must be a positive number of seconds, got {args.time_budget}")
     check_int(args.seed, "--seed", SEED_RANGE[0], SEED_RANGE[1] - 1)  # the cases' data take seed + 1
-    device = torch.device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = pick_device(parser, device_name)
     out_dir = args.out or os.path.join("bench-results", f"{args.suite}-{device.type}")
     writable_dir(out_dir, "--out")  # before the suite's minutes of measuring, not after them
     command = "python -m mamlext " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith(

@@ -46,6 +46,18 @@ def fmt_size(n: int) -> str:
     return f"1e{exp}" if 10**exp == n else str(n)
 
 
+def random_inputs(shapes: Sequence[Tuple[int, ...]], tasks: int, shared: bool, generator: torch.Generator,
+                  dtype: torch.dtype) -> Tuple[List[Tensor], List[Tensor]]:
+    """(params, grads) of standard normal values on the generator's device: grads [tasks, *shape], params the same
+    or, shared by the tasks, [*shape]."""
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator, device=generator.device, dtype=dtype)
+
+    params = [rand(*s) if shared else rand(tasks, *s) for s in shapes]
+    grads = [rand(tasks, *s) for s in shapes]
+    return params, grads
+
+
 def task_sgd_impls(params: List[Tensor], grads: List[Tensor], lr: float, shared: bool
                    ) -> Tuple[Dict[str, Callable[[], List[Tensor]]], List[str]]:
     """({name: run}, the names of the foreach formulations among them) for "fused", "loop" and the foreach forms
