@@ -66,6 +66,25 @@ def _zero_grads(params: List[Tensor]) -> None:
         p.grad = None
 
 
+def _engine(name: str, make: Callable):
+    """make(): one of mamlext's engines on the model; Skip where it refuses the model."""
+    try:
+        return make()
+    except (ValueError, NotImplementedError) as error:
+        raise Skip(f"{name} does not serve this model: {error}") from None
+
+
+def _meta_loss_run(engine, model: nn.Module, data) -> Run:
+    """The meta-gradient of engine.meta_loss(xs, ys, xq, yq) w.r.t. the model's parameters, by backward."""
+    params = list(model.parameters())
+
+    def run():
+        _zero_grads(params)
+        engine.meta_loss(*data).backward()
+        return [p.grad for p in params]
+    return run
+
+
 # --- MAML ------------------------------------------------------------------------------------------------------------
 
 def loop(model: nn.Module, setting: Setting, data) -> Run:
@@ -289,19 +308,10 @@ def batched_maml(backend: str, memory: Optional[str] = None,
             options["memory"] = memory
             if task_chunk is not None:
                 options["task_chunk"] = task_chunk
-        try:
-            maml = mamlext.BatchedMAML(model, inner_lr=setting.inner_lr, inner_steps=setting.steps,
-                                       first_order=setting.first_order, loss=setting.loss, backend=backend,
-                                       **options)
-        except (ValueError, NotImplementedError) as error:
-            raise Skip(f"the {backend} engine does not serve this model: {error}") from None
-        params = list(model.parameters())
-
-        def run():
-            _zero_grads(params)
-            maml.meta_loss(*data).backward()
-            return [p.grad for p in params]
-        return run
+        maml = _engine(f"the {backend} engine", lambda: mamlext.BatchedMAML(
+            model, inner_lr=setting.inner_lr, inner_steps=setting.steps, first_order=setting.first_order,
+            loss=setting.loss, backend=backend, **options))
+        return _meta_loss_run(maml, model, data)
     return build
 
 
@@ -429,18 +439,10 @@ def imaml_vmap(model: nn.Module, setting: IMAMLSetting, data) -> Run:
 
 
 def imaml_mamlext(model: nn.Module, setting: IMAMLSetting, data) -> Run:
-    try:
-        imaml = mamlext.iMAML(model, inner_lr=setting.inner_lr, inner_steps=setting.steps, lam=setting.lam,
-                              cg_steps=setting.cg_steps, loss=setting.loss)
-    except (ValueError, NotImplementedError) as error:
-        raise Skip(f"mamlext.iMAML does not serve this model: {error}") from None
-    params = list(model.parameters())
-
-    def run():
-        _zero_grads(params)
-        imaml.meta_loss(*data).backward()
-        return [p.grad for p in params]
-    return run
+    imaml = _engine("mamlext.iMAML", lambda: mamlext.iMAML(
+        model, inner_lr=setting.inner_lr, inner_steps=setting.steps, lam=setting.lam, cg_steps=setting.cg_steps,
+        loss=setting.loss))
+    return _meta_loss_run(imaml, model, data)
 
 
 IMAML_IMPLS: Dict[str, Callable[[nn.Module, IMAMLSetting, tuple], Run]] = {
