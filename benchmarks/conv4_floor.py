@@ -1,7 +1,8 @@
 """How far a task-batched engine can get below the per-task loop on Conv4 on this machine.
 
 Second-order MAML on Conv4 (Omniglot 5-way 1-shot, 15 query images per class) is dominated by the query set's
-forward and backward at the adapted weights. This script times, side by side in one process on the same data:
+forward and backward at the adapted weights. This script times, side by side in one process on the same data (the
+Conv4 case of `python -m mamlext bench`, on the CPU), the median ms per call over torch.utils.benchmark blocks:
 
   loop           the plain per-task autograd MAML loop (create_graph inner steps, backward per task);
   query_only     only each task's query forward + backward, at the meta-parameters (no inner loop): a floor for
@@ -19,12 +20,14 @@ import json
 
 import torch
 import torch.nn.functional as F
-import torch.utils.benchmark as benchmark
 from torch.func import functional_call
 
-import mamlext
-from mamlext.bench.common import peak_memory
-from mamlext.models import conv4
+from mamlext.bench import suite
+from mamlext.bench.common import peak_memory, summary, time_impls
+from mamlext.bench.impls import MAML_IMPLS
+
+WAYS, QUERIES = 5, 15
+CPU = torch.device("cpu")
 
 
 def main() -> None:
@@ -39,29 +42,16 @@ def main() -> None:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if not args.min_run_time > 0:
         parser.error(f"--min-run-time must be > 0 seconds, got {args.min_run_time}")
-    torch.manual_seed(0)
-    ways, queries, lr = 5, 15, 0.4
-    model = conv4(ways, hidden=args.hidden)
+    model, setting, data = suite.problem(suite._conv(WAYS, QUERIES, args.hidden, args.tasks, args.steps), CPU,
+                                         seed=0)
     named = dict(model.named_parameters())
     params = list(named.values())
     T = args.tasks
-    xs, ys = torch.randn(T, ways, 1, 28, 28), torch.arange(ways).repeat(T, 1)
-    xq = torch.randn(T, ways * queries, 1, 28, 28)
-    yq = torch.arange(ways).repeat_interleave(queries).repeat(T, 1)
+    xq, yq = data[2], data[3]
 
     def zero():
         for p in params:
             p.grad = None
-
-    def loop():
-        zero()
-        for t in range(T):
-            fast = named
-            for _ in range(args.steps):
-                loss = F.cross_entropy(functional_call(model, fast, (xs[t],)), ys[t])
-                grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
-                fast = {name: p - lr * g for (name, p), g in zip(fast.items(), grads)}
-            (F.cross_entropy(functional_call(model, fast, (xq[t],)), yq[t]) / T).backward()
 
     def query_only():
         zero()
@@ -72,23 +62,18 @@ def main() -> None:
         zero()
         F.cross_entropy(model(xq.reshape(-1, 1, 28, 28)), yq.reshape(-1)).backward()
 
-    low = mamlext.BatchedMAML(model, inner_lr=lr, inner_steps=args.steps, loss="ce", backend="generic",
-                              memory="low", task_chunk=1)
-
-    def generic_low_chunk1():
-        zero()
-        low.meta_loss(xs, ys, xq, yq).backward()
-
+    loop = MAML_IMPLS["loop"](model, setting, data)
     out = {"tasks": T, "steps": args.steps, "hidden": args.hidden, "threads": torch.get_num_threads(), "ms": {},
            "peak_rss_mib": {}}
-    for name, fn in (("loop", loop), ("query_only", query_only), ("query_batched", query_batched)):
-        fn()
-        timer = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-        out["ms"][name] = timer.blocked_autorange(min_run_time=args.min_run_time).median * 1e3
+    times = time_impls({"loop": loop, "query_only": query_only, "query_batched": query_batched}, CPU,
+                       args.min_run_time, repeats=1)
+    for name, seconds in times.items():
+        out["ms"][name] = summary(seconds)["median_ms"]
         print(f"{name}: {out['ms'][name]:.1f} ms", flush=True)
+    generic_low_chunk1 = MAML_IMPLS["generic-low-chunk1"](model, setting, data)
     for name, fn in (("loop", loop), ("query_only", query_only), ("generic_low_chunk1", generic_low_chunk1)):
         fn()
-        bytes_, _ = peak_memory(fn, torch.device("cpu"))
+        bytes_, _ = peak_memory(fn, CPU)
         out["peak_rss_mib"][name] = None if bytes_ is None else bytes_ / 2**20
         print(f"peak RSS increase {name}: {out['peak_rss_mib'][name]} MiB", flush=True)
     out["query_only_vs_loop"] = out["ms"]["query_only"] / out["ms"]["loop"]
