@@ -23,7 +23,7 @@ Cases (Finn et al.'s sinusoid regression, MSE, ReLU, K = 10 support + 10 query p
   sin40-T250-N5-fo    1-40-40-1,   T = 250,  N = 5, first order
 Timing: a warm-up, then torch.utils.benchmark.Timer(...).blocked_autorange() (it synchronizes the GPU), --repeats
 rounds interleaved over the implementations; median and IQR over all measured blocks; tasks/s = T / median;
-speedups = the other implementation's median / fused's median. The issue's CPU goals (fused vs (b)): >= 10x on
+speedups = the other implementation's median / fused's median. The project's CPU goals (fused vs (b)): >= 10x on
 sin40-T25-N1, >= 5x on sin40-T1000-N5, >= 2x on sin256-T25-N1; the script reports whether each is met.
 
 Usage:
@@ -31,8 +31,6 @@ Usage:
   python benchmarks/bench_maml_mlp.py --device cpu --quick
   python benchmarks/bench_maml_mlp.py --device cuda --cases sin40-T25-N1,sin256-T25-N1 --out gpu-results/m.json
 """
-import argparse
-import json
 import os
 import sys
 import time
@@ -41,15 +39,17 @@ from typing import Dict, List, NamedTuple, Optional
 import torch
 
 import mamlext
-from mamlext.bench.common import (FOREIGN_LOAD_WARN, ForeignLoad, machine_info, max_rel_error, mismatch, summary, sync,
-                                  time_impls)
-from mamlext.bench.impls import MAML_IMPLS, Setting
-from mamlext.data.sinusoid import SinusoidTasks
-from mamlext.models import sine_mlp
+from mamlext.bench import suite
+from mamlext.bench.common import (FOREIGN_LOAD_WARN, first_call, load_average, machine_info, max_rel_error,
+                                  measure_case, mismatch, noisy, noisy_note, pick_device, print_machine, script_parser,
+                                  summary, time_impls, use_threads, write_json)
+from mamlext.bench.impls import MAML_IMPLS
+from mamlext.bench.report import aligned
 
-DTYPE = torch.float32
-INNER_LR = 0.01
-SHOTS = QUERIES = 10
+# the suite's sinusoid workload (mamlext.bench.suite)
+DTYPE = suite.DTYPE
+INNER_LR = suite.SINE_INNER_LR
+SHOTS, QUERIES = suite.SINE_SHOTS, suite.SINE_QUERIES
 RTOL = 1e-4
 IMPLS = ("fused", "loop", "func")  # fused, (a), (b)
 LABELS = {"fused": "fused", "loop": "(a) loop", "func": "(b) torch.func"}
@@ -61,7 +61,7 @@ class Case(NamedTuple):
     tasks: int
     steps: int
     first_order: bool
-    goal_vs_func: Optional[float]  # the issue's CPU goal: fused at least this many times faster than (b)
+    goal_vs_func: Optional[float]  # the project's CPU goal: fused at least this many times faster than (b)
 
 
 CASES = [
@@ -73,22 +73,21 @@ CASES = [
 ]
 
 
-# --- the three implementations (mamlext.bench.impls) and the model --------------------------------------------------
+# --- the three implementations (mamlext.bench.impls) on the suite's sinusoid case -------------------------------------
 
 IMPL_BUILDERS = {"fused": MAML_IMPLS["fused"], "loop": MAML_IMPLS["loop"], "func": MAML_IMPLS["vmap"]}
 
 
+def case_fields(case: Case) -> Dict:
+    return {"case": case.name, "widths": case.widths, "tasks": case.tasks, "steps": case.steps,
+            "first_order": case.first_order, "goal_vs_func": case.goal_vs_func}
+
+
 def run_case(case: Case, device: torch.device, min_run_time: float, repeats: int, loop_max_task_steps: int,
              seed: int) -> Dict:
-    row = {"case": case.name, "widths": case.widths, "tasks": case.tasks, "steps": case.steps,
-           "first_order": case.first_order, "shots": SHOTS, "queries": QUERIES, "goal_vs_func": case.goal_vs_func,
-           "status": "ok"}
-    torch.manual_seed(seed)
-    model = sine_mlp(case.widths[1]).to(device=device, dtype=DTYPE)
-    batch = SinusoidTasks(seed=seed + 1, dtype=DTYPE, device=device).sample(case.tasks, SHOTS, QUERIES)
-    data = (batch.x_support, batch.y_support, batch.x_query, batch.y_query)
-
-    setting = Setting(INNER_LR, case.steps, case.first_order, "mse")
+    row = {**case_fields(case), "shots": SHOTS, "queries": QUERIES, "status": "ok"}
+    model, setting, data = suite.problem(suite._mlp(case.widths[1], case.tasks, case.steps, case.first_order),
+                                         device, seed)
     impls = {name: IMPL_BUILDERS[name](model, setting, data) for name in ("fused", "func")}
     if case.tasks * case.steps <= loop_max_task_steps:
         impls["loop"] = IMPL_BUILDERS["loop"](model, setting, data)
@@ -97,13 +96,9 @@ def run_case(case: Case, device: torch.device, min_run_time: float, repeats: int
                               f"(> {loop_max_task_steps}; several seconds per call)")
 
     # The check, which is also the first warm-up call of each implementation.
-    first_call_s = {}
-    grads = {}
+    grads, first_call_s = {}, {}
     for name, fn in impls.items():
-        t0 = time.perf_counter()
-        grads[name] = [g.detach().clone() for g in fn()]
-        sync(device)
-        first_call_s[name] = time.perf_counter() - t0
+        grads[name], first_call_s[name] = first_call(fn, device)
     row["first_call_s"] = first_call_s
     for name in impls:
         if name == "fused":
@@ -163,31 +158,19 @@ def print_table(rows: List[Dict], device: torch.device) -> None:
                       f"{r['speedup_vs_func']:.1f}x"]
             goal = r["goal_vs_func"]
             cells.append("" if goal is None else f">= {goal:g}x: {'met' if r['goal_met'] else 'NOT met'}")
-            status = "ok"
-            if "loop_status" in r:
-                status += "; (a) " + r["loop_status"]
-            if (r.get("foreign_cpu_load") or 0) > FOREIGN_LOAD_WARN:
-                status += f" [noisy: other processes used {r['foreign_cpu_load']:.1f} CPUs]"
-            cells.append(status)
+            loop = f"; (a) {r['loop_status']}" if "loop_status" in r else ""
+            cells.append("ok" + loop + noisy_note(r.get("foreign_cpu_load")))
         else:
             cells += [""] * (len(cols) - len(cells) - 1) + [r["status"]]
         table.append(cells)
-    widths = [max(len(c), *(len(row[i]) for row in table)) if table else len(c) for i, c in enumerate(cols)]
-    print()
-    print(f"MAML meta-iteration (inner loop + query loss + meta-gradient) on {device}, float32, MSE, ReLU, "
-          f"K={SHOTS}+{QUERIES}, inner lr {INNER_LR}; ms = median per meta-iteration (IQR); vs = other's median / "
-          "fused median")
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
-    print("  ".join("-" * w for w in widths))
-    for cells in table:
-        print("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip())
+    title = (f"MAML meta-iteration (inner loop + query loss + meta-gradient) on {device}, float32, MSE, ReLU, "
+             f"K={SHOTS}+{QUERIES}, inner lr {INNER_LR}; ms = median per meta-iteration (IQR); vs = other's median / "
+             "fused median")
+    print("\n" + "\n".join(aligned(cols, table, [title])))
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", help="JSON output path (default bench-results/maml_mlp_<device>.json)")
+    parser = script_parser(__doc__, "maml_mlp")
     parser.add_argument("--quick", action="store_true", help="short timings (one round, 0.3 s per implementation)")
     parser.add_argument("--cases", help="comma-separated case names (default all): "
                         + ", ".join(c.name for c in CASES))
@@ -200,12 +183,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error("--threads must be at least 1")
-        torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but torch sees no CUDA GPU")
+    use_threads(parser, args.threads)
+    device = pick_device(parser, args.device)
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 2)
     min_run_time = args.min_run_time if args.min_run_time is not None else (0.3 if args.quick else 1.5)
     if repeats < 1 or min_run_time <= 0:
@@ -218,56 +197,30 @@ def main(argv=None) -> int:
         if unknown:
             parser.error(f"unknown case(s) {unknown}; known: {list(by_name)}")
         cases = [by_name[n] for n in names]
-    out_path = args.out or os.path.join("bench-results", f"maml_mlp_{args.device}.json")
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
+    out_path = args.out or os.path.join("bench-results", f"maml_mlp_{device.type}.json")
 
     meta = machine_info(device, mlp_maml_compiled=mamlext.ops._compiled("mlp_maml", device))
     meta.update({"device": str(device), "dtype": str(DTYPE), "inner_lr": INNER_LR, "shots": SHOTS,
                  "queries": QUERIES, "rtol": RTOL, "quick": args.quick, "repeats": repeats,
                  "min_run_time_s": min_run_time, "loop_max_task_steps": args.loop_max_task_steps, "seed": args.seed})
-    print(f"torch {torch.__version__}, {meta['cpu_model']}, {meta['torch_num_threads']} threads, device {device}"
-          f"{' (' + meta['gpu_name'] + ')' if device.type == 'cuda' else ''}, mlp_maml "
-          f"{'compiled' if meta['mlp_maml_compiled'] else 'pure-PyTorch reference'}", flush=True)
-    if not meta["mlp_maml_compiled"]:
-        print(f"WARNING: mamlext has no compiled mlp_maml kernel for {device.type}; 'fused' runs the pure-PyTorch "
-              "reference", flush=True)
-    if meta["loadavg_start"] and meta["cpu_affinity"] and meta["loadavg_start"][0] > 0.5 * meta["cpu_affinity"]:
-        print(f"WARNING: 1-minute load average {meta['loadavg_start'][0]:.2f} on {meta['cpu_affinity']} CPUs: "
-              "other processes are running, timings will be noisy", flush=True)
-
-    def write_json():  # after every case, so that a run cut short (a stage timeout) keeps what it measured
-        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-        with open(out_path, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    print_machine(meta, device, "mlp_maml kernel", meta["mlp_maml_compiled"])
 
     rows = []
     start = time.perf_counter()
     for k, case in enumerate(cases, 1):
-        load = ForeignLoad()
-        try:
-            row = run_case(case, device, min_run_time, repeats, args.loop_max_task_steps, args.seed)
-        except torch.OutOfMemoryError as error:
-            row = {"case": case.name, "widths": case.widths, "tasks": case.tasks, "steps": case.steps,
-                   "first_order": case.first_order, "goal_vs_func": case.goal_vs_func,
-                   "status": f"skipped: out of memory ({str(error).splitlines()[0][:120]})"}
-        finally:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        row["foreign_cpu_load"] = load.cpus()
+        row = measure_case(lambda: run_case(case, device, min_run_time, repeats, args.loop_max_task_steps,
+                                            args.seed), case_fields(case), device)
         row["wall_s"] = time.perf_counter() - start
         rows.append(row)
-        note = ""
-        if row["foreign_cpu_load"] is not None and row["foreign_cpu_load"] > FOREIGN_LOAD_WARN:
-            note = f"  [other processes used {row['foreign_cpu_load']:.1f} CPUs: noisy]"
-        print(f"[{k}/{len(cases)} {row['wall_s']:6.1f}s] {case_line(row)}{note}", flush=True)
+        print(f"[{k}/{len(cases)} {row['wall_s']:6.1f}s] {case_line(row)}{noisy_note(row['foreign_cpu_load'])}",
+              flush=True)
         meta["wall_s"] = row["wall_s"]
-        write_json()
+        # after every case, so that a run cut short (a stage timeout) keeps what it measured
+        write_json({"meta": meta, "rows": rows}, out_path)
 
-    meta["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    meta["loadavg_end"] = load_average()
     meta["wall_s"] = time.perf_counter() - start
-    meta["noisy_rows"] = sum((r.get("foreign_cpu_load") or 0) > FOREIGN_LOAD_WARN for r in rows)
+    meta["noisy_rows"] = sum(noisy(r["foreign_cpu_load"]) for r in rows)
     print_table(rows, device)
 
     goals = [r for r in rows if r.get("goal_vs_func") is not None and r["status"] == "ok"]
@@ -284,7 +237,7 @@ def main(argv=None) -> int:
     if failed:
         print(f"\n{len(failed)} case(s) FAILED the meta-gradient check")
 
-    write_json()
+    write_json({"meta": meta, "rows": rows}, out_path)
     print(f"\nwrote {out_path} ({len(rows)} rows, {meta['wall_s']:.0f} s)")
     return 1 if failed else 0
 
