@@ -14,31 +14,34 @@ Three implementations of ``out[i][t] = params[i][t or shared] - lr * grads[i][t]
 
 Cases: N in {6, 100} tensors (weight matrices [out, in] and bias vectors [out] of uneven widths), total sizes
 1e4..1e8 elements (total = T * per-task size), T in {1, 32}, per-task params; shared params for T = 32.
-Before timing, all implementations are checked to give equal outputs (torch.testing.assert_close); a mismatch
-marks the row failed (and the script exits 1). Timing: warm-up, then torch.utils.benchmark.Timer(...)
-.blocked_autorange(), --repeats rounds interleaved over the implementations; median and IQR over all measured
-blocks. GB/s counts the minimal traffic: params (shared ones once) + grads read, outputs written.
+Before timing, all implementations are checked to give the fused outputs (normwise relative error per tensor
+<= 1e-6, as in `python -m mamlext bench`); a mismatch marks the row failed (and the script exits 1). Timing (the
+suite's): warm-up, then torch.utils.benchmark.Timer(...).blocked_autorange(), --repeats rounds interleaved over the
+implementations; median and IQR over all measured blocks. GB/s counts the minimal traffic: params (shared ones
+once) + grads read, outputs written.
 
 Usage:
   python benchmarks/bench_task_sgd.py                 # full run; CUDA if available, else CPU
   python benchmarks/bench_task_sgd.py --device cpu --quick
   python benchmarks/bench_task_sgd.py --device cuda --out gpu-results/task_sgd_cuda.json
 """
-import argparse
-import json
 import os
 import sys
 import time
 
 import torch
 
-from mamlext.bench.common import (FOREIGN_LOAD_WARN, MIN_SAMPLES_FOR_NOISE, ForeignLoad, machine_info, summary,
-                                  time_impls, wait_quiet)
-from mamlext.bench.task_sgd import fmt_size, layer_shapes, numel, task_sgd_impls
+from mamlext.bench import suite
+from mamlext.bench.common import (FOREIGN_LOAD_WARN, MIN_SAMPLES_FOR_NOISE, load_average, machine_info,
+                                  measure_case, mismatch, noisy, noisy_note, pick_device, print_machine, script_parser,
+                                  summary, time_impls, wait_quiet, write_json)
+from mamlext.bench.report import aligned
+from mamlext.bench.task_sgd import fmt_size, layer_shapes, numel, random_inputs, task_sgd_impls
 from mamlext.train import available_memory
 
-LR = 0.01
-DTYPE = torch.float32
+LR = suite.TASK_SGD_LR
+DTYPE = suite.DTYPE
+RTOL = suite.RTOL[DTYPE]["task_sgd"]
 ELEMENT_BYTES = torch.finfo(DTYPE).bits // 8
 FULL_SIZES = [10**4, 10**5, 10**6, 10**7, 10**8]
 QUICK_SIZES = [10**4, 10**6]
@@ -50,18 +53,6 @@ FULL_MIN_RUN_TIME = {10**4: 0.3, 10**5: 0.3, 10**6: 0.45, 10**7: 0.6, 10**8: 1.5
 QUICK_MIN_RUN_TIME = 0.15
 
 
-def check_equal(outs, ref):
-    """None when outs equals ref (the fused outputs), else the first mismatch as text."""
-    try:
-        if len(outs) != len(ref):
-            return f"{len(outs)} outputs instead of {len(ref)}"
-        for i, (a, b) in enumerate(zip(outs, ref)):
-            torch.testing.assert_close(a, b, msg=lambda m, i=i: f"output {i}: {m}")
-    except AssertionError as error:
-        return str(error).splitlines()[0][:300]
-    return None
-
-
 def run_case(device, size, n_tensors, tasks, shared, min_run_time, repeats, copy_gbps):
     per_task = max(1, size // tasks)
     shapes = layer_shapes(n_tensors, per_task)
@@ -70,8 +61,7 @@ def run_case(device, size, n_tensors, tasks, shared, min_run_time, repeats, copy
     param_elements = per_task_actual if shared else elements
     traffic = (param_elements + 2 * elements) * ELEMENT_BYTES
     row = {
-        "size": size, "size_label": fmt_size(size), "n_tensors": n_tensors, "tasks": tasks,
-        "params": "shared" if shared else "per_task", "elements": elements, "per_task_elements": per_task_actual,
+        **case_fields(size, n_tensors, tasks, shared), "elements": elements, "per_task_elements": per_task_actual,
         "largest_tensor_elements": max(tasks * numel(s) for s in shapes), "bytes_moved": traffic,
         "status": "ok",
     }
@@ -83,22 +73,15 @@ def run_case(device, size, n_tensors, tasks, shared, min_run_time, repeats, copy
         return row
 
     gen = torch.Generator(device=device).manual_seed(size + n_tensors + tasks)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=gen, device=device, dtype=DTYPE)
-
-    params = [rand(*s) if shared else rand(tasks, *s) for s in shapes]
-    grads = [rand(tasks, *s) for s in shapes]
-    lr = LR
-
-    impls, foreach_names = task_sgd_impls(params, grads, lr, shared)
+    params, grads = random_inputs(shapes, tasks, shared, gen, DTYPE)
+    impls, foreach_names = task_sgd_impls(params, grads, LR, shared)
 
     ref = impls["fused"]()
     failures = []
     for name, fn in impls.items():
         if name == "fused":
             continue
-        problem = check_equal(fn(), ref)
+        problem = mismatch(fn(), ref, RTOL)
         if problem:
             failures.append(f"{name} != fused: {problem}")
     del ref
@@ -113,13 +96,8 @@ def run_case(device, size, n_tensors, tasks, shared, min_run_time, repeats, copy
     row["foreach_variant"] = best_foreach.split(":", 1)[1]
     row["foreach_variants_median_ms"] = {name.split(":", 1)[1]: stats[name]["median_ms"] for name in foreach_names}
     for key, name in (("fused", "fused"), ("loop", "loop"), ("foreach", best_foreach)):
-        s = stats[name]
-        row[f"{key}_median_ms"] = s["median_ms"]
-        row[f"{key}_iqr_ms"] = s["iqr_ms"]
-        row[f"{key}_q1_ms"] = s["q1_ms"]
-        row[f"{key}_q3_ms"] = s["q3_ms"]
-        row[f"{key}_samples"] = s["samples"]
-        row[f"{key}_gbps"] = traffic / (s["median_ms"] * 1e-3) / 1e9
+        row.update({f"{key}_{stat}": value for stat, value in stats[name].items()})
+        row[f"{key}_gbps"] = traffic / (stats[name]["median_ms"] * 1e-3) / 1e9
     row["speedup_vs_loop"] = row["loop_median_ms"] / row["fused_median_ms"]
     row["speedup_vs_foreach"] = row["foreach_median_ms"] / row["fused_median_ms"]
     row["slower_than_foreach"] = row["speedup_vs_foreach"] < 1.0
@@ -129,6 +107,11 @@ def run_case(device, size, n_tensors, tasks, shared, min_run_time, repeats, copy
     if copy_gbps:
         row["fused_fraction_of_copy_bw"] = row["fused_gbps"] / copy_gbps
     return row
+
+
+def case_fields(size, n_tensors, tasks, shared):
+    return {"size": size, "size_label": fmt_size(size), "n_tensors": n_tensors, "tasks": tasks,
+            "params": "shared" if shared else "per_task"}
 
 
 def measure_copy_bandwidth(device, repeats):
@@ -179,30 +162,20 @@ def print_table(rows, copy, device):
             status = "ok"
             if r["slower_than_foreach"]:
                 status = "SLOWER than foreach" + NOISE_NOTE[r["slower_than_foreach_beyond_noise"]]
-            if (r.get("foreign_cpu_load") or 0) > FOREIGN_LOAD_WARN:
-                status += f" [noisy: other processes used {r['foreign_cpu_load']:.1f} CPUs]"
-            cells.append(status)
+            cells.append(status + noisy_note(r.get("foreign_cpu_load")))
         else:
             cells += [""] * (len(cols) - len(cells) - 1) + [r["status"]]
         table.append(cells)
-    widths = [max(len(c), *(len(row[i]) for row in table)) if table else len(c) for i, c in enumerate(cols)]
-    print()
-    print(f"task_sgd on {device} (float32, lr={LR}); ms = median per call, (IQR); "
-          f"speedups = other impl's median / fused median")
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
-    print("  ".join("-" * w for w in widths))
-    for cells in table:
-        print("  ".join(c.ljust(w) for c, w in zip(cells, widths)))
+    title = (f"task_sgd on {device} (float32, lr={LR}); ms = median per call, (IQR); "
+             "speedups = other impl's median / fused median")
+    print("\n" + "\n".join(aligned(cols, table, [title])))
     if copy:
         print(f"\ndevice-to-device copy: {copy['gbps']:.0f} GB/s ({copy['elements']:,d} floats, 2*bytes/time); "
               "'of copy BW' = fused GB/s / copy GB/s, shown for sizes >= 1e7")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", help="JSON output path (default bench-results/task_sgd_<device>.json)")
+    parser = script_parser(__doc__, "task_sgd")
     parser.add_argument("--quick", action="store_true", help="tiny run (sizes 1e4 and 1e6, short timings)")
     parser.add_argument("--sizes", help="comma-separated total sizes to run instead, e.g. 1e7,1e8")
     parser.add_argument("--wait-quiet", type=float, default=0, metavar="S",
@@ -213,27 +186,15 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=None,
                         help="rounds of blocked_autorange per implementation, interleaved (default 3, quick 1)")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but torch sees no CUDA GPU")
+    device = pick_device(parser, args.device)
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
     if repeats < 1:
         parser.error("--repeats must be at least 1")
-    out_path = args.out or os.path.join("bench-results", f"task_sgd_{args.device}.json")
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
+    out_path = args.out or os.path.join("bench-results", f"task_sgd_{device.type}.json")
 
     meta = machine_info(device)
     meta.update({"device": str(device), "dtype": str(DTYPE), "lr": LR, "quick": args.quick, "repeats": repeats})
-    print(f"torch {torch.__version__}, {meta['cpu_model']}, {meta['torch_num_threads']} threads, "
-          f"device {device}{' (' + meta['gpu_name'] + ')' if device.type == 'cuda' else ''}, "
-          f"fused backend: {meta['fused_backend']}", flush=True)
-    if meta["fused_backend"] != "compiled":
-        print(f"WARNING: mamlext has no compiled kernels for {device.type}; 'fused' is the pure-PyTorch reference",
-              flush=True)
-    if meta["loadavg_start"] and meta["cpu_affinity"] and meta["loadavg_start"][0] > 0.5 * meta["cpu_affinity"]:
-        print(f"WARNING: 1-minute load average {meta['loadavg_start'][0]:.2f} on {meta['cpu_affinity']} CPUs: "
-              "other processes are running, timings will be noisy", flush=True)
+    print_machine(meta, device, "task_sgd kernel", meta["fused_backend"] == "compiled")
 
     copy = None
     if device.type == "cuda":
@@ -258,31 +219,20 @@ def main(argv=None):
         for attempt in range(1 + args.retry_noisy):
             if args.wait_quiet:
                 wait_quiet(args.wait_quiet)
-            load = ForeignLoad()
-            try:
-                row = run_case(device, size, n_tensors, tasks, shared, min_run_time, repeats,
-                               copy["gbps"] if copy else None)
-            except torch.OutOfMemoryError as error:  # a skip, not a failure of the op
-                row = {"size": size, "size_label": fmt_size(size), "n_tensors": n_tensors, "tasks": tasks,
-                       "params": "shared" if shared else "per_task", "elements": 0,
-                       "status": f"skipped: out of memory ({str(error).splitlines()[0][:120]})"}
-            finally:
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            row["foreign_cpu_load"] = load.cpus()
+            row = measure_case(lambda: run_case(device, size, n_tensors, tasks, shared, min_run_time, repeats,
+                                                copy["gbps"] if copy else None),
+                               {**case_fields(size, n_tensors, tasks, shared), "elements": 0}, device)
             row["attempts"] = attempt + 1
-            noisy = row["foreign_cpu_load"] is not None and row["foreign_cpu_load"] > FOREIGN_LOAD_WARN
-            note = f"  [other processes used {row['foreign_cpu_load']:.1f} CPUs: noisy]" if noisy else ""
-            print(f"[{k:>2}/{len(cases)} {time.perf_counter() - start:6.1f}s] {case_line(row)}{note}", flush=True)
-            if not noisy or row["status"] != "ok":
+            print(f"[{k:>2}/{len(cases)} {time.perf_counter() - start:6.1f}s] {case_line(row)}"
+                  f"{noisy_note(row['foreign_cpu_load'])}", flush=True)
+            if not noisy(row["foreign_cpu_load"]) or row["status"] != "ok":
                 break
             if attempt < args.retry_noisy:
                 print("        ... measuring this case again", flush=True)
         rows.append(row)
 
-    meta["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    noisy = [r for r in rows if (r.get("foreign_cpu_load") or 0) > FOREIGN_LOAD_WARN]
-    meta["noisy_rows"] = len(noisy)
+    meta["loadavg_end"] = load_average()
+    meta["noisy_rows"] = sum(noisy(r["foreign_cpu_load"]) for r in rows)
     meta["wall_s"] = time.perf_counter() - start
     print_table(rows, copy, device)
 
@@ -297,15 +247,14 @@ def main(argv=None):
                   f"{NOISE_NOTE[r['slower_than_foreach_beyond_noise']]}")
     else:
         print("\nfused is at least as fast as torch._foreach_* in every measured case")
-    if noisy:
-        print(f"\nWARNING: {len(noisy)} case(s) ran while other processes used more than {FOREIGN_LOAD_WARN} CPUs; "
-              "their timings (above all the multi-threaded ones) are not trustworthy: rerun on a quiet machine")
+    if meta["noisy_rows"]:
+        print(f"\nWARNING: {meta['noisy_rows']} case(s) ran while other processes used more than "
+              f"{FOREIGN_LOAD_WARN} CPUs; their timings (above all the multi-threaded ones) are not trustworthy: "
+              "rerun on a quiet machine")
     if failed:
         print(f"\n{len(failed)} case(s) FAILED the equality check")
 
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    with open(out_path, "w") as f:
-        json.dump({"meta": meta, "copy_bandwidth": copy, "rows": rows}, f, indent=2)
+    write_json({"meta": meta, "copy_bandwidth": copy, "rows": rows}, out_path)
     print(f"\nwrote {out_path} ({len(rows)} rows, {meta['wall_s']:.0f} s)")
     return 1 if failed else 0
 
