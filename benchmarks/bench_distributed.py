@@ -11,8 +11,8 @@ Usage:
 import argparse
 import json
 import sys
-from pathlib import Path
 
+from mamlext.bench.common import write_json
 from mamlext.bench.distributed import describe, run
 
 
@@ -39,11 +39,9 @@ def main(argv=None) -> int:
                      iters_per_block=args.iters_per_block)
     except ValueError as error:
         parser.error(str(error))
-    text = json.dumps(result, indent=2)
-    print(text)
+    print(json.dumps(result, indent=2))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+        write_json(result, args.out)
     print(describe(result), file=sys.stderr)
     return 0
 
