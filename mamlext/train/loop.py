@@ -156,7 +156,7 @@ def _train(config, out, resume, progress, evaluate, callback, overrides) -> Dict
     window_start, window_iters = time.perf_counter() - carried["seconds"], carried["iterations"]
     interrupts = Interrupts()
     snapshot = None
-    model, optimizer = experiment.model, experiment.optimizer
+    optimizer = experiment.optimizer
     try:
         with (open(metrics_path, "a") if main else contextlib.nullcontext()) as metrics_file, interrupts:
             while iteration < c["iterations"]:
