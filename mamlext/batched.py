@@ -161,7 +161,7 @@ def select_engine(model: nn.Module, backend: str, owner: str = "BatchedMAML", lo
     raise ValueError(f"{owner}: no engine serves this model ({'; '.join(reasons)})")
 
 
-class FusedMLPModule(nn.Module):
+class TaskBatchedAlgorithm(nn.Module):
     """What the task-batched algorithms share (BatchedMAML, algorithms.iMAML): the model binding to an engine, the
     input checks and predict. Subclasses set ``loss``, call _bind_model and use ``_check_pair``; error messages name
     the subclass. ``_engines`` lists the engines the subclass can run on."""
@@ -335,7 +335,7 @@ class FusedMLPModule(nn.Module):
         return reference.mlp_forward(adapted, x, ACTIVATIONS[self.activation], self.act_param)
 
 
-class BatchedMAML(FusedMLPModule):
+class BatchedMAML(TaskBatchedAlgorithm):
     """MAML over a batch of T tasks at once, with exact (second-order unless first_order) meta-gradients.
 
     Args:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from mamlext import ops
 from mamlext._mlp_codes import LOSSES
-from mamlext.batched import FusedMLPModule
+from mamlext.batched import TaskBatchedAlgorithm
 from mamlext.rates import InnerRates
 
 
@@ -80,7 +80,7 @@ def _check_positive_float(name: str, value) -> float:
 LAM_RANGE = (1e-8, 1e8)
 
 
-class iMAML(FusedMLPModule):  # noqa: N801  (the algorithm's name)
+class iMAML(TaskBatchedAlgorithm):  # noqa: N801  (the algorithm's name)
     """Implicit MAML over a batch of T tasks at once.
 
     Args:
