@@ -91,7 +91,7 @@ def task_sgd(params: Sequence[Tensor], grads: Sequence[Tensor], lr: Lr) -> List[
 
 
 _MLP_DTYPES = (torch.float64, torch.float32)
-MLP_MAX_LAYERS = 16  # kMlpMaxLayers in csrc/common/mlp_math.h
+MLP_MAX_LAYERS = 16  # kMlpMaxLayers in csrc/common/mlp_passes.h
 
 
 def clone_tensors(tensors: Sequence[Tensor]) -> List[Tensor]:

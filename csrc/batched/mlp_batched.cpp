@@ -1,5 +1,5 @@
 // The batched implementation of mlp_loss_grad, mlp_hvp and mlp_maml (see mlp_batched.h): the passes of
-// common/mlp_math.h over [T, K, width] tensors with ATen GEMMs, the element-wise parts in the kernels below (CPU) and
+// common/mlp_passes.h over [T, K, width] tensors with ATen GEMMs, the element-wise parts in the kernels below (CPU) and
 // in cuda/mlp_elementwise.cu (CUDA). Also the CUDA registration of the three ops.
 #include "batched/mlp_batched.h"
 
@@ -155,7 +155,7 @@ class BatchedMlp {
                 "mamlext: the batched MLP ops run on CPU and CUDA tensors, got ", like.device());
   }
 
-  // Per-layer values of one pass over [T, K, *] rows (see common/mlp_math.h MlpActivations).
+  // Per-layer values of one pass over [T, K, *] rows (see common/mlp_passes.h MlpActivations).
   struct Pass {
     std::vector<at::Tensor> z, h, dz, dh, rz, rh;
   };

@@ -7,7 +7,7 @@
 #include <cmath>
 #include <vector>
 
-#include "common/mlp_math.h"
+#include "common/mlp_passes.h"
 
 namespace mamlext {
 

@@ -1,6 +1,6 @@
 // CPU kernels of mlp_forward, mlp_backward and mlp_backward_backward: one MLP on one batch of rows (no task
 // dimension) and its first and second derivatives, the layers that mamlext.nn.FusedMLP and mamlext.MAML run. The
-// arithmetic is common/mlp_math.h's passes, the ones the fused MAML ops run per task, on one thread:
+// arithmetic is common/mlp_passes.h's passes, the ones the fused MAML ops run per task, on one thread:
 //   mlp_forward            forward pass; returns the output z_{L-1} and the hidden layers' z and h.
 //   mlp_backward           backward pass from grad_out = dL/dz_{L-1}: the gradients of the parameters (and of x).
 //   mlp_backward_backward  the backward of mlp_backward. With S = <U, dparams> + <u, dx> for the incoming
@@ -17,7 +17,7 @@
 #include <vector>
 
 #include "common/mlp_checks.h"
-#include "common/mlp_math.h"
+#include "common/mlp_passes.h"
 #include "common/mlp_tasks.h"
 
 namespace mamlext {
