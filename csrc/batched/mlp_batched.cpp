@@ -13,6 +13,7 @@
 #include <optional>
 
 #include "common/mlp_checks.h"
+#include "common/mlp_passes.h"
 #include "common/mlp_tasks.h"  // contiguous, per_task_outputs
 
 namespace mamlext {

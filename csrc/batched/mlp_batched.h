@@ -6,7 +6,8 @@
 // the small kernels declared below, which call the scalar C10_HOST_DEVICE functions of common/activations.h,
 // common/losses.h and common/sgd_math.h: a CPU variant (at::parallel_for, mlp_batched.cpp) and a CUDA variant
 // (grid-stride kernels, cuda/mlp_elementwise.cu). The passes and the MAML reverse recursion are the ones of
-// common/mlp_passes.h (which the per-task CPU kernel runs), spelled over whole [T, ...] tensors.
+// common/mlp_passes.h and common/mlp_maml_math.h (which the per-task CPU kernel runs), spelled over whole [T, ...]
+// tensors.
 //
 // The CUDA kernels of mlp_loss_grad and mlp_hvp, and of mlp_maml on wide networks (cuda/mlp_block.cu registers
 // them); on the CPU, cpu/mlp.cpp calls it for wide networks (see mlp_cpu_path there).
@@ -21,7 +22,6 @@
 
 #include "common/activations.h"
 #include "common/losses.h"
-#include "common/mlp_passes.h"
 #include "common/sgd_math.h"
 
 namespace mamlext {
@@ -45,7 +45,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_mam
 // Element-wise kernels.
 
 // The per-element updates of mlp_maml's inner loop and reverse recursion over a parameter's [T, S] elements, with
-// operands a, b, c and a host scalar w (common/mlp_passes.h mlp_maml_task spells the same updates per task):
+// operands a, b, c and a host scalar w (common/mlp_maml_math.h mlp_maml_task spells the same updates per task):
 enum class MamlUpdate : int8_t {
   kSgdStep = 0,   // theta_{k+1} = sgd_update(a = theta_k, b = g_k, c = alpha_k)
   kDirection = 1,  // alpha_k * v_{k+1}: c = alpha_k, a = v

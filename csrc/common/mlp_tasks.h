@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common/mlp_checks.h"
+#include "common/mlp_maml_math.h"
 #include "common/mlp_passes.h"
 
 namespace mamlext {

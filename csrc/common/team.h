@@ -1,4 +1,4 @@
-// Teams: the threads that run one task's MLP math (common/mlp_passes.h) together.
+// Teams: the threads that run one task's MLP math (common/mlp_passes.h, common/mlp_maml_math.h) together.
 //
 // The per-task passes are written once, for any team: member rank() of size() takes the elements
 // rank, rank + size, ... of an element-wise loop and its share of a product's register blocks; sync() separates a

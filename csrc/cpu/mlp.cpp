@@ -1,6 +1,6 @@
 // CPU kernels of the fused MLP ops mlp_loss_grad, mlp_hvp and mlp_maml. Two implementations:
 //   per task: validation and allocation on the host, then one at::parallel_for over tasks, each chunk of tasks with
-//     its own scratch buffer; the per-task math is common/mlp_passes.h (on a SerialTeam);
+//     its own scratch buffer; the per-task math is common/mlp_maml_math.h and common/mlp_passes.h (on a SerialTeam);
 //   batched:  batched/mlp_batched.h (ATen batched GEMMs over the tasks + the shared element-wise math).
 // mlp_cpu_path picks one per call (see there; the per-task one unless told otherwise). A third path, for tests only, runs the per-task math on a team of
 // std::threads per task, the way the CUDA block kernel (cuda/mlp_block.cu) runs it on a thread block.
@@ -25,6 +25,7 @@
 #include "common/mlp_checks.h"
 #include "common/mlp_passes.h"
 #include "common/mlp_tasks.h"
+#include "common/small_gemm.h"
 
 namespace mamlext {
 namespace {
@@ -74,7 +75,7 @@ int64_t task_grain(int64_t tasks, int64_t work_per_task) {
 // Multiply-adds of one forward pass over `rows` rows.
 int64_t forward_work(const MlpDims& d, int64_t rows) { return rows * d.total_param_numel(); }
 
-// The per-task loops, compiled per instruction set (MAMLEXT_HOST_ISA_CLONES, common/mlp_passes.h).
+// The per-task loops, compiled per instruction set (MAMLEXT_HOST_ISA_CLONES, common/small_gemm.h).
 #define MAMLEXT_MLP_TASK_CLONES(T)                                                                              \
   MAMLEXT_HOST_ISA_CLONES void loss_grad_tasks_isa(const LossGradArgs<T>& g, int64_t begin, int64_t end, T* s) { \
     loss_grad_tasks(SerialTeam(), g, begin, end, 1, s);                                                         \

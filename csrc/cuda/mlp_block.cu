@@ -1,6 +1,6 @@
 // The CUDA kernels of the fused MLP ops. On narrow networks (every width <= 64) each op is one launch of a block
 // kernel: one thread block per task runs the task's whole computation (for mlp_maml the inner loop and the reverse
-// recursion: common/mlp_passes.h mlp_maml_task on a BlockTeam), with the task's scratch (activations, transposed
+// recursion: common/mlp_maml_math.h mlp_maml_task on a BlockTeam), with the task's scratch (activations, transposed
 // weights and, for mlp_maml, the MamlScratch thetas and gradients) in shared memory when it fits, else in a global
 // workspace. Wider networks run the batched implementation (batched/mlp_batched.h: cuBLAS GEMMs +
 // cuda/mlp_elementwise.cu).

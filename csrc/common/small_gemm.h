@@ -1,0 +1,256 @@
+// The small dense linear algebra of one task's MLP math (common/mlp_passes.h), on raw pointers, shared by the CPU
+// and CUDA kernels so that both run the same arithmetic.
+//
+// Every matrix product is one register-tiled kernel, gemm (C (+)= A B, B row-major): blocks of C stay in registers
+// while the shared dimension streams by, and each element of C is summed over that dimension in order, whatever the
+// tiling (but for single-column products: dot products, vectorized).
+//
+// The team helpers (fill, dot, axpy, team_gemm) take a team (common/team.h), the threads that run a task together:
+// one on the CPU (SerialTeam), for which team_gemm is gemm; a thread block on the GPU (cuda/mlp_block.cu), whose
+// members deal out small blocks of C (gemm_in_small_blocks), each summed in the same order as by gemm. fill, axpy and
+// team_gemm give each member its share and return unsynced.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cstdint>
+
+#include "common/team.h"
+
+// Host code compiled for AVX-512, AVX2 + FMA and the baseline x86-64 (GCC), the best picked when the library loads
+// (the build targets the baseline, on which the matrix loops run 4 floats per instruction, without FMA). flatten
+// inlines all that such a function calls, so that all of it is compiled for the clone's instruction set.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#define MAMLEXT_HOST_ISA_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten))
+// gemm is such a function of its own (called, not inlined, by its callers): one copy of its register blocks per
+// instruction set instead of one per call site, which kept the CPU kernels' file compiling for minutes.
+#define MAMLEXT_GEMM_FUNCTION MAMLEXT_HOST_ISA_CLONES
+#else
+#define MAMLEXT_HOST_ISA_CLONES
+#define MAMLEXT_GEMM_FUNCTION C10_HOST_DEVICE inline
+#endif
+
+namespace mamlext {
+
+// A loop whose partial sums may be reordered so that it vectorizes: `omp simd reduction` on the host (the build
+// passes -fopenmp), nothing in device code.
+#define MAMLEXT_PRAGMA(...) _Pragma(#__VA_ARGS__)
+#if defined(_OPENMP) && !defined(__CUDA_ARCH__)
+#define MAMLEXT_SIMD_SUM(...) MAMLEXT_PRAGMA(omp simd reduction(+ : __VA_ARGS__))
+#else
+#define MAMLEXT_SIMD_SUM(...)
+#endif
+
+// ---------------------------------------------------------------------------------------------------------------
+// Vectors: member rank() of size() takes elements rank, rank + size, ...
+
+template <typename Team, typename scalar_t>
+C10_HOST_DEVICE inline void fill(const Team& team, int64_t n, scalar_t value, scalar_t* __restrict__ out) {
+  for (int64_t j = team.rank(); j < n; j += team.size()) out[j] = value;
+}
+
+// <a, b> over n elements, returned to every member (the reduction syncs).
+template <typename Team, typename scalar_t>
+C10_HOST_DEVICE inline scalar_t dot(const Team& team, int64_t n, const scalar_t* __restrict__ a,
+                                    const scalar_t* __restrict__ b) {
+  scalar_t s = 0;
+  MAMLEXT_SIMD_SUM(s)
+  for (int64_t j = team.rank(); j < n; j += team.size()) s += a[j] * b[j];
+  return team.sum(s);
+}
+
+// out[j] += alpha * x[j].
+template <typename Team, typename scalar_t>
+C10_HOST_DEVICE inline void axpy(const Team& team, int64_t n, scalar_t alpha, const scalar_t* __restrict__ x,
+                                 scalar_t* __restrict__ out) {
+  for (int64_t j = team.rank(); j < n; j += team.size()) out[j] += alpha * x[j];
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Matrix products.
+
+// C (+)= A B for C [M, N] (row stride ldc), A [M, depth] read as A[r, p] = a[r * a_row + p * a_col] (a matrix,
+// its transpose, or with zero strides a constant), B [depth, N] row-major (row stride ldb).
+template <typename scalar_t>
+struct GemmOperands {
+  int64_t M = 0, N = 0, depth = 0;
+  const scalar_t* a = nullptr;
+  int64_t a_row = 0, a_col = 0;
+  const scalar_t* b = nullptr;
+  int64_t ldb = 0;
+  scalar_t* c = nullptr;
+  int64_t ldc = 0;
+};
+
+template <typename scalar_t>
+C10_HOST_DEVICE inline GemmOperands<scalar_t> gemm_operands(int64_t M, int64_t N, int64_t depth, const scalar_t* a,
+                                                            int64_t a_row, int64_t a_col, const scalar_t* b,
+                                                            int64_t ldb, scalar_t* c, int64_t ldc) {
+  GemmOperands<scalar_t> g;
+  g.M = M, g.N = N, g.depth = depth;
+  g.a = a, g.a_row = a_row, g.a_col = a_col;
+  g.b = b, g.ldb = ldb;
+  g.c = c, g.ldc = ldc;
+  return g;
+}
+
+// Rows [r0, r0 + MR) x columns [c0, c0 + NR) of C, held in registers over the whole shared dimension.
+#if defined(__GNUC__) && !defined(__CUDACC__)
+// Host: with GCC's vector types, spelled out so that the compiler keeps the accumulators in registers (from plain
+// arrays it kept them on the stack outside the inner loop). NR * sizeof(scalar_t) is 128 or 32 bytes (two 64-byte or
+// one 32-byte vector per row), or NR is 1. The arithmetic is the same as the portable version below.
+template <typename scalar_t, int Bytes>
+struct HostVector {
+  typedef scalar_t type __attribute__((vector_size(Bytes)));
+};
+
+template <int MR, int NR, typename scalar_t>
+inline void gemm_block(const GemmOperands<scalar_t>& g, int64_t r0, int64_t c0, bool accumulate) {
+  constexpr int kBytes = NR * static_cast<int>(sizeof(scalar_t)) >= 64 ? 64 : NR * static_cast<int>(sizeof(scalar_t));
+  constexpr int kLanes = kBytes / static_cast<int>(sizeof(scalar_t)), kVectors = NR / kLanes;
+  using V = typename HostVector<scalar_t, kBytes>::type;
+  static_assert(kVectors * kLanes == NR, "gemm_block: NR must fill whole vectors");
+  V acc[MR][kVectors];
+  scalar_t* c = g.c + r0 * g.ldc + c0;
+  for (int r = 0; r < MR; ++r) {
+    for (int v = 0; v < kVectors; ++v) {
+      if (accumulate) {
+        __builtin_memcpy(&acc[r][v], c + r * g.ldc + v * kLanes, kBytes);
+      } else {
+        acc[r][v] = V{};
+      }
+    }
+  }
+  const scalar_t* a = g.a + r0 * g.a_row;
+  const scalar_t* b = g.b + c0;
+  for (int64_t p = 0; p < g.depth; ++p) {
+    V b_row[kVectors];
+    for (int v = 0; v < kVectors; ++v) __builtin_memcpy(&b_row[v], b + p * g.ldb + v * kLanes, kBytes);
+    for (int r = 0; r < MR; ++r) {
+      const V a_rp = V{} + a[r * g.a_row + p * g.a_col];
+      for (int v = 0; v < kVectors; ++v) acc[r][v] += a_rp * b_row[v];
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    for (int v = 0; v < kVectors; ++v) __builtin_memcpy(c + r * g.ldc + v * kLanes, &acc[r][v], kBytes);
+  }
+}
+#else
+template <int MR, int NR, typename scalar_t>
+C10_HOST_DEVICE inline void gemm_block(const GemmOperands<scalar_t>& g, int64_t r0, int64_t c0, bool accumulate) {
+  scalar_t acc[MR][NR];
+  scalar_t* c = g.c + r0 * g.ldc + c0;
+  for (int r = 0; r < MR; ++r) {
+    for (int j = 0; j < NR; ++j) acc[r][j] = accumulate ? c[r * g.ldc + j] : scalar_t(0);
+  }
+  const scalar_t* a = g.a + r0 * g.a_row;
+  const scalar_t* b = g.b + c0;
+  for (int64_t p = 0; p < g.depth; ++p) {
+    for (int r = 0; r < MR; ++r) {
+      const scalar_t a_rp = a[r * g.a_row + p * g.a_col];
+      for (int j = 0; j < NR; ++j) acc[r][j] += a_rp * b[p * g.ldb + j];
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    for (int j = 0; j < NR; ++j) c[r * g.ldc + j] = acc[r][j];
+  }
+}
+#endif
+
+// Rows [r0, r0 + MR), all N columns: blocks of 128 bytes of columns (two AVX-512 registers per row), then of 32
+// bytes, then single columns.
+template <int MR, typename scalar_t>
+C10_HOST_DEVICE inline void gemm_rows(const GemmOperands<scalar_t>& g, int64_t r0, bool accumulate) {
+  constexpr int kWide = static_cast<int>(128 / sizeof(scalar_t)), kNarrow = static_cast<int>(32 / sizeof(scalar_t));
+  int64_t c = 0;
+  for (; c + kWide <= g.N; c += kWide) gemm_block<MR, kWide>(g, r0, c, accumulate);
+  for (; c + kNarrow <= g.N; c += kNarrow) gemm_block<MR, kNarrow>(g, r0, c, accumulate);
+  for (; c < g.N; ++c) gemm_block<MR, 1>(g, r0, c, accumulate);
+}
+
+// At most 6 rows per block: 12 accumulator registers for the widest blocks, so that the multiply-adds of a block
+// are independent enough to fill the FMA units.
+constexpr int kGemmMaxRows = 6;
+
+template <typename scalar_t>
+C10_HOST_DEVICE inline void gemm_rows_n(int64_t rows, const GemmOperands<scalar_t>& g, int64_t r0, bool accumulate) {
+  switch (rows) {
+    case 6: gemm_rows<6>(g, r0, accumulate); break;
+    case 5: gemm_rows<5>(g, r0, accumulate); break;
+    case 4: gemm_rows<4>(g, r0, accumulate); break;
+    case 3: gemm_rows<3>(g, r0, accumulate); break;
+    case 2: gemm_rows<2>(g, r0, accumulate); break;
+    default: gemm_rows<1>(g, r0, accumulate); break;
+  }
+}
+
+// A single column of C with contiguous rows of A: a dot product per row.
+template <typename scalar_t>
+C10_HOST_DEVICE inline bool is_dot_per_row(const GemmOperands<scalar_t>& g) {
+  return g.N == 1 && g.a_col == 1 && g.ldb == 1;
+}
+
+// Rows first, first + step, ... of such a C.
+template <typename scalar_t>
+C10_HOST_DEVICE inline void gemm_dot_rows(const GemmOperands<scalar_t>& g, bool accumulate, int64_t first,
+                                          int64_t step) {
+  for (int64_t r = first; r < g.M; r += step) {
+    const scalar_t s = dot(SerialTeam(), g.depth, g.a + r * g.a_row, g.b);
+    g.c[r * g.ldc] = accumulate ? g.c[r * g.ldc] + s : s;
+  }
+}
+
+// C = A B (accumulate: C += A B). The rows go in blocks of equal size (at most kGemmMaxRows; the last may be
+// smaller): 10 rows are two blocks of 5 rather than 6 + 4. A single column with contiguous rows of A is a dot
+// product per row instead.
+template <typename scalar_t>
+MAMLEXT_GEMM_FUNCTION void gemm(const GemmOperands<scalar_t>& g, bool accumulate) {
+  if (is_dot_per_row(g)) {
+    gemm_dot_rows(g, accumulate, 0, 1);
+    return;
+  }
+  const int64_t blocks = (g.M + kGemmMaxRows - 1) / kGemmMaxRows;
+  const int64_t rows = blocks == 0 ? 0 : (g.M + blocks - 1) / blocks;
+  for (int64_t r = 0; r < g.M; r += rows) gemm_rows_n(g.M - r < rows ? g.M - r : rows, g, r, accumulate);
+}
+
+// Member `part` of `parts`'s share of C = A B (accumulate: C += A B) for a team of many threads (a GPU block): blocks
+// of at most 2 x 2 elements of C, small enough that every thread of a block has some for the narrow layers, dealt
+// out in turn; single columns with contiguous rows of A as dot products, by rows. Every element of C is summed in
+// the same order as by gemm.
+template <typename scalar_t>
+C10_HOST_DEVICE inline void gemm_in_small_blocks(const GemmOperands<scalar_t>& g, bool accumulate, int part,
+                                                 int parts) {
+  if (is_dot_per_row(g)) {
+    gemm_dot_rows(g, accumulate, part, parts);
+    return;
+  }
+  const int64_t row_blocks = (g.M + 1) / 2, column_blocks = (g.N + 1) / 2;
+  for (int64_t block = part; block < row_blocks * column_blocks; block += parts) {
+    const int64_t r = block / column_blocks * 2, c = block % column_blocks * 2;
+    const bool two_rows = r + 1 < g.M, two_columns = c + 1 < g.N;
+    if (two_rows && two_columns) {
+      gemm_block<2, 2>(g, r, c, accumulate);
+    } else if (two_rows) {
+      gemm_block<2, 1>(g, r, c, accumulate);
+    } else if (two_columns) {
+      gemm_block<1, 2>(g, r, c, accumulate);
+    } else {
+      gemm_block<1, 1>(g, r, c, accumulate);
+    }
+  }
+}
+
+// The team's share of C (+)= A B: one thread runs the register-tiled gemm, a team of several the small blocks.
+template <typename scalar_t>
+C10_HOST_DEVICE inline void team_gemm(const SerialTeam&, const GemmOperands<scalar_t>& g, bool accumulate) {
+  gemm(g, accumulate);
+}
+
+template <typename Team, typename scalar_t>
+C10_HOST_DEVICE inline void team_gemm(const Team& team, const GemmOperands<scalar_t>& g, bool accumulate) {
+  gemm_in_small_blocks(g, accumulate, team.rank(), team.size());
+}
+
+}  // namespace mamlext
