@@ -1,10 +1,9 @@
 // The batched implementation of mlp_loss_grad, mlp_hvp and mlp_maml (see mlp_batched.h): the passes of
-// common/mlp_passes.h over [T, K, width] tensors with ATen GEMMs, the element-wise parts in the kernels below (CPU) and
-// in cuda/mlp_elementwise.cu (CUDA). Also the CUDA registration of the three ops.
+// common/mlp_passes.h and the recursion of common/mlp_maml_math.h over [T, K, width] tensors with ATen GEMMs, the
+// element-wise parts in the kernels of the tensors' device (cpu/mlp_elementwise.cpp, cuda/mlp_elementwise.cu).
 #include "batched/mlp_batched.h"
 
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
@@ -17,98 +16,6 @@
 #include "common/mlp_tasks.h"  // contiguous, per_task_outputs
 
 namespace mamlext {
-
-// ---------------------------------------------------------------------------------------------------------------
-// CPU element-wise kernels: at::parallel_for over elements (or tasks), each chunk one call of the shared loop.
-
-namespace cpu_elementwise {
-namespace {
-
-// Elements per parallel chunk of an element-wise pass (the transcendental activations cost ~10-50 flops each).
-constexpr int64_t kElementGrain = 1 << 14;
-
-// Tasks per chunk so that a chunk holds at least ~kElementGrain elements.
-int64_t task_grain(int64_t per_task) { return std::max<int64_t>(1, kElementGrain / std::max<int64_t>(per_task, 1)); }
-
-template <MamlUpdate U, typename scalar_t>
-void maml_update_rows(const MamlUpdateArgs<scalar_t>& m) {
-  const int64_t S = m.per_task;
-  at::parallel_for(0, m.tasks * S, kElementGrain, [&](int64_t begin, int64_t end) {
-    // [begin, end) split at task boundaries, so that the inner loop runs over one task's contiguous elements.
-    for (int64_t e = begin; e < end;) {
-      const int64_t t = e / S, s0 = e - t * S, s1 = std::min(S, s0 + (end - e));
-      scalar_t* out = m.out.ptr + t * m.out.task_stride;
-      for (int64_t s = s0; s < s1; ++s) {
-        out[s * m.out.elem_stride] = maml_update_value<U, scalar_t>(operand_value(m.a, t, s), operand_value(m.b, t, s),
-                                                              operand_value(m.c, t, s), m.w);
-      }
-      e += s1 - s0;
-    }
-  });
-}
-
-}  // namespace
-
-template <typename scalar_t>
-void activation_forward(Activation act, scalar_t param, int64_t n, const scalar_t* z, scalar_t* h) {
-  at::parallel_for(0, n, kElementGrain, [&](int64_t begin, int64_t end) {
-    ::mamlext::activation_forward(SerialTeam(), act, param, end - begin, z + begin, h + begin);
-  });
-}
-
-template <typename scalar_t>
-void activation_backward(Activation act, scalar_t param, int64_t n, const scalar_t* z, const scalar_t* h,
-                         const scalar_t* in, scalar_t* out) {
-  at::parallel_for(0, n, kElementGrain, [&](int64_t begin, int64_t end) {
-    ::mamlext::activation_backward(SerialTeam(), act, param, end - begin, z + begin, h + begin, in + begin,
-                                   out + begin);
-  });
-}
-
-template <typename scalar_t>
-void activation_r_backward(Activation act, scalar_t param, int64_t n, const scalar_t* z, const scalar_t* h,
-                           const scalar_t* dh, const scalar_t* rz, scalar_t* rdz) {
-  at::parallel_for(0, n, kElementGrain, [&](int64_t begin, int64_t end) {
-    ::mamlext::activation_r_backward(SerialTeam(), act, param, end - begin, z + begin, h + begin, dh + begin,
-                                     rz + begin, rdz + begin);
-  });
-}
-
-template <typename scalar_t>
-void loss_forward_backward(Loss loss, int64_t tasks, int64_t K, int64_t O, const scalar_t* z,
-                           BatchedTargets<scalar_t> y, scalar_t* losses, scalar_t* dz) {
-  const int64_t n = K * O;
-  at::parallel_for(0, tasks, task_grain(n), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      losses[t] = ::mamlext::loss_forward_backward(SerialTeam(), loss, K, O, z + t * n, y.at(t),
-                                                   dz == nullptr ? dz : dz + t * n);
-    }
-  });
-}
-
-template <typename scalar_t>
-void loss_r_backward(Loss loss, int64_t tasks, int64_t K, int64_t O, const scalar_t* z, const scalar_t* rz,
-                     scalar_t* rdz) {
-  const int64_t n = K * O;
-  at::parallel_for(0, tasks, task_grain(n), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      ::mamlext::loss_r_backward(SerialTeam(), loss, K, O, z + t * n, rz + t * n, rdz + t * n);
-    }
-  });
-}
-
-template <typename scalar_t>
-void maml_update(const MamlUpdateArgs<scalar_t>& args) {
-  switch (args.update) {
-    case MamlUpdate::kSgdStep: maml_update_rows<MamlUpdate::kSgdStep>(args); break;
-    case MamlUpdate::kDirection: maml_update_rows<MamlUpdate::kDirection>(args); break;
-    case MamlUpdate::kLrGrad: maml_update_rows<MamlUpdate::kLrGrad>(args); break;
-    case MamlUpdate::kVUpdate: maml_update_rows<MamlUpdate::kVUpdate>(args); break;
-  }
-}
-
-}  // namespace cpu_elementwise
-
 namespace {
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
 // Every layer's matrix products are one at::bmm / at::baddbmm over [T, K, width] activations and [T, out, in]
 // weights (a shared weight, [out, in], is one at::mm over the T * K rows instead). Everything element-wise runs in
 // the small kernels declared below, which call the scalar C10_HOST_DEVICE functions of common/activations.h,
-// common/losses.h and common/sgd_math.h: a CPU variant (at::parallel_for, mlp_batched.cpp) and a CUDA variant
+// common/losses.h and common/sgd_math.h: a CPU variant (at::parallel_for, cpu/mlp_elementwise.cpp) and a CUDA variant
 // (grid-stride kernels, cuda/mlp_elementwise.cu). The passes and the MAML reverse recursion are the ones of
 // common/mlp_passes.h and common/mlp_maml_math.h (which the per-task CPU kernel runs), spelled over whole [T, ...]
 // tensors.
@@ -114,6 +114,7 @@ struct BatchedTargets {
 //   loss_forward_backward: per task t of z [T, K, O]: losses[t] = L_t, dz = dL_t/dz (dz may be null)
 //   loss_r_backward:       per task: rdz = H_loss rz
 //   maml_update:           see MamlUpdateArgs
+// CPU: cpu/mlp_elementwise.cpp.
 namespace cpu_elementwise {
 template <typename scalar_t>
 void activation_forward(Activation act, scalar_t param, int64_t n, const scalar_t* z, scalar_t* h);
@@ -154,5 +155,18 @@ template <typename scalar_t>
 void maml_update(const MamlUpdateArgs<scalar_t>& args);
 }  // namespace cuda_elementwise
 #endif
+
+// The explicit instantiations of one device type's kernels for scalar_t, in the file that defines them.
+#define MAMLEXT_INSTANTIATE_ELEMENTWISE(scalar_t)                                                                    \
+  template void activation_forward<scalar_t>(Activation, scalar_t, int64_t, const scalar_t*, scalar_t*);             \
+  template void activation_backward<scalar_t>(Activation, scalar_t, int64_t, const scalar_t*, const scalar_t*,       \
+                                              const scalar_t*, scalar_t*);                                           \
+  template void activation_r_backward<scalar_t>(Activation, scalar_t, int64_t, const scalar_t*, const scalar_t*,     \
+                                                const scalar_t*, const scalar_t*, scalar_t*);                        \
+  template void loss_forward_backward<scalar_t>(Loss, int64_t, int64_t, int64_t, const scalar_t*,                    \
+                                                BatchedTargets<scalar_t>, scalar_t*, scalar_t*);                     \
+  template void loss_r_backward<scalar_t>(Loss, int64_t, int64_t, int64_t, const scalar_t*, const scalar_t*,         \
+                                          scalar_t*);                                                                \
+  template void maml_update<scalar_t>(const MamlUpdateArgs<scalar_t>&);
 
 }  // namespace mamlext

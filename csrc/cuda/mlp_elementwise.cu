@@ -161,21 +161,8 @@ void maml_update(const MamlUpdateArgs<scalar_t>& args) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-#define MAMLEXT_INSTANTIATE(scalar_t)                                                                               \
-  template void activation_forward<scalar_t>(Activation, scalar_t, int64_t, const scalar_t*, scalar_t*);            \
-  template void activation_backward<scalar_t>(Activation, scalar_t, int64_t, const scalar_t*, const scalar_t*,     \
-                                              const scalar_t*, scalar_t*);                                         \
-  template void activation_r_backward<scalar_t>(Activation, scalar_t, int64_t, const scalar_t*, const scalar_t*,   \
-                                                const scalar_t*, const scalar_t*, scalar_t*);                      \
-  template void loss_forward_backward<scalar_t>(Loss, int64_t, int64_t, int64_t, const scalar_t*,                  \
-                                                BatchedTargets<scalar_t>, scalar_t*, scalar_t*);                   \
-  template void loss_r_backward<scalar_t>(Loss, int64_t, int64_t, int64_t, const scalar_t*, const scalar_t*,       \
-                                          scalar_t*);                                                              \
-  template void maml_update<scalar_t>(const MamlUpdateArgs<scalar_t>&);
-
-MAMLEXT_INSTANTIATE(float)
-MAMLEXT_INSTANTIATE(double)
-#undef MAMLEXT_INSTANTIATE
+MAMLEXT_INSTANTIATE_ELEMENTWISE(float)
+MAMLEXT_INSTANTIATE_ELEMENTWISE(double)
 
 }  // namespace cuda_elementwise
 }  // namespace mamlext
