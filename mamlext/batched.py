@@ -429,9 +429,9 @@ class BatchedMAML(TaskBatchedAlgorithm):
         weights = self.step_weights if self._multi_step else None
         params = self._params()
         if self._generic is None:
-            losses, _, _ = ops._mlp_maml_checked(params, xs, ys, xq, yq,
-                                                 self._rates.of_every_step(params, self.inner_steps),
-                                                 self.step_weights, self.first_order, *self._mlp_codes)
+            act_code, act_param, loss_code = self._mlp_codes
+            losses, _, _ = ops.mlp_maml(params, xs, ys, xq, yq, self._rates.of_every_step(params, self.inner_steps),
+                                        self.step_weights, self.first_order, act_code, act_param, loss_code)
         elif self.memory == "graph":
             losses = self._generic.task_losses_graph(xs, ys, xq, yq, self.inner_steps, self._rates, weights,
                                                      self.first_order)

@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from mamlext import _ext, rates, reference
+from mamlext import _checks, _ext, rates, reference
 from mamlext._mlp_codes import ACTIVATION_NAMES, ACTIVATIONS, DEFAULT_ACT_PARAM, LOSS_NAMES, LOSSES
 from mamlext.rates import Lr, MLPLr
 
@@ -39,7 +39,7 @@ def task_sgd(params: Sequence[Tensor], grads: Sequence[Tensor], lr: Lr) -> List[
 
 
 def _task_sgd_fake(params, grads, lr):
-    reference.check_task_sgd(params, grads, lr)
+    _checks.check_task_sgd(params, grads, lr)
     return [g.new_empty(g.shape) for g in grads]
 
 
@@ -187,9 +187,7 @@ def mlp_loss_grad(params: Sequence[Tensor], x: Tensor, y: Tensor, activation: Ac
     """
     act_code, act_param, loss_code = mlp_codes("mlp_loss_grad", activation, act_param, loss)
     params = list(params)
-    reference.check_mlp_loss_grad(params, x, y, act_code, act_param, loss_code,
-                                  check_values=x.device.type == "cpu")
-    if _compiled("mlp_loss_grad", x.device):
+    if isinstance(x, Tensor) and _compiled("mlp_loss_grad", x.device):  # the kernel checks its arguments
         return torch.ops.mamlext.mlp_loss_grad(params, x, y, act_code, act_param, loss_code)
     out = _MLPLossGradReference.apply(act_code, act_param, loss_code, x, y, *params)
     return out[0], list(out[1:])
@@ -202,9 +200,7 @@ def mlp_hvp(params: Sequence[Tensor], vectors: Sequence[Tensor], x: Tensor, y: T
     P tensors ``[T, *S_i]``). Returns P tensors ``[T, *S_i]``. Not differentiable."""
     act_code, act_param, loss_code = mlp_codes("mlp_hvp", activation, act_param, loss)
     params, vectors = list(params), list(vectors)
-    reference.check_mlp_hvp(params, vectors, x, y, act_code, act_param, loss_code,
-                            check_values=x.device.type == "cpu")
-    if _compiled("mlp_hvp", x.device):
+    if isinstance(x, Tensor) and _compiled("mlp_hvp", x.device):  # the kernel checks its arguments
         return torch.ops.mamlext.mlp_hvp(params, vectors, x, y, act_code, act_param, loss_code)
     with torch.no_grad():
         return reference.mlp_hvp(params, vectors, x, y, act_code, act_param, loss_code)
@@ -277,26 +273,15 @@ def mlp_maml(params: Sequence[Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: T
     """
     act_code, act_param, loss_code = mlp_codes("mlp_maml", activation, act_param, loss)
     params = list(params)
-    if not params or not isinstance(params[0], Tensor):
-        reference.check_mlp_maml(params, xs, ys, xq, yq, [], None, first_order, act_code, act_param, loss_code)
+    if not params or not isinstance(params[0], Tensor):  # the rates' and weights' dtype and device come from it
+        _checks.check_mlp_maml(params, xs, ys, xq, yq, [], None, first_order, act_code, act_param, loss_code)
     weights = _mlp_maml_step_weights(step_weights, lrs, params[0].dtype, params[0].device)
     steps = weights.shape[0] if isinstance(weights, Tensor) and weights.dim() == 1 else 1
     lrs = rates.mlp_maml_rates(lrs, params, steps)
-    on_cpu = xs.device.type == "cpu" if isinstance(xs, Tensor) else False
-    reference.check_mlp_maml(params, xs, ys, xq, yq, lrs, weights, first_order, act_code, act_param, loss_code,
-                             check_values=on_cpu)
-    return _mlp_maml_checked(params, xs, ys, xq, yq, lrs, weights, first_order, act_code, act_param, loss_code)
-
-
-def _mlp_maml_checked(params: List[Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, lrs: List[Tensor],
-                      step_weights: Tensor, first_order: bool, act_code: int, act_param: float,
-                      loss_code: int) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
-    """mlp_maml on arguments a caller has already validated (BatchedMAML checks its inputs once; the kernels keep
-    their own checks): codes from mlp_codes, P rate tensors, step_weights [N]."""
-    if _compiled("mlp_maml", xs.device):
-        return torch.ops.mamlext.mlp_maml(params, xs, ys, xq, yq, lrs, step_weights, first_order, act_code,
-                                          act_param, loss_code)
-    out = _MLPMAMLReference.apply(first_order, act_code, act_param, loss_code, xs, ys, xq, yq, step_weights,
+    if isinstance(xs, Tensor) and _compiled("mlp_maml", xs.device):  # the kernel checks its arguments
+        return torch.ops.mamlext.mlp_maml(params, xs, ys, xq, yq, lrs, weights, first_order, act_code, act_param,
+                                          loss_code)
+    out = _MLPMAMLReference.apply(first_order, act_code, act_param, loss_code, xs, ys, xq, yq, weights,
                                   len(params), *params, *lrs)
     n = len(params)
     return out[0], list(out[1:1 + n]), list(out[1 + n:])
@@ -305,18 +290,18 @@ def _mlp_maml_checked(params: List[Tensor], xs: Tensor, ys: Tensor, xq: Tensor, 
 # --- fake (meta) implementations and autograd formulas of the compiled ops ---------------------------------------
 
 def _mlp_loss_grad_fake(params, x, y, activation, act_param, loss):
-    reference.check_mlp_loss_grad(params, x, y, activation, act_param, loss, check_values=False)
+    _checks.check_mlp_loss_grad(params, x, y, activation, act_param, loss, check_values=False)
     tasks = x.shape[0]
     return x.new_empty(tasks), [params[0].new_empty(s) for s in reference._task_shapes(params, tasks)]
 
 
 def _mlp_hvp_fake(params, vectors, x, y, activation, act_param, loss):
-    reference.check_mlp_hvp(params, vectors, x, y, activation, act_param, loss, check_values=False)
+    _checks.check_mlp_hvp(params, vectors, x, y, activation, act_param, loss, check_values=False)
     return [v.new_empty(v.shape) for v in vectors]
 
 
 def _mlp_maml_fake(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss):
-    reference.check_mlp_maml(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss,
+    _checks.check_mlp_maml(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss,
                              check_values=False)
     tasks = xs.shape[0]
     return (xs.new_empty(tasks), [p.new_empty(tasks, *p.shape) for p in params],
@@ -346,7 +331,7 @@ def mlp(params: Sequence[Tensor], x: Tensor, activation: Activation = "relu",
     through the fused op raise an error."""
     act_code, act_param, _ = mlp_codes("mlp", activation, act_param, "mse")
     params = list(params)
-    sizes = reference._check_mlp_params("mlp", params, shared_only=True)
+    sizes = _checks._check_mlp_params("mlp", params, shared_only=True)
     if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != sizes[0]:
         got = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"mlp: x must be a tensor [..., in] with in = {sizes[0]} (params[0] is "
@@ -415,16 +400,14 @@ def maml_reverse_step(v: Sequence[Tensor], hv: Sequence[Tensor], grads: Sequence
     Returns ``(v_next, lr_grads)``: v_next P tensors ``[T, *S_i]`` (``[S_i]`` when sum_tasks); lr_grads P tensors
     ``[S_i]``, ``-sum_t g_t * v_t`` (per-element d meta-loss / d alpha_k; sum it for one rate per tensor), or empty.
     """
-    reference.check_maml_reverse_step(v, hv, grads, sum_tasks)  # before list(): a tensor is not a list of tensors
-    v, hv, grads = list(v), list(hv), list(grads)
-    if v and _compiled("maml_reverse_step", v[0].device):
-        v_next, lr_grads = torch.ops.mamlext.maml_reverse_step(v, hv, grads, sum_tasks)
+    if isinstance(v, (list, tuple)) and v and isinstance(v[0], Tensor) and _compiled("maml_reverse_step", v[0].device):
+        v_next, lr_grads = torch.ops.mamlext.maml_reverse_step(v, hv, grads, sum_tasks)  # the kernel checks them
         return list(v_next), list(lr_grads)
     return reference.maml_reverse_step(v, hv, grads, sum_tasks)
 
 
 def _maml_reverse_step_fake(v, hv, grads, sum_tasks):
-    reference.check_maml_reverse_step(v, hv, grads, sum_tasks)
+    _checks.check_maml_reverse_step(v, hv, grads, sum_tasks)
     v_next = [t.new_empty(t.shape[1:] if sum_tasks else t.shape) for t in v]
     return v_next, [t.new_empty(t.shape[1:]) for t in v] if grads else []
 

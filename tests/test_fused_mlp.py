@@ -132,15 +132,15 @@ def test_mlp_input_errors_name_the_argument():
 @compiled
 def test_kernel_input_errors_name_the_argument():
     params = [torch.randn(4, 3), torch.randn(4), torch.randn(2, 4), torch.randn(2)]
-    with pytest.raises(RuntimeError, match=r"mlp_forward: x must be \[K, in\] with in = 3"):
+    with pytest.raises(ValueError, match=r"mlp_forward: x must be \[K, in\] with in = 3"):
         torch.ops.mamlext.mlp_forward(params, torch.randn(5, 2), 0, 0.0)
-    with pytest.raises(RuntimeError, match=r"mlp_forward: params\[2\] is \[2, 5\] but must have 4 input features"):
+    with pytest.raises(ValueError, match=r"mlp_forward: params\[2\] is \[2, 5\] but must have 4 input features"):
         torch.ops.mamlext.mlp_forward([params[0], params[1], torch.randn(2, 5), params[3]], torch.randn(5, 3), 0,
                                       0.0)
-    with pytest.raises(RuntimeError, match="mlp_forward: params.0. has dtype Float but x has dtype Double"):
+    with pytest.raises(ValueError, match="mlp_forward: params.0. has dtype Float but x has dtype Double"):
         torch.ops.mamlext.mlp_forward(params, torch.randn(5, 3, dtype=torch.float64), 0, 0.0)
     out, acts = torch.ops.mamlext.mlp_forward(params, torch.randn(5, 3), 0, 0.0)
-    with pytest.raises(RuntimeError, match=r"mlp_backward: grad_out must have shape \[5, 2\]"):
+    with pytest.raises(ValueError, match=r"mlp_backward: grad_out must have shape \[5, 2\]"):
         torch.ops.mamlext.mlp_backward(params, torch.randn(5, 3), acts, torch.randn(5, 3), 0, 0.0, False)
 
 

@@ -120,7 +120,7 @@ def test_opcheck():
     (lambda: ops.sgd_update([torch.zeros(2)], [torch.zeros(2)], float("nan")), "lr must be finite"),
 ])
 def test_bad_input_is_named(call, message):
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises(ValueError, match=message):
         call()
 
 

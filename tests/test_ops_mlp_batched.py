@@ -284,7 +284,7 @@ def test_bad_input_message_on_batched_path(batched):
     params = make_params([3, 4, 2], 2, torch.float64, torch.Generator().manual_seed(0))
     x = torch.randn(2, 5, 2, dtype=torch.float64)
     y = torch.randn(2, 5, 2, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match=r"x must be \[T, K, in\] with in = 3"):
+    with pytest.raises(ValueError, match=r"x must be \[T, K, in\] with in = 3"):
         torch.ops.mamlext.mlp_loss_grad(params, x, y, *codes("relu", "mse"))
 
 

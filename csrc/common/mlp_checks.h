@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 
 #include <cmath>
 #include <vector>
@@ -19,23 +20,23 @@ struct MlpCall {
 };
 
 inline void check_mlp_codes(const char* op, int64_t activation, double act_param, int64_t loss) {
-  TORCH_CHECK(activation >= 0 && activation < kNumActivations, op,
+  TORCH_CHECK_VALUE(activation >= 0 && activation < kNumActivations, op,
               ": activation must be 0 (relu), 1 (leaky_relu), 2 (tanh), 3 (sigmoid), 4 (gelu) or 5 (elu), got ",
               activation);
-  TORCH_CHECK(std::isfinite(act_param), op, ": act_param must be finite, got ", act_param);
-  TORCH_CHECK(loss >= 0 && loss < kNumLosses, op, ": loss must be 0 (mse) or 1 (ce), got ", loss);
+  TORCH_CHECK_VALUE(std::isfinite(act_param), op, ": act_param must be finite, got ", act_param);
+  TORCH_CHECK_VALUE(loss >= 0 && loss < kNumLosses, op, ": loss must be 0 (mse) or 1 (ce), got ", loss);
 }
 
 inline void check_mlp_floating(const char* op, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
               " must be float32 or float64, got ", t.scalar_type());
 }
 
 inline void check_same_device_dtype(const char* op, const at::Tensor& t, const std::string& name, const at::Tensor& ref,
                                     const char* ref_name) {
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
+  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
               ref.device());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ", ref_name,
+  TORCH_CHECK_VALUE(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ", ref_name,
               " has dtype ", ref.scalar_type());
 }
 
@@ -45,11 +46,11 @@ inline std::string indexed(const char* name, size_t i) { return std::string(name
 // ([tasks, *S_i]); checks the ranks, the chaining of widths and each tensor's dtype and device against ref.
 inline MlpCall check_mlp_params(const char* op, at::TensorList params, int64_t tasks, const at::Tensor& ref,
                                 const char* ref_name) {
-  TORCH_CHECK(!params.empty() && params.size() % 2 == 0, op,
+  TORCH_CHECK_VALUE(!params.empty() && params.size() % 2 == 0, op,
               ": params must be [W_1, b_1, ..., W_L, b_L] (an even, nonzero number of tensors), got ", params.size(),
               " tensors");
   const int64_t layers = static_cast<int64_t>(params.size() / 2);
-  TORCH_CHECK(layers <= kMlpMaxLayers, op, ": at most ", kMlpMaxLayers, " layers are supported, got ", layers);
+  TORCH_CHECK_VALUE(layers <= kMlpMaxLayers, op, ": at most ", kMlpMaxLayers, " layers are supported, got ", layers);
   const bool allow_per_task = tasks >= 0;
   MlpCall call;
   call.tasks = tasks;
@@ -63,17 +64,17 @@ inline MlpCall check_mlp_params(const char* op, at::TensorList params, int64_t t
     const int64_t rank = weight ? 2 : 1;
     const char* shape = weight ? "[out, in]" : "[out]";
     if (allow_per_task) {
-      TORCH_CHECK(p.dim() == rank || p.dim() == rank + 1, op, ": params[", i, "] (layer ", l + 1, "'s ",
+      TORCH_CHECK_VALUE(p.dim() == rank || p.dim() == rank + 1, op, ": params[", i, "] (layer ", l + 1, "'s ",
                   weight ? "weight" : "bias", ") must be ", shape, " (shared) or [T, ", shape + 1, " (per task), got ",
                   p.sizes());
     } else {
-      TORCH_CHECK(p.dim() == rank, op, ": params[", i, "] (layer ", l + 1, "'s ", weight ? "weight" : "bias",
+      TORCH_CHECK_VALUE(p.dim() == rank, op, ": params[", i, "] (layer ", l + 1, "'s ", weight ? "weight" : "bias",
                   ") must be a shared ", shape, " tensor (the meta-parameters have no task dimension), got ",
                   p.sizes());
     }
     const bool per_task = p.dim() == rank + 1;
     if (per_task) {
-      TORCH_CHECK(p.size(0) == tasks, op, ": params[", i, "] is per task with ", p.size(0),
+      TORCH_CHECK_VALUE(p.size(0) == tasks, op, ": params[", i, "] is per task with ", p.size(0),
                   " tasks (leading dimension), but ", ref_name, " has T = ", tasks, ", got shape ", p.sizes());
     }
     call.per_task.push_back(per_task);
@@ -82,12 +83,12 @@ inline MlpCall check_mlp_params(const char* op, at::TensorList params, int64_t t
       if (l == 0) {
         d.width[0] = s[1];
       } else {
-        TORCH_CHECK(s[1] == d.width[l], op, ": params[", i, "] is ", p.sizes(), " but must have ", d.width[l],
+        TORCH_CHECK_VALUE(s[1] == d.width[l], op, ": params[", i, "] is ", p.sizes(), " but must have ", d.width[l],
                     " input features, the outputs of params[", i - 2, "] ", params[i - 2].sizes());
       }
       d.width[l + 1] = s[0];
     } else {
-      TORCH_CHECK(s[0] == d.width[l + 1], op, ": params[", i, "] must be [", d.width[l + 1], "]",
+      TORCH_CHECK_VALUE(s[0] == d.width[l + 1], op, ": params[", i, "] must be [", d.width[l + 1], "]",
                   allow_per_task ? " (shared) or [T, " + std::to_string(d.width[l + 1]) + "] (per task)" : "",
                   " to match params[", i - 1, "] ", params[i - 1].sizes(), ", got ", p.sizes());
     }
@@ -98,7 +99,7 @@ inline MlpCall check_mlp_params(const char* op, at::TensorList params, int64_t t
 // x [T, K, in]; tasks < 0 takes T from x.
 inline void check_mlp_input(const char* op, const at::Tensor& x, const char* name, const MlpDims& d, int64_t tasks,
                             at::TensorList params) {
-  TORCH_CHECK(x.dim() == 3 && x.size(2) == d.width[0] && (tasks < 0 || x.size(0) == tasks), op, ": ", name,
+  TORCH_CHECK_VALUE(x.dim() == 3 && x.size(2) == d.width[0] && (tasks < 0 || x.size(0) == tasks), op, ": ", name,
               " must be [T, K, in] with ", tasks < 0 ? std::string() : "T = " + std::to_string(tasks) + ", ",
               "in = ", d.width[0], " (params[0] is ", params[0].sizes(), "), got ", x.sizes());
 }
@@ -108,24 +109,24 @@ inline void check_mlp_target(const char* op, const at::Tensor& y, const char* na
                              const char* x_name, const MlpConfig& c, at::TensorList params) {
   const int64_t out = c.dims.output_width();
   const auto& last = params[params.size() - 2];
-  TORCH_CHECK(y.device() == x.device(), op, ": ", name, " is on ", y.device(), " but ", x_name, " is on ", x.device());
+  TORCH_CHECK_VALUE(y.device() == x.device(), op, ": ", name, " is on ", y.device(), " but ", x_name, " is on ", x.device());
   if (c.loss == Loss::kMse) {
-    TORCH_CHECK(y.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", y.scalar_type(), " but ", x_name,
+    TORCH_CHECK_VALUE(y.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", y.scalar_type(), " but ", x_name,
                 " has dtype ", x.scalar_type(), " (loss mse takes real targets)");
-    TORCH_CHECK(y.dim() == 3 && y.size(0) == x.size(0) && y.size(1) == x.size(1) && y.size(2) == out, op, ": ", name,
+    TORCH_CHECK_VALUE(y.dim() == 3 && y.size(0) == x.size(0) && y.size(1) == x.size(1) && y.size(2) == out, op, ": ", name,
                 " must be [T, K, out] = [", x.size(0), ", ", x.size(1), ", ", out, "] (", x_name, " is ", x.sizes(),
                 ", params[", params.size() - 2, "] is ", last.sizes(), "), got ", y.sizes());
     return;
   }
-  TORCH_CHECK(y.scalar_type() == at::kLong, op, ": ", name, " must hold int64 class indices for loss ce, got dtype ",
+  TORCH_CHECK_VALUE(y.scalar_type() == at::kLong, op, ": ", name, " must hold int64 class indices for loss ce, got dtype ",
               y.scalar_type());
-  TORCH_CHECK(y.dim() == 2 && y.size(0) == x.size(0) && y.size(1) == x.size(1), op, ": ", name, " must be [T, K] = [",
+  TORCH_CHECK_VALUE(y.dim() == 2 && y.size(0) == x.size(0) && y.size(1) == x.size(1), op, ": ", name, " must be [T, K] = [",
               x.size(0), ", ", x.size(1), "] (", x_name, " is ", x.sizes(), "), got ", y.sizes());
   if (y.numel() == 0 || y.device().type() != at::kCPU) return;  // values are checked where it costs no sync
   const at::Tensor yc = y.contiguous();
   const int64_t* cls = yc.data_ptr<int64_t>();
   for (int64_t j = 0; j < yc.numel(); ++j) {
-    TORCH_CHECK(cls[j] >= 0 && cls[j] < out, op, ": ", name, " must hold class indices in [0, ", out, ") (params[",
+    TORCH_CHECK_VALUE(cls[j] >= 0 && cls[j] < out, op, ": ", name, " must hold class indices in [0, ", out, ") (params[",
                 params.size() - 2, "] is ", last.sizes(), "), got ", cls[j], " at ", name, "[", j / y.size(1), ", ",
                 j % y.size(1), "]");
   }
@@ -135,7 +136,7 @@ inline MlpCall check_mlp_loss_grad(const char* op, at::TensorList params, const 
                                    int64_t activation, double act_param, int64_t loss) {
   check_mlp_codes(op, activation, act_param, loss);
   check_mlp_floating(op, x, "x");
-  TORCH_CHECK(x.dim() == 3, op, ": x must be [T, K, in], got ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 3, op, ": x must be [T, K, in], got ", x.sizes());
   MlpCall call = check_mlp_params(op, params, x.size(0), x, "x");
   call.config.activation = static_cast<Activation>(activation);
   call.config.act_param = act_param;
@@ -147,7 +148,7 @@ inline MlpCall check_mlp_loss_grad(const char* op, at::TensorList params, const 
 
 inline void check_mlp_vectors(const char* op, at::TensorList vectors, at::TensorList params, const MlpCall& call,
                               const at::Tensor& x) {
-  TORCH_CHECK(vectors.size() == params.size(), op, ": vectors must hold one tensor per parameter (", params.size(),
+  TORCH_CHECK_VALUE(vectors.size() == params.size(), op, ": vectors must hold one tensor per parameter (", params.size(),
               "), got ", vectors.size());
   for (size_t i = 0; i < vectors.size(); ++i) {
     const at::Tensor& v = vectors[i];
@@ -155,14 +156,27 @@ inline void check_mlp_vectors(const char* op, at::TensorList vectors, at::Tensor
     const auto s = call.per_task[i] ? params[i].sizes().slice(1) : params[i].sizes();
     std::vector<int64_t> want{call.tasks};
     want.insert(want.end(), s.begin(), s.end());
-    TORCH_CHECK(v.sizes() == at::IntArrayRef(want), op, ": vectors[", i, "] must be [T, *S_", i, "] = ",
+    TORCH_CHECK_VALUE(v.sizes() == at::IntArrayRef(want), op, ": vectors[", i, "] must be [T, *S_", i, "] = ",
                 at::IntArrayRef(want), " (params[", i, "] is ", params[i].sizes(), "), got ", v.sizes());
   }
 }
 
+// A rate or weight holds no nan or inf; checked where that costs no device sync (CPU tensors).
+// (A loop over the elements: at::isfinite(t).all() would cost more than a small meta-iteration's arithmetic.)
+inline void check_finite_on_cpu(const char* op, const at::Tensor& t, const std::string& name) {
+  if (!t.device().is_cpu()) return;
+  const at::Tensor values = t.contiguous();
+  bool finite = true;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "check_finite_on_cpu", [&] {
+    const scalar_t* v = values.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < values.numel() && finite; ++i) finite = std::isfinite(static_cast<double>(v[i]));
+  });
+  TORCH_CHECK_VALUE(finite, op, ": ", name, " must be finite (it holds nan or inf)");
+}
+
 // mlp_maml's lrs: lrs[i] is [N] or [N, *S_i].
 inline std::vector<bool> check_mlp_maml_lrs(const char* op, at::TensorList lrs, at::TensorList params, int64_t steps) {
-  TORCH_CHECK(lrs.size() == params.size(), op, ": lrs must hold one tensor per parameter (", params.size(), "), got ",
+  TORCH_CHECK_VALUE(lrs.size() == params.size(), op, ": lrs must hold one tensor per parameter (", params.size(), "), got ",
               lrs.size());
   std::vector<bool> per_element;
   for (size_t i = 0; i < lrs.size(); ++i) {
@@ -172,9 +186,10 @@ inline std::vector<bool> check_mlp_maml_lrs(const char* op, at::TensorList lrs, 
     full.insert(full.end(), params[i].sizes().begin(), params[i].sizes().end());
     const bool is_per_tensor = lr.dim() == 1 && lr.size(0) == steps;
     const bool is_per_element = lr.sizes() == at::IntArrayRef(full);
-    TORCH_CHECK(is_per_tensor || is_per_element, op, ": lrs[", i, "] must be [N] = [", steps,
+    TORCH_CHECK_VALUE(is_per_tensor || is_per_element, op, ": lrs[", i, "] must be [N] = [", steps,
                 "] (one rate per step) or [N, *S_", i, "] = ", at::IntArrayRef(full),
                 " (one rate per element per step), N = step_weights.numel(), got ", lr.sizes());
+    check_finite_on_cpu(op, lr, indexed("lrs", i));
     per_element.push_back(!is_per_tensor);
   }
   return per_element;
@@ -192,7 +207,7 @@ inline MlpMamlCall check_mlp_maml(const char* op, at::TensorList params, const a
                                   const at::Tensor& xq, const at::Tensor& yq, at::TensorList lrs,
                                   const at::Tensor& step_weights, int64_t activation, double act_param, int64_t loss) {
   check_mlp_codes(op, activation, act_param, loss);
-  TORCH_CHECK(!params.empty(), op, ": params must be [W_1, b_1, ..., W_L, b_L], got an empty list");
+  TORCH_CHECK_VALUE(!params.empty(), op, ": params must be [W_1, b_1, ..., W_L, b_L], got an empty list");
   check_mlp_floating(op, params[0], "params[0]");
   MlpMamlCall m;
   m.call = check_mlp_params(op, params, -1, params[0], "params[0]");
@@ -208,13 +223,14 @@ inline MlpMamlCall check_mlp_maml(const char* op, at::TensorList params, const a
   check_mlp_input(op, xq, "xq", c.dims, tasks, params);
   check_mlp_target(op, ys, "ys", xs, "xs", c, params);
   check_mlp_target(op, yq, "yq", xq, "xq", c, params);
-  TORCH_CHECK(step_weights.device() == params[0].device(), op, ": step_weights is on ", step_weights.device(),
+  TORCH_CHECK_VALUE(step_weights.device() == params[0].device(), op, ": step_weights is on ", step_weights.device(),
               " but params[0] is on ", params[0].device());
-  TORCH_CHECK(at::isFloatingType(step_weights.scalar_type()), op, ": step_weights must be a floating-point tensor, got ",
+  TORCH_CHECK_VALUE(at::isFloatingType(step_weights.scalar_type()), op, ": step_weights must be a floating-point tensor, got ",
               step_weights.scalar_type());
   m.steps = step_weights.numel();
-  TORCH_CHECK(m.steps >= 1, op, ": step_weights must hold one weight per inner step (N >= 1), got shape ",
+  TORCH_CHECK_VALUE(m.steps >= 1, op, ": step_weights must hold one weight per inner step (N >= 1), got shape ",
               step_weights.sizes());
+  check_finite_on_cpu(op, step_weights, "step_weights");
   m.lr_per_element = check_mlp_maml_lrs(op, lrs, params, m.steps);
   return m;
 }

@@ -33,27 +33,27 @@ struct ReverseStepPlan {
 
 inline ReverseStepPlan plan_reverse_step(at::TensorList v, at::TensorList hv, at::TensorList grads, bool sum_tasks) {
   const char* op = "maml_reverse_step";
-  TORCH_CHECK(v.size() == hv.size(), op, ": v and hv must have the same length, got ", v.size(), " and ", hv.size());
-  TORCH_CHECK(grads.empty() || grads.size() == v.size(), op, ": grads must be empty (no lr gradients) or hold one ",
+  TORCH_CHECK_VALUE(v.size() == hv.size(), op, ": v and hv must have the same length, got ", v.size(), " and ", hv.size());
+  TORCH_CHECK_VALUE(grads.empty() || grads.size() == v.size(), op, ": grads must be empty (no lr gradients) or hold one ",
               "tensor per v (", v.size(), "), got ", grads.size());
   ReverseStepPlan plan;
   plan.sum_tasks = sum_tasks;
   if (v.empty()) return plan;
-  TORCH_CHECK(v[0].dim() >= 1, op, ": v[0] must be [T, *S_0] with a leading task dimension, got shape ", v[0].sizes());
+  TORCH_CHECK_VALUE(v[0].dim() >= 1, op, ": v[0] must be [T, *S_0] with a leading task dimension, got shape ", v[0].sizes());
   plan.tasks = v[0].size(0);
   plan.dtype = v[0].scalar_type();
   const auto device = v[0].device();
-  TORCH_CHECK(at::isFloatingType(plan.dtype), op, ": v[0] must be a floating-point tensor, got ", plan.dtype);
+  TORCH_CHECK_VALUE(at::isFloatingType(plan.dtype), op, ": v[0] must be a floating-point tensor, got ", plan.dtype);
   for (size_t i = 0; i < v.size(); ++i) {
     auto check_like = [&](const at::Tensor& t, const char* name) {
-      TORCH_CHECK(t.device() == device, op, ": ", name, "[", i, "] is on ", t.device(), " but v[0] is on ", device);
-      TORCH_CHECK(t.scalar_type() == plan.dtype, op, ": ", name, "[", i, "] has dtype ", t.scalar_type(),
+      TORCH_CHECK_VALUE(t.device() == device, op, ": ", name, "[", i, "] is on ", t.device(), " but v[0] is on ", device);
+      TORCH_CHECK_VALUE(t.scalar_type() == plan.dtype, op, ": ", name, "[", i, "] has dtype ", t.scalar_type(),
                   " but v[0] has dtype ", plan.dtype);
-      TORCH_CHECK(t.sizes() == v[i].sizes(), op, ": ", name, "[", i, "] has shape ", t.sizes(), " but v[", i,
+      TORCH_CHECK_VALUE(t.sizes() == v[i].sizes(), op, ": ", name, "[", i, "] has shape ", t.sizes(), " but v[", i,
                   "] has shape ", v[i].sizes());
     };
     check_like(v[i], "v");
-    TORCH_CHECK(v[i].dim() >= 1 && v[i].size(0) == plan.tasks, op, ": v[", i, "] must be [T, *S_", i, "] with T = ",
+    TORCH_CHECK_VALUE(v[i].dim() >= 1 && v[i].size(0) == plan.tasks, op, ": v[", i, "] must be [T, *S_", i, "] with T = ",
                 plan.tasks, " (from v[0]), got shape ", v[i].sizes());
     check_like(hv[i], "hv");
     if (!grads.empty()) check_like(grads[i], "grads");

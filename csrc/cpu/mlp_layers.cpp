@@ -29,7 +29,7 @@ MlpConfig check_layers(const char* op, at::TensorList params, const at::Tensor& 
   check_mlp_codes(op, activation, act_param, 0);
   check_mlp_floating(op, x, "x");
   MlpConfig c = check_mlp_params(op, params, -1, x, "x").config;
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == c.dims.width[0], op, ": x must be [K, in] with in = ", c.dims.width[0],
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == c.dims.width[0], op, ": x must be [K, in] with in = ", c.dims.width[0],
               " (params[0] is ", params[0].sizes(), "), got ", x.sizes());
   c.activation = static_cast<Activation>(activation);
   c.act_param = act_param;
@@ -42,7 +42,7 @@ int64_t hidden_numel(const MlpDims& d, int64_t K) { return K * (d.layer_outputs_
 void check_shaped_like(const char* op, const at::Tensor& t, const std::string& name, at::IntArrayRef shape,
                        const at::Tensor& ref) {
   check_same_device_dtype(op, t, name, ref, "x");
-  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
 }
 
 // The checks of mlp_backward's (and mlp_backward_backward's) saved tensors.
@@ -160,7 +160,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> mlp_backward_backwar
   const MlpConfig c = check_layers(op, params_in, x_in, activation, act_param);
   const MlpDims& d = c.dims;
   check_saved(op, c, x_in, activations, grad_out_in);
-  TORCH_CHECK(grad_param_grads_in.size() == params_in.size(), op, ": grad_param_grads must hold one tensor per "
+  TORCH_CHECK_VALUE(grad_param_grads_in.size() == params_in.size(), op, ": grad_param_grads must hold one tensor per "
               "parameter (", params_in.size(), "), got ", grad_param_grads_in.size());
   for (size_t i = 0; i < params_in.size(); ++i) {
     check_shaped_like(op, grad_param_grads_in[i], indexed("grad_param_grads", i), params_in[i].sizes(), x_in);

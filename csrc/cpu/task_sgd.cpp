@@ -119,7 +119,7 @@ std::vector<at::Tensor> task_sgd_cpu(at::TensorList params, at::TensorList grads
 std::vector<at::Tensor> task_sgd_tensor_lr_cpu(at::TensorList params, at::TensorList grads, at::TensorList lr) {
   TaskSgdPlan plan = plan_task_sgd(params, grads, lr);
   for (size_t i = 0; i < plan.lrs.size(); ++i) {
-    TORCH_CHECK(at::isfinite(plan.lrs[i]).all().item<bool>(), "task_sgd: lr[", i, "] must be finite");
+    TORCH_CHECK_VALUE(at::isfinite(plan.lrs[i]).all().item<bool>(), "task_sgd: lr[", i, "] must be finite");
   }
   run(plan, 0.0);
   return plan.outs;
