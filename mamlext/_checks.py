@@ -87,6 +87,14 @@ def _check_mlp_codes(op: str, activation, act_param, loss) -> None:
         raise ValueError(f"{op}: act_param must be a finite float, got {act_param!r}")
 
 
+def _check_like_params(op: str, name: str, t: Tensor, params: Sequence[Tensor]) -> None:
+    """t has params[0]'s dtype and device."""
+    if t.dtype != params[0].dtype:
+        raise ValueError(f"{op}: {name} has dtype {t.dtype} but params[0] has dtype {params[0].dtype}")
+    if t.device != params[0].device:
+        raise ValueError(f"{op}: {name} is on {t.device} but params[0] is on {params[0].device}")
+
+
 def _check_mlp_params(op: str, params: Sequence[Tensor], shared_only: bool) -> List[int]:
     """Checks the layer chain; returns the layer sizes [in_1, out_1, ..., out_L]."""
     if not isinstance(params, (list, tuple)):
@@ -99,15 +107,12 @@ def _check_mlp_params(op: str, params: Sequence[Tensor], shared_only: bool) -> L
             raise TypeError(f"{op}: params[{i}] must be a tensor, got {type(p).__name__}")
     if len(params) // 2 > MLP_MAX_LAYERS:
         raise ValueError(f"{op}: at most {MLP_MAX_LAYERS} layers are supported, got {len(params) // 2}")
-    dtype, device = params[0].dtype, params[0].device
+    dtype = params[0].dtype
     if dtype not in _MLP_DTYPES:
         raise ValueError(f"{op}: params[0] must be float32 or float64, got {dtype}")
     sizes: List[int] = []
     for i, p in enumerate(params):
-        if p.dtype != dtype:
-            raise ValueError(f"{op}: params[{i}] has dtype {p.dtype} but params[0] has dtype {dtype}")
-        if p.device != device:
-            raise ValueError(f"{op}: params[{i}] is on {p.device} but params[0] is on {device}")
+        _check_like_params(op, f"params[{i}]", p, params)
         what = "[out, in]" if i % 2 == 0 else "[out]"
         shared_dim = 2 if i % 2 == 0 else 1
         allowed = (shared_dim,) if shared_only else (shared_dim, shared_dim + 1)
@@ -144,10 +149,7 @@ def _check_mlp_xy(op: str, params: Sequence[Tensor], sizes: List[int], x: Tensor
     if x.dim() != 3 or x.shape[2] != sizes[0]:
         raise ValueError(f"{op}: {x_name} must be [T, K, in] with in = {sizes[0]} (params[0] is "
                          f"{_shape(params[0])}), got {_shape(x)}")
-    if x.dtype != dtype:
-        raise ValueError(f"{op}: {x_name} has dtype {x.dtype} but params[0] has dtype {dtype}")
-    if x.device != device:
-        raise ValueError(f"{op}: {x_name} is on {x.device} but params[0] is on {device}")
+    _check_like_params(op, x_name, x, params)
     tasks, rows, out = x.shape[0], x.shape[1], sizes[-1]
     if y.device != device:
         raise ValueError(f"{op}: {y_name} is on {y.device} but params[0] is on {device}")
@@ -196,10 +198,7 @@ def check_mlp_hvp(params: Sequence[Tensor], vectors: Sequence[Tensor], x: Tensor
         shape = [tasks, *(p.shape[1:] if p.dim() == (3 if i % 2 == 0 else 2) else p.shape)]
         if _shape(v) != shape:
             raise ValueError(f"{op}: vectors[{i}] must be [T, *S_{i}] = {shape}, got {_shape(v)}")
-        if v.dtype != p.dtype:
-            raise ValueError(f"{op}: vectors[{i}] has dtype {v.dtype} but params[0] has dtype {p.dtype}")
-        if v.device != p.device:
-            raise ValueError(f"{op}: vectors[{i}] is on {v.device} but params[0] is on {p.device}")
+        _check_like_params(op, f"vectors[{i}]", v, params)
 
 
 def check_mlp_maml(params: Sequence[Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor,
@@ -216,7 +215,7 @@ def check_mlp_maml(params: Sequence[Tensor], xs: Tensor, ys: Tensor, xq: Tensor,
     _check_mlp_xy(op, params, sizes, xq, yq, loss, "xq", "yq", check_values)
     if xq.shape[0] != xs.shape[0]:
         raise ValueError(f"{op}: xq has {xq.shape[0]} tasks (leading dimension) but xs has {xs.shape[0]}")
-    dtype, device = params[0].dtype, params[0].device
+    device = params[0].device
     if not isinstance(step_weights, Tensor):
         raise TypeError(f"{op}: step_weights must be a tensor, got {type(step_weights).__name__}")
     if step_weights.numel() < 1:
@@ -237,10 +236,7 @@ def check_mlp_maml(params: Sequence[Tensor], xs: Tensor, ys: Tensor, xq: Tensor,
         if _shape(r) != [steps] and _shape(r) != [steps, *p.shape]:
             raise ValueError(f"{op}: lrs[{i}] must be [N] = [{steps}] or [N, *S_{i}] = {[steps, *p.shape]} "
                              f"(N = step_weights.numel()), got {_shape(r)}")
-        if r.dtype != dtype:
-            raise ValueError(f"{op}: lrs[{i}] has dtype {r.dtype} but params[0] has dtype {dtype}")
-        if r.device != device:
-            raise ValueError(f"{op}: lrs[{i}] is on {r.device} but params[0] is on {device}")
+        _check_like_params(op, f"lrs[{i}]", r, params)
         if check_values and not torch.isfinite(r).all():
             raise ValueError(f"{op}: lrs[{i}] must be finite (it holds nan or inf)")
     if check_values and not torch.isfinite(step_weights).all():

@@ -108,25 +108,22 @@ def _compiled(name: str, device: torch.device) -> bool:
     return device.type in _ext.BUILD_INFO.get("kernels", {}).get(name, ())
 
 
+def _code(op: str, what: str, value, codes: dict, names: dict) -> int:
+    """The integer code of a name (or a valid code itself)."""
+    if isinstance(value, str):
+        if value not in codes:
+            raise ValueError(f"{op}: {what} must be one of {list(codes)}, got {value!r}")
+        return codes[value]
+    if isinstance(value, int) and not isinstance(value, bool) and value in names:
+        return value
+    raise ValueError(f"{op}: {what} must be one of {list(codes)} (or its code), got {value!r}")
+
+
 def mlp_codes(op: str, activation: Activation, act_param: Optional[float], loss: Loss) -> Tuple[int, float, int]:
     """(activation code, act_param, loss code) from names or codes; act_param defaults to nn.LeakyReLU's
     negative_slope (0.01) and nn.ELU's alpha (1.0)."""
-    if isinstance(activation, str):
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"{op}: activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
-        act_code = ACTIVATIONS[activation]
-    elif isinstance(activation, int) and not isinstance(activation, bool) and activation in ACTIVATION_NAMES:
-        act_code = activation
-    else:
-        raise ValueError(f"{op}: activation must be one of {list(ACTIVATIONS)} (or its code), got {activation!r}")
-    if isinstance(loss, str):
-        if loss not in LOSSES:
-            raise ValueError(f"{op}: loss must be one of {list(LOSSES)}, got {loss!r}")
-        loss_code = LOSSES[loss]
-    elif isinstance(loss, int) and not isinstance(loss, bool) and loss in LOSS_NAMES:
-        loss_code = loss
-    else:
-        raise ValueError(f"{op}: loss must be one of {list(LOSSES)} (or its code), got {loss!r}")
+    act_code = _code(op, "activation", activation, ACTIVATIONS, ACTIVATION_NAMES)
+    loss_code = _code(op, "loss", loss, LOSSES, LOSS_NAMES)
     if act_param is None:
         act_param = DEFAULT_ACT_PARAM[ACTIVATION_NAMES[act_code]]
     if isinstance(act_param, bool) or not isinstance(act_param, numbers.Real):
