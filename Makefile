@@ -1,5 +1,5 @@
-# The README's two commands: `make demo` (info, then the main job: sinusoid MAML training and evaluation) and
-# `make test` (the whole test suite).
+# The README's two commands: `make demo` (`python -m mamlext demo`: info, then the main job, sinusoid MAML training
+# and evaluation) and `make test` (the whole test suite).
 # Each installs the requirements and builds the extension first, and is safe to re-run: the build is redone
 # only when a source, the requirements or the build configuration changed.
 #   make test TORCH=torch==2.14.1    pin torch (CI does)
@@ -17,8 +17,7 @@ endif
 .PHONY: demo test install clean FORCE
 
 demo: install
-	$(PYTHON) -m mamlext info
-	$(PYTHON) -m mamlext train sine
+	$(PYTHON) -m mamlext demo
 
 test: install
 	MAMLEXT_REQUIRE_EXT=1 $(PYTHON) -m pytest tests -q

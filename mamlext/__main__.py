@@ -211,10 +211,10 @@ def main(argv=None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="versions, compiled kernels and the backend used on each device")
     info.add_argument("--json", action="store_true", help="print as JSON")
-    demo = commands.add_parser("demo", help="a short sinusoid MAML run with mamlext.MAML")
-    demo.add_argument("--iterations", type=int, default=300)
-    demo.add_argument("--meta-batch", type=int, default=25)
-    demo.add_argument("--seed", type=int, default=0)
+    demo = commands.add_parser("demo", help="what `make demo` runs after the build: info, then `train sine` (Finn et "
+                                              "al.'s sinusoid MAML, then its evaluation)")
+    demo.add_argument("--iterations", type=int, help="meta-iterations of train sine (default: train's, the paper's)")
+    demo.add_argument("--out", help="the run directory (default: train's)")
     train = _add_train_parser(commands)
     ev = _add_eval_parser(commands)
     bench = commands.add_parser("bench", help="benchmark mamlext against pure-PyTorch MAML side by side",
@@ -233,13 +233,10 @@ def main(argv=None) -> int:
     if args.command == "info":
         _print_info(args.json)
     elif args.command == "demo":
-        from mamlext import demo as demo_module
-
-        for name in ("iterations", "meta_batch"):
-            if getattr(args, name) < 1:
-                parser.error(f"--{name.replace('_', '-')} must be at least 1")
-        demo_module.run(iterations=args.iterations, meta_batch=args.meta_batch, seed=args.seed,
-                        log_every=max(1, args.iterations // 6))
+        _print_info(False)
+        options = [f"--{name}={value}" for name, value in (("iterations", args.iterations), ("out", args.out))
+                   if value is not None]
+        return main(["train", "sine", *options])
     return 0
 
 

@@ -77,19 +77,21 @@ def test_cli_info_text():
     assert "CPU kernels" in result.stdout and "ops on cpu" in result.stdout
 
 
-def test_cli_demo_runs_and_reports_adaptation(capsys):
+def test_cli_demo_is_info_then_train_sine(capsys, tmp_path):
+    """`python -m mamlext demo` is what `make demo` runs after the build: info, then the main job."""
     from mamlext.__main__ import main
 
-    assert main(["demo", "--iterations", "2", "--meta-batch", "2"]) == 0
+    assert main(["demo", "--iterations", "2", "--out", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
-    assert "iteration     2/2" in out and "after 5 steps" in out
+    assert out.index("CPU kernels") < out.index("trained 2 iterations") < out.index("Sinusoid regression")
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()
 
 
-def test_cli_demo_rejects_bad_arguments():
+def test_cli_demo_rejects_bad_arguments(capsys):
     from mamlext.__main__ import main
 
-    with pytest.raises(SystemExit):
-        main(["demo", "--iterations", "0"])
+    assert main(["demo", "--iterations", "0"]) == 2
+    assert "--iterations must be an integer >= 1" in capsys.readouterr().err
 
 
 def test_sinusoid_tasks_are_seeded_and_follow_the_distribution():
