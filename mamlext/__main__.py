@@ -33,7 +33,9 @@ def _print_info(as_json: bool) -> None:
     print(f"GPU visible:  {', '.join(info['gpus']) if info['gpu_visible'] else 'no'}")
     for device, backend in info["backend"].items():
         print(f"ops on {device:4s} -> {backend}")
-
+    cpu_only = [op for op, devices in info["op_kernels"].items() if devices == ["cpu"]]
+    if info["cuda_kernels"] and cpu_only:
+        print(f"CPU kernels only (plain PyTorch on CUDA): {', '.join(cpu_only)}")
 
 
 def _int_list(text: str):
