@@ -92,4 +92,4 @@ def run_fused(model: nn.Module, layers: FusedLayers, x: Tensor) -> Optional[Tens
     if _has_hooks([model, *model._modules.values()]):
         return None
     params = [slot[key] for slot, key in parameter_slots(model, layers)]
-    return ops._mlp(params, x, layers.activation, layers.act_param)
+    return ops.mlp(params, x, layers.activation, layers.act_param)

@@ -328,29 +328,29 @@ def mlp(params: Sequence[Tensor], x: Tensor, activation: Activation = "relu",
     through the fused op raise an error."""
     act_code, act_param, _ = mlp_codes("mlp", activation, act_param, "mse")
     params = list(params)
+    if not isinstance(x, Tensor) or x.dim() < 1:  # the rows below need a last dimension
+        raise ValueError(f"mlp: x must be a tensor [..., in], got {list(x.shape) if isinstance(x, Tensor) else x!r}")
+    rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    compiled = _compiled("mlp_forward", x.device)  # the kernel checks the arguments
+    if compiled and torch.compiler.is_compiling():  # the registered op, which the compiler traces through its fake
+        out = torch.ops.mamlext.mlp_forward(params, rows, act_code, act_param)[0]
+    elif compiled and not _functorch_wrapped([x, *params]):  # eagerly, through a direct binding (no boxing)
+        out = _ext._C.mlp_forward(params, rows, act_code, act_param)[0]
+    else:
+        _check_mlp_layers(params, x)
+        out = reference.mlp_forward(params, rows, act_code, act_param)
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _check_mlp_layers(params: List[Tensor], x: Tensor) -> None:
+    """mlp's arguments, where the reference layers run (the kernel has the same checks)."""
     sizes = _checks._check_mlp_params("mlp", params, shared_only=True)
-    if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != sizes[0]:
-        got = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"mlp: x must be a tensor [..., in] with in = {sizes[0]} (params[0] is "
-                         f"{list(params[0].shape)}), got {got}")
+    if x.shape[-1] != sizes[0]:
+        raise ValueError(f"mlp: x must be [..., in] with in = {sizes[0]} (params[0] is {list(params[0].shape)}), "
+                         f"got {list(x.shape)}")
     if x.dtype != params[0].dtype or x.device != params[0].device:
         raise ValueError(f"mlp: x is {x.dtype} on {x.device} but params[0] is {params[0].dtype} on "
                          f"{params[0].device}")
-    return _mlp(params, x, act_code, act_param)
-
-
-def _mlp(params: List[Tensor], x: Tensor, act_code: int, act_param: float) -> Tensor:
-    """mlp on checked codes (the C++ kernels check the tensors)."""
-    rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    if not _compiled("mlp_forward", x.device):
-        out = reference.mlp_forward(params, rows, act_code, act_param)
-    elif torch.compiler.is_compiling():  # the registered op, which the compiler traces through its fake kernel
-        out = torch.ops.mamlext.mlp_forward(params, rows, act_code, act_param)[0]
-    elif _functorch_wrapped([x, *params]):
-        out = reference.mlp_forward(params, rows, act_code, act_param)
-    else:  # eagerly, the same op through a direct binding (no argument boxing)
-        out = _ext._C.mlp_forward(params, rows, act_code, act_param)[0]
-    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def _hidden_numel(params, rows: int) -> int:

@@ -118,13 +118,17 @@ def test_from_sequential_shares_parameters_and_refuses_other_models():
 
 
 def test_mlp_input_errors_name_the_argument():
+    """From the kernel's checks (mlp_forward) where it runs, from the Python ones (mlp) on the reference layers."""
     params = [torch.randn(4, 3), torch.randn(4), torch.randn(2, 4), torch.randn(2)]
-    with pytest.raises(ValueError, match=r"mlp: x must be a tensor \[..., in\] with in = 3"):
+    with pytest.raises(ValueError, match=r"mlp(_forward)?: x must be \[(K|...), in\] with in = 3"):
         ops.mlp(params, torch.randn(5, 2))
-    with pytest.raises(ValueError, match=r"mlp: params\[3\] \(b_2\) must be \[2\]"):
+    with pytest.raises(ValueError, match=r"mlp(_forward)?: params\[3\] (\(b_2\) )?must be \[2\]"):
         ops.mlp(params[:3] + [torch.randn(3)], torch.randn(5, 3))
-    with pytest.raises(ValueError, match="mlp: x is torch.float64 on cpu but params.0. is torch.float32"):
+    with pytest.raises(ValueError, match="mlp: x is torch.float64 on cpu but params.0. is torch.float32|"
+                                         "mlp_forward: params.0. has dtype Float but x has dtype Double"):
         ops.mlp(params, torch.randn(5, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"mlp: x must be a tensor \[..., in\]"):
+        ops.mlp(params, torch.tensor(1.0))
     with pytest.raises(ValueError, match="mlp: activation must be one of"):
         ops.mlp(params, torch.randn(5, 3), "swish")
 
@@ -176,7 +180,7 @@ def test_maml_meta_gradient_through_the_fused_layers(steps, first_order, act):
     model = mlp([1, 40, 40, 1], act).double()
     tasks = sine_tasks(4)
     calls = []
-    real = ops._mlp
+    real = ops.mlp
 
     def counting(*args, **kwargs):
         calls.append(1)
@@ -184,11 +188,11 @@ def test_maml_meta_gradient_through_the_fused_layers(steps, first_order, act):
     want = learn2learn_loop(model, tasks, steps, 0.05, first_order, F.mse_loss)
     maml = mamlext.MAML(model, lr=0.05, first_order=first_order)
     assert maml._fused is not None
-    mamlext.nn.ops._mlp = counting
+    mamlext.nn.ops.mlp = counting
     try:
         got = run_loop(maml, tasks, steps, F.mse_loss)
     finally:
-        mamlext.nn.ops._mlp = real
+        mamlext.nn.ops.mlp = real
     assert len(calls) == len(tasks) * (steps + 1)  # every forward of every learner ran fused
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-13)

@@ -177,7 +177,7 @@ def ops_only_loop(model: nn.Module, setting: Setting, data) -> Run:
     tasks = xs.shape[0]
 
     def forward(fast, x):
-        return ops._mlp(fast, x, layers.activation, layers.act_param)
+        return ops.mlp(fast, x, layers.activation, layers.act_param)
 
     def run():
         _zero_grads(params)
