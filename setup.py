@@ -87,7 +87,7 @@ def _extension():
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp"))
                      + glob.glob(os.path.join("csrc", "autograd", "*.cpp"))
-                     + glob.glob(os.path.join("csrc", "batched", "*.cpp")))
+                     + glob.glob(os.path.join("csrc", "layerwise", "*.cpp")))
     opt = ["-O0", "-g"] if debug else ["-O3"]
     defines = [f'-DMAMLEXT_CUDA_ARCHS="{archs}"', f"-DMAMLEXT_DEBUG={int(debug)}",
                f'-DMAMLEXT_TORCH_VERSION="{torch.__version__}"']

@@ -21,7 +21,7 @@
 #include <tuple>
 #include <vector>
 
-#include "batched/mlp_batched.h"
+#include "layerwise/mlp_layerwise.h"
 #include "common/mlp_checks.h"
 #include "common/mlp_passes.h"
 #include "common/mlp_tasks.h"

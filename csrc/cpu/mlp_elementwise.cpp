@@ -6,7 +6,7 @@
 
 #include <algorithm>
 
-#include "batched/mlp_batched.h"
+#include "layerwise/mlp_layerwise.h"
 
 namespace mamlext {
 namespace cpu_elementwise {

@@ -20,7 +20,7 @@
 #include <tuple>
 #include <vector>
 
-#include "batched/mlp_batched.h"
+#include "layerwise/mlp_layerwise.h"
 #include "common/mlp_tasks.h"
 #include "common/team.h"
 

@@ -11,7 +11,7 @@
 
 #include <algorithm>
 
-#include "batched/mlp_batched.h"
+#include "layerwise/mlp_layerwise.h"
 
 namespace mamlext {
 namespace cuda_elementwise {

@@ -1,7 +1,7 @@
 // The batched implementation of mlp_loss_grad, mlp_hvp and mlp_maml (see mlp_batched.h): the passes of
 // common/mlp_passes.h and the recursion of common/mlp_maml_math.h over [T, K, width] tensors with ATen GEMMs, the
 // element-wise parts in the kernels of the tensors' device (cpu/mlp_elementwise.cpp, cuda/mlp_elementwise.cu).
-#include "batched/mlp_batched.h"
+#include "layerwise/mlp_layerwise.h"
 
 #include <ATen/Dispatch.h>
 #include <c10/core/DeviceGuard.h>
