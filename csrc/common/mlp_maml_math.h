@@ -1,6 +1,6 @@
 // One task of mlp_maml on raw pointers: the inner loop and the reverse recursion over the MLP passes of
 // common/mlp_passes.h, shared by the CPU per-task kernel (cpu/mlp.cpp) and the CUDA block kernel (cuda/mlp_block.cu)
-// so that both run the same arithmetic. batched/mlp_batched.cpp spells the same recursion over whole [T, ...] tensors.
+// so that both run the same arithmetic. layerwise/mlp_layerwise.cpp spells the same recursion over whole [T, ...] tensors.
 //
 // Like the passes, the functions that take a team (common/team.h) return synced.
 #pragma once

@@ -1,7 +1,7 @@
 // CPU kernels of the fused MLP ops mlp_loss_grad, mlp_hvp and mlp_maml. Two implementations:
 //   per task: validation and allocation on the host, then one at::parallel_for over tasks, each chunk of tasks with
 //     its own scratch buffer; the per-task math is common/mlp_maml_math.h and common/mlp_passes.h (on a SerialTeam);
-//   batched:  batched/mlp_batched.h (ATen batched GEMMs over the tasks + the shared element-wise math).
+//   batched:  layerwise/mlp_layerwise.h (ATen batched GEMMs over the tasks + the shared element-wise math).
 // mlp_cpu_path picks one per call (see there; the per-task one unless told otherwise). A third path, for tests only, runs the per-task math on a team of
 // std::threads per task, the way the CUDA block kernel (cuda/mlp_block.cu) runs it on a thread block.
 #include "cpu/mlp_path.h"
@@ -34,7 +34,7 @@ namespace {
 // Path selection.
 //
 // The environment variable MAMLEXT_MLP_CPU_PATH, read on every call, forces a path:
-//   per_task  the per-task kernel below;   batched  batched/mlp_batched.h;   auto (or unset/empty)  per_task;
+//   per_task  the per-task kernel below;   batched  layerwise/mlp_layerwise.h;   auto (or unset/empty)  per_task;
 //   team      for tests: the per-task math with MAMLEXT_TEAM_THREADS (default 4) std::threads per task, one task
 //             after another (see ThreadTeam).
 // auto runs the per-task kernel: with the register-tiled products it beats the batched path wherever both were
@@ -165,7 +165,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_loss_grad_cpu(at::TensorList
                                                                   const at::Tensor& y, int64_t activation,
                                                                   double act_param, int64_t loss) {
   const CpuPath path = mlp_cpu_path();
-  if (path == CpuPath::kBatched) return mlp_loss_grad_batched(params, x, y, activation, act_param, loss);
+  if (path == CpuPath::kBatched) return mlp_loss_grad_layerwise(params, x, y, activation, act_param, loss);
   const LossGradTensors g = loss_grad_per_task(path, false, params, {}, x, y, activation, act_param, loss);
   return {g.losses, g.out};
 }
@@ -173,7 +173,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_loss_grad_cpu(at::TensorList
 std::vector<at::Tensor> mlp_hvp_cpu(at::TensorList params, at::TensorList vectors, const at::Tensor& x,
                                     const at::Tensor& y, int64_t activation, double act_param, int64_t loss) {
   const CpuPath path = mlp_cpu_path();
-  if (path == CpuPath::kBatched) return mlp_hvp_batched(params, vectors, x, y, activation, act_param, loss);
+  if (path == CpuPath::kBatched) return mlp_hvp_layerwise(params, vectors, x, y, activation, act_param, loss);
   return loss_grad_per_task(path, true, params, vectors, x, y, activation, act_param, loss).out;
 }
 
@@ -183,7 +183,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_mam
     int64_t loss) {
   const CpuPath path = mlp_cpu_path();
   if (path == CpuPath::kBatched) {
-    return mlp_maml_batched(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss);
+    return mlp_maml_layerwise(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss);
   }
   const MamlTensors m(params, xs, ys, xq, yq, lrs, step_weights, activation, act_param, loss);
   const int64_t tasks = m.checked.call.tasks;

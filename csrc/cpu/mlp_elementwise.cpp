@@ -1,6 +1,6 @@
-// CPU variants of the batched MLP implementation's element-wise kernels (declared in batched/mlp_batched.h):
+// CPU variants of the layerwise MLP implementation's element-wise kernels (declared in layerwise/mlp_layerwise.h):
 // at::parallel_for over elements (or tasks), each chunk one call of the shared C10_HOST_DEVICE loops of
-// common/activations.h, common/losses.h and common/sgd_math.h (through mlp_batched.h's maml_update), the ones
+// common/activations.h, common/losses.h and common/sgd_math.h (through mlp_layerwise.h's maml_update), the ones
 // cuda/mlp_elementwise.cu runs on the GPU.
 #include <ATen/Parallel.h>
 
@@ -64,7 +64,7 @@ void activation_r_backward(Activation act, scalar_t param, int64_t n, const scal
 
 template <typename scalar_t>
 void loss_forward_backward(Loss loss, int64_t tasks, int64_t K, int64_t O, const scalar_t* z,
-                           BatchedTargets<scalar_t> y, scalar_t* losses, scalar_t* dz) {
+                           LayerwiseTargets<scalar_t> y, scalar_t* losses, scalar_t* dz) {
   const int64_t n = K * O;
   at::parallel_for(0, tasks, task_grain(n), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {

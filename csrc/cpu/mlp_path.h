@@ -1,6 +1,6 @@
 // Which implementation the CPU kernels of the fused MLP ops (cpu/mlp.cpp) run: the per-task kernel of
 // common/mlp_tasks.h (one task per thread, its matrices in cache; the faster one wherever measured) or the batched
-// GEMM one of batched/mlp_batched.h (what CUDA runs for wide networks). See mlp_cpu_path in cpu/mlp.cpp for the
+// GEMM one of layerwise/mlp_layerwise.h (what CUDA runs for wide networks). See mlp_cpu_path in cpu/mlp.cpp for the
 // MAMLEXT_MLP_CPU_PATH environment variable that chooses.
 #pragma once
 

@@ -2,7 +2,7 @@
 // kernel: one thread block per task runs the task's whole computation (for mlp_maml the inner loop and the reverse
 // recursion: common/mlp_maml_math.h mlp_maml_task on a BlockTeam), with the task's scratch (activations, transposed
 // weights and, for mlp_maml, the MamlScratch thetas and gradients) in shared memory when it fits, else in a global
-// workspace. Wider networks run the batched implementation (batched/mlp_batched.h: cuBLAS GEMMs +
+// workspace. Wider networks run the batched implementation (layerwise/mlp_layerwise.h: cuBLAS GEMMs +
 // cuda/mlp_elementwise.cu).
 //
 // MAMLEXT_MLP_CUDA_PATH, read on every call, forces a path: block (scratch in shared memory where it fits),
@@ -155,7 +155,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_loss_grad_cuda(at::TensorLis
                                                                    const at::Tensor& y, int64_t activation,
                                                                    double act_param, int64_t loss) {
   const CudaPath path = loss_grad_cuda_path(false, params, x);
-  if (path == CudaPath::kBatched) return mlp_loss_grad_batched(params, x, y, activation, act_param, loss);
+  if (path == CudaPath::kBatched) return mlp_loss_grad_layerwise(params, x, y, activation, act_param, loss);
   const LossGradTensors g =
       loss_grad_block(false, params, {}, x, y, activation, act_param, loss, path == CudaPath::kBlockGlobal);
   return {g.losses, g.out};
@@ -164,7 +164,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_loss_grad_cuda(at::TensorLis
 std::vector<at::Tensor> mlp_hvp_cuda(at::TensorList params, at::TensorList vectors, const at::Tensor& x,
                                      const at::Tensor& y, int64_t activation, double act_param, int64_t loss) {
   const CudaPath path = loss_grad_cuda_path(true, params, x);
-  if (path == CudaPath::kBatched) return mlp_hvp_batched(params, vectors, x, y, activation, act_param, loss);
+  if (path == CudaPath::kBatched) return mlp_hvp_layerwise(params, vectors, x, y, activation, act_param, loss);
   return loss_grad_block(true, params, vectors, x, y, activation, act_param, loss, path == CudaPath::kBlockGlobal)
       .out;
 }
@@ -178,7 +178,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_mam
       mlp_maml_scratch_numel(d, step_weights.numel(), peek_input_size(xs, 1), peek_input_size(xq, 1), first_order);
   const CudaPath path = mlp_cuda_path(d, scratch_numel, xs.element_size());
   if (path == CudaPath::kBatched) {
-    return mlp_maml_batched(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss);
+    return mlp_maml_layerwise(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss);
   }
   return maml_block(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss,
                     path == CudaPath::kBlockGlobal)

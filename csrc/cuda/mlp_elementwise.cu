@@ -1,6 +1,6 @@
-// CUDA variants of the batched MLP implementation's element-wise kernels (declared in batched/mlp_batched.h):
+// CUDA variants of the layerwise MLP implementation's element-wise kernels (declared in layerwise/mlp_layerwise.h):
 // grid-stride loops whose bodies are the shared C10_HOST_DEVICE functions of common/activations.h, common/losses.h
-// and common/sgd_math.h (through mlp_batched.h's maml_update), so the GPU runs the CPU's arithmetic.
+// and common/sgd_math.h (through mlp_layerwise.h's maml_update), so the GPU runs the CPU's arithmetic.
 //
 // The activations run one element per thread (the shared n-element loop called with n = 1: its switch over the
 // activation is uniform across a warp); the losses run one task per thread (a task's K rows reduce to its loss).
@@ -57,7 +57,7 @@ __global__ void activation_r_backward_kernel(Activation act, scalar_t param, int
 
 template <typename scalar_t>
 __global__ void loss_forward_backward_kernel(Loss loss, int64_t tasks, int64_t K, int64_t O, const scalar_t* z,
-                                             BatchedTargets<scalar_t> y, scalar_t* losses, scalar_t* dz) {
+                                             LayerwiseTargets<scalar_t> y, scalar_t* losses, scalar_t* dz) {
   const int64_t n = K * O;
   for (int64_t t = global_thread(); t < tasks; t += grid_threads()) {
     const LossTarget<scalar_t> target = y.at(t);
@@ -120,7 +120,7 @@ void activation_r_backward(Activation act, scalar_t param, int64_t n, const scal
 
 template <typename scalar_t>
 void loss_forward_backward(Loss loss, int64_t tasks, int64_t K, int64_t O, const scalar_t* z,
-                           BatchedTargets<scalar_t> y, scalar_t* losses, scalar_t* dz) {
+                           LayerwiseTargets<scalar_t> y, scalar_t* losses, scalar_t* dz) {
   if (tasks == 0) return;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   loss_forward_backward_kernel<scalar_t><<<blocks_for(tasks, kTaskThreads), kTaskThreads, 0, stream>>>(

@@ -1,4 +1,4 @@
-// The batched implementation of mlp_loss_grad, mlp_hvp and mlp_maml (see mlp_batched.h): the passes of
+// The layerwise implementation of mlp_loss_grad, mlp_hvp and mlp_maml (see mlp_layerwise.h): the passes of
 // common/mlp_passes.h and the recursion of common/mlp_maml_math.h over [T, K, width] tensors with ATen GEMMs, the
 // element-wise parts in the kernels of the tensors' device (cpu/mlp_elementwise.cpp, cuda/mlp_elementwise.cu).
 #include "layerwise/mlp_layerwise.h"
@@ -55,12 +55,12 @@ struct HostOperand {
 };
 
 // The per-call state: the network's configuration, T, the device and dtype; runs the passes.
-class BatchedMlp {
+class LayerwiseMlp {
  public:
-  BatchedMlp(const MlpConfig& config, int64_t tasks, const at::Tensor& like)
+  LayerwiseMlp(const MlpConfig& config, int64_t tasks, const at::Tensor& like)
       : c_(config), tasks_(tasks), cuda_(like.is_cuda()), dtype_(like.scalar_type()) {
     TORCH_CHECK(like.device().type() == at::kCPU || like.is_cuda(),
-                "mamlext: the batched MLP ops run on CPU and CUDA tensors, got ", like.device());
+                "mamlext: the layerwise MLP ops run on CPU and CUDA tensors, got ", like.device());
   }
 
   // Per-layer values of one pass over [T, K, *] rows (see common/mlp_passes.h MlpActivations).
@@ -132,7 +132,7 @@ class BatchedMlp {
   void maml_update(MamlUpdate update, int64_t per_task, const at::Tensor& out_tensor, int64_t out_offset,
                    int64_t out_task_stride, HostOperand a, HostOperand b, HostOperand c, double w) const {
     if (tasks_ == 0 || per_task == 0) return;
-    AT_DISPATCH_FLOATING_TYPES(dtype_, "mlp_batched_maml_update", [&] {
+    AT_DISPATCH_FLOATING_TYPES(dtype_, "mlp_layerwise_maml_update", [&] {
       MamlUpdateArgs<scalar_t> m;
       m.update = update;
       m.tasks = tasks_;
@@ -149,7 +149,7 @@ class BatchedMlp {
   }
 
  private:
-  // z = in W^T + b over [T, K, *]: W [out, in] (shared: one GEMM over the T * K rows) or [T, out, in] (batched),
+  // z = in W^T + b over [T, K, *]: W [out, in] (shared: one GEMM over the T * K rows) or [T, out, in] (per task),
   // b [out] or [T, out].
   static at::Tensor linear(const at::Tensor& in, const at::Tensor& W, const at::Tensor& b) {
     const int64_t T = in.size(0), K = in.size(1), O = W.size(-2);
@@ -204,7 +204,7 @@ class BatchedMlp {
 
   at::Tensor activation_forward(const at::Tensor& z) const {
     at::Tensor h = at::empty_like(z);
-    AT_DISPATCH_FLOATING_TYPES(dtype_, "mlp_batched_activation_forward", [&] {
+    AT_DISPATCH_FLOATING_TYPES(dtype_, "mlp_layerwise_activation_forward", [&] {
       MAMLEXT_ELEMENTWISE(cuda_, activation_forward<scalar_t>(c_.activation, static_cast<scalar_t>(c_.act_param),
                                                               z.numel(), z.data_ptr<scalar_t>(),
                                                               h.data_ptr<scalar_t>()));
@@ -215,7 +215,7 @@ class BatchedMlp {
   // f'(z) * in.
   at::Tensor activation_backward(const at::Tensor& z, const at::Tensor& h, const at::Tensor& in) const {
     at::Tensor out = at::empty_like(z);
-    AT_DISPATCH_FLOATING_TYPES(dtype_, "mlp_batched_activation_backward", [&] {
+    AT_DISPATCH_FLOATING_TYPES(dtype_, "mlp_layerwise_activation_backward", [&] {
       MAMLEXT_ELEMENTWISE(cuda_, activation_backward<scalar_t>(
                                      c_.activation, static_cast<scalar_t>(c_.act_param), z.numel(),
                                      z.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), in.data_ptr<scalar_t>(),
@@ -227,7 +227,7 @@ class BatchedMlp {
   // rdz = f'(z) * rdz + f''(z) * dh * rz, in place.
   void activation_r_backward(const at::Tensor& z, const at::Tensor& h, const at::Tensor& dh, const at::Tensor& rz,
                              at::Tensor& rdz) const {
-    AT_DISPATCH_FLOATING_TYPES(dtype_, "mlp_batched_activation_r_backward", [&] {
+    AT_DISPATCH_FLOATING_TYPES(dtype_, "mlp_layerwise_activation_r_backward", [&] {
       MAMLEXT_ELEMENTWISE(cuda_, activation_r_backward<scalar_t>(
                                      c_.activation, static_cast<scalar_t>(c_.act_param), z.numel(),
                                      z.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), dh.data_ptr<scalar_t>(),
@@ -239,8 +239,8 @@ class BatchedMlp {
   at::Tensor loss_forward_backward(const at::Tensor& z, const at::Tensor& y, at::Tensor& losses) const {
     at::Tensor dz = at::empty_like(z);
     const int64_t K = z.size(1), O = z.size(2);
-    AT_DISPATCH_FLOATING_TYPES(dtype_, "mlp_batched_loss", [&] {
-      BatchedTargets<scalar_t> target;
+    AT_DISPATCH_FLOATING_TYPES(dtype_, "mlp_layerwise_loss", [&] {
+      LayerwiseTargets<scalar_t> target;
       target.stride = y.numel() / std::max<int64_t>(tasks_, 1);
       if (c_.loss == Loss::kMse) {
         target.values = y.data_ptr<scalar_t>();
@@ -257,7 +257,7 @@ class BatchedMlp {
   at::Tensor loss_r_backward(const at::Tensor& z, const at::Tensor& rz) const {
     at::Tensor rdz = at::empty_like(z);
     const int64_t K = z.size(1), O = z.size(2);
-    AT_DISPATCH_FLOATING_TYPES(dtype_, "mlp_batched_loss_r", [&] {
+    AT_DISPATCH_FLOATING_TYPES(dtype_, "mlp_layerwise_loss_r", [&] {
       MAMLEXT_ELEMENTWISE(cuda_, loss_r_backward<scalar_t>(c_.loss, tasks_, K, O, z.data_ptr<scalar_t>(),
                                                            rz.data_ptr<scalar_t>(), rdz.data_ptr<scalar_t>()));
     });
@@ -284,7 +284,7 @@ using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 // ---------------------------------------------------------------------------------------------------------------
 // The ops.
 
-std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_loss_grad_batched(at::TensorList params, const at::Tensor& x,
+std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_loss_grad_layerwise(at::TensorList params, const at::Tensor& x,
                                                                       const at::Tensor& y, int64_t activation,
                                                                       double act_param, int64_t loss) {
   const MlpCall call = check_mlp_loss_grad("mlp_loss_grad", params, x, y, activation, act_param, loss);
@@ -292,17 +292,17 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_loss_grad_batched(at::Tensor
   const BelowAutograd below_autograd;
   const int64_t tasks = call.tasks;
   if (tasks == 0) return {at::empty({0}, x.options()), per_task_outputs(params, call.per_task, 0, x.options())};
-  const BatchedMlp net(call.config, tasks, x);
+  const LayerwiseMlp net(call.config, tasks, x);
   const at::Tensor xc = x.contiguous(), yc = y.contiguous();
   const std::vector<at::Tensor> ps = contiguous(params);
-  BatchedMlp::Pass pass;
+  LayerwiseMlp::Pass pass;
   std::vector<at::Tensor> grads;
   net.forward(xc, ps, pass);
   at::Tensor losses = net.loss_backward(xc, yc, ps, pass, &grads);
   return {losses, grads};
 }
 
-std::vector<at::Tensor> mlp_hvp_batched(at::TensorList params, at::TensorList vectors, const at::Tensor& x,
+std::vector<at::Tensor> mlp_hvp_layerwise(at::TensorList params, at::TensorList vectors, const at::Tensor& x,
                                         const at::Tensor& y, int64_t activation, double act_param, int64_t loss) {
   const MlpCall call = check_mlp_loss_grad("mlp_hvp", params, x, y, activation, act_param, loss);
   check_mlp_vectors("mlp_hvp", vectors, params, call, x);
@@ -310,10 +310,10 @@ std::vector<at::Tensor> mlp_hvp_batched(at::TensorList params, at::TensorList ve
   const BelowAutograd below_autograd;
   const int64_t tasks = call.tasks;
   if (tasks == 0) return per_task_outputs(params, call.per_task, 0, x.options());
-  const BatchedMlp net(call.config, tasks, x);
+  const LayerwiseMlp net(call.config, tasks, x);
   const at::Tensor xc = x.contiguous(), yc = y.contiguous();
   const std::vector<at::Tensor> ps = contiguous(params), vs = contiguous(vectors);
-  BatchedMlp::Pass pass;
+  LayerwiseMlp::Pass pass;
   net.forward(xc, ps, pass);
   net.loss_backward(xc, yc, ps, pass, nullptr);
   std::vector<at::Tensor> hv;
@@ -321,7 +321,7 @@ std::vector<at::Tensor> mlp_hvp_batched(at::TensorList params, at::TensorList ve
   return hv;
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_maml_batched(
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_maml_layerwise(
     at::TensorList params, const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
     at::TensorList lrs, const at::Tensor& step_weights, bool first_order, int64_t activation, double act_param,
     int64_t loss) {
@@ -347,7 +347,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_mam
       step_weights.reshape({-1}).to(params[0].scalar_type()).to(at::kCPU).to(at::kDouble).contiguous();
   const double* w = weights.data_ptr<double>();
 
-  const BatchedMlp net(call.config, tasks, params[0]);
+  const LayerwiseMlp net(call.config, tasks, params[0]);
   const at::Tensor xsc = xs.contiguous(), ysc = ys.contiguous(), xqc = xq.contiguous(), yqc = yq.contiguous();
   const std::vector<at::Tensor> lrc = contiguous(lrs);
   // theta[k]: theta_k, P tensors ([S_i] for k = 0, the shared meta-parameters; [T, *S_i] after); g[k]: g_k.
@@ -370,7 +370,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_mam
   };
 
   // Inner loop. The support pass of the last step (theta_{N-1}) stays in `support` for the first HVP.
-  BatchedMlp::Pass support;
+  LayerwiseMlp::Pass support;
   for (int64_t k = 0; k < steps; ++k) {
     net.forward(xsc, theta[k], support);
     net.loss_backward(xsc, ysc, theta[k], support, &g[k]);
@@ -388,7 +388,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_mam
 
   // w L_query(theta_k) into query_losses; grad L_query(theta_k) into qg.
   auto query_grad = [&](int64_t k, double weight) {
-    BatchedMlp::Pass q;
+    LayerwiseMlp::Pass q;
     net.forward(xqc, theta[k], q);
     const at::Tensor losses = net.loss_backward(xqc, yqc, theta[k], q, &qg);
     query_losses.add_(losses, weight);
@@ -411,7 +411,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_mam
       if (checked.lr_per_element[i]) {
         net.maml_update(MamlUpdate::kLrGrad, n, lr_grads[i], k * n, steps * n, per_task(v[i], i),
                         per_task(g[k][i], i), HostOperand(), 0.0);
-      } else {  // -<v_t, g_t> per task, as a batched [1, n] x [n, 1] product
+      } else {  // -<v_t, g_t> per task, as one bmm of [1, n] x [n, 1] products
         lr_grads[i].select(1, k).copy_(
             at::bmm(v[i].view({tasks, 1, n}), g[k][i].view({tasks, n, 1})).view({tasks}).neg_());
       }

@@ -1,5 +1,6 @@
-// The "batched GEMM + fused element-wise" implementation of the fused MLP ops mlp_loss_grad, mlp_hvp and mlp_maml:
-// device-generic host code over ATen tensors with the T tasks as the batch dimension.
+// The layerwise implementation of the fused MLP ops mlp_loss_grad, mlp_hvp and mlp_maml: layer by layer, each
+// layer's GEMMs over all tasks at once, plus fused element-wise kernels; device-generic host code over ATen tensors
+// with the T tasks as the batch dimension.
 //
 // Every layer's matrix products are one at::bmm / at::baddbmm over [T, K, width] activations and [T, out, in]
 // weights (a shared weight, [out, in], is one at::mm over the T * K rows instead). Everything element-wise runs in
@@ -9,8 +10,7 @@
 // common/mlp_passes.h and common/mlp_maml_math.h (which the per-task CPU kernel runs), spelled over whole [T, ...]
 // tensors.
 //
-// The CUDA kernels of mlp_loss_grad and mlp_hvp, and of mlp_maml on wide networks (cuda/mlp_block.cu registers
-// them); on the CPU, cpu/mlp.cpp calls it for wide networks (see mlp_cpu_path there).
+// What CUDA runs for wide networks (cuda/mlp_block.cu); on the CPU only the tests run it (see cpu/mlp.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -29,14 +29,14 @@ namespace mamlext {
 // ---------------------------------------------------------------------------------------------------------------
 // The three ops (argument checks included), for tensors on any device with element-wise kernels (CPU, CUDA).
 
-std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_loss_grad_batched(at::TensorList params, const at::Tensor& x,
+std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_loss_grad_layerwise(at::TensorList params, const at::Tensor& x,
                                                                       const at::Tensor& y, int64_t activation,
                                                                       double act_param, int64_t loss);
 
-std::vector<at::Tensor> mlp_hvp_batched(at::TensorList params, at::TensorList vectors, const at::Tensor& x,
+std::vector<at::Tensor> mlp_hvp_layerwise(at::TensorList params, at::TensorList vectors, const at::Tensor& x,
                                         const at::Tensor& y, int64_t activation, double act_param, int64_t loss);
 
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_maml_batched(
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_maml_layerwise(
     at::TensorList params, const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
     at::TensorList lrs, const at::Tensor& step_weights, bool first_order, int64_t activation, double act_param,
     int64_t loss);
@@ -94,7 +94,7 @@ struct MamlUpdateArgs {
 
 // One task's targets of a [T, K, O] output: y values [T, K, O] (mse) or classes [T, K] (ce), contiguous.
 template <typename scalar_t>
-struct BatchedTargets {
+struct LayerwiseTargets {
   const scalar_t* values = nullptr;
   const int64_t* classes = nullptr;
   int64_t stride = 0;  // elements per task
@@ -126,7 +126,7 @@ void activation_r_backward(Activation act, scalar_t param, int64_t n, const scal
                            const scalar_t* dh, const scalar_t* rz, scalar_t* rdz);
 template <typename scalar_t>
 void loss_forward_backward(Loss loss, int64_t tasks, int64_t K, int64_t O, const scalar_t* z,
-                           BatchedTargets<scalar_t> y, scalar_t* losses, scalar_t* dz);
+                           LayerwiseTargets<scalar_t> y, scalar_t* losses, scalar_t* dz);
 template <typename scalar_t>
 void loss_r_backward(Loss loss, int64_t tasks, int64_t K, int64_t O, const scalar_t* z, const scalar_t* rz,
                      scalar_t* rdz);
@@ -147,7 +147,7 @@ void activation_r_backward(Activation act, scalar_t param, int64_t n, const scal
                            const scalar_t* dh, const scalar_t* rz, scalar_t* rdz);
 template <typename scalar_t>
 void loss_forward_backward(Loss loss, int64_t tasks, int64_t K, int64_t O, const scalar_t* z,
-                           BatchedTargets<scalar_t> y, scalar_t* losses, scalar_t* dz);
+                           LayerwiseTargets<scalar_t> y, scalar_t* losses, scalar_t* dz);
 template <typename scalar_t>
 void loss_r_backward(Loss loss, int64_t tasks, int64_t K, int64_t O, const scalar_t* z, const scalar_t* rz,
                      scalar_t* rdz);
@@ -164,7 +164,7 @@ void maml_update(const MamlUpdateArgs<scalar_t>& args);
   template void activation_r_backward<scalar_t>(Activation, scalar_t, int64_t, const scalar_t*, const scalar_t*,     \
                                                 const scalar_t*, const scalar_t*, scalar_t*);                        \
   template void loss_forward_backward<scalar_t>(Loss, int64_t, int64_t, int64_t, const scalar_t*,                    \
-                                                BatchedTargets<scalar_t>, scalar_t*, scalar_t*);                     \
+                                                LayerwiseTargets<scalar_t>, scalar_t*, scalar_t*);                     \
   template void loss_r_backward<scalar_t>(Loss, int64_t, int64_t, int64_t, const scalar_t*, const scalar_t*,         \
                                           scalar_t*);                                                                \
   template void maml_update<scalar_t>(const MamlUpdateArgs<scalar_t>&);
