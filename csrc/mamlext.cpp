@@ -2,8 +2,6 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
-#include "cpu/mlp_path.h"
-
 #ifndef MAMLEXT_CUDA_ARCHS
 #define MAMLEXT_CUDA_ARCHS ""
 #endif
@@ -25,6 +23,16 @@ TORCH_LIBRARY(mamlext, m) {
   // Fused MAML of an MLP: N inner SGD steps per task, weighted query losses, per task meta- and rate gradients.
   m.def("mlp_maml(Tensor[] params, Tensor xs, Tensor ys, Tensor xq, Tensor yq, Tensor[] lrs, Tensor step_weights, "
         "bool first_order, int activation, float act_param, int loss) -> (Tensor, Tensor[], Tensor[])");
+  // The three ops above on a chosen implementation path, for tests (the public ops run path "auto"). On the CPU:
+  // per_task, layerwise, or team (the per-task math on team_threads std::threads per task, split as the CUDA block
+  // kernel splits it); on CUDA: block, block_global or layerwise. team_threads is for path team only.
+  m.def("_mlp_loss_grad_path(Tensor[] params, Tensor x, Tensor y, int activation, float act_param, int loss, "
+        "str path, int team_threads=0) -> (Tensor, Tensor[])");
+  m.def("_mlp_hvp_path(Tensor[] params, Tensor[] vectors, Tensor x, Tensor y, int activation, float act_param, "
+        "int loss, str path, int team_threads=0) -> Tensor[]");
+  m.def("_mlp_maml_path(Tensor[] params, Tensor xs, Tensor ys, Tensor xq, Tensor yq, Tensor[] lrs, "
+        "Tensor step_weights, bool first_order, int activation, float act_param, int loss, str path, "
+        "int team_threads=0) -> (Tensor, Tensor[], Tensor[])");
   // One step of MAML's reverse recursion for any model: v_next = v - hv (per task, or summed over tasks) and,
   // when grads (the support gradients) are given, the rate gradient lr_grads = -sum_t grads_t * v_t.
   m.def("maml_reverse_step(Tensor[] v, Tensor[] hv, Tensor[] grads, bool sum_tasks) -> (Tensor[], Tensor[])");
@@ -81,8 +89,8 @@ TORCH_LIBRARY_IMPL(mamlext, CompositeExplicitAutograd, m) {
 
 TORCH_LIBRARY_IMPL(mamlext, FuncTorchBatched, m) {
   for (const char* name : {"task_sgd", "task_sgd.tensor_lr", "mlp_loss_grad", "mlp_hvp", "mlp_maml",
-                           "maml_reverse_step", "mlp_forward", "mlp_backward", "mlp_backward_backward",
-                           "clone_tensors", "sgd_update"}) {
+                           "_mlp_loss_grad_path", "_mlp_hvp_path", "_mlp_maml_path", "maml_reverse_step",
+                           "mlp_forward", "mlp_backward", "mlp_backward_backward", "clone_tensors", "sgd_update"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&no_vmap_kernel>());
   }
 }
@@ -171,7 +179,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("mlp_forward", &mlp_forward_eager, "torch.ops.mamlext.mlp_forward for eager calls");
   module.def("clone_tensors", &clone_tensors_eager, "torch.ops.mamlext.clone_tensors for eager calls");
   module.def("sgd_update", &sgd_update_eager, "torch.ops.mamlext.sgd_update for eager calls");
-  module.def("mlp_cpu_last_path", &mamlext::mlp_cpu_last_path,
-             "Which implementation the last CPU call of an MLP op ran: 'per_task', 'batched', 'team' or '' (none "
-             "yet); MAMLEXT_MLP_CPU_PATH=per_task|batched|team|auto chooses (see csrc/cpu/mlp.cpp).");
 }

@@ -1,7 +1,8 @@
-"""The batched-GEMM implementation of mlp_loss_grad, mlp_hvp and mlp_maml (csrc/batched/), forced on the CPU with
-MAMLEXT_MLP_CPU_PATH=batched, against the reference twins (mamlext.reference, evaluated in float64) and the per-task
-CPU kernel; the automatic choice between the two CPU paths; edge cases. On CUDA the same implementation is the ops'
-kernel, so these CPU runs exercise its host code and the element-wise arithmetic its CUDA kernels share."""
+"""The layerwise implementation of mlp_loss_grad, mlp_hvp and mlp_maml (csrc/layerwise/: layer by layer, GEMMs over
+all tasks), run on the CPU through the private ops torch.ops.mamlext._mlp_*_path, against the reference twins
+(mamlext.reference, evaluated in float64) and the per-task CPU kernel; the public ops' choice between the two CPU
+paths; edge cases. On CUDA the same implementation is the ops' kernel for wide networks, so these CPU runs exercise
+its host code and the element-wise arithmetic its CUDA kernels share."""
 import math
 
 import pytest
@@ -10,23 +11,24 @@ import torch
 from mamlext import _ext, ops, reference
 from mamlext._mlp_codes import ACTIVATIONS, LOSSES
 
-pytestmark = pytest.mark.skipif(
-    _ext._C is None or not hasattr(_ext._C, "mlp_cpu_last_path"),
-    reason="the compiled extension (with the batched MLP path) is not built")
+pytestmark = pytest.mark.skipif(_ext._C is None, reason="the compiled extension is not built")
 
 ACTS = list(ACTIVATIONS)
 ACT_PARAM = {"leaky_relu": 0.07, "elu": 0.8}
 RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
-PATH_ENV = "MAMLEXT_MLP_CPU_PATH"
 
 
-@pytest.fixture
-def batched(monkeypatch):
-    monkeypatch.setenv(PATH_ENV, "batched")
+# The three ops on a given CPU path (the layerwise one unless told otherwise).
+def loss_grad(*args, path="layerwise"):
+    return torch.ops.mamlext._mlp_loss_grad_path(*args, path)
 
 
-def last_path():
-    return _ext._C.mlp_cpu_last_path()
+def hvp(*args, path="layerwise"):
+    return torch.ops.mamlext._mlp_hvp_path(*args, path)
+
+
+def maml(*args, path="layerwise"):
+    return torch.ops.mamlext._mlp_maml_path(*args, path)
 
 
 def codes(act, loss):
@@ -98,7 +100,7 @@ ARCHS = [([3, 5, 4], ()), ([2, 7, 6, 3], (0, 3, 5)), ([4, 3], (0, 1)), ([1, 9, 9
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("loss", list(LOSSES))
 @pytest.mark.parametrize("act", ACTS)
-def test_loss_grad_and_hvp(batched, dtype, loss, act):
+def test_loss_grad_and_hvp(dtype, loss, act):
     gen = torch.Generator().manual_seed(1)
     c = codes(act, loss)
     for sizes, per_task in ARCHS:
@@ -106,13 +108,11 @@ def test_loss_grad_and_hvp(batched, dtype, loss, act):
         params = make_params(sizes, tasks, dtype, gen, per_task)
         x, y = make_data(sizes, tasks, 5, loss, dtype, gen)
         vectors = [rand(gen, *s, dtype=dtype) for s in reference._task_shapes(params, tasks)]
-        losses, grads = torch.ops.mamlext.mlp_loss_grad(params, x, y, *c)
-        assert last_path() == "batched"
+        losses, grads = loss_grad(params, x, y, *c)
         e_losses, e_grads = reference.mlp_loss_grad(f64(params), *f64([x, y]), *c)
         assert_rel(losses, e_losses, dtype, f"{sizes} losses")
         assert_rel(grads, e_grads, dtype, f"{sizes} grads")
-        hv = torch.ops.mamlext.mlp_hvp(params, vectors, x, y, *c)
-        assert last_path() == "batched"
+        hv = hvp(params, vectors, x, y, *c)
         assert_rel(hv, reference.mlp_hvp(f64(params), f64(vectors), *f64([x, y]), *c), dtype, f"{sizes} hvp")
 
 
@@ -148,7 +148,7 @@ def maml_case(case, loss):
 @pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
 @pytest.mark.parametrize("loss", list(LOSSES))
 @pytest.mark.parametrize("act", ACTS)
-def test_maml(batched, dtype, first_order, loss, act):
+def test_maml(dtype, first_order, loss, act):
     c = codes(act, loss)
     for case, (sizes, steps, form, _) in enumerate(MAML_CASES):
         params, xs, ys, xq, yq, lrs, w = maml_case(case, loss)
@@ -157,9 +157,8 @@ def test_maml(batched, dtype, first_order, loss, act):
             _MAML_EXPECTED[key] = reference.mlp_maml(params, xs, ys, xq, yq, lrs, w, first_order, *c)
         e = _MAML_EXPECTED[key]
         cast = lambda ts: [t.to(dtype) if t.is_floating_point() else t for t in ts]  # noqa: E731
-        out = torch.ops.mamlext.mlp_maml(cast(params), *cast([xs, ys, xq, yq]), cast(lrs), w.to(dtype), first_order,
+        out = maml(cast(params), *cast([xs, ys, xq, yq]), cast(lrs), w.to(dtype), first_order,
                                          *c)
-        assert last_path() == "batched"
         what = f"{sizes} N={steps} {form}"
         assert_rel(out[0], e[0], dtype, f"{what} query_losses")
         assert_rel(out[1], e[1], dtype, f"{what} meta_grads")
@@ -167,7 +166,7 @@ def test_maml(batched, dtype, first_order, loss, act):
 
 
 @pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
-def test_maml_agrees_with_per_task_kernel(monkeypatch, first_order):
+def test_maml_agrees_with_per_task_kernel(first_order):
     """The two CPU implementations on a mid-sized float64 problem: the same arithmetic up to summation order."""
     gen = torch.Generator().manual_seed(20)
     sizes = [3, 24, 24, 4]
@@ -176,33 +175,29 @@ def test_maml_agrees_with_per_task_kernel(monkeypatch, first_order):
     xq, yq = make_data(sizes, 6, 9, "ce", torch.float64, gen)
     lrs = make_rates(params, 3, "mixed", torch.float64, gen)
     w = torch.tensor([0.3, 0.0, 1.0], dtype=torch.float64)
-    outs = {}
-    for path in ("per_task", "batched"):
-        monkeypatch.setenv(PATH_ENV, path)
-        outs[path] = torch.ops.mamlext.mlp_maml(params, xs, ys, xq, yq, lrs, w, first_order, *codes("gelu", "ce"))
-        assert last_path() == path
-    for a, e in zip(outs["batched"], outs["per_task"]):
+    outs = {path: maml(params, xs, ys, xq, yq, lrs, w, first_order, *codes("gelu", "ce"), path=path)
+            for path in ("per_task", "layerwise")}
+    for a, e in zip(outs["layerwise"], outs["per_task"]):
         a, e = ([a], [e]) if isinstance(a, torch.Tensor) else (a, e)
         for x, y in zip(a, e):
             torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
 
 
-def test_all_zero_weights_and_autograd(batched):
-    """Zero step weights skip every query pass; through ops.mlp_maml the batched kernel's outputs carry the
+def test_all_zero_weights_and_autograd():
+    """Zero step weights skip every query pass; through ops.mlp_maml (the public op) the kernel's outputs carry the
     meta-gradient to the parameters' .grad (the kernel itself builds no graph)."""
     gen = torch.Generator().manual_seed(5)
     sizes = [2, 3, 2]
     params = make_params(sizes, 2, torch.float64, gen)
     xs, ys = make_data(sizes, 2, 3, "mse", torch.float64, gen)
     lrs = make_rates(params, 2, "per_step", torch.float64, gen)
-    q, meta, lr_grads = torch.ops.mamlext.mlp_maml(params, xs, ys, xs, ys, lrs, torch.zeros(2, dtype=torch.float64),
-                                                   False, *codes("relu", "mse"))
+    q, meta, lr_grads = maml(params, xs, ys, xs, ys, lrs, torch.zeros(2, dtype=torch.float64), False,
+                             *codes("relu", "mse"))
     assert q.tolist() == [0.0, 0.0]
     assert all(not m.any() for m in meta) and all(not r.any() for r in lr_grads)
 
     leaves = [p.clone().requires_grad_() for p in params]
     q, meta, _ = ops.mlp_maml(leaves, xs, ys, xs, ys, lrs, [0.5, 1.0], activation="tanh")
-    assert last_path() == "batched"
     assert all(not m.requires_grad for m in meta)
     q.sum().backward()
     for leaf, m in zip(leaves, meta):
@@ -214,21 +209,20 @@ def test_all_zero_weights_and_autograd(batched):
 
 
 @pytest.mark.parametrize("loss", list(LOSSES))
-def test_zero_tasks(batched, loss):
+def test_zero_tasks(loss):
     gen = torch.Generator().manual_seed(6)
     sizes = [3, 4, 2]
     params = make_params(sizes, 0, torch.float64, gen, per_task=(1,))
     x, y = make_data(sizes, 0, 2, loss, torch.float64, gen)
     c = codes("tanh", loss)
-    losses, grads = torch.ops.mamlext.mlp_loss_grad(params, x, y, *c)
-    assert last_path() == "batched"
+    losses, grads = loss_grad(params, x, y, *c)
     assert losses.shape == (0,) and [list(g.shape) for g in grads] == reference._task_shapes(params, 0)
     vectors = [torch.ones(s, dtype=torch.float64) for s in reference._task_shapes(params, 0)]
-    assert [o.shape for o in torch.ops.mamlext.mlp_hvp(params, vectors, x, y, *c)] == [v.shape for v in vectors]
+    assert [o.shape for o in hvp(params, vectors, x, y, *c)] == [v.shape for v in vectors]
     shared = make_params(sizes, 0, torch.float64, gen)
     lrs = [torch.full((2,), 0.1, dtype=torch.float64) for _ in shared[:-1]] + [torch.full((2, 2), 0.1,
                                                                                          dtype=torch.float64)]
-    q, meta, lr_grads = torch.ops.mamlext.mlp_maml(shared, x, y, x, y, lrs, torch.tensor([0.0, 1.0],
+    q, meta, lr_grads = maml(shared, x, y, x, y, lrs, torch.tensor([0.0, 1.0],
                                                                                        dtype=torch.float64),
                                                    False, *c)
     assert q.shape == (0,)
@@ -237,7 +231,7 @@ def test_zero_tasks(batched, loss):
 
 
 @pytest.mark.parametrize("loss", list(LOSSES))
-def test_no_rows_and_empty_layer(batched, loss):
+def test_no_rows_and_empty_layer(loss):
     """K = 0: nan losses, zero gradients and H v; an empty hidden layer."""
     gen = torch.Generator().manual_seed(14)
     sizes = [3, 4, 2]
@@ -245,13 +239,13 @@ def test_no_rows_and_empty_layer(batched, loss):
     c = codes("tanh", loss)
     x, y = make_data(sizes, 2, 0, loss, torch.float64, gen)
     xq, yq = make_data(sizes, 2, 3, loss, torch.float64, gen)
-    losses, grads = torch.ops.mamlext.mlp_loss_grad(params, x, y, *c)
+    losses, grads = loss_grad(params, x, y, *c)
     assert losses.isnan().all() and all(not g.any() for g in grads)
     vectors = [torch.ones(2, *p.shape, dtype=torch.float64) for p in params]
-    assert all(not h.any() for h in torch.ops.mamlext.mlp_hvp(params, vectors, x, y, *c))
+    assert all(not h.any() for h in hvp(params, vectors, x, y, *c))
     lrs = [torch.full((2,), 0.1, dtype=torch.float64) for _ in params]
     w = torch.tensor([[0.0, 1.0]], dtype=torch.float32)  # any shape and floating dtype
-    q, meta, lr_grads = torch.ops.mamlext.mlp_maml(params, x, y, xq, yq, lrs, w, False, *c)
+    q, meta, lr_grads = maml(params, x, y, xq, yq, lrs, w, False, *c)
     e = reference.mlp_maml(params, x, y, xq, yq, lrs, torch.tensor([0.0, 1.0]), False, *c)
     assert_rel(q, e[0], torch.float64, "query_losses")
     assert_rel(meta, e[1], torch.float64, "meta_grads")
@@ -259,14 +253,13 @@ def test_no_rows_and_empty_layer(batched, loss):
     empty = [torch.randn(0, 3, dtype=torch.float64), torch.randn(0, dtype=torch.float64),
              torch.randn(2, 0, dtype=torch.float64), torch.randn(2, dtype=torch.float64)]
     x, y = make_data([3, 0, 2], 2, 4, loss, torch.float64, gen)
-    losses, grads = torch.ops.mamlext.mlp_loss_grad(empty, x, y, *c)
-    assert last_path() == "batched"
+    losses, grads = loss_grad(empty, x, y, *c)
     e_losses, e_grads = reference.mlp_loss_grad(empty, x, y, *c)
     assert_rel(losses, e_losses, torch.float64, "losses")
     assert_rel(grads, e_grads, torch.float64, "grads")
 
 
-def test_non_contiguous_inputs(batched):
+def test_non_contiguous_inputs():
     gen = torch.Generator().manual_seed(15)
     sizes = [4, 6, 3]
     params = make_params(sizes, 3, torch.float64, gen, per_task=(0,))
@@ -274,18 +267,18 @@ def test_non_contiguous_inputs(batched):
     x = rand(gen, 3, 4, 5).transpose(1, 2)  # [3, 5, 4], not contiguous
     y = rand(gen, 3, 5, 3)
     c = codes("elu", "mse")
-    losses, grads = torch.ops.mamlext.mlp_loss_grad(params, x, y, *c)
+    losses, grads = loss_grad(params, x, y, *c)
     e_losses, e_grads = reference.mlp_loss_grad(params, x, y, *c)
     assert_rel(losses, e_losses, torch.float64, "losses")
     assert_rel(grads, e_grads, torch.float64, "grads")
 
 
-def test_bad_input_message_on_batched_path(batched):
+def test_bad_input_message_on_layerwise_path():
     params = make_params([3, 4, 2], 2, torch.float64, torch.Generator().manual_seed(0))
     x = torch.randn(2, 5, 2, dtype=torch.float64)
     y = torch.randn(2, 5, 2, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"x must be \[T, K, in\] with in = 3"):
-        torch.ops.mamlext.mlp_loss_grad(params, x, y, *codes("relu", "mse"))
+        loss_grad(params, x, y, *codes("relu", "mse"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -300,36 +293,36 @@ def _maml_args(sizes, tasks, rows, steps):
     return params, xs, ys, xs, ys, lrs, torch.tensor([0.0] * (steps - 1) + [1.0]), False, *codes("relu", "mse")
 
 
-@pytest.mark.parametrize("env", [None, "", "auto"])
-def test_auto_picks_per_task_for_narrow_and_wide(monkeypatch, env):
-    """The per-task kernel is the faster one on the CPU wherever measured (see mlp_cpu_path); batched only on
-    request."""
-    if env is None:
-        monkeypatch.delenv(PATH_ENV, raising=False)
-    else:
-        monkeypatch.setenv(PATH_ENV, env)
+def test_public_ops_run_the_per_task_kernel_for_narrow_and_wide():
+    """The per-task kernel is the faster one on the CPU wherever measured (see csrc/cpu/mlp.cpp): the public ops
+    and path auto give its very bits; layerwise only on request."""
     for args in (_maml_args([1, 8, 8, 1], 4, 5, 1), _maml_args([1, 256, 256, 1], 4, 25, 1)):
-        torch.ops.mamlext.mlp_maml(*args)
-        assert last_path() == "per_task"
-        torch.ops.mamlext.mlp_loss_grad(args[0], args[1], args[2], *args[-3:])
-        assert last_path() == "per_task"
-    monkeypatch.setenv(PATH_ENV, "batched")
-    torch.ops.mamlext.mlp_maml(*_maml_args([1, 8, 8, 1], 4, 5, 1))
-    assert last_path() == "batched"
+        loss_grad_args = (args[0], args[1], args[2], *args[-3:])
+        for out in (torch.ops.mamlext.mlp_maml(*args), maml(*args, path="auto")):
+            assert_same(out, maml(*args, path="per_task"))
+        for out in (torch.ops.mamlext.mlp_loss_grad(*loss_grad_args), loss_grad(*loss_grad_args, path="auto")):
+            assert_same(out, loss_grad(*loss_grad_args, path="per_task"))
 
 
-def test_paths_agree_on_a_wide_net(monkeypatch):
+def assert_same(actual, expected):
+    flat = lambda out: [t for o in out for t in ([o] if isinstance(o, torch.Tensor) else o)]  # noqa: E731
+    assert all(torch.equal(a, e) for a, e in zip(flat(actual), flat(expected), strict=True))
+
+
+def test_paths_agree_on_a_wide_net():
     args = _maml_args([2, 160, 3], 3, 6, 2)
-    outs = {}
-    for path in ("per_task", "batched", "auto"):
-        monkeypatch.setenv(PATH_ENV, path)
-        outs[path] = torch.ops.mamlext.mlp_maml(*args)
-    for path in ("batched", "auto"):
+    outs = {path: maml(*args, path=path) for path in ("per_task", "layerwise", "auto")}
+    for path in ("layerwise", "auto"):
         for a, e in zip(outs[path][1] + outs[path][2], outs["per_task"][1] + outs["per_task"][2]):
             assert (a - e).abs().max() <= 1e-4 * e.abs().max()
 
 
-def test_bad_path_value(monkeypatch):
-    monkeypatch.setenv(PATH_ENV, "gpu")
-    with pytest.raises(RuntimeError, match="MAMLEXT_MLP_CPU_PATH must be per_task, batched, team or auto"):
-        torch.ops.mamlext.mlp_loss_grad(*_maml_args([1, 4, 1], 2, 3, 1)[:3], *codes("relu", "mse"))
+@pytest.mark.parametrize("path", ["gpu", "batched", ""])
+def test_bad_path_value(path):
+    with pytest.raises(ValueError, match=f"path must be per_task, layerwise, team or auto on the CPU, got '{path}'"):
+        loss_grad(*_maml_args([1, 4, 1], 2, 3, 1)[:3], *codes("relu", "mse"), path=path)
+
+
+def test_team_threads_only_on_the_team_path():
+    with pytest.raises(ValueError, match="team_threads is for path 'team' only and must be 0 on path 'layerwise'"):
+        torch.ops.mamlext._mlp_maml_path(*_maml_args([1, 4, 1], 2, 3, 1), "layerwise", 2)

@@ -1,7 +1,7 @@
 """The per-task MLP math run by a team of threads per task, as the CUDA block kernel (csrc/cuda/mlp_block.cu) runs it
-on a thread block: on the CPU with MAMLEXT_MLP_CPU_PATH=team and MAMLEXT_TEAM_THREADS=k std::threads sharing a
-barrier, so that these tests exercise how the work is split and synchronised without a GPU; on CUDA, the block
-kernels themselves (scratch in shared memory and in the global workspace) against the reference twins."""
+on a thread block: on the CPU on path "team" of the private ops torch.ops.mamlext._mlp_*_path, k std::threads
+sharing a barrier, so that these tests exercise how the work is split and synchronised without a GPU; on CUDA, the
+block kernels themselves (scratch in shared memory and in the global workspace) against the reference twins."""
 import pytest
 import torch
 
@@ -11,8 +11,7 @@ from mamlext._mlp_codes import ACTIVATIONS, LOSSES
 from conftest import GPU
 from mlp_cases import make_tasks, mlp
 
-pytestmark = pytest.mark.skipif(
-    _ext._C is None or not hasattr(_ext._C, "mlp_cpu_last_path"), reason="the compiled extension is not built")
+pytestmark = pytest.mark.skipif(_ext._C is None, reason="the compiled extension is not built")
 
 ACT_PARAM = {"leaky_relu": 0.1, "elu": 0.7}  # as mlp_cases.ACT_MODULES
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
@@ -92,30 +91,22 @@ def assert_maml_matches_reference(out, expected, dtype, case):
     assert_rel(out[2], expected[2], dtype, f"{what} lr_grads")
 
 
-@pytest.fixture
-def team(monkeypatch, request):
-    monkeypatch.setenv("MAMLEXT_MLP_CPU_PATH", "team")
-    monkeypatch.setenv("MAMLEXT_TEAM_THREADS", str(request.param))
-    return request.param
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # CPU: a team of std::threads per task
 
 
-@pytest.mark.parametrize("team", TEAM_SIZES, indirect=True)
+@pytest.mark.parametrize("team", TEAM_SIZES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
 def test_team_maml_matches_reference(team, dtype, first_order):
     for case in range(len(MAML_CASES)):
         args, expected = maml_inputs(case, first_order)
-        out = torch.ops.mamlext.mlp_maml(*cast(args, dtype, "cpu"))
-        assert _ext._C.mlp_cpu_last_path() == "team"
+        out = torch.ops.mamlext._mlp_maml_path(*cast(args, dtype, "cpu"), "team", team)
         assert_maml_matches_reference(out, expected, dtype, case)
 
 
-def check_loss_grad_and_hvp(loss, device, path):
-    """mlp_loss_grad and mlp_hvp on `device` against the reference, in float64; path: the CPU path to check."""
+def check_loss_grad_and_hvp(loss, device, path, team_threads=0):
+    """mlp_loss_grad and mlp_hvp on `device` and `path` against the reference, in float64."""
     gen = torch.Generator().manual_seed(7)
     c = codes("gelu", loss)
     for widths in ([1, 40, 40, 1], [3, 5, 4], [2, 64, 6]):
@@ -125,29 +116,25 @@ def check_loss_grad_and_hvp(loss, device, path):
         x, y = make_tasks(widths, 3, 10, 0, loss, torch.float64, "cpu", gen)[:2]
         vectors = [torch.randn(s, generator=gen, dtype=torch.float64) for s in reference._task_shapes(params, 3)]
         on_device = cast([params, vectors, x, y], torch.float64, device)
-        losses, grads = torch.ops.mamlext.mlp_loss_grad(on_device[0], *on_device[2:], *c)
-        hv = torch.ops.mamlext.mlp_hvp(*on_device, *c)
-        if path is not None:
-            assert _ext._C.mlp_cpu_last_path() == path
+        losses, grads = torch.ops.mamlext._mlp_loss_grad_path(on_device[0], *on_device[2:], *c, path, team_threads)
+        hv = torch.ops.mamlext._mlp_hvp_path(*on_device, *c, path, team_threads)
         e_losses, e_grads = reference.mlp_loss_grad(params, x, y, *c)
         assert_rel(losses, e_losses, torch.float64, f"{widths} losses")
         assert_rel(grads, e_grads, torch.float64, f"{widths} grads")
         assert_rel(hv, reference.mlp_hvp(params, vectors, x, y, *c), torch.float64, f"{widths} hvp")
 
 
-@pytest.mark.parametrize("team", [3, 7], indirect=True)
+@pytest.mark.parametrize("team", [3, 7])
 @pytest.mark.parametrize("loss", list(LOSSES))
 def test_team_loss_grad_and_hvp_match_reference(team, loss):
-    check_loss_grad_and_hvp(loss, "cpu", "team")
+    check_loss_grad_and_hvp(loss, "cpu", "team", team)
 
 
-@pytest.mark.parametrize("threads", ["0", "65", "four", "3x"])
-def test_bad_team_threads(monkeypatch, threads):
-    monkeypatch.setenv("MAMLEXT_MLP_CPU_PATH", "team")
-    monkeypatch.setenv("MAMLEXT_TEAM_THREADS", threads)
+@pytest.mark.parametrize("threads", [0, 65, -1])
+def test_bad_team_threads(threads):
     args, _ = maml_inputs(3, True)
-    with pytest.raises(RuntimeError, match=r"MAMLEXT_TEAM_THREADS must be an integer in \[1, 64\]"):
-        torch.ops.mamlext.mlp_maml(*args)
+    with pytest.raises(ValueError, match=rf"team_threads must be in \[1, 64\] on path 'team', got {threads}"):
+        torch.ops.mamlext._mlp_maml_path(*args, "team", threads)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -158,17 +145,17 @@ def test_bad_team_threads(monkeypatch, threads):
 @pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
 @pytest.mark.cuda
 @pytest.mark.skipif(not GPU, reason="no GPU visible")
-def test_block_kernel_matches_reference(monkeypatch, path, dtype, first_order):
-    monkeypatch.setenv("MAMLEXT_MLP_CUDA_PATH", path)
+def test_block_kernel_matches_reference(path, dtype, first_order):
     for case in range(len(MAML_CASES)):
         args, expected = maml_inputs(case, first_order)
-        assert_maml_matches_reference(torch.ops.mamlext.mlp_maml(*cast(args, dtype, "cuda")), expected, dtype, case)
+        out = torch.ops.mamlext._mlp_maml_path(*cast(args, dtype, "cuda"), path)
+        assert_maml_matches_reference(out, expected, dtype, case)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.cuda
 @pytest.mark.skipif(not GPU, reason="no GPU visible")
-def test_block_kernel_shared_and_global_scratch_agree(monkeypatch, dtype):
+def test_block_kernel_shared_and_global_scratch_agree(dtype):
     """The same kernel with another base pointer for the scratch: the same bits. 2000 tasks are more than the
     global workspace's grid, so its blocks also take several tasks each."""
     gen = torch.Generator().manual_seed(3)
@@ -178,31 +165,27 @@ def test_block_kernel_shared_and_global_scratch_agree(monkeypatch, dtype):
     xs, ys, xq, yq = make_tasks(widths, tasks, 10, 10, "mse", dtype, "cpu", gen)
     lrs = [torch.full((2,), 0.01, dtype=dtype) for _ in params]
     args = cast([params, xs, ys, xq, yq, lrs, torch.tensor([0.0, 1.0]), False, *codes("relu", "mse")], dtype, "cuda")
-    outs = {}
-    for path in ("block", "block_global"):
-        monkeypatch.setenv("MAMLEXT_MLP_CUDA_PATH", path)
-        outs[path] = torch.ops.mamlext.mlp_maml(*args)
+    outs = {path: torch.ops.mamlext._mlp_maml_path(*args, path) for path in ("block", "block_global")}
     for a, b in zip([outs["block"][0], *outs["block"][1], *outs["block"][2]],
                     [outs["block_global"][0], *outs["block_global"][1], *outs["block_global"][2]]):
         assert torch.equal(a, b)
-    monkeypatch.setenv("MAMLEXT_MLP_CUDA_PATH", "batched")
-    batched = torch.ops.mamlext.mlp_maml(*args)
-    assert_rel(outs["block"][1], batched[1], dtype, "meta_grads vs the batched kernel")
+    layerwise = torch.ops.mamlext._mlp_maml_path(*args, "layerwise")
+    assert_rel(outs["block"][1], layerwise[1], dtype, "meta_grads vs the layerwise kernel")
 
 
 @pytest.mark.parametrize("path", ["block", "block_global", "auto"])
 @pytest.mark.parametrize("loss", list(LOSSES))
 @pytest.mark.cuda
 @pytest.mark.skipif(not GPU, reason="no GPU visible")
-def test_block_kernel_loss_grad_and_hvp_match_reference(monkeypatch, path, loss):
-    monkeypatch.setenv("MAMLEXT_MLP_CUDA_PATH", path)
-    check_loss_grad_and_hvp(loss, "cuda", None)
+def test_block_kernel_loss_grad_and_hvp_match_reference(path, loss):
+    check_loss_grad_and_hvp(loss, "cuda", path)
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not GPU, reason="no GPU visible")
-def test_bad_cuda_path(monkeypatch):
-    monkeypatch.setenv("MAMLEXT_MLP_CUDA_PATH", "gpu")
-    args, _ = maml_inputs(3, True)
-    with pytest.raises(RuntimeError, match="MAMLEXT_MLP_CUDA_PATH must be block, block_global, batched or auto"):
-        torch.ops.mamlext.mlp_maml(*cast(args, torch.float64, "cuda"))
+def test_bad_cuda_path():
+    args = cast(maml_inputs(3, True)[0], torch.float64, "cuda")
+    with pytest.raises(ValueError, match="path must be block, block_global, layerwise or auto on CUDA, got 'team'"):
+        torch.ops.mamlext._mlp_maml_path(*args, "team")
+    with pytest.raises(ValueError, match=r"team_threads must be 0 on CUDA \(path 'team' is CPU only\), got 4"):
+        torch.ops.mamlext._mlp_maml_path(*args, "block", 4)

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 import mamlext
-from mamlext import ops
+from mamlext import _ext, ops
+from mamlext._mlp_codes import ACTIVATIONS, LOSSES
 
 from test_fuzz import assert_unchanged, loop_meta_loss, snapshot
 
@@ -210,18 +211,25 @@ def test_buffer_reassigned_in_forward_is_refused_naming_the_module():
     assert_unchanged(model, before, "after the refused call")
 
 
-@pytest.mark.parametrize("cpu_path", ["per_task", "batched", "team"])
+@pytest.mark.parametrize("cpu_path", ["per_task", "layerwise", "team"])
 @pytest.mark.parametrize("make", [lambda: nn.ReLU(), lambda: nn.LeakyReLU(0.1), lambda: nn.ELU()])
-def test_nan_propagates_through_the_fused_kernels(make, cpu_path, monkeypatch):
-    monkeypatch.setenv("MAMLEXT_MLP_CPU_PATH", cpu_path)  # every CPU implementation of the fused ops
+def test_nan_propagates_through_the_fused_kernels(make, cpu_path):
     model = nn.Sequential(nn.Linear(4, 5), make(), nn.Linear(5, 4)).double()
     with torch.no_grad():
         model[0].weight[1, 2] = float("nan")
     data = tasks()
     params = [p.detach() for p in model.parameters()]
-    losses, grads = ops.mlp_loss_grad(params, data[0], data[1], type(model[1]).__name__.lower().replace(
-        "leakyrelu", "leaky_relu"), 0.1 if isinstance(model[1], nn.LeakyReLU) else None)
+    activation = type(model[1]).__name__.lower().replace("leakyrelu", "leaky_relu")
+    act_param = {"leaky_relu": 0.1, "elu": 1.0}.get(activation, 0.0)
+    losses, grads = ops.mlp_loss_grad(params, data[0], data[1], activation, act_param)
     assert torch.isnan(losses).all()
+    if _ext._C is not None:  # every CPU implementation of the fused ops
+        codes = (ACTIVATIONS[activation], act_param, LOSSES["mse"], cpu_path, 3 if cpu_path == "team" else 0)
+        assert torch.isnan(torch.ops.mamlext._mlp_loss_grad_path(params, data[0], data[1], *codes)[0]).all()
+        lrs = [torch.full((1,), 0.1, dtype=torch.float64) for _ in params]
+        query_losses = torch.ops.mamlext._mlp_maml_path(params, *data, lrs, torch.ones(1, dtype=torch.float64), False,
+                                                        *codes)[0]
+        assert torch.isnan(query_losses).all()
     loss = mamlext.BatchedMAML(model, inner_lr=0.1, backend="fused").meta_loss(*data)
     assert torch.isnan(loss)
     # and the relu pass-through: a nan input of the activation gives nan gradients, as torch.relu's backward

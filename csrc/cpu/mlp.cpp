@@ -1,31 +1,27 @@
 // CPU kernels of the fused MLP ops mlp_loss_grad, mlp_hvp and mlp_maml. Two implementations:
-//   per task: validation and allocation on the host, then one at::parallel_for over tasks, each chunk of tasks with
+//   per task:  validation and allocation on the host, then one at::parallel_for over tasks, each chunk of tasks with
 //     its own scratch buffer; the per-task math is common/mlp_maml_math.h and common/mlp_passes.h (on a SerialTeam);
-//   batched:  layerwise/mlp_layerwise.h (ATen batched GEMMs over the tasks + the shared element-wise math).
-// mlp_cpu_path picks one per call (see there; the per-task one unless told otherwise). A third path, for tests only, runs the per-task math on a team of
-// std::threads per task, the way the CUDA block kernel (cuda/mlp_block.cu) runs it on a thread block.
-#include "cpu/mlp_path.h"
-
+//   layerwise: layerwise/mlp_layerwise.h (ATen GEMMs over all tasks, layer by layer + the shared element-wise math).
+// The public ops run the per-task one. The private ops _mlp_loss_grad_path, _mlp_hvp_path and _mlp_maml_path take
+// the path as an argument, for tests: besides these two, "team" runs the per-task math on a team of std::threads per
+// task, the way the CUDA block kernel (cuda/mlp_block.cu) runs it on a thread block.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/util/string_view.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <barrier>
-#include <cstdlib>
-#include <cstring>
-#include <string>
 #include <thread>
 #include <tuple>
 #include <vector>
 
-#include "layerwise/mlp_layerwise.h"
 #include "common/mlp_checks.h"
 #include "common/mlp_passes.h"
 #include "common/mlp_tasks.h"
 #include "common/small_gemm.h"
+#include "layerwise/mlp_layerwise.h"
 
 namespace mamlext {
 namespace {
@@ -33,35 +29,32 @@ namespace {
 // ---------------------------------------------------------------------------------------------------------------
 // Path selection.
 //
-// The environment variable MAMLEXT_MLP_CPU_PATH, read on every call, forces a path:
-//   per_task  the per-task kernel below;   batched  layerwise/mlp_layerwise.h;   auto (or unset/empty)  per_task;
-//   team      for tests: the per-task math with MAMLEXT_TEAM_THREADS (default 4) std::threads per task, one task
-//             after another (see ThreadTeam).
-// auto runs the per-task kernel: with the register-tiled products it beats the batched path wherever both were
-// measured (2 cores, float32; per_task vs batched ms): mlp_maml 1-256-256-1 K = 25 T = 25 N = 1 4.0-4.4 vs 13-19,
-// N = 5 16.6-16.9 vs 52-56; 1-128-128-1 K = 25 T = 250 10.6 vs 33-37; 1-64-64-1 K = 50 T = 1000 21.6 vs 75-79;
-// mlp_loss_grad and mlp_hvp 1.2-2x faster too, but a tie on mlp_hvp 1-784-784-1 (40.4 vs 40.0). The batched path
-// stays reachable (batched) because CUDA runs it for wide networks and the CPU tests cover it that way.
+// The public ops run the per-task kernel: with the register-tiled products it beats the layerwise path wherever both
+// were measured (2 cores, float32; per_task vs layerwise ms): mlp_maml 1-256-256-1 K = 25 T = 25 N = 1 4.0-4.4 vs
+// 13-19, N = 5 16.6-16.9 vs 52-56; 1-128-128-1 K = 25 T = 250 10.6 vs 33-37; 1-64-64-1 K = 50 T = 1000 21.6 vs 75-79;
+// mlp_loss_grad and mlp_hvp 1.2-2x faster too, but a tie on mlp_hvp 1-784-784-1 (40.4 vs 40.0). The layerwise path
+// stays reachable through the private ops because CUDA runs it for wide networks and the CPU tests cover it so.
 
-enum class CpuPath : int { kUnset = 0, kPerTask = 1, kBatched = 2, kTeam = 3 };
+struct CpuPath {
+  enum Kind { kPerTask, kLayerwise, kTeam } kind;
+  int team_threads;  // the team's size on kTeam
+};
 
-std::atomic<int> last_path{static_cast<int>(CpuPath::kUnset)};
+constexpr CpuPath kAutoPath{CpuPath::kPerTask, 0};
+constexpr int64_t kMaxTeamThreads = 64;
 
-CpuPath mlp_cpu_path() {
-  const char* env = std::getenv("MAMLEXT_MLP_CPU_PATH");
-  CpuPath path;
-  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0 || std::strcmp(env, "per_task") == 0) {
-    path = CpuPath::kPerTask;
-  } else if (std::strcmp(env, "batched") == 0) {
-    path = CpuPath::kBatched;
-  } else if (std::strcmp(env, "team") == 0) {
-    path = CpuPath::kTeam;
-  } else {
-    TORCH_CHECK(false, "mamlext: MAMLEXT_MLP_CPU_PATH must be per_task, batched, team or auto (or unset), got '", env,
-                "'");
+// The path and team_threads arguments of the private ops.
+CpuPath parse_cpu_path(c10::string_view path, int64_t team_threads) {
+  if (path == "team") {
+    TORCH_CHECK_VALUE(team_threads >= 1 && team_threads <= kMaxTeamThreads, "mamlext: team_threads must be in [1, ",
+                      kMaxTeamThreads, "] on path 'team', got ", team_threads);
+    return {CpuPath::kTeam, static_cast<int>(team_threads)};
   }
-  last_path.store(static_cast<int>(path), std::memory_order_relaxed);
-  return path;
+  TORCH_CHECK_VALUE(path == "auto" || path == "per_task" || path == "layerwise",
+                    "mamlext: path must be per_task, layerwise, team or auto on the CPU, got '", path, "'");
+  TORCH_CHECK_VALUE(team_threads == 0, "mamlext: team_threads is for path 'team' only and must be 0 on path '", path,
+                    "', got ", team_threads);
+  return path == "layerwise" ? CpuPath{CpuPath::kLayerwise, 0} : kAutoPath;
 }
 
 // Multiply-adds a parallel chunk should hold at least, so that small calls are not spread over the thread pool.
@@ -114,22 +107,9 @@ class ThreadTeam {
   double* partials_;
 };
 
-// MAMLEXT_TEAM_THREADS: the team's size, 4 when unset.
-int team_threads() {
-  constexpr int kDefault = 4, kMax = 64;
-  const char* env = std::getenv("MAMLEXT_TEAM_THREADS");
-  if (env == nullptr || env[0] == '\0') return kDefault;
-  char* end = nullptr;
-  const long threads = std::strtol(env, &end, 10);
-  TORCH_CHECK(*end == '\0' && threads >= 1 && threads <= kMax,
-              "mamlext: MAMLEXT_TEAM_THREADS must be an integer in [1, ", kMax, "], got '", env, "'");
-  return static_cast<int>(threads);
-}
-
-// Runs work(team) on every member of a team of team_threads() threads (the calling thread is member 0).
+// Runs work(team) on every member of a team of `size` threads (the calling thread is member 0).
 template <typename Work>
-void run_on_thread_team(const Work& work) {
-  const int size = team_threads();
+void run_on_thread_team(int size, const Work& work) {
   std::barrier<> barrier(size);
   std::vector<double> partials(size);
   std::vector<std::thread> members;
@@ -147,9 +127,10 @@ LossGradTensors loss_grad_per_task(CpuPath path, bool hvp, at::TensorList params
   if (tasks == 0) return g;
   AT_DISPATCH_FLOATING_TYPES(g.x.scalar_type(), "mlp_loss_grad_cpu", [&] {
     const LossGradArgs<scalar_t> args(g);
-    if (path == CpuPath::kTeam) {
+    if (path.kind == CpuPath::kTeam) {
       std::vector<scalar_t> scratch(args.scratch_numel());
-      run_on_thread_team([&](const ThreadTeam& team) { loss_grad_tasks(team, args, 0, tasks, 1, scratch.data()); });
+      run_on_thread_team(path.team_threads,
+                         [&](const ThreadTeam& team) { loss_grad_tasks(team, args, 0, tasks, 1, scratch.data()); });
       return;
     }
     const int64_t work = (hvp ? 8 : 3) * forward_work(args.config.dims, args.rows);
@@ -161,28 +142,26 @@ LossGradTensors loss_grad_per_task(CpuPath path, bool hvp, at::TensorList params
   return g;
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_loss_grad_cpu(at::TensorList params, const at::Tensor& x,
-                                                                  const at::Tensor& y, int64_t activation,
-                                                                  double act_param, int64_t loss) {
-  const CpuPath path = mlp_cpu_path();
-  if (path == CpuPath::kBatched) return mlp_loss_grad_layerwise(params, x, y, activation, act_param, loss);
+using LossGradOutputs = std::tuple<at::Tensor, std::vector<at::Tensor>>;
+using MamlOutputs = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>;
+
+LossGradOutputs mlp_loss_grad_on(CpuPath path, at::TensorList params, const at::Tensor& x, const at::Tensor& y,
+                                 int64_t activation, double act_param, int64_t loss) {
+  if (path.kind == CpuPath::kLayerwise) return mlp_loss_grad_layerwise(params, x, y, activation, act_param, loss);
   const LossGradTensors g = loss_grad_per_task(path, false, params, {}, x, y, activation, act_param, loss);
   return {g.losses, g.out};
 }
 
-std::vector<at::Tensor> mlp_hvp_cpu(at::TensorList params, at::TensorList vectors, const at::Tensor& x,
-                                    const at::Tensor& y, int64_t activation, double act_param, int64_t loss) {
-  const CpuPath path = mlp_cpu_path();
-  if (path == CpuPath::kBatched) return mlp_hvp_layerwise(params, vectors, x, y, activation, act_param, loss);
+std::vector<at::Tensor> mlp_hvp_on(CpuPath path, at::TensorList params, at::TensorList vectors, const at::Tensor& x,
+                                   const at::Tensor& y, int64_t activation, double act_param, int64_t loss) {
+  if (path.kind == CpuPath::kLayerwise) return mlp_hvp_layerwise(params, vectors, x, y, activation, act_param, loss);
   return loss_grad_per_task(path, true, params, vectors, x, y, activation, act_param, loss).out;
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_maml_cpu(
-    at::TensorList params, const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
-    at::TensorList lrs, const at::Tensor& step_weights, bool first_order, int64_t activation, double act_param,
-    int64_t loss) {
-  const CpuPath path = mlp_cpu_path();
-  if (path == CpuPath::kBatched) {
+MamlOutputs mlp_maml_on(CpuPath path, at::TensorList params, const at::Tensor& xs, const at::Tensor& ys,
+                        const at::Tensor& xq, const at::Tensor& yq, at::TensorList lrs, const at::Tensor& step_weights,
+                        bool first_order, int64_t activation, double act_param, int64_t loss) {
+  if (path.kind == CpuPath::kLayerwise) {
     return mlp_maml_layerwise(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss);
   }
   const MamlTensors m(params, xs, ys, xq, yq, lrs, step_weights, activation, act_param, loss);
@@ -192,9 +171,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_mam
   AT_DISPATCH_FLOATING_TYPES(m.params[0].scalar_type(), "mlp_maml_cpu", [&] {
     const MamlArgs<scalar_t> args(m, first_order);
     const MlpDims& d = args.config.dims;
-    if (path == CpuPath::kTeam) {
+    if (path.kind == CpuPath::kTeam) {
       std::vector<scalar_t> scratch(args.scratch_numel());
-      run_on_thread_team([&](const ThreadTeam& team) { maml_tasks(team, args, 0, tasks, 1, scratch.data()); });
+      run_on_thread_team(path.team_threads,
+                         [&](const ThreadTeam& team) { maml_tasks(team, args, 0, tasks, 1, scratch.data()); });
       return;
     }
     const int64_t work = args.steps * ((first_order ? 3 : 8) * forward_work(d, args.support_rows) +
@@ -207,21 +187,53 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_mam
   return m.outputs();
 }
 
-}  // namespace
-
-std::string mlp_cpu_last_path() {
-  switch (static_cast<CpuPath>(last_path.load(std::memory_order_relaxed))) {
-    case CpuPath::kPerTask: return "per_task";
-    case CpuPath::kBatched: return "batched";
-    case CpuPath::kTeam: return "team";
-    default: return "";
-  }
+// The public ops.
+LossGradOutputs mlp_loss_grad_cpu(at::TensorList params, const at::Tensor& x, const at::Tensor& y, int64_t activation,
+                                  double act_param, int64_t loss) {
+  return mlp_loss_grad_on(kAutoPath, params, x, y, activation, act_param, loss);
 }
+
+std::vector<at::Tensor> mlp_hvp_cpu(at::TensorList params, at::TensorList vectors, const at::Tensor& x,
+                                    const at::Tensor& y, int64_t activation, double act_param, int64_t loss) {
+  return mlp_hvp_on(kAutoPath, params, vectors, x, y, activation, act_param, loss);
+}
+
+MamlOutputs mlp_maml_cpu(at::TensorList params, const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq,
+                         const at::Tensor& yq, at::TensorList lrs, const at::Tensor& step_weights, bool first_order,
+                         int64_t activation, double act_param, int64_t loss) {
+  return mlp_maml_on(kAutoPath, params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss);
+}
+
+// The private ops: the same on the path their last two arguments name.
+LossGradOutputs mlp_loss_grad_path_cpu(at::TensorList params, const at::Tensor& x, const at::Tensor& y,
+                                       int64_t activation, double act_param, int64_t loss, c10::string_view path,
+                                       int64_t team_threads) {
+  return mlp_loss_grad_on(parse_cpu_path(path, team_threads), params, x, y, activation, act_param, loss);
+}
+
+std::vector<at::Tensor> mlp_hvp_path_cpu(at::TensorList params, at::TensorList vectors, const at::Tensor& x,
+                                         const at::Tensor& y, int64_t activation, double act_param, int64_t loss,
+                                         c10::string_view path, int64_t team_threads) {
+  return mlp_hvp_on(parse_cpu_path(path, team_threads), params, vectors, x, y, activation, act_param, loss);
+}
+
+MamlOutputs mlp_maml_path_cpu(at::TensorList params, const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq,
+                              const at::Tensor& yq, at::TensorList lrs, const at::Tensor& step_weights,
+                              bool first_order, int64_t activation, double act_param, int64_t loss,
+                              c10::string_view path, int64_t team_threads) {
+  return mlp_maml_on(parse_cpu_path(path, team_threads), params, xs, ys, xq, yq, lrs, step_weights, first_order,
+                     activation, act_param, loss);
+}
+
+}  // namespace
 
 TORCH_LIBRARY_IMPL(mamlext, CPU, m) {
   m.impl("mlp_loss_grad", &mlp_loss_grad_cpu);
   m.impl("mlp_hvp", &mlp_hvp_cpu);
   m.impl("mlp_maml", &mlp_maml_cpu);
+  m.impl("_mlp_loss_grad_path", &mlp_loss_grad_path_cpu);
+  m.impl("_mlp_hvp_path", &mlp_hvp_path_cpu);
+  m.impl("_mlp_maml_path", &mlp_maml_path_cpu);
 }
 
 }  // namespace mamlext

@@ -2,27 +2,27 @@
 // kernel: one thread block per task runs the task's whole computation (for mlp_maml the inner loop and the reverse
 // recursion: common/mlp_maml_math.h mlp_maml_task on a BlockTeam), with the task's scratch (activations, transposed
 // weights and, for mlp_maml, the MamlScratch thetas and gradients) in shared memory when it fits, else in a global
-// workspace. Wider networks run the batched implementation (layerwise/mlp_layerwise.h: cuBLAS GEMMs +
+// workspace. Wider networks run the layerwise implementation (layerwise/mlp_layerwise.h: cuBLAS GEMMs +
 // cuda/mlp_elementwise.cu).
 //
-// MAMLEXT_MLP_CUDA_PATH, read on every call, forces a path: block (scratch in shared memory where it fits),
-// block_global (scratch in the global workspace), batched, or auto (or unset/empty): the rule of use_block_kernel.
+// The public ops choose by the rule of resolve_cuda_path. The private ops _mlp_loss_grad_path, _mlp_hvp_path and
+// _mlp_maml_path take the path as an argument, for tests: block (scratch in shared memory where it fits),
+// block_global (scratch in the global workspace), layerwise, or auto (that rule).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/util/string_view.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <tuple>
 #include <vector>
 
-#include "layerwise/mlp_layerwise.h"
 #include "common/mlp_tasks.h"
 #include "common/team.h"
+#include "layerwise/mlp_layerwise.h"
 
 namespace mamlext {
 namespace {
@@ -127,62 +127,107 @@ MamlTensors maml_block(at::TensorList params, const at::Tensor& xs, const at::Te
   return m;
 }
 
-enum class CudaPath { kBlock, kBlockGlobal, kBatched };
+enum class CudaPath { kAuto, kBlock, kBlockGlobal, kLayerwise };
+
+// The path and team_threads arguments of the private ops.
+CudaPath parse_cuda_path(c10::string_view path, int64_t team_threads) {
+  TORCH_CHECK_VALUE(team_threads == 0, "mamlext: team_threads must be 0 on CUDA (path 'team' is CPU only), got ",
+                    team_threads);
+  if (path == "auto") return CudaPath::kAuto;
+  if (path == "block") return CudaPath::kBlock;
+  if (path == "block_global") return CudaPath::kBlockGlobal;
+  if (path == "layerwise") return CudaPath::kLayerwise;
+  TORCH_CHECK_VALUE(false, "mamlext: path must be block, block_global, layerwise or auto on CUDA, got '", path, "'");
+}
 
 // auto: the block kernel when every width is at most kMaxBlockWidth and a task's scratch (scratch_numel elements of
 // element_size bytes) fits the global workspace's limit. The shapes are read before the op's checks (which run on
 // either path), so they may be missing or wrong here.
-CudaPath mlp_cuda_path(const MlpDims& d, int64_t scratch_numel, int64_t element_size) {
-  const char* env = std::getenv("MAMLEXT_MLP_CUDA_PATH");
-  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0) {
-    bool narrow = d.layers > 0;
-    for (int l = 0; l <= d.layers; ++l) narrow = narrow && d.width[l] <= kMaxBlockWidth;
-    return narrow && scratch_numel * element_size <= kMaxGlobalScratchBytes ? CudaPath::kBlock : CudaPath::kBatched;
-  }
-  if (std::strcmp(env, "block") == 0) return CudaPath::kBlock;
-  if (std::strcmp(env, "block_global") == 0) return CudaPath::kBlockGlobal;
-  if (std::strcmp(env, "batched") == 0) return CudaPath::kBatched;
-  TORCH_CHECK(false, "mamlext: MAMLEXT_MLP_CUDA_PATH must be block, block_global, batched or auto (or unset), got '",
-              env, "'");
+CudaPath resolve_cuda_path(CudaPath path, const MlpDims& d, int64_t scratch_numel, int64_t element_size) {
+  if (path != CudaPath::kAuto) return path;
+  bool narrow = d.layers > 0;
+  for (int l = 0; l <= d.layers; ++l) narrow = narrow && d.width[l] <= kMaxBlockWidth;
+  return narrow && scratch_numel * element_size <= kMaxGlobalScratchBytes ? CudaPath::kBlock : CudaPath::kLayerwise;
 }
 
-CudaPath loss_grad_cuda_path(bool hvp, at::TensorList params, const at::Tensor& x) {
+CudaPath loss_grad_cuda_path(CudaPath path, bool hvp, at::TensorList params, const at::Tensor& x) {
   const MlpDims d = peek_mlp_dims(params);
-  return mlp_cuda_path(d, mlp_loss_grad_scratch_numel(d, peek_input_size(x, 1), hvp), x.element_size());
+  return resolve_cuda_path(path, d, mlp_loss_grad_scratch_numel(d, peek_input_size(x, 1), hvp), x.element_size());
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_loss_grad_cuda(at::TensorList params, const at::Tensor& x,
-                                                                   const at::Tensor& y, int64_t activation,
-                                                                   double act_param, int64_t loss) {
-  const CudaPath path = loss_grad_cuda_path(false, params, x);
-  if (path == CudaPath::kBatched) return mlp_loss_grad_layerwise(params, x, y, activation, act_param, loss);
+using LossGradOutputs = std::tuple<at::Tensor, std::vector<at::Tensor>>;
+using MamlOutputs = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>;
+
+LossGradOutputs mlp_loss_grad_on(CudaPath requested, at::TensorList params, const at::Tensor& x, const at::Tensor& y,
+                                 int64_t activation, double act_param, int64_t loss) {
+  const CudaPath path = loss_grad_cuda_path(requested, false, params, x);
+  if (path == CudaPath::kLayerwise) return mlp_loss_grad_layerwise(params, x, y, activation, act_param, loss);
   const LossGradTensors g =
       loss_grad_block(false, params, {}, x, y, activation, act_param, loss, path == CudaPath::kBlockGlobal);
   return {g.losses, g.out};
 }
 
-std::vector<at::Tensor> mlp_hvp_cuda(at::TensorList params, at::TensorList vectors, const at::Tensor& x,
-                                     const at::Tensor& y, int64_t activation, double act_param, int64_t loss) {
-  const CudaPath path = loss_grad_cuda_path(true, params, x);
-  if (path == CudaPath::kBatched) return mlp_hvp_layerwise(params, vectors, x, y, activation, act_param, loss);
+std::vector<at::Tensor> mlp_hvp_on(CudaPath requested, at::TensorList params, at::TensorList vectors,
+                                   const at::Tensor& x, const at::Tensor& y, int64_t activation, double act_param,
+                                   int64_t loss) {
+  const CudaPath path = loss_grad_cuda_path(requested, true, params, x);
+  if (path == CudaPath::kLayerwise) return mlp_hvp_layerwise(params, vectors, x, y, activation, act_param, loss);
   return loss_grad_block(true, params, vectors, x, y, activation, act_param, loss, path == CudaPath::kBlockGlobal)
       .out;
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_maml_cuda(
-    at::TensorList params, const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
-    at::TensorList lrs, const at::Tensor& step_weights, bool first_order, int64_t activation, double act_param,
-    int64_t loss) {
+MamlOutputs mlp_maml_on(CudaPath requested, at::TensorList params, const at::Tensor& xs, const at::Tensor& ys,
+                        const at::Tensor& xq, const at::Tensor& yq, at::TensorList lrs, const at::Tensor& step_weights,
+                        bool first_order, int64_t activation, double act_param, int64_t loss) {
   const MlpDims d = peek_mlp_dims(params);
   const int64_t scratch_numel =
       mlp_maml_scratch_numel(d, step_weights.numel(), peek_input_size(xs, 1), peek_input_size(xq, 1), first_order);
-  const CudaPath path = mlp_cuda_path(d, scratch_numel, xs.element_size());
-  if (path == CudaPath::kBatched) {
+  const CudaPath path = resolve_cuda_path(requested, d, scratch_numel, xs.element_size());
+  if (path == CudaPath::kLayerwise) {
     return mlp_maml_layerwise(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss);
   }
   return maml_block(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss,
                     path == CudaPath::kBlockGlobal)
       .outputs();
+}
+
+// The public ops.
+LossGradOutputs mlp_loss_grad_cuda(at::TensorList params, const at::Tensor& x, const at::Tensor& y,
+                                   int64_t activation, double act_param, int64_t loss) {
+  return mlp_loss_grad_on(CudaPath::kAuto, params, x, y, activation, act_param, loss);
+}
+
+std::vector<at::Tensor> mlp_hvp_cuda(at::TensorList params, at::TensorList vectors, const at::Tensor& x,
+                                     const at::Tensor& y, int64_t activation, double act_param, int64_t loss) {
+  return mlp_hvp_on(CudaPath::kAuto, params, vectors, x, y, activation, act_param, loss);
+}
+
+MamlOutputs mlp_maml_cuda(at::TensorList params, const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq,
+                          const at::Tensor& yq, at::TensorList lrs, const at::Tensor& step_weights, bool first_order,
+                          int64_t activation, double act_param, int64_t loss) {
+  return mlp_maml_on(CudaPath::kAuto, params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param,
+                     loss);
+}
+
+// The private ops: the same on the path their last two arguments name.
+LossGradOutputs mlp_loss_grad_path_cuda(at::TensorList params, const at::Tensor& x, const at::Tensor& y,
+                                        int64_t activation, double act_param, int64_t loss, c10::string_view path,
+                                        int64_t team_threads) {
+  return mlp_loss_grad_on(parse_cuda_path(path, team_threads), params, x, y, activation, act_param, loss);
+}
+
+std::vector<at::Tensor> mlp_hvp_path_cuda(at::TensorList params, at::TensorList vectors, const at::Tensor& x,
+                                          const at::Tensor& y, int64_t activation, double act_param, int64_t loss,
+                                          c10::string_view path, int64_t team_threads) {
+  return mlp_hvp_on(parse_cuda_path(path, team_threads), params, vectors, x, y, activation, act_param, loss);
+}
+
+MamlOutputs mlp_maml_path_cuda(at::TensorList params, const at::Tensor& xs, const at::Tensor& ys,
+                               const at::Tensor& xq, const at::Tensor& yq, at::TensorList lrs,
+                               const at::Tensor& step_weights, bool first_order, int64_t activation, double act_param,
+                               int64_t loss, c10::string_view path, int64_t team_threads) {
+  return mlp_maml_on(parse_cuda_path(path, team_threads), params, xs, ys, xq, yq, lrs, step_weights, first_order,
+                     activation, act_param, loss);
 }
 
 }  // namespace
@@ -191,6 +236,9 @@ TORCH_LIBRARY_IMPL(mamlext, CUDA, m) {
   m.impl("mlp_loss_grad", &mlp_loss_grad_cuda);
   m.impl("mlp_hvp", &mlp_hvp_cuda);
   m.impl("mlp_maml", &mlp_maml_cuda);
+  m.impl("_mlp_loss_grad_path", &mlp_loss_grad_path_cuda);
+  m.impl("_mlp_hvp_path", &mlp_hvp_path_cuda);
+  m.impl("_mlp_maml_path", &mlp_maml_path_cuda);
 }
 
 }  // namespace mamlext
