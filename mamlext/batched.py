@@ -196,6 +196,16 @@ class TaskBatchedAlgorithm(nn.Module):
             return self._generic.params()
         return [p for layer in self._layers for p in (layer.weight, layer.bias)]
 
+    @property
+    def inner_lr(self) -> float:
+        """The inner step size (of lr_mode "fixed"; the initial value of learned rates). Read by every call, so an
+        assignment takes effect at the next one."""
+        return self._rates.value
+
+    @inner_lr.setter
+    def inner_lr(self, value: float) -> None:
+        self._rates.value = float(value)
+
     def _first_param(self) -> Tensor:
         """The first parameter: the model's dtype and device (cheaper than _params()[0], which reads every layer's
         attributes)."""
@@ -392,10 +402,10 @@ class BatchedMAML(TaskBatchedAlgorithm):
             raise ValueError(f"{self._owner}: inner_lr must be a finite float, got {inner_lr!r}")
         self.loss = loss
         self._bind_model(model, backend)
-        self.inner_lr = float(inner_lr)
+        self._rates = InnerRates(lr_mode, float(inner_lr), inner_steps, self._params())
+        self.inner_lrs = self._rates.tensors
         self.inner_steps = inner_steps
         self.first_order = bool(first_order)
-        self.lr_mode = lr_mode
         self.memory = memory
         self.task_chunk = task_chunk
         self._multi_step = step_weights is not None
@@ -414,8 +424,14 @@ class BatchedMAML(TaskBatchedAlgorithm):
             if not torch.isfinite(weights).all():
                 raise ValueError(f"{self._owner}: step_weights must be finite")
         self.register_buffer("step_weights", weights)
-        self._rates = InnerRates(lr_mode, self.inner_lr, inner_steps, params)
-        self.inner_lrs = self._rates.tensors
+
+    @property
+    def lr_mode(self) -> str:
+        return self._rates.mode
+
+    @lr_mode.setter
+    def lr_mode(self, mode: str) -> None:
+        self._rates.mode = mode
 
     # --- MAML ----------------------------------------------------------------------------------------------------
 
@@ -429,9 +445,8 @@ class BatchedMAML(TaskBatchedAlgorithm):
         weights = self.step_weights if self._multi_step else None
         params = self._params()
         if self._generic is None:
-            act_code, act_param, loss_code = self._mlp_codes
             losses, _, _ = ops.mlp_maml(params, xs, ys, xq, yq, self._rates.of_every_step(params, self.inner_steps),
-                                        self.step_weights, self.first_order, act_code, act_param, loss_code)
+                                        self.step_weights, self.first_order, *self._mlp_codes)
         elif self.memory == "graph":
             losses = self._generic.task_losses_graph(xs, ys, xq, yq, self.inner_steps, self._rates, weights,
                                                      self.first_order)

@@ -106,14 +106,14 @@ class iMAML(TaskBatchedAlgorithm):  # noqa: N801  (the algorithm's name)
             raise ValueError(f"iMAML: loss must be one of {list(LOSSES)}, got {loss!r}")
         self.inner_steps = _check_positive_int("inner_steps", inner_steps)
         self.cg_steps = _check_positive_int("cg_steps", cg_steps)
-        self.inner_lr = _check_positive_float("inner_lr", inner_lr)
+        inner_lr = _check_positive_float("inner_lr", inner_lr)
         self.lam = _check_positive_float("lam", lam)
         if not LAM_RANGE[0] <= self.lam <= LAM_RANGE[1]:
             raise ValueError(f"iMAML: lam must be in [{LAM_RANGE[0]:g}, {LAM_RANGE[1]:g}] (the strength of the "
                              f"proximal term; the solve divides by it), got {lam!r}")
         self.loss = loss
         self._bind_model(model, backend)
-        self._rates = InnerRates("fixed", self.inner_lr, inner_steps, self._params())
+        self._rates = InnerRates("fixed", inner_lr, inner_steps, self._params())
         self.last_task_losses: Optional[Tensor] = None
         self.last_cg_residuals: Optional[Tensor] = None
 
