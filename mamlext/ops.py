@@ -1,4 +1,4 @@
-"""Typed wrappers of torch.ops.mamlext.*, with their fake (meta) and autograd registrations.
+"""Typed wrappers of torch.ops.mamlext.*, and their fake (meta) kernels (their autograd is in C++, csrc/autograd/).
 
 Each op runs its compiled kernel where one serves the tensors' device and its twin in mamlext.reference otherwise.
 """
@@ -43,23 +43,22 @@ def _task_sgd_fake(params, grads, lr):
     return [g.new_empty(g.shape) for g in grads]
 
 
-def _direct_binding(name: str, tensors: Sequence[Tensor]):
-    """The compiled op's direct binding for an eager call (torch.ops' argument boxing costs as much as the
-    arithmetic of a small model), None where the op's reference twin serves: no extension, torch.func transforms
-    (the ops have no batching rules) and torch.compile (which traces the registered op, see the callers)."""
-    if _ext._C is None or _functorch_wrapped(tensors):
-        return None
-    return getattr(_ext._C, name)
+def _learner_op(name: str, tensors: Sequence[Tensor], twin):
+    """What runs op `name` (clone_tensors, sgd_update) on these tensors: the registered op under torch.compile (traced
+    through its fake kernel), eagerly its direct binding (torch.ops' argument boxing costs as much as a small model's
+    arithmetic), and the reference twin without the extension or inside torch.func transforms (no batching rules)."""
+    if _ext._C is None:
+        return twin
+    if torch.compiler.is_compiling():
+        return getattr(torch.ops.mamlext, name) if tensors else twin  # empty lists: nothing to trace
+    return twin if _functorch_wrapped(tensors) else getattr(_ext._C, name)
 
 
 def clone_tensors(tensors: Sequence[Tensor]) -> List[Tensor]:
     """Copies of the tensors, differentiable as t.clone(), through one autograd node for the whole list (a
     per-task learner's copy of its parameters)."""
     tensors = list(tensors)
-    if torch.compiler.is_compiling() and tensors and _ext._C is not None:
-        return torch.ops.mamlext.clone_tensors(tensors)
-    binding = _direct_binding("clone_tensors", tensors)
-    return binding(tensors) if binding is not None else reference.clone_tensors(tensors)
+    return _learner_op("clone_tensors", tensors, reference.clone_tensors)(tensors)
 
 
 def sgd_update(params: Sequence[Tensor], grads: Sequence[Tensor], lr: float) -> List[Tensor]:
@@ -67,10 +66,7 @@ def sgd_update(params: Sequence[Tensor], grads: Sequence[Tensor], lr: float) -> 
     float), differentiable in params and grads any number of times, through one autograd node for the whole list
     (a per-task learner's inner SGD step; task_sgd is the step of T tasks at once)."""
     params, grads = list(params), list(grads)
-    if torch.compiler.is_compiling() and params and _ext._C is not None:
-        return torch.ops.mamlext.sgd_update(params, grads, lr)
-    binding = _direct_binding("sgd_update", params + grads)
-    return binding(params, grads, lr) if binding is not None else reference.sgd_update(params, grads, lr)
+    return _learner_op("sgd_update", params + grads, reference.sgd_update)(params, grads, lr)
 
 
 def _clone_tensors_fake(tensors):

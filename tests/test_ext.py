@@ -75,6 +75,12 @@ def test_cli_info_text():
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert "CPU kernels" in result.stdout and "ops on cpu" in result.stdout
+    # a CUDA build names the ops that run as plain PyTorch on CUDA (the fused layers have CPU kernels only)
+    cpu_only_line = next((line for line in result.stdout.splitlines() if line.startswith("CPU kernels only")), None)
+    if mamlext.backend_info()["cuda_kernels"]:
+        assert cpu_only_line is not None and "mlp_forward" in cpu_only_line and "mlp_maml" not in cpu_only_line
+    else:
+        assert cpu_only_line is None
 
 
 def test_cli_demo_is_info_then_train_sine(capsys, tmp_path):

@@ -118,6 +118,8 @@ def test_opcheck():
     (lambda: ops.sgd_update([torch.zeros(2)], [torch.zeros(2, dtype=torch.float64)], 0.1),
      r"grads\[0\] is torch.float64|grads\[0\] is Double"),
     (lambda: ops.sgd_update([torch.zeros(2)], [torch.zeros(2)], float("nan")), "lr must be finite"),
+    (lambda: ops.sgd_update([torch.zeros(2, dtype=torch.int64)], [torch.zeros(2, dtype=torch.int64)], 0.1),
+     r"params\[0\] must be a floating-point tensor"),
 ])
 def test_bad_input_is_named(call, message):
     with pytest.raises(ValueError, match=message):

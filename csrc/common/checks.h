@@ -79,6 +79,8 @@ inline void check_sgd_update(at::TensorList params, at::TensorList grads, double
                 ", got ", g.sizes());
     TORCH_CHECK_VALUE(g.scalar_type() == p.scalar_type() && g.device() == p.device(), "sgd_update: grads[", i, "] is ",
                 g.scalar_type(), " on ", g.device(), " but params[", i, "] is ", p.scalar_type(), " on ", p.device());
+    TORCH_CHECK_VALUE(at::isFloatingType(p.scalar_type()), "sgd_update: params[", i,
+                      "] must be a floating-point tensor, got ", p.scalar_type());
   }
 }
 
