@@ -10,3 +10,6 @@ LOSS_NAMES = {code: name for name, code in LOSSES.items()}
 
 # act_param when none is given: nn.LeakyReLU's negative_slope and nn.ELU's alpha; ignored by the others.
 DEFAULT_ACT_PARAM = {"relu": 0.0, "leaky_relu": 0.01, "tanh": 0.0, "sigmoid": 0.0, "gelu": 0.0, "elu": 1.0}
+
+# The most Linear layers the fused MLP kernels take (kMlpMaxLayers, csrc/common/mlp_passes.h).
+MAX_LAYERS = 16

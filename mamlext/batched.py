@@ -11,115 +11,20 @@ Engines: "fused_mlp" (ops.mlp_maml) serves an nn.Sequential of nn.Linear layers 
 them and the losses "mse" / "ce"; "generic" (mamlext.engines.generic: torch.func over tasks, any nn.Module, any
 loss callable) serves every other model.
 """
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+import math
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from mamlext import ops, reference
 from mamlext._mlp_codes import ACTIVATIONS, LOSSES
-from mamlext.engines.generic import MEMORY_MODES, GenericEngine, LossFn
+from mamlext.engines.generic import MEMORY_MODES, GenericEngine, LossFn, generic_signature, load_forward_mode_rules
+from mamlext.engines.guard import ModelGuard
+from mamlext.engines.mlp_spec import UnsupportedModel, mlp_signature, parse_mlp
 from mamlext.rates import LR_MODES, InnerRates
 
 BACKENDS = ("auto", "fused", "generic")
-
-
-class UnsupportedModel(Exception):
-    """Why an engine cannot serve a model: the layer index and type, and the reason."""
-
-    def __init__(self, index: Optional[int], kind: str, reason: str):
-        self.index, self.kind, self.reason = index, kind, reason
-        where = f"layer {index} ({kind})" if index is not None else kind
-        super().__init__(f"{where}: {reason}")
-
-
-class MLPSpec(NamedTuple):
-    layers: List[nn.Linear]
-    activation: str
-    act_param: float
-
-
-def _activation_of(module: nn.Module) -> Optional[Tuple[str, float]]:
-    """(name, act_param) of a supported activation module, None for any other module. Exact types only: a
-    subclass may compute something else."""
-    kind = type(module)
-    if kind is nn.ReLU:
-        return "relu", 0.0
-    if kind is nn.LeakyReLU:
-        return "leaky_relu", float(module.negative_slope)
-    if kind is nn.Tanh:
-        return "tanh", 0.0
-    if kind is nn.Sigmoid:
-        return "sigmoid", 0.0
-    if kind is nn.GELU:
-        if module.approximate != "none":
-            raise UnsupportedModel(None, "GELU", f"approximate={module.approximate!r} is not supported, only "
-                                   "the exact GELU (approximate='none')")
-        return "gelu", 0.0
-    if kind is nn.ELU:
-        return "elu", float(module.alpha)
-    return None
-
-
-def parse_mlp(model: nn.Module, loss: Union[str, LossFn] = "mse") -> MLPSpec:
-    """The fused MLP engine's view of the model, or UnsupportedModel naming the first layer it cannot serve."""
-    if not isinstance(loss, str):
-        raise UnsupportedModel(None, "loss", "a loss callable needs the generic engine (the fused MLP engine has "
-                               "'mse' and 'ce')")
-    if type(model) is not nn.Sequential:
-        raise UnsupportedModel(None, type(model).__name__, "the fused MLP engine needs an nn.Sequential of "
-                               "nn.Linear layers with activations between them")
-    modules = list(model)
-    if not modules:
-        raise UnsupportedModel(None, "Sequential", "the model is empty")
-    layers: List[nn.Linear] = []
-    activation: Optional[Tuple[str, float]] = None
-    owner_of: Dict[int, int] = {}  # id of a parameter -> index of the first layer holding it
-    for index, module in enumerate(modules):
-        kind = type(module).__name__
-        expect_linear = index % 2 == 0
-        if type(module) is nn.Linear:
-            if not expect_linear:
-                raise UnsupportedModel(index, kind, "two Linear layers in a row: an activation must sit "
-                                       "between Linear layers")
-            if module.bias is None:
-                raise UnsupportedModel(index, kind, "a Linear layer without bias is not supported")
-            for name in ("weight", "bias"):
-                first = owner_of.setdefault(id(getattr(module, name)), index)
-                if first != index:
-                    raise UnsupportedModel(index, kind, f"its {name} is also layer {first}'s (a module used twice "
-                                           "or a tied parameter); the fused MLP kernels need every layer to have "
-                                           "parameters of its own")
-            if layers and module.in_features != layers[-1].out_features:
-                raise UnsupportedModel(index, kind, f"in_features = {module.in_features} but the previous Linear "
-                                       f"has out_features = {layers[-1].out_features}")
-            layers.append(module)
-            continue
-        try:
-            found = _activation_of(module)
-        except UnsupportedModel as error:
-            raise UnsupportedModel(index, kind, error.reason) from None
-        if found is None:
-            raise UnsupportedModel(index, kind, "unsupported layer type; supported: Linear and one of "
-                                   "ReLU, LeakyReLU, Tanh, Sigmoid, GELU(approximate='none'), ELU between them")
-        if expect_linear:
-            where = "as the first layer" if index == 0 else "right after another activation"
-            raise UnsupportedModel(index, kind, f"an activation {where}: activations must sit between Linear layers")
-        if index == len(modules) - 1:
-            raise UnsupportedModel(index, kind, "an activation after the last Linear layer is not supported (the "
-                                   "model must end with a Linear layer; put the activation in the loss)")
-        if activation is not None and found != activation:
-            raise UnsupportedModel(index, kind, f"all activations must be the same kind; this one is {found} "
-                                   f"but an earlier one is {activation}")
-        activation = found
-    params = [p for layer in layers for p in (layer.weight, layer.bias)]
-    if {p.dtype for p in params} - {torch.float32, torch.float64} or len({p.dtype for p in params}) != 1:
-        raise UnsupportedModel(None, "Sequential", f"the parameters must all be float32 or all float64, got "
-                               f"{sorted({str(p.dtype) for p in params})}")
-    if len({p.device for p in params}) != 1:
-        raise UnsupportedModel(None, "Sequential", "the parameters must all be on one device")
-    name, act_param = activation if activation is not None else ("relu", 0.0)  # one layer: no activation
-    return MLPSpec(layers, name, act_param)
 
 
 def parse_generic(model: nn.Module, loss: Union[str, LossFn] = "mse") -> None:
@@ -174,7 +79,8 @@ class TaskBatchedAlgorithm(nn.Module):
         _generic (a GenericEngine)."""
         self.engine, spec = select_engine(model, backend, owner=self._owner, loss=self.loss, engines=self._engines)
         self.model = model
-        self.backend = backend
+        self._backend = backend
+        self._signature = self._signature_of(model)
         if self.engine == "fused_mlp":
             self.activation, self.act_param = spec.activation, spec.act_param
             self._layers = spec.layers
@@ -183,6 +89,28 @@ class TaskBatchedAlgorithm(nn.Module):
         else:
             self.activation = self.act_param = self._layers = None
             self._generic = GenericEngine(model, self.loss, self._owner)
+
+    def _signature_of(self, model: nn.Module) -> tuple:
+        return mlp_signature(model) if self.engine == "fused_mlp" else generic_signature(model)
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    def _current_engine(self) -> None:
+        """Re-binds the engine when the model changed since the last call (a layer replaced or added, a dtype
+        changed, a hook or parametrization registered): every call computes the model as it is now."""
+        if self._signature_of(self.model) == self._signature:
+            return
+        self._bind_model(self.model, self._backend)
+        params = self._params()
+        if not self._rates.fit(params):
+            raise ValueError(f"{self._owner}: the model's parameters changed since it was built, but "
+                             f"lr_mode={self.lr_mode!r} learns a rate for each parameter it had; build a new "
+                             f"{self._owner} for the changed model")
+        weights = getattr(self, "step_weights", None)
+        if weights is not None and (weights.dtype, weights.device) != (params[0].dtype, params[0].device):
+            self.step_weights = weights.to(device=params[0].device, dtype=params[0].dtype)
 
     # The name error messages give; algorithms built on a BatchedMAML of their own (ANIL, Reptile) set theirs.
     _display_name: Optional[str] = None
@@ -251,14 +179,20 @@ class TaskBatchedAlgorithm(nn.Module):
             self._check_shapes_generic(method, x, y, x_name, y_name, like)
         if finite:
             self._check_finite(method, ((x_name, x), (y_name, y)))
+        if self._generic is None:
+            out_f = self._layers[-1].out_features
+        else:
+            out_shape = self._generic.validate(method, x, y)
+            out_f = None if out_shape is None else out_shape[-1]  # None: not a tensor, for a loss callable
+            if self.loss == "mse" and tuple(y.shape[1:]) != out_shape:
+                raise ValueError(f"{self._owner}.{method}: {y_name} must be shaped like the model's output for loss "
+                                 f"'mse', [T, *output shape] = {[x.shape[0], *out_shape]} ({x_name} is "
+                                 f"{list(x.shape)}), got {list(y.shape)}")
         if self.loss == "ce":
-            out_f = self._layers[-1].out_features if self._generic is None else self._generic.validate(method, x, y)
             low, high = int(y.min()), int(y.max())
             if low < 0 or high >= out_f:
                 raise ValueError(f"{self._owner}.{method}: {y_name} holds the class index "
                                  f"{low if low < 0 else high}, outside [0, {out_f}) (the model has {out_f} outputs)")
-        elif self._generic is not None:
-            self._generic.validate(method, x, y)
 
     def _check_shapes_mlp(self, method: str, x: Tensor, y: Tensor, x_name: str, y_name: str, like: Tensor) -> None:
         """The fused MLP engine's view: x [T, K, in], y [T, K, out] (mse) or int64 [T, K] (ce), the model's dtype."""
@@ -318,6 +252,7 @@ class TaskBatchedAlgorithm(nn.Module):
 
     def predict(self, adapted: Sequence[Tensor], x: Tensor) -> Tensor:
         """Each task's model output with its adapted parameters: x [T, K, *in] -> [T, K, *out]."""
+        self._current_engine()
         params = self._params()
         adapted = list(adapted)
         if len(adapted) != len(params):
@@ -341,8 +276,21 @@ class TaskBatchedAlgorithm(nn.Module):
                 raise ValueError(f"{self._owner}.predict: adapted[{i}] is {a.dtype} on {a.device} but x is "
                                  f"{x.dtype} on {x.device}")
         if self._generic is not None:
-            return self._generic.predict(adapted, x)
+            with ModelGuard(self.model):
+                return self._generic.predict(adapted, x)
         return reference.mlp_forward(adapted, x, ACTIVATIONS[self.activation], self.act_param)
+
+
+def _fixed_setting(name: str) -> property:
+    """A setting fixed at construction (other state is built from it): reading it is free, assigning it says so."""
+
+    def read(self):
+        return self.__dict__["_" + name]
+
+    def refuse(self, value):
+        raise AttributeError(f"{self._owner}.{name} is fixed when it is built (its rates, step weights and engine "
+                             f"follow from it); build a new {self._owner}(..., {name}={value!r}) instead")
+    return property(read, refuse)
 
 
 class BatchedMAML(TaskBatchedAlgorithm):
@@ -397,17 +345,18 @@ class BatchedMAML(TaskBatchedAlgorithm):
                              f"task_chunk={task_chunk!r} with memory={memory!r}")
         if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
             raise ValueError(f"{self._owner}: inner_steps must be an int >= 1, got {inner_steps!r}")
-        if isinstance(inner_lr, bool) or not isinstance(inner_lr, (int, float)) or not torch.isfinite(
-                torch.tensor(float(inner_lr))):
+        if isinstance(inner_lr, bool) or not isinstance(inner_lr, (int, float)) or not math.isfinite(inner_lr):
             raise ValueError(f"{self._owner}: inner_lr must be a finite float, got {inner_lr!r}")
-        self.loss = loss
+        self.__dict__.update(_loss=loss, _inner_steps=inner_steps, _memory=memory, _task_chunk=task_chunk)
         self._bind_model(model, backend)
+        if abs(inner_lr) > torch.finfo(self._first_param().dtype).max:
+            raise ValueError(f"{self._owner}: inner_lr must be finite in the model's dtype "
+                             f"{self._first_param().dtype}, got {inner_lr!r}")
+        if memory == "low":  # also for the fused engine: a changed model may move to the generic engine
+            load_forward_mode_rules()
         self._rates = InnerRates(lr_mode, float(inner_lr), inner_steps, self._params())
         self.inner_lrs = self._rates.tensors
-        self.inner_steps = inner_steps
         self.first_order = bool(first_order)
-        self.memory = memory
-        self.task_chunk = task_chunk
         self._multi_step = step_weights is not None
         self.last_task_losses: Optional[Tensor] = None
 
@@ -425,13 +374,18 @@ class BatchedMAML(TaskBatchedAlgorithm):
                 raise ValueError(f"{self._owner}: step_weights must be finite")
         self.register_buffer("step_weights", weights)
 
+    loss = _fixed_setting("loss")
+    inner_steps = _fixed_setting("inner_steps")
+    memory = _fixed_setting("memory")
+    task_chunk = _fixed_setting("task_chunk")
+
     @property
     def lr_mode(self) -> str:
         return self._rates.mode
 
     @lr_mode.setter
     def lr_mode(self, mode: str) -> None:
-        self._rates.mode = mode
+        _fixed_setting("lr_mode").fset(self, mode)
 
     # --- MAML ----------------------------------------------------------------------------------------------------
 
@@ -441,6 +395,13 @@ class BatchedMAML(TaskBatchedAlgorithm):
         inner_lrs (no gradient flows to the data). The per-task losses are kept in ``last_task_losses``.
 
         xs [T, K, in], ys [T, K, out] (mse) or [T, K] int64 (ce); xq [T, Kq, in], yq likewise."""
+        self._current_engine()
+        if self._generic is None:
+            return self._meta_loss(xs, ys, xq, yq)
+        with ModelGuard(self.model):
+            return self._meta_loss(xs, ys, xq, yq)
+
+    def _meta_loss(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Tensor:
         self._check_support_query(xs, ys, xq, yq)
         weights = self.step_weights if self._multi_step else None
         params = self._params()
@@ -465,12 +426,15 @@ class BatchedMAML(TaskBatchedAlgorithm):
         """Per-task adapted parameters after `steps` (default inner_steps) inner SGD steps on the support set:
         P tensors [T, *S_i], without a graph (for evaluation). per_layer_step rates beyond inner_steps stay at the
         last step's rate."""
+        self._current_engine()
         steps = self.inner_steps if steps is None else steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"{self._owner}.adapt: steps must be an int >= 0, got {steps!r}")
-        self._check_pair("adapt", xs, ys, "xs", "ys")
         if self._generic is not None:
-            return self._generic.adapt(xs, ys, steps, self._rates)
+            with ModelGuard(self.model):
+                self._check_pair("adapt", xs, ys, "xs", "ys")
+                return self._generic.adapt(xs, ys, steps, self._rates)
+        self._check_pair("adapt", xs, ys, "xs", "ys")
         params = self._params()
         tasks = xs.shape[0]
         with torch.no_grad():

@@ -8,6 +8,8 @@ differentiates it). maml.batched() gives the engine that runs all tasks of a met
     learner.adapt(loss_fn(learner(x_support), y_support))
     loss_fn(learner(x_query), y_query).backward()  # meta-gradient lands in model.parameters()
 """
+import math
+import numbers
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
@@ -16,6 +18,7 @@ from torch import Tensor, nn
 from mamlext import ops
 from mamlext.batched import BatchedMAML
 from mamlext.engines.generic import LossFn
+from mamlext.engines.mlp_spec import mlp_signature
 from mamlext.nn import FusedLayers, fused_layers, parameter_slots, run_fused
 
 
@@ -88,17 +91,42 @@ class MAML(nn.Module):
             raise TypeError(f"MAML: model must be an nn.Module, got {type(model).__name__}")
         if next(model.parameters(), None) is None:
             raise ValueError(f"MAML: the model ({type(model).__name__}) has no parameters to meta-learn")
-        if isinstance(lr, Tensor) and lr.dim() != 0:
-            raise ValueError(f"MAML: lr must be a float or a scalar tensor, got a tensor of shape {list(lr.shape)}")
+        if isinstance(lr, Tensor):
+            if lr.dim() != 0 or not lr.is_floating_point():
+                raise ValueError(f"MAML: lr must be a float or a floating-point scalar tensor, got a {lr.dtype} tensor "
+                                 f"of shape {list(lr.shape)}")
+        elif isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr):
+            raise ValueError(f"MAML: lr must be a finite float or a scalar tensor, got {lr!r}")
         self.module = model
         self.lr = lr
         self.first_order = first_order
         self.allow_nograd = allow_nograd
         self.allow_unused = allow_nograd if allow_unused is None else allow_unused
-        # A model the fused MLP engine serves runs as one fused op with analytic first and second derivatives.
+        # A model the fused MLP engine serves runs as one fused op with analytic first and second derivatives;
+        # re-derived by clone() and forward() when the model changed (mlp_signature).
         self._fused: Optional[FusedLayers] = fused_layers(model)
+        self._signature: Optional[tuple] = mlp_signature(model)
+
+    def _refresh_fused(self) -> None:
+        """Re-derives _fused when the module changed since it was derived (a layer replaced or added, a dtype
+        changed, a hook or parametrization registered): the module is computed as it is now."""
+        signature = mlp_signature(self.module)
+        if signature != self._signature:
+            self._fused, self._signature = fused_layers(self.module), signature
+
+    def __getattr__(self, name: str):
+        """The module's attributes, as learn2learn's learners pass them through (``learner.head``)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules")
+            if modules is None or "module" not in modules:
+                raise
+            return getattr(modules["module"], name)
 
     def forward(self, *args, **kwargs):
+        if self._signature is not None:  # a learner keeps what clone() derived from the model
+            self._refresh_fused()
         if self._fused is not None and len(args) == 1 and not kwargs and isinstance(args[0], Tensor):
             out = run_fused(self.module, self._fused, args[0])
             if out is not None:
@@ -185,10 +213,16 @@ class MAML(nn.Module):
     def clone(self, first_order: Optional[bool] = None, allow_unused: Optional[bool] = None,
               allow_nograd: Optional[bool] = None) -> "MAML":
         """A copy whose adaptation does not touch this learner, but whose gradients flow back to it."""
-        # __init__'s checks and parsing hold for a clone; its attributes go straight into __dict__ (see clone_module)
+        # __init__'s checks hold for a clone; its attributes go straight into __dict__ (see clone_module)
+        if self._signature is not None:
+            self._refresh_fused()
         learner = MAML.__new__(MAML)
         nn.Module.__init__(learner)
-        vars(learner).update(lr=self.lr, _fused=self._fused,
+        if isinstance(self.lr, nn.Parameter):  # a learned rate: a parameter of the learner too, as in learn2learn
+            learner._parameters["lr"] = self.lr
+        else:
+            vars(learner)["lr"] = self.lr
+        vars(learner).update(_fused=self._fused, _signature=None,
                              first_order=self.first_order if first_order is None else first_order,
                              allow_unused=self.allow_unused if allow_unused is None else allow_unused,
                              allow_nograd=self.allow_nograd if allow_nograd is None else allow_nograd)

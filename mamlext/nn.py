@@ -13,7 +13,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 from torch import Tensor, nn
 
 from mamlext import ops
-from mamlext.batched import UnsupportedModel, parse_mlp
+from mamlext.engines.mlp_spec import UnsupportedModel, global_hooks, module_hooks, parse_mlp
 
 
 class FusedMLP(nn.Module):
@@ -75,8 +75,7 @@ def fused_layers(model: nn.Module) -> Optional[FusedLayers]:
 
 
 def _has_hooks(modules: List[nn.Module]) -> bool:
-    globals_ = (nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks)
-    return any(globals_) or any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    return global_hooks() or any(module_hooks(m) for m in modules)
 
 
 def parameter_slots(model: nn.Module, layers: FusedLayers) -> List[Tuple[dict, str]]:
@@ -87,8 +86,8 @@ def parameter_slots(model: nn.Module, layers: FusedLayers) -> List[Tuple[dict, s
 
 
 def run_fused(model: nn.Module, layers: FusedLayers, x: Tensor) -> Optional[Tensor]:
-    """model(x) through ops.mlp, with the tensors the model holds now (a learner's adapted ones); None when forward
-    hooks are registered (they must see the layers run one by one)."""
+    """model(x) through ops.mlp, with the tensors the model holds now (a learner's adapted ones); None when hooks
+    are registered (they must see the layers run one by one)."""
     if _has_hooks([model, *model._modules.values()]):
         return None
     params = [slot[key] for slot, key in parameter_slots(model, layers)]

@@ -7,6 +7,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from mamlext import _checks, _ext, rates, reference
 from mamlext._mlp_codes import ACTIVATION_NAMES, ACTIVATIONS, DEFAULT_ACT_PARAM, LOSS_NAMES, LOSSES
@@ -312,6 +313,12 @@ def _functorch_wrapped(tensors: Sequence[Tensor]) -> bool:
     return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
+def _has_tangents(tensors: Sequence[Tensor]) -> bool:
+    """Whether a tensor carries a forward-mode AD tangent (torch.autograd.forward_ad), which the fused layers
+    have no formula for; free when no dual level is entered."""
+    return forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
 def mlp(params: Sequence[Tensor], x: Tensor, activation: Activation = "relu",
         act_param: Optional[float] = None) -> Tensor:
     """An MLP's output for x [..., in]: params [W_1, b_1, ..., W_L, b_L] (nn.Linear layout, no task dimension),
@@ -320,7 +327,8 @@ def mlp(params: Sequence[Tensor], x: Tensor, activation: Activation = "relu",
     One fused op (mlp_forward) whose backward is one fused op (mlp_backward) and whose double backward is analytic
     (mlp_backward_backward, by Pearlmutter's R-operator): a handful of autograd nodes instead of several per layer.
     Where no compiled kernel serves the device, and inside torch.func transforms (vmap, grad), the same layers run
-    as plain PyTorch ops (mamlext.reference.mlp_forward), differentiable any number of times. Third derivatives
+    as plain PyTorch ops (mamlext.reference.mlp_forward), differentiable any number of times; so do inputs with
+    forward-mode AD tangents (torch.autograd.forward_ad), which those ops carry. Third derivatives
     through the fused op raise an error."""
     act_code, act_param, _ = mlp_codes("mlp", activation, act_param, "mse")
     params = list(params)
@@ -330,7 +338,7 @@ def mlp(params: Sequence[Tensor], x: Tensor, activation: Activation = "relu",
     compiled = _compiled("mlp_forward", x.device)  # the kernel checks the arguments
     if compiled and torch.compiler.is_compiling():  # the registered op, which the compiler traces through its fake
         out = torch.ops.mamlext.mlp_forward(params, rows, act_code, act_param)[0]
-    elif compiled and not _functorch_wrapped([x, *params]):  # eagerly, through a direct binding (no boxing)
+    elif compiled and not _functorch_wrapped([x, *params]) and not _has_tangents([x, *params]):  # eagerly, directly
         out = _ext._C.mlp_forward(params, rows, act_code, act_param)[0]
     else:
         _check_mlp_layers(params, x)

@@ -94,6 +94,15 @@ class InnerRates:
         self.tensors = torch.nn.ParameterList([torch.nn.Parameter(r) for r in rates])
         self._fixed: Tuple[Optional[tuple], Optional[Tensor]] = (None, None)  # (setting, mlp_maml's rate tensor)
 
+    def fit(self, params: Sequence[Tensor]) -> bool:
+        """Whether the learned rates still serve these parameters (one per parameter, of its dtype and device, and
+        per_param of its shape); always for "fixed"."""
+        if not self.learned:
+            return True
+        return len(self.tensors) == len(params) and all(
+            r.dtype == p.dtype and r.device == p.device and (self.mode != "per_param" or r.shape == p.shape)
+            for r, p in zip(self.tensors, params))
+
     @property
     def learned(self) -> bool:
         return self.mode != "fixed"

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from mamlext.batched import BatchedMAML
 from mamlext.engines.generic import GenericEngine, LossFn
+from mamlext.engines.guard import ModelGuard
 
 
 class _Head(BatchedMAML):
@@ -57,8 +58,9 @@ class ANIL(nn.Module):
         if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] < 1 or x.shape[1] < 1:
             shape = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"ANIL: {name} must be [T, K, *input shape] with T, K >= 1, got {shape}")
-        self._backbone.validate("features", x, None)
-        return self._backbone.forward_tasks(x)
+        with ModelGuard(self.backbone):
+            self._backbone.validate("features", x, None)
+            return self._backbone.forward_tasks(x)
 
     def meta_loss(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Tensor:
         """The mean over tasks of the query loss after adapting the head; its backward puts the exact meta-gradient

@@ -177,6 +177,7 @@ class iMAML(TaskBatchedAlgorithm):  # noqa: N801  (the algorithm's name)
         are kept in ``last_task_losses``, the CG residuals in ``last_cg_residuals``.
 
         xs [T, K, in], ys [T, K, out] (mse) or [T, K] int64 (ce); xq [T, Kq, in], yq likewise."""
+        self._current_engine()
         self._check_support_query(xs, ys, xq, yq)
         params = self._params()
         with torch.no_grad():
@@ -190,6 +191,7 @@ class iMAML(TaskBatchedAlgorithm):  # noqa: N801  (the algorithm's name)
     def adapt(self, xs: Tensor, ys: Tensor, steps: Optional[int] = None) -> List[Tensor]:
         """Per-task adapted parameters phi_t after `steps` (default inner_steps) gradient-descent steps on the
         proximal support objective: P tensors [T, *S_i], without a graph."""
+        self._current_engine()
         steps = self.inner_steps if steps is None else steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"iMAML.adapt: steps must be an int >= 0, got {steps!r}")

@@ -24,9 +24,16 @@ class SinusoidTasks:
     X_RANGE = (-5.0, 5.0)
 
     def __init__(self, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu"):
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"SinusoidTasks: seed must be an int, got {seed!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"SinusoidTasks: dtype must be a floating-point torch.dtype, got {dtype!r}")
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(f"SinusoidTasks: device must name a torch device, got {device!r}") from error
         self.generator = torch.Generator().manual_seed(seed)
         self.dtype = dtype
-        self.device = torch.device(device)
 
     def _uniform(self, low: float, high: float, *shape: int) -> Tensor:
         return torch.rand(*shape, generator=self.generator, dtype=torch.float64) * (high - low) + low
@@ -35,7 +42,7 @@ class SinusoidTasks:
         """``tasks`` new sinusoids with ``support`` and ``query`` (default: as many) points each."""
         query = support if query is None else query
         for name, value in (("tasks", tasks), ("support", support), ("query", query)):
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"SinusoidTasks.sample: {name} must be a positive int, got {value!r}")
         amplitude = self._uniform(*self.AMPLITUDE, tasks)
         phase = self._uniform(*self.PHASE, tasks)

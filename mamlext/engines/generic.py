@@ -12,16 +12,20 @@ SGD update of every task and parameter in one ``ops.task_sgd`` call. Two ways to
   that recomputes the activations, and the combine step in the fused ``ops.maml_reverse_step``. The activations of
   only one step are alive at a time, so memory does not grow with the number of inner steps beyond the θ_k.
 
-BatchNorm: every forward (inner steps and query) normalizes with the batch statistics of the task's own data, as
-the MAML paper does, and never reads or updates running statistics (in eval mode the running statistics are used,
-read-only). ``torch.func.vmap`` through ``F.batch_norm`` in training mode gives wrong second-order meta-gradients
-(its backward batching rule is wrong for grad_input, functorch issue 534; measured here: 1.3 relative error on a
-conv + BatchNorm net, while differentiating it once under vmap is exact), so in the forwards that are
-differentiated twice — the support gradients of second-order MAML and the Hessian-vector products —
-``F.batch_norm`` is replaced by the same normalization composed from primitive ops, which vmap differentiates
-exactly; every other forward keeps the native kernels, several times faster. Modules that change their buffers
-in the forward in another way, and layers vmap cannot batch, raise an error naming the module on the first call.
+Normalization layers: BatchNorm and InstanceNorm normalize every forward (inner steps and query) with the
+statistics of the task's own data, as the MAML paper does, and never read or update running statistics (in eval
+mode the running statistics are used, read-only). ``torch.func.vmap`` differentiates the fused kernels of
+``F.batch_norm``, ``F.instance_norm`` and ``F.layer_norm`` (with an affine weight) wrongly twice (their
+double-backward batching rules; functorch issue 534; measured here: 1e-2 to 10 relative error in the
+meta-gradient, while differentiating them once under vmap is exact), so in the forwards that are differentiated
+twice — the support gradients of second-order MAML — those functionals are replaced by the same normalization
+composed from primitive ops, which vmap differentiates exactly; every other forward keeps the native kernels,
+several times faster. tests/test_layer_scan.py checks torch.nn's layers for this, in every engine mode. Modules
+that change their buffers in the forward in another way, and layers vmap cannot batch, raise an error naming the
+module on the first call.
 """
+import importlib
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -46,38 +50,61 @@ BUILTIN_LOSSES: Dict[str, LossFn] = {"mse": _mse, "ce": F.cross_entropy}
 MEMORY_MODES = ("graph", "low")
 
 
-def _batch_norm_from_primitives(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                                weight: Optional[Tensor], bias: Optional[Tensor], training: bool, eps: float) -> Tensor:
-    """F.batch_norm's value without touching the running statistics, from ops vmap differentiates exactly."""
-    shape = [1, -1] + [1] * (x.dim() - 2)  # per channel (dimension 1)
-    if training or running_mean is None:
-        var, mean = torch.var_mean(x, [0] + list(range(2, x.dim())), unbiased=False, keepdim=True)
-    else:
-        mean, var = running_mean.reshape(shape), running_var.reshape(shape)
-    # x * scale + shift with per-channel scale and shift: one pass over x instead of four (the activations are large)
+def _scale_shift(x: Tensor, mean: Tensor, var: Tensor, eps: float, weight: Optional[Tensor], bias: Optional[Tensor],
+                 affine_shape: Sequence[int]) -> Tensor:
+    """(x - mean) / sqrt(var + eps) * weight + bias as x * scale + shift: one pass over x instead of four (the
+    activations are large)."""
     scale = torch.rsqrt(var + eps)
     if weight is not None:
-        scale = scale * weight.reshape(shape)
+        scale = scale * weight.reshape(affine_shape)
     shift = -mean * scale
     if bias is not None:
-        shift = shift + bias.reshape(shape)
+        shift = shift + bias.reshape(affine_shape)
     return torch.addcmul(shift, x, scale)
 
 
-class _BatchNormFromPrimitives(TorchFunctionMode):
-    """While active, F.batch_norm runs as _batch_norm_from_primitives."""
+def _batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
+    """F.batch_norm's value without touching the running statistics: per channel (dimension 1), over the batch."""
+    shape = [1, -1] + [1] * (input.dim() - 2)
+    if training or running_mean is None:
+        var, mean = torch.var_mean(input, [0] + list(range(2, input.dim())), unbiased=False, keepdim=True)
+    else:
+        mean, var = running_mean.reshape(shape), running_var.reshape(shape)
+    return _scale_shift(input, mean, var, eps, weight, bias, shape)
+
+
+def _instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
+                   momentum=0.1, eps=1e-5):
+    """F.instance_norm's value without touching the running statistics: per sample and channel."""
+    shape = [1, -1] + [1] * (input.dim() - 2)
+    if use_input_stats or running_mean is None:
+        var, mean = torch.var_mean(input, list(range(2, input.dim())), unbiased=False, keepdim=True)
+    else:
+        mean, var = running_mean.reshape(shape), running_var.reshape(shape)
+    return _scale_shift(input, mean, var, eps, weight, bias, shape)
+
+
+def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """F.layer_norm's value: over the last len(normalized_shape) dimensions."""
+    dims = list(range(input.dim() - len(normalized_shape), input.dim()))
+    var, mean = torch.var_mean(input, dims, unbiased=False, keepdim=True)
+    return _scale_shift(input, mean, var, eps, weight, bias, list(normalized_shape))
+
+
+# The functionals whose fused kernels torch.func.vmap differentiates wrongly twice (their double-backward batching
+# rules; found by tests/test_layer_scan.py over torch.nn's layers, and functorch issue 534 for batch_norm), each
+# with the same function composed from primitive ops, which vmap differentiates exactly.
+_EXACT_TWINS = {F.batch_norm: _batch_norm, F.instance_norm: _instance_norm, F.layer_norm: _layer_norm}
+
+
+class _NormalizationFromPrimitives(TorchFunctionMode):
+    """While active, the functionals of _EXACT_TWINS run as their twins composed from primitive ops."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.batch_norm:
-            bound = _bind_batch_norm(*args, **kwargs)
-            return _batch_norm_from_primitives(*bound)
-        return func(*args, **kwargs)
-
-
-def _bind_batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
-                     eps=1e-5):
-    return input, running_mean, running_var, weight, bias, training, eps
+        twin = _EXACT_TWINS.get(func)
+        if twin is not None:
+            return twin(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
 
 
 def _slot_paths(model: nn.Module, kind: str) -> Dict[str, List[str]]:
@@ -140,6 +167,18 @@ class _ModuleTracker:
         return False
 
 
+def generic_signature(model: nn.Module) -> tuple:
+    """A fingerprint of what GenericEngine caches about the model (its modules, their parameter and buffer slots
+    with dtype, device and shape): when it changes, the engine is built anew."""
+    parts = []
+    for module in model.modules():
+        state = module.__dict__
+        parts.append((id(module), type(module),
+                      *[(key, id(t), t.dtype, t.device, t.shape) for kind in ("_parameters", "_buffers")
+                        for key, t in state[kind].items() if t is not None]))
+    return tuple(parts)
+
+
 class GenericEngine:
     """MAML's pieces for one model: per-task losses, the inner loop, the meta-gradient in both memory modes.
     BatchedMAML owns the rates, the step weights and the user-facing checks; owner names it in errors."""
@@ -153,20 +192,20 @@ class GenericEngine:
         self._param_paths = _slot_paths(model, "_parameters")
         self._buffer_paths = _slot_paths(model, "_buffers")
         self._validated = set()  # input signatures whose first forward passed the checks
-        self.out_features: Dict[tuple, int] = {}
+        self.output_shapes: Dict[tuple, Optional[Tuple[int, ...]]] = {}
 
     def params(self) -> List[Tensor]:
         return [p for _, p in self.model.named_parameters()]
 
     def _buffers(self, exact: bool) -> Dict[str, Optional[Tensor]]:
         """The buffers for one of the engine's forwards: copies, so that the model's own never change, and None for
-        BatchNorm's num_batches_tracked, which makes BatchNorm skip counting (an in-place update that torch.func
-        transforms refuse on a captured tensor). For a native forward (not exact), also None for the running
-        statistics of BatchNorm layers in training mode, which makes F.batch_norm use batch statistics without
-        updating anything."""
+        BatchNorm's and InstanceNorm's num_batches_tracked, which makes them skip counting (an in-place update that
+        torch.func transforms refuse on a captured tensor). For a native forward (not exact), also None for the
+        running statistics of those layers in training mode, which makes them use batch statistics without updating
+        anything."""
         dropped = set()
         for prefix, module in self.model.named_modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if isinstance(module, nn.modules.batchnorm._NormBase):  # BatchNorm and InstanceNorm
                 names = ("num_batches_tracked",) if exact or not module.training else (
                     "num_batches_tracked", "running_mean", "running_var")
                 dropped.update(f"{prefix}.{name}" if prefix else name for name in names)
@@ -180,7 +219,7 @@ class GenericEngine:
         mapping = {path: tensor for name, tensor in buffers.items() for path in self._buffer_paths.get(name, [name])}
         mapping.update((path, tensor) for name, tensor in zip(self.names, params) for path in self._param_paths[name])
         if exact:
-            with _BatchNormFromPrimitives():
+            with _NormalizationFromPrimitives():
                 return functional_call(self.model, mapping, (x,), tie_weights=False)
         return functional_call(self.model, mapping, (x,), tie_weights=False)
 
@@ -192,12 +231,13 @@ class GenericEngine:
 
     # --- the first call of each input signature: can the model be batched, does it keep its buffers -------------
 
-    def validate(self, method: str, x: Tensor, y: Optional[Tensor]) -> int:
+    def validate(self, method: str, x: Tensor, y: Optional[Tensor]) -> Optional[Tuple[int, ...]]:
         """Runs one task through the model as the engine will (vmap over tasks) with the module tracker; returns
-        the model's output size (last dimension). Names the module when a forward fails or changes a buffer."""
+        the shape of one task's output, [K, ...] (None for an output that is not a tensor, which only a loss
+        callable can take). Names the module when a forward fails or changes a buffer."""
         signature = (tuple(x.shape[1:]), x.dtype, x.device)
         if signature in self._validated:
-            return self.out_features[signature]
+            return self.output_shapes[signature]
         params = self.params()
         tracker = _ModuleTracker(self.model)
         try:
@@ -211,22 +251,31 @@ class GenericEngine:
             module, buffer = tracker.mutated[0]
             raise RuntimeError(f"{self.owner}(generic engine): {tracker.describe(module)} changes its buffer "
                                f"{buffer!r} in its forward; the generic engine cannot batch a module whose buffers "
-                               "change under the inner loop (only BatchNorm's running statistics are handled)")
-        if out.dim() < 2:
-            raise RuntimeError(f"{self.owner}(generic engine): the model's output per task must be [K, ...] with one "
-                               f"row per example, got shape {list(out.shape[1:])} for {method}'s input "
-                               f"{list(x.shape[1:])}")
+                               "change under the inner loop (only the running statistics of BatchNorm and "
+                               "InstanceNorm are handled)")
+        if isinstance(out, Tensor):
+            if out.dim() < 2:
+                raise RuntimeError(f"{self.owner}(generic engine): the model's output per task must be [K, ...] with "
+                                   f"one row per example, got shape {list(out.shape[1:])} for {method}'s input "
+                                   f"{list(x.shape[1:])}")
+            shape: Optional[Tuple[int, ...]] = tuple(out.shape[1:])
+        elif self.custom_loss:  # a tuple, a dict...: the loss callable takes it as it is
+            shape = None
+        else:
+            raise RuntimeError(f"{self.owner}(generic engine): the model returns a {type(out).__name__}, but the "
+                               "losses 'mse' and 'ce' need a tensor output; pass a loss callable "
+                               "loss_fn(output, target) that takes the model's output as it is")
         if self.custom_loss and y is not None:
             with torch.no_grad():
-                value = self.loss_fn(out[0], y[0])
+                value = self.loss_fn(torch.utils._pytree.tree_map(lambda t: t[0], out), y[0])
             if not isinstance(value, Tensor) or value.dim() != 0 or not value.is_floating_point():
                 got = f"a tensor of shape {list(value.shape)} and dtype {value.dtype}" if isinstance(value, Tensor) \
                     else type(value).__name__
                 raise ValueError(f"{self.owner}.{method}: the loss callable must return one task's mean loss as a "
                                  f"floating-point scalar (a 0-dimensional tensor), got {got}")
         self._validated.add(signature)
-        self.out_features[signature] = out.shape[-1]
-        return out.shape[-1]
+        self.output_shapes[signature] = shape
+        return shape
 
     # --- the inner loop ------------------------------------------------------------------------------------------
 
@@ -294,6 +343,14 @@ class GenericEngine:
         mean, task_losses = _LowMemoryMAML.apply(self, xs, ys, xq, yq, steps, rates, step_weights, first_order,
                                                  needs_grad, task_chunk, len(params), *params, *learnable)
         return mean, task_losses
+
+
+def load_forward_mode_rules() -> None:
+    """torch.func.jvp imports its decompositions on first use (scripting some 20 functions, ~0.1 s); memory="low"
+    loads them when the engine is built, so that an interrupt of the first call never cuts that import short."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # PyTorch's own torch.jit.script deprecation notice
+        importlib.import_module("torch._decomp.decompositions_for_jvp")
 
 
 def _low_memory_tasks(engine: GenericEngine, xs, ys, xq, yq, steps, rates: InnerRates, weights, first_order,
