@@ -14,6 +14,17 @@ from mamlext.rates import Lr
 _DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
+def check_class_indices(where: str, y_name: str, y: Tensor, classes: int) -> None:
+    """y holds class indices in [0, classes): the one wording of that rule (the C++ kernels check it as they read
+    the labels, csrc/common/mlp_checks.h)."""
+    if y.numel() == 0:
+        return
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or high >= classes:
+        raise ValueError(f"{where}: {y_name} holds the class index {low if low < 0 else high}, outside "
+                         f"[0, {classes}) (the model has {classes} outputs)")
+
+
 def check_task_sgd(params: Sequence[Tensor], grads: Sequence[Tensor], lr: Lr) -> None:
     """Raises ValueError naming the argument and index when task_sgd's arguments do not fit together."""
     if len(params) != len(grads):
@@ -165,12 +176,8 @@ def _check_mlp_xy(op: str, params: Sequence[Tensor], sizes: List[int], x: Tensor
         if y.shape != (tasks, rows):
             raise ValueError(f"{op}: {y_name} must be [T, K] = {[tasks, rows]} for loss ce ({x_name} is "
                              f"{_shape(x)}), got {_shape(y)}")
-        if check_values and y.numel() and y.device.type == "cpu":
-            low, high = int(y.min()), int(y.max())
-            if low < 0 or high >= out:
-                bad = low if low < 0 else high
-                raise ValueError(f"{op}: {y_name} holds the class index {bad}, outside [0, {out}) (the last layer "
-                                 f"has {out} outputs)")
+        if check_values and y.device.type == "cpu":
+            check_class_indices(op, y_name, y, out)
 
 
 def check_mlp_loss_grad(params: Sequence[Tensor], x: Tensor, y: Tensor, activation: int, act_param: float,
@@ -241,6 +248,10 @@ def check_mlp_maml(params: Sequence[Tensor], xs: Tensor, ys: Tensor, xq: Tensor,
             raise ValueError(f"{op}: lrs[{i}] must be finite (it holds nan or inf)")
     if check_values and not torch.isfinite(step_weights).all():
         raise ValueError(f"{op}: step_weights must be finite (it holds nan or inf)")
+    data = (("xs", xs), ("xq", xq)) + ((("ys", ys), ("yq", yq)) if loss == LOSSES["mse"] else ())
+    for name, t in data:  # on the CPU, as the compiled op (elsewhere that would cost a device sync)
+        if check_values and t.device.type == "cpu" and not torch.isfinite(t).all():
+            raise ValueError(f"{op}: {name} must be finite (it holds nan or inf)")
 
 
 def check_maml_reverse_step(v: Sequence[Tensor], hv: Sequence[Tensor], grads: Sequence[Tensor],

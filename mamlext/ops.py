@@ -128,40 +128,34 @@ def mlp_codes(op: str, activation: Activation, act_param: Optional[float], loss:
     return act_code, float(act_param), loss_code
 
 
-def _task_weighted_sum(go: Tensor, per_task: Tensor) -> Tensor:
-    """sum_t go[t] * per_task[t]."""
-    return torch.tensordot(go, per_task, dims=([0], [0]))
-
-
-def _loss_grad_param_grads(go: Optional[Tensor], grads: Sequence[Tensor], shared: Sequence[bool]):
-    if go is None:
-        return [None] * len(grads)
-    out = []
-    for g, s in zip(grads, shared):
-        out.append(_task_weighted_sum(go, g) if s else go.reshape(-1, *([1] * (g.dim() - 1))) * g)
-    return out
-
-
-def _is_shared(params: Sequence[Tensor]) -> List[bool]:
-    return [p.dim() == (2 if i % 2 == 0 else 1) for i, p in enumerate(params)]
-
-
-class _MLPLossGradReference(torch.autograd.Function):
-    """The reference mlp_loss_grad with the compiled op's autograd formula (see the comment above)."""
+class _TaskGradients(torch.autograd.Function):
+    """Per-task losses [T] whose gradients are given: d inputs[i] = sum_t go_t grads[i][t] for an input shared by
+    the tasks (grads[i] is [T, *input.shape]), go_t grads[i][t] for a per-task input (of grads[i]'s shape)."""
 
     @staticmethod
-    def forward(ctx, act_code, act_param, loss_code, x, y, *params):
-        losses, grads = reference.mlp_loss_grad(list(params), x, y, act_code, act_param, loss_code)
-        ctx.shared = _is_shared(params)
-        ctx.mark_non_differentiable(*grads)
-        ctx.set_materialize_grads(False)  # no zero tensors for the outputs without a gradient
-        ctx.save_for_backward(*grads)
-        return (losses, *grads)
+    def forward(ctx, losses: Tensor, n: int, *inputs_and_grads: Tensor) -> Tensor:
+        ctx.n = n
+        ctx.per_task = [t.shape == g.shape for t, g in zip(inputs_and_grads[:n], inputs_and_grads[n:])]
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*inputs_and_grads[n:])
+        return losses.clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, go, *unused):
-        return (None, None, None, None, None, *_loss_grad_param_grads(go, ctx.saved_tensors, ctx.shared))
+    def backward(ctx, go):
+        if go is None:
+            return (None,) * (2 + 2 * ctx.n)
+        grads = [go.reshape(-1, *([1] * (g.dim() - 1))) * g if per_task else torch.tensordot(go, g, dims=([0], [0]))
+                 for g, per_task in zip(ctx.saved_tensors, ctx.per_task)]
+        return (None, None, *grads, *([None] * ctx.n))
+
+
+def with_task_gradients(losses: Tensor, inputs: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
+    """losses [T] (computed without a graph) made differentiable w.r.t. inputs with the given per-task gradients
+    grads[i] [T, *S_i]: the autograd formula of every op whose kernel returns its own gradients (the reference
+    twins of mlp_loss_grad and mlp_maml, iMAML's implicit meta-gradient). Not differentiable twice."""
+    inputs = list(inputs)
+    return _TaskGradients.apply(losses, len(inputs), *inputs, *grads)
 
 
 def mlp_loss_grad(params: Sequence[Tensor], x: Tensor, y: Tensor, activation: Activation = "relu",
@@ -183,8 +177,9 @@ def mlp_loss_grad(params: Sequence[Tensor], x: Tensor, y: Tensor, activation: Ac
     params = list(params)
     if isinstance(x, Tensor) and _compiled("mlp_loss_grad", x.device):  # the kernel checks its arguments
         return torch.ops.mamlext.mlp_loss_grad(params, x, y, act_code, act_param, loss_code)
-    out = _MLPLossGradReference.apply(act_code, act_param, loss_code, x, y, *params)
-    return out[0], list(out[1:])
+    with torch.no_grad():
+        losses, grads = reference.mlp_loss_grad(params, x, y, act_code, act_param, loss_code)
+    return with_task_gradients(losses, params, grads), grads
 
 
 def mlp_hvp(params: Sequence[Tensor], vectors: Sequence[Tensor], x: Tensor, y: Tensor,
@@ -198,34 +193,6 @@ def mlp_hvp(params: Sequence[Tensor], vectors: Sequence[Tensor], x: Tensor, y: T
         return torch.ops.mamlext.mlp_hvp(params, vectors, x, y, act_code, act_param, loss_code)
     with torch.no_grad():
         return reference.mlp_hvp(params, vectors, x, y, act_code, act_param, loss_code)
-
-
-def _mlp_maml_input_grads(go: Optional[Tensor], meta_grads: Sequence[Tensor], lr_grads: Sequence[Tensor]):
-    if go is None:
-        return [None] * len(meta_grads), [None] * len(lr_grads)
-    return [_task_weighted_sum(go, g) for g in meta_grads], [_task_weighted_sum(go, g) for g in lr_grads]
-
-
-class _MLPMAMLReference(torch.autograd.Function):
-    """The reference mlp_maml with the compiled op's autograd formula (see the comment above)."""
-
-    @staticmethod
-    def forward(ctx, first_order, act_code, act_param, loss_code, xs, ys, xq, yq, step_weights, n, *params_lrs):
-        params, lrs = list(params_lrs[:n]), list(params_lrs[n:])
-        losses, meta_grads, lr_grads = reference.mlp_maml(params, xs, ys, xq, yq, lrs, step_weights, first_order,
-                                                          act_code, act_param, loss_code)
-        ctx.n = n
-        ctx.mark_non_differentiable(*meta_grads, *lr_grads)
-        ctx.set_materialize_grads(False)  # no zero tensors for the outputs without a gradient
-        ctx.save_for_backward(*meta_grads, *lr_grads)
-        return (losses, *meta_grads, *lr_grads)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, go, *unused):
-        saved = ctx.saved_tensors
-        d_params, d_lrs = _mlp_maml_input_grads(go, saved[:ctx.n], saved[ctx.n:])
-        return (None,) * 10 + (*d_params, *d_lrs)
 
 
 def _mlp_maml_step_weights(step_weights, lrs, dtype, device) -> Tensor:
@@ -275,10 +242,10 @@ def mlp_maml(params: Sequence[Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: T
     if isinstance(xs, Tensor) and _compiled("mlp_maml", xs.device):  # the kernel checks its arguments
         return torch.ops.mamlext.mlp_maml(params, xs, ys, xq, yq, lrs, weights, first_order, act_code, act_param,
                                           loss_code)
-    out = _MLPMAMLReference.apply(first_order, act_code, act_param, loss_code, xs, ys, xq, yq, weights,
-                                  len(params), *params, *lrs)
-    n = len(params)
-    return out[0], list(out[1:1 + n]), list(out[1 + n:])
+    with torch.no_grad():
+        losses, meta_grads, lr_grads = reference.mlp_maml(params, xs, ys, xq, yq, lrs, weights, first_order,
+                                                          act_code, act_param, loss_code)
+    return with_task_gradients(losses, params + lrs, meta_grads + lr_grads), meta_grads, lr_grads
 
 
 # --- fake (meta) implementations and autograd formulas of the compiled ops ---------------------------------------

@@ -40,6 +40,38 @@ def loop_grads(model, xs, ys, xq, yq):
     return torch.autograd.grad(total, params)
 
 
+def finite_difference_grads(model, xs, ys, xq, yq, eps=1e-6):
+    """Central differences of the meta-objective (its value by the per-task loop, which PyTorch computes right even
+    where its second derivatives are wrong)."""
+    params = list(model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+
+    def objective():
+        total = 0.0
+        for t in range(xs.shape[0]):
+            current = [p.detach().requires_grad_() for p in params]
+            support = F.mse_loss(torch.func.functional_call(model, dict(zip(names, current)), (xs[t],)), ys[t])
+            grads = torch.autograd.grad(support, current)
+            fast = {n: p - LR * g for n, p, g in zip(names, current, grads)}
+            total += F.mse_loss(torch.func.functional_call(model, fast, (xq[t],)), yq[t]).item() / xs.shape[0]
+        return total
+    def shift(p, i, by):
+        with torch.no_grad():
+            p.view(-1)[i] += by
+    out = []
+    for p in params:
+        grad = torch.zeros_like(p)
+        for i in range(p.numel()):
+            shift(p, i, eps)
+            up = objective()
+            shift(p, i, -2 * eps)
+            down = objective()
+            shift(p, i, eps)
+            grad.view(-1)[i] = (up - down) / (2 * eps)
+        out.append(grad)
+    return out
+
+
 def engine_grads(algorithm, model, batch):
     for p in model.parameters():
         p.grad = None
@@ -112,15 +144,26 @@ UNSERVED = {"forward hook": with_forward_hook, "forward pre-hook": with_forward_
 
 @pytest.mark.parametrize("case", list(UNSERVED))
 def test_models_the_fused_engine_cannot_compute_run_as_they_are(case):
+    """The generic engine gives the true meta-gradient; mamlext.MAML the per-task loop's, as learn2learn. They are
+    the same except for weight_norm, whose second derivative PyTorch computes wrongly (torch._weight_norm fails
+    gradgradcheck in torch 2.14): there the generic engine, which composes it from primitive ops, matches central
+    finite differences and the per-task loop does not."""
     model = UNSERVED[case]()
     batch = data()
-    want = loop_grads(model, *batch)
+    loop = loop_grads(model, *batch)
+    want = finite_difference_grads(model, *batch) if "weight_norm" in case or "parametrization" in case else loop
     with pytest.raises(ValueError, match="hook|parametrized|weight and bias|at most 16"):
         mamlext.BatchedMAML(model, inner_lr=LR, backend="fused")
-    maml = mamlext.BatchedMAML(model, inner_lr=LR)
-    assert maml.engine == "generic", case
-    assert_all_close(engine_grads(maml, model, batch), want, f"{case}: BatchedMAML")
-    assert_all_close(maml_grads(model, batch), want, f"{case}: mamlext.MAML")
+    for memory in ("graph", "low"):
+        maml = mamlext.BatchedMAML(model, inner_lr=LR, memory=memory)
+        assert maml.engine == "generic", case
+        got = engine_grads(maml, model, batch)
+        if want is loop:
+            assert_all_close(got, want, f"{case}: BatchedMAML, memory={memory}")
+        else:
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7, msg=f"{case}: finite differences")
+    assert_all_close(maml_grads(model, batch), loop, f"{case}: mamlext.MAML")
 
 
 def test_a_global_hook_routes_to_the_generic_engine_and_sees_every_layer():

@@ -161,7 +161,8 @@ inline void check_mlp_vectors(const char* op, at::TensorList vectors, at::Tensor
   }
 }
 
-// A rate or weight holds no nan or inf; checked where that costs no device sync (CPU tensors).
+// A tensor (a rate, a weight, mlp_maml's data) holds no nan or inf; checked where that costs no device sync (CPU
+// tensors).
 // (A loop over the elements: at::isfinite(t).all() would cost more than a small meta-iteration's arithmetic.)
 inline void check_finite_on_cpu(const char* op, const at::Tensor& t, const std::string& name) {
   if (!t.device().is_cpu()) return;
@@ -232,6 +233,13 @@ inline MlpMamlCall check_mlp_maml(const char* op, at::TensorList params, const a
               step_weights.sizes());
   check_finite_on_cpu(op, step_weights, "step_weights");
   m.lr_per_element = check_mlp_maml_lrs(op, lrs, params, m.steps);
+  // The data, as the kernel is about to read it (a CPU loop, cheaper than a separate pass from Python).
+  check_finite_on_cpu(op, xs, "xs");
+  check_finite_on_cpu(op, xq, "xq");
+  if (c.loss == Loss::kMse) {
+    check_finite_on_cpu(op, ys, "ys");
+    check_finite_on_cpu(op, yq, "yq");
+  }
   return m;
 }
 

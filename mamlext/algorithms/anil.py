@@ -17,7 +17,6 @@ from torch import Tensor, nn
 
 from mamlext.batched import BatchedMAML
 from mamlext.engines.generic import GenericEngine, LossFn
-from mamlext.engines.guard import ModelGuard
 
 
 class _Head(BatchedMAML):
@@ -58,7 +57,7 @@ class ANIL(nn.Module):
         if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] < 1 or x.shape[1] < 1:
             shape = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"ANIL: {name} must be [T, K, *input shape] with T, K >= 1, got {shape}")
-        with ModelGuard(self.backbone):
+        with self._backbone.guard():
             self._backbone.validate("features", x, None)
             return self._backbone.forward_tasks(x)
 

@@ -32,27 +32,6 @@ from mamlext.batched import TaskBatchedAlgorithm
 from mamlext.rates import InnerRates
 
 
-class _ImplicitMetaGradient(torch.autograd.Function):
-    """Per-task query losses [T] whose gradient w.r.t. the meta-parameters is given: d params_i = sum_t go_t g_t,i
-    (the iMAML meta-gradients, computed without a graph). Not differentiable twice."""
-
-    @staticmethod
-    def forward(ctx, losses: Tensor, n: int, *params_and_grads: Tensor) -> Tensor:
-        ctx.n = n
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*params_and_grads[n:])
-        return losses.clone()
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, go):
-        n = ctx.n
-        if go is None:
-            return (None,) * (2 + 2 * n)
-        grads = [torch.tensordot(go, g, dims=([0], [0])) for g in ctx.saved_tensors]
-        return (None, None, *grads, *([None] * n))
-
-
 def _task_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     """Per-task inner product over all parameter tensors: [T]."""
     return sum((x * y).flatten(1).sum(1) for x, y in zip(a, b))
@@ -111,7 +90,7 @@ class iMAML(TaskBatchedAlgorithm):  # noqa: N801  (the algorithm's name)
         if not LAM_RANGE[0] <= self.lam <= LAM_RANGE[1]:
             raise ValueError(f"iMAML: lam must be in [{LAM_RANGE[0]:g}, {LAM_RANGE[1]:g}] (the strength of the "
                              f"proximal term; the solve divides by it), got {lam!r}")
-        self.loss = loss
+        self.__dict__["_loss"] = loss
         self._bind_model(model, backend)
         self._rates = InnerRates("fixed", inner_lr, inner_steps, self._params())
         self.last_task_losses: Optional[Tensor] = None
@@ -186,7 +165,7 @@ class iMAML(TaskBatchedAlgorithm):  # noqa: N801  (the algorithm's name)
             meta_grads, residuals = self._solve(phi, query_grads, xs, ys, [p.requires_grad for p in params])
         self.last_task_losses = losses.detach()
         self.last_cg_residuals = residuals
-        return _ImplicitMetaGradient.apply(losses.detach(), len(params), *params, *meta_grads).mean()
+        return ops.with_task_gradients(losses.detach(), params, meta_grads).mean()
 
     def adapt(self, xs: Tensor, ys: Tensor, steps: Optional[int] = None) -> List[Tensor]:
         """Per-task adapted parameters phi_t after `steps` (default inner_steps) gradient-descent steps on the

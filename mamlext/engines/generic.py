@@ -35,6 +35,8 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from mamlext import ops
+from mamlext._checks import check_class_indices
+from mamlext.engines.guard import ModelGuard
 from mamlext.rates import InnerRates, rate_times
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -52,15 +54,14 @@ MEMORY_MODES = ("graph", "low")
 
 def _scale_shift(x: Tensor, mean: Tensor, var: Tensor, eps: float, weight: Optional[Tensor], bias: Optional[Tensor],
                  affine_shape: Sequence[int]) -> Tensor:
-    """(x - mean) / sqrt(var + eps) * weight + bias as x * scale + shift: one pass over x instead of four (the
-    activations are large)."""
+    """(x - mean) / sqrt(var + eps) * weight + bias, with x - mean formed first as the native kernels do, so that
+    a constant input gives exactly the bias (a ReLU after it then sees the same side of its kink)."""
     scale = torch.rsqrt(var + eps)
     if weight is not None:
         scale = scale * weight.reshape(affine_shape)
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias.reshape(affine_shape)
-    return torch.addcmul(shift, x, scale)
+    if bias is None:
+        return (x - mean) * scale
+    return torch.addcmul(bias.reshape(affine_shape), x - mean, scale)
 
 
 def _batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
@@ -91,10 +92,21 @@ def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     return _scale_shift(input, mean, var, eps, weight, bias, list(normalized_shape))
 
 
-# The functionals whose fused kernels torch.func.vmap differentiates wrongly twice (their double-backward batching
-# rules; found by tests/test_layer_scan.py over torch.nn's layers, and functorch issue 534 for batch_norm), each
-# with the same function composed from primitive ops, which vmap differentiates exactly.
-_EXACT_TWINS = {F.batch_norm: _batch_norm, F.instance_norm: _instance_norm, F.layer_norm: _layer_norm}
+def _weight_norm(v, g, dim=0):
+    """torch._weight_norm's value (weight_norm and its parametrization): g * v / ||v||, the norm over every
+    dimension but dim (over all of them for dim = -1)."""
+    dims = list(range(v.dim())) if dim == -1 else [d for d in range(v.dim()) if d != dim]
+    return v * (g * v.square().sum(dims, keepdim=True).rsqrt())  # (vector_norm's double backward under vmap is
+    # wrong too)
+
+
+# The functionals that torch.func differentiates wrongly twice under vmap (the double-backward batching rules of
+# F.batch_norm, F.instance_norm and F.layer_norm's fused kernels: tests/test_layer_scan.py over torch.nn's layers,
+# and functorch issue 534 for batch_norm) or not at all by forward-over-reverse (torch._weight_norm has no
+# forward-mode formula), each with the same function composed from primitive ops, which torch.func differentiates
+# exactly.
+_EXACT_TWINS = {F.batch_norm: _batch_norm, F.instance_norm: _instance_norm, F.layer_norm: _layer_norm,
+                torch._weight_norm: _weight_norm}
 
 
 class _NormalizationFromPrimitives(TorchFunctionMode):
@@ -181,11 +193,18 @@ def generic_signature(model: nn.Module) -> tuple:
 
 class GenericEngine:
     """MAML's pieces for one model: per-task losses, the inner loop, the meta-gradient in both memory modes.
-    BatchedMAML owns the rates, the step weights and the user-facing checks; owner names it in errors."""
+    The algorithm on top owns the rates and the step weights and checks types, devices and finite values; owner
+    names it in errors."""
 
-    def __init__(self, model: nn.Module, loss: Union[str, LossFn], owner: str):
+    name = "generic"
+    signature = staticmethod(generic_signature)
+
+    def __init__(self, model: nn.Module, loss: Union[str, LossFn], owner: str, memory: str = "graph",
+                 task_chunk: Optional[int] = None):
         self.model = model
         self.owner = owner
+        self.loss = loss
+        self.memory, self.task_chunk = memory, task_chunk
         self.loss_fn = BUILTIN_LOSSES[loss] if isinstance(loss, str) else loss
         self.custom_loss = not isinstance(loss, str)
         self.names = [name for name, _ in model.named_parameters()]
@@ -196,6 +215,50 @@ class GenericEngine:
 
     def params(self) -> List[Tensor]:
         return [p for _, p in self.model.named_parameters()]
+
+    def guard(self) -> ModelGuard:
+        return ModelGuard(self.model)  # the engine's forwards put per-task tensors into the model's slots
+
+    def inputs_checked_by_kernel(self, x: Tensor) -> bool:
+        return False
+
+    # --- checks (the algorithm on top checks types, devices and finite values) ------------------------------------
+
+    def check_pair(self, where: str, x: Tensor, y: Tensor, x_name: str, y_name: str) -> None:
+        """x [T, K, *in], y [T, K, *out] (mse: shaped like the model's output; ce: int64 [T, K] with indices within
+        the outputs; a loss callable: any tensor with T leading), the model's dtype. Runs one task through the
+        model on the first call of each input shape (validate)."""
+        like = self.params()[0]
+        if x.dim() < 2 or x.shape[0] < 1 or x.shape[1] < 1:
+            raise ValueError(f"{where}: {x_name} must be [T, K, *input shape] with T >= 1 tasks of K >= 1 examples, "
+                             f"got {list(x.shape)}")
+        if x.dtype != like.dtype:
+            raise ValueError(f"{where}: {x_name} has dtype {x.dtype} but the model's parameters are {like.dtype}")
+        tasks, rows = x.shape[:2]
+        if y.dim() < 1 or y.shape[0] != tasks:
+            raise ValueError(f"{where}: {y_name} must hold the same T = {tasks} tasks as {x_name} ({list(x.shape)}), "
+                             f"got {list(y.shape)}")
+        if isinstance(self.loss, str) and (y.dim() < 2 or y.shape[1] != rows):
+            raise ValueError(f"{where}: {y_name} must be [T, K, ...] with K = {rows} like {x_name} "
+                             f"({list(x.shape)}), got {list(y.shape)}")
+        if self.loss == "ce" and (y.dtype != torch.int64 or y.dim() != 2):
+            raise ValueError(f"{where}: {y_name} must be int64 class indices [T, K] = {[tasks, rows]} for loss 'ce', "
+                             f"got {y.dtype} {list(y.shape)}")
+        if self.loss == "mse" and y.dtype != like.dtype:
+            raise ValueError(f"{where}: {y_name} has dtype {y.dtype} but the model's parameters are {like.dtype} "
+                             "(loss 'mse')")
+        out_shape = self.validate(where.rpartition(".")[2], x, y)
+        if self.loss == "mse" and tuple(y.shape[1:]) != out_shape:
+            raise ValueError(f"{where}: {y_name} must be shaped like the model's output for loss 'mse', "
+                             f"[T, *output shape] = {[tasks, *out_shape]} ({x_name} is {list(x.shape)}), got "
+                             f"{list(y.shape)}")
+        if self.loss == "ce":
+            check_class_indices(where, y_name, y, out_shape[-1])
+
+    def check_predict_input(self, where: str, x) -> None:
+        if not isinstance(x, Tensor) or x.dim() < 2:
+            shape = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{where}: x must be [T, K, *input shape], got {shape}")
 
     def _buffers(self, exact: bool) -> Dict[str, Optional[Tensor]]:
         """The buffers for one of the engine's forwards: copies, so that the model's own never change, and None for
@@ -314,6 +377,19 @@ class GenericEngine:
         return vmap(self._output, in_dims=(None, None, 0, None))(self.params(), self._buffers(False), x, False)
 
     # --- meta-gradients ------------------------------------------------------------------------------------------
+
+    def meta_loss(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, steps: int, rates: InnerRates,
+                  step_weights: Tensor, multi_step: bool, first_order: bool) -> Tuple[Tensor, Tensor]:
+        """(mean query loss, per-task losses [T]) in the engine's memory mode; the mean's backward is the exact
+        meta-gradient."""
+        weights = step_weights if multi_step else None
+        if self.memory == "graph":
+            losses = self.task_losses_graph(xs, ys, xq, yq, steps, rates, weights, first_order)
+            return losses.mean(), losses
+        if any(t.requires_grad for t in (xs, ys, xq, yq)):
+            raise ValueError(f"{self.owner}.meta_loss: memory='low' gives no gradient to the inputs, but one of "
+                             "xs, ys, xq, yq requires grad; use memory='graph' to differentiate w.r.t. the data")
+        return self.meta_loss_low(xs, ys, xq, yq, steps, rates, weights, first_order, self.task_chunk)
 
     def task_losses_graph(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, steps: int,
                           rates: InnerRates, step_weights: Optional[Tensor], first_order: bool) -> Tensor:
