@@ -171,6 +171,13 @@ std::vector<at::Tensor> sgd_update_eager(const std::vector<at::Tensor>& params, 
 
 }  // namespace
 
+namespace mamlext {  // csrc/autograd/mlp_maml.cpp
+std::tuple<at::Tensor, at::Tensor> mlp_maml_mean(const std::vector<at::Tensor>& params, const at::Tensor& xs,
+                                                 const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
+                                                 const std::vector<at::Tensor>& lrs, const at::Tensor& step_weights,
+                                                 bool first_order, int64_t activation, double act_param, int64_t loss);
+}  // namespace mamlext
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "mamlext compiled kernels; the ops are registered as torch.ops.mamlext.*";
   module.def("build_info", &build_info, "How this extension was compiled.");
@@ -179,4 +186,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("mlp_forward", &mlp_forward_eager, "torch.ops.mamlext.mlp_forward for eager calls");
   module.def("clone_tensors", &clone_tensors_eager, "torch.ops.mamlext.clone_tensors for eager calls");
   module.def("sgd_update", &sgd_update_eager, "torch.ops.mamlext.sgd_update for eager calls");
+  module.def("mlp_maml_mean", &mamlext::mlp_maml_mean,
+             "(mean, per-task losses) of torch.ops.mamlext.mlp_maml, the mean's meta-gradient in one autograd node");
 }

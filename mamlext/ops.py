@@ -248,6 +248,20 @@ def mlp_maml(params: Sequence[Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: T
     return with_task_gradients(losses, params + lrs, meta_grads + lr_grads), meta_grads, lr_grads
 
 
+def mlp_maml_mean(params: Sequence[Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, lrs: Sequence[Tensor],
+                  step_weights: Tensor, first_order: bool, activation: int, act_param: float,
+                  loss: int) -> Tuple[Tensor, Tensor]:
+    """(mean query loss, per-task query losses [T]) of mlp_maml with arguments in the op's own form (lrs one tensor
+    per parameter, step_weights a tensor, integer codes): BatchedMAML's meta-loss. Eagerly, one binding whose
+    autograd node holds the mean's meta-gradient (no mean node, no weighted sum over tasks in the backward);
+    otherwise (torch.compile, no kernel for the device) mlp_maml and a mean."""
+    if _compiled("mlp_maml", xs.device) and not torch.compiler.is_compiling():
+        return _ext._C.mlp_maml_mean(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param,
+                                     loss)
+    losses = mlp_maml(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss)[0]
+    return losses.mean(), losses
+
+
 # --- fake (meta) implementations and autograd formulas of the compiled ops ---------------------------------------
 
 def _mlp_loss_grad_fake(params, x, y, activation, act_param, loss):

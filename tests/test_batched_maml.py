@@ -191,13 +191,13 @@ def test_meta_loss_goes_through_mlp_maml(device, monkeypatch):
     cfg = C([2, 5, 1], "relu", "mse", "per_layer_step", False, 2, 3, 4, 4)
     maml, _, _, data = build(cfg, device, seed=8)
     seen = []
-    original = ops.mlp_maml  # one wrapper per op: BatchedMAML's fused engine calls it
+    original = ops.mlp_maml_mean  # the mean of mlp_maml: BatchedMAML's fused engine calls it
 
     def spy(*args, **kwargs):
         seen.append(args)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(ops, "mlp_maml", spy)
+    monkeypatch.setattr(ops, "mlp_maml_mean", spy)
     maml.meta_loss(*data)
     assert len(seen) == 1
     assert maml.engine == "fused_mlp"

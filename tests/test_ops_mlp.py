@@ -709,3 +709,36 @@ def test_wrapper_bad_rates(lrs, message):
     x, y = torch.randn(1, 2, 3), torch.randn(1, 2, 2)
     with pytest.raises((TypeError, ValueError), match=message):
         ops.mlp_maml(p, x, y, x, y, lrs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
+@pytest.mark.parametrize("frozen", [False, True], ids=["all_learned", "one_frozen"])
+def test_mlp_maml_mean_is_the_mean_of_mlp_maml(device, first_order, frozen):
+    """BatchedMAML's entry (one autograd node holding the mean's meta-gradient): the same value, per-task losses
+    and gradients w.r.t. params and rates as mlp_maml followed by a mean, also scaled by a grad_output."""
+    gen = torch.Generator().manual_seed(21)
+    sizes = [3, 5, 2]
+    params = [p.requires_grad_() for p in make_params(sizes, 4, torch.float64, device, gen)]
+    if frozen:
+        params[1].requires_grad_(False)
+    xs, ys = make_data(sizes, 4, 6, "ce", torch.float64, device, gen)
+    xq, yq = make_data(sizes, 4, 3, "ce", torch.float64, device, gen)
+    lrs = [r.requires_grad_() for r in make_rates(params, 2, "mixed", torch.float64, device, gen)]
+    weights = torch.tensor([0.4, 1.0], dtype=torch.float64, device=device)
+    args = (params, xs, ys, xq, yq, lrs, weights, first_order, *codes("tanh", "ce"))
+    mean, losses = ops.mlp_maml_mean(*args)
+    want_losses = ops.mlp_maml(*args)[0]
+    torch.testing.assert_close(losses, want_losses, rtol=0, atol=0)
+    torch.testing.assert_close(mean, want_losses.mean(), rtol=1e-15, atol=0)
+    assert not losses.requires_grad
+    wrt = [t for t in (*params, *lrs) if t.requires_grad]
+    got = torch.autograd.grad(2.5 * mean, wrt)
+    want = torch.autograd.grad(2.5 * ops.mlp_maml(*args)[0].mean(), wrt)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-13, atol=1e-15)
+    with torch.no_grad():
+        assert not ops.mlp_maml_mean(*args)[0].requires_grad
+    if compiled_op("mlp_maml"):
+        with pytest.raises(RuntimeError, match="not differentiable"):
+            torch.autograd.grad(ops.mlp_maml_mean(*args)[0], wrt, create_graph=True)

@@ -3,6 +3,8 @@
 //   query_losses [T] is differentiable w.r.t. params and lrs: d params_i = sum_t go_t meta_grads_i[t],
 //   d lrs_i = sum_t go_t lr_grads_i[t]; the data and step_weights get no gradient, and meta_grads / lr_grads are
 //   outputs without a graph. The backward is not itself differentiable (no third derivatives).
+// Also mlp_maml_mean (mamlext._C.mlp_maml_mean, for eager calls of BatchedMAML): the mean query loss and the
+// per-task losses, the mean's meta-gradient computed with the forward.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -89,7 +91,69 @@ MamlOutputs mlp_maml_autograd(at::TensorList params, const at::Tensor& xs, const
   return {out[0], std::vector<at::Tensor>(meta_begin, lr_begin), std::vector<at::Tensor>(lr_begin, out.end())};
 }
 
+// The mean of the query losses as one node whose gradient is computed in the forward: d mean / d params_i =
+// mean_t meta_grads_i[t] (likewise lrs), scaled by grad_output in the backward. What BatchedMAML needs, without
+// a separate mean node and a weighted sum over tasks per parameter at backward time.
+class MlpMamlMeanFunction : public torch::autograd::Function<MlpMamlMeanFunction> {
+ public:
+  // Returns [mean query loss, query_losses].
+  static variable_list forward(AutogradContext* ctx, at::TensorList params, const at::Tensor& xs, const at::Tensor& ys,
+                               const at::Tensor& xq, const at::Tensor& yq, at::TensorList lrs,
+                               const at::Tensor& step_weights, bool first_order, int64_t activation, double act_param,
+                               int64_t loss) {
+    auto [losses, meta_grads, lr_grads] =
+        call_below_autograd(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss);
+    variable_list mean_grads;
+    for (const auto* per_task : {&meta_grads, &lr_grads}) {
+      for (const auto& g : *per_task) mean_grads.push_back(task_mean(g));
+    }
+    ctx->save_for_backward(mean_grads);
+    ctx->saved_data["params"] = static_cast<int64_t>(params.size());
+    ctx->mark_non_differentiable({losses});
+    ctx->set_materialize_grads(false);
+    return {task_mean(losses), losses};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outs) {
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "mamlext: the meta-loss's backward is not differentiable (no third derivatives); differentiate it "
+                "without create_graph=True");
+    const auto saved = ctx->get_saved_variables();
+    const size_t n = static_cast<size_t>(ctx->saved_data["params"].toInt());
+    variable_list result(2 * n + 9);  // params (n), xs, ys, xq, yq, lrs (n), and the five non-tensor arguments
+    const at::Tensor& go = grad_outs[0];
+    if (!go.defined()) return result;
+    for (size_t i = 0; i < n; ++i) {
+      if (ctx->needs_input_grad(i)) result[i] = saved[i] * go;
+      if (ctx->needs_input_grad(n + 4 + i)) result[n + 4 + i] = saved[n + i] * go;
+    }
+    return result;
+  }
+};
+
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor> mlp_maml_mean(const std::vector<at::Tensor>& params, const at::Tensor& xs,
+                                                 const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
+                                                 const std::vector<at::Tensor>& lrs, const at::Tensor& step_weights,
+                                                 bool first_order, int64_t activation, double act_param,
+                                                 int64_t loss) {
+  bool records_grad = false;
+  if (at::GradMode::is_enabled()) {
+    for (const auto* list : {&params, &lrs}) {
+      for (const auto& t : *list) records_grad = records_grad || t.requires_grad();
+    }
+  }
+  if (!records_grad) {
+    const auto losses = std::get<0>(
+        call_below_autograd(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss));
+    return {task_mean(losses), losses};
+  }
+  // TensorLists, not vectors: apply() takes the graph's inputs from the Tensor and TensorList arguments.
+  const variable_list out = MlpMamlMeanFunction::apply(at::TensorList(params), xs, ys, xq, yq, at::TensorList(lrs),
+                                                       step_weights, first_order, activation, act_param, loss);
+  return {out[0], out[1]};
+}
 
 TORCH_LIBRARY_IMPL(mamlext, Autograd, m) { m.impl("mlp_maml", &mlp_maml_autograd); }
 

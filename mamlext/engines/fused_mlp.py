@@ -88,9 +88,8 @@ class FusedMLPEngine:
                   step_weights: Tensor, multi_step: bool, first_order: bool) -> Tuple[Tensor, Tensor]:
         """(mean query loss, per-task losses [T]); the mean's backward is the exact meta-gradient."""
         params = self._params
-        losses, _, _ = ops.mlp_maml(params, xs, ys, xq, yq, rates.of_every_step(params, steps), step_weights,
-                                    first_order, *self.codes)
-        return losses.mean(), losses
+        return ops.mlp_maml_mean(params, xs, ys, xq, yq, rates.of_every_step(params, steps), step_weights,
+                                 first_order, *self.codes)
 
     def adapt(self, xs: Tensor, ys: Tensor, steps: int, rates: InnerRates) -> List[Tensor]:
         params = self._params

@@ -148,16 +148,22 @@ def parse_mlp(model: nn.Module, loss: Union[str, object] = "mse") -> MLPSpec:
 
 
 def mlp_signature(model: nn.Module) -> tuple:
-    """A fingerprint of everything parse_mlp's answer depends on: the model's type and children (identity, type,
-    settings of the activations), each child's parameters (identity, dtype, device, shape), submodules, buffers
-    and hooks, and the global hooks. Equal fingerprints give equal answers; computing one costs a few
-    microseconds, a fraction of parse_mlp."""
+    """A fingerprint of what parse_mlp's answer depends on: the model's type and hooks, the global hooks, each
+    child's identity, type, hooks, submodules, buffers and activation settings, the identity of each child's
+    parameters, and the first parameter's dtype and device (the kernels refuse parameters of mixed dtypes or
+    devices, and shapes that do not chain, by name). Equal fingerprints give equal answers; computing one costs a
+    few microseconds, a fraction of parse_mlp."""
     state = model.__dict__
     parts = [type(model), global_hooks(), module_hooks(model)]
+    first = None
     for child in state["_modules"].values():
         c = child.__dict__
+        params = c["_parameters"]
+        if first is None and params:
+            first = next(iter(params.values()))
         parts.append((id(child), type(child), module_hooks(child), bool(c["_modules"]), bool(c["_buffers"]),
                       c.get("negative_slope"), c.get("alpha"), c.get("approximate"),
-                      *[(key, id(p), p.dtype, p.device, p.shape) for key, p in c["_parameters"].items()
-                        if p is not None]))
+                      *[(key, id(p)) for key, p in params.items()]))
+    if first is not None:
+        parts.append((first.dtype, first.device))
     return tuple(parts)
