@@ -1,6 +1,7 @@
 """Typed wrappers of torch.ops.mamlext.*, and their fake (meta) kernels (their autograd is in C++, csrc/autograd/).
 
-Each op runs its compiled kernel where one serves the tensors' device and its twin in mamlext.reference otherwise.
+Each op runs its compiled kernel where one serves the tensors' device and its twin in mamlext.reference otherwise;
+_implementation is the one rule that decides (the twin, the registered op, or the extension's direct binding).
 """
 import numbers
 from typing import List, Optional, Sequence, Tuple, Union
@@ -12,6 +13,46 @@ from torch.autograd import forward_ad
 from mamlext import _checks, _ext, rates, reference
 from mamlext._mlp_codes import ACTIVATION_NAMES, ACTIVATIONS, DEFAULT_ACT_PARAM, LOSS_NAMES, LOSSES
 from mamlext.rates import Lr, MLPLr
+
+
+# ================================================================================================================
+# Which implementation runs an op: one rule for every wrapper below.
+
+def _compiled(name: str, device: torch.device) -> bool:
+    """Whether this build has a kernel of op `name` for this device (the extension states it, see
+    mamlext._ext.BUILD_INFO: the layer ops have CPU kernels only). A dictionary read, which torch.compile traces."""
+    return device.type in _ext.BUILD_INFO.get("kernels", {}).get(name, ())
+
+
+def _functorch_wrapped(tensors: Sequence[Tensor]) -> bool:
+    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+def _has_tangents(tensors: Sequence[Tensor]) -> bool:
+    """Whether a tensor carries a forward-mode AD tangent (torch.autograd.forward_ad), which the fused layers
+    have no formula for; free when no dual level is entered."""
+    return forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def _implementation(name: str, tensors: Sequence[Tensor], binding: bool = False,
+                    twin_in_transforms: bool = False) -> str:
+    """What runs op `name` on these tensors (the first one's device decides):
+    "twin"     mamlext.reference: no tensor, or no kernel of the op for the device in this build (no extension);
+               and, for the ops whose twins serve them (twin_in_transforms: the MLP layers, a learner's ops), inside
+               torch.func transforms and with forward-mode AD tangents, which the kernels do not serve (the other
+               ops' kernels refuse transforms with advice);
+    "op"       torch.ops.mamlext.<name>: under torch.compile, which traces it through its fake kernel, and eagerly
+               where the op has no direct binding;
+    "binding"  mamlext._C's direct binding of the same dispatcher call, eagerly: torch.ops' argument boxing costs
+               as much as a small op."""
+    first = tensors[0] if tensors else None
+    if not isinstance(first, Tensor) or not _compiled(name, first.device):
+        return "twin"
+    if torch.compiler.is_compiling():
+        return "op"
+    if twin_in_transforms and (_functorch_wrapped(tensors) or _has_tangents(tensors)):
+        return "twin"
+    return "binding" if binding else "op"
 
 
 def task_sgd(params: Sequence[Tensor], grads: Sequence[Tensor], lr: Lr) -> List[Tensor]:
@@ -27,13 +68,13 @@ def task_sgd(params: Sequence[Tensor], grads: Sequence[Tensor], lr: Lr) -> List[
     """
     params, grads = list(params), list(grads)
     lr = rates.task_sgd_rate(lr, len(grads))
-    if not grads or not _ext.has_kernels(grads[0].device.type):  # no tensor, no device to dispatch on
+    runs = _implementation("task_sgd", grads, binding=True)
+    if runs == "twin":
         return reference.task_sgd(params, grads, lr)
-    if torch.compiler.is_compiling():  # the registered op, which the compiler traces through its fake kernel
+    if runs == "op":
         if isinstance(lr, float):
             return torch.ops.mamlext.task_sgd.default(params, grads, lr)
         return torch.ops.mamlext.task_sgd.tensor_lr(params, grads, lr)
-    # Eagerly, the same op through a direct binding: torch.ops' argument boxing costs as much as a small update.
     if isinstance(lr, float):
         return _ext._C.task_sgd(params, grads, lr)
     return _ext._C.task_sgd_tensor_lr(params, grads, lr)
@@ -45,14 +86,9 @@ def _task_sgd_fake(params, grads, lr):
 
 
 def _learner_op(name: str, tensors: Sequence[Tensor], twin):
-    """What runs op `name` (clone_tensors, sgd_update) on these tensors: the registered op under torch.compile (traced
-    through its fake kernel), eagerly its direct binding (torch.ops' argument boxing costs as much as a small model's
-    arithmetic), and the reference twin without the extension or inside torch.func transforms (no batching rules)."""
-    if _ext._C is None:
-        return twin
-    if torch.compiler.is_compiling():
-        return getattr(torch.ops.mamlext, name) if tensors else twin  # empty lists: nothing to trace
-    return twin if _functorch_wrapped(tensors) else getattr(_ext._C, name)
+    """The callable that runs a learner's op (clone_tensors, sgd_update) on these tensors (_implementation)."""
+    runs = _implementation(name, tensors, binding=True, twin_in_transforms=True)
+    return twin if runs == "twin" else getattr(torch.ops.mamlext if runs == "op" else _ext._C, name)
 
 
 def clone_tensors(tensors: Sequence[Tensor]) -> List[Tensor]:
@@ -97,12 +133,6 @@ def _sgd_update_fake(params, grads, lr):
 
 Activation = Union[str, int]
 Loss = Union[str, int]
-
-
-def _compiled(name: str, device: torch.device) -> bool:
-    """Whether this build has a kernel of op `name` for this device (the extension states it, see
-    mamlext._ext.BUILD_INFO: the layer ops have CPU kernels only). A dictionary read, which torch.compile traces."""
-    return device.type in _ext.BUILD_INFO.get("kernels", {}).get(name, ())
 
 
 def _code(op: str, what: str, value, codes: dict, names: dict) -> int:
@@ -175,7 +205,7 @@ def mlp_loss_grad(params: Sequence[Tensor], x: Tensor, y: Tensor, activation: Ac
     """
     act_code, act_param, loss_code = mlp_codes("mlp_loss_grad", activation, act_param, loss)
     params = list(params)
-    if isinstance(x, Tensor) and _compiled("mlp_loss_grad", x.device):  # the kernel checks its arguments
+    if _implementation("mlp_loss_grad", [x]) == "op":  # the kernel checks its arguments
         return torch.ops.mamlext.mlp_loss_grad(params, x, y, act_code, act_param, loss_code)
     with torch.no_grad():
         losses, grads = reference.mlp_loss_grad(params, x, y, act_code, act_param, loss_code)
@@ -189,7 +219,7 @@ def mlp_hvp(params: Sequence[Tensor], vectors: Sequence[Tensor], x: Tensor, y: T
     P tensors ``[T, *S_i]``). Returns P tensors ``[T, *S_i]``. Not differentiable."""
     act_code, act_param, loss_code = mlp_codes("mlp_hvp", activation, act_param, loss)
     params, vectors = list(params), list(vectors)
-    if isinstance(x, Tensor) and _compiled("mlp_hvp", x.device):  # the kernel checks its arguments
+    if _implementation("mlp_hvp", [x]) == "op":  # the kernel checks its arguments
         return torch.ops.mamlext.mlp_hvp(params, vectors, x, y, act_code, act_param, loss_code)
     with torch.no_grad():
         return reference.mlp_hvp(params, vectors, x, y, act_code, act_param, loss_code)
@@ -239,7 +269,7 @@ def mlp_maml(params: Sequence[Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: T
     weights = _mlp_maml_step_weights(step_weights, lrs, params[0].dtype, params[0].device)
     steps = weights.shape[0] if isinstance(weights, Tensor) and weights.dim() == 1 else 1
     lrs = rates.mlp_maml_rates(lrs, params, steps)
-    if isinstance(xs, Tensor) and _compiled("mlp_maml", xs.device):  # the kernel checks its arguments
+    if _implementation("mlp_maml", [xs]) == "op":  # the kernel checks its arguments
         return torch.ops.mamlext.mlp_maml(params, xs, ys, xq, yq, lrs, weights, first_order, act_code, act_param,
                                           loss_code)
     with torch.no_grad():
@@ -255,7 +285,7 @@ def mlp_maml_mean(params: Sequence[Tensor], xs: Tensor, ys: Tensor, xq: Tensor, 
     per parameter, step_weights a tensor, integer codes): BatchedMAML's meta-loss. Eagerly, one binding whose
     autograd node holds the mean's meta-gradient (no mean node, no weighted sum over tasks in the backward);
     otherwise (torch.compile, no kernel for the device) mlp_maml and a mean."""
-    if _compiled("mlp_maml", xs.device) and not torch.compiler.is_compiling():
+    if _implementation("mlp_maml", [xs], binding=True) == "binding":
         return _ext._C.mlp_maml_mean(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param,
                                      loss)
     losses = mlp_maml(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss)[0]
@@ -290,16 +320,6 @@ def _mlp_maml_fake(params, xs, ys, xq, yq, lrs, step_weights, first_order, activ
 # mlp_backward_backward (not differentiable again).
 
 
-def _functorch_wrapped(tensors: Sequence[Tensor]) -> bool:
-    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
-
-
-def _has_tangents(tensors: Sequence[Tensor]) -> bool:
-    """Whether a tensor carries a forward-mode AD tangent (torch.autograd.forward_ad), which the fused layers
-    have no formula for; free when no dual level is entered."""
-    return forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
-
-
 def mlp(params: Sequence[Tensor], x: Tensor, activation: Activation = "relu",
         act_param: Optional[float] = None) -> Tensor:
     """An MLP's output for x [..., in]: params [W_1, b_1, ..., W_L, b_L] (nn.Linear layout, no task dimension),
@@ -316,10 +336,10 @@ def mlp(params: Sequence[Tensor], x: Tensor, activation: Activation = "relu",
     if not isinstance(x, Tensor) or x.dim() < 1:  # the rows below need a last dimension
         raise ValueError(f"mlp: x must be a tensor [..., in], got {list(x.shape) if isinstance(x, Tensor) else x!r}")
     rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    compiled = _compiled("mlp_forward", x.device)  # the kernel checks the arguments
-    if compiled and torch.compiler.is_compiling():  # the registered op, which the compiler traces through its fake
+    runs = _implementation("mlp_forward", [x, *params], binding=True, twin_in_transforms=True)
+    if runs == "op":  # the kernel checks the arguments
         out = torch.ops.mamlext.mlp_forward(params, rows, act_code, act_param)[0]
-    elif compiled and not _functorch_wrapped([x, *params]) and not _has_tangents([x, *params]):  # eagerly, directly
+    elif runs == "binding":
         out = _ext._C.mlp_forward(params, rows, act_code, act_param)[0]
     else:
         _check_mlp_layers(params, x)
@@ -382,7 +402,7 @@ def maml_reverse_step(v: Sequence[Tensor], hv: Sequence[Tensor], grads: Sequence
     Returns ``(v_next, lr_grads)``: v_next P tensors ``[T, *S_i]`` (``[S_i]`` when sum_tasks); lr_grads P tensors
     ``[S_i]``, ``-sum_t g_t * v_t`` (per-element d meta-loss / d alpha_k; sum it for one rate per tensor), or empty.
     """
-    if isinstance(v, (list, tuple)) and v and isinstance(v[0], Tensor) and _compiled("maml_reverse_step", v[0].device):
+    if isinstance(v, (list, tuple)) and _implementation("maml_reverse_step", v) == "op":
         v_next, lr_grads = torch.ops.mamlext.maml_reverse_step(v, hv, grads, sum_tasks)  # the kernel checks them
         return list(v_next), list(lr_grads)
     return reference.maml_reverse_step(v, hv, grads, sum_tasks)
