@@ -159,13 +159,14 @@ def mlp_codes(op: str, activation: Activation, act_param: Optional[float], loss:
 
 
 class _TaskGradients(torch.autograd.Function):
-    """Per-task losses [T] whose gradients are given: d inputs[i] = sum_t go_t grads[i][t] for an input shared by
-    the tasks (grads[i] is [T, *input.shape]), go_t grads[i][t] for a per-task input (of grads[i]'s shape)."""
+    """Losses whose gradients are given: d inputs[i] = sum_t go_t grads[i][t] for losses [T] and an input shared by
+    the tasks (grads[i] is [T, *input.shape]); go_t grads[i][t] for a per-task input, or go grads[i] for a scalar
+    loss (grads[i] of the input's shape)."""
 
     @staticmethod
     def forward(ctx, losses: Tensor, n: int, *inputs_and_grads: Tensor) -> Tensor:
         ctx.n = n
-        ctx.per_task = [t.shape == g.shape for t, g in zip(inputs_and_grads[:n], inputs_and_grads[n:])]
+        ctx.elementwise = [t.shape == g.shape for t, g in zip(inputs_and_grads[:n], inputs_and_grads[n:])]
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(*inputs_and_grads[n:])
         return losses.clone()
@@ -175,15 +176,20 @@ class _TaskGradients(torch.autograd.Function):
     def backward(ctx, go):
         if go is None:
             return (None,) * (2 + 2 * ctx.n)
-        grads = [go.reshape(-1, *([1] * (g.dim() - 1))) * g if per_task else torch.tensordot(go, g, dims=([0], [0]))
-                 for g, per_task in zip(ctx.saved_tensors, ctx.per_task)]
+        grads = []
+        for g, elementwise in zip(ctx.saved_tensors, ctx.elementwise):
+            if not elementwise:
+                grads.append(torch.tensordot(go, g, dims=([0], [0])))
+            else:
+                grads.append((go if go.dim() == 0 else go.reshape(-1, *([1] * (g.dim() - 1)))) * g)
         return (None, None, *grads, *([None] * ctx.n))
 
 
 def with_task_gradients(losses: Tensor, inputs: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
-    """losses [T] (computed without a graph) made differentiable w.r.t. inputs with the given per-task gradients
-    grads[i] [T, *S_i]: the autograd formula of every op whose kernel returns its own gradients (the reference
-    twins of mlp_loss_grad and mlp_maml, iMAML's implicit meta-gradient). Not differentiable twice."""
+    """losses (computed without a graph) made differentiable w.r.t. inputs with the given gradients: per-task
+    losses [T] with grads[i] [T, *S_i], or a scalar loss with grads[i] shaped like inputs[i]. The autograd formula
+    of everything whose kernel returns its own gradients (the reference twins of mlp_loss_grad and mlp_maml,
+    iMAML's implicit meta-gradient, the generic engine's memory="low" recursion). Not differentiable twice."""
     inputs = list(inputs)
     return _TaskGradients.apply(losses, len(inputs), *inputs, *grads)
 

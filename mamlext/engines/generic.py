@@ -416,9 +416,25 @@ class GenericEngine:
         params = self.params()
         learnable = rates.learnable(params)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*params, *learnable))
-        mean, task_losses = _LowMemoryMAML.apply(self, xs, ys, xq, yq, steps, rates, step_weights, first_order,
-                                                 needs_grad, task_chunk, len(params), *params, *learnable)
-        return mean, task_losses
+        tasks = xs.shape[0]
+        weights = [None] * (steps - 1) + [1.0] if step_weights is None else list(step_weights.unbind())
+        chunk = tasks if task_chunk is None else task_chunk
+        losses, meta_grads, lr_grads = [], None, None
+        with torch.no_grad():  # only the meta-gradients are kept: constant in the number of steps and tasks
+            for begin in range(0, tasks, chunk):
+                part = slice(begin, begin + chunk)
+                chunk_losses, chunk_meta, chunk_lr = _low_memory_tasks(
+                    self, xs[part], ys[part], xq[part], yq[part], steps, rates, weights, first_order, needs_grad,
+                    params, learnable, tasks)
+                losses.append(chunk_losses)
+                if needs_grad:
+                    meta_grads = chunk_meta if meta_grads is None else [a + b for a, b in zip(meta_grads, chunk_meta)]
+                    lr_grads = chunk_lr if lr_grads is None else [a + b for a, b in zip(lr_grads, chunk_lr)]
+            task_losses = torch.cat(losses)
+            mean = task_losses.mean()
+        if not needs_grad:
+            return mean, task_losses
+        return ops.with_task_gradients(mean, [*params, *learnable], [*meta_grads, *lr_grads]), task_losses
 
 
 def load_forward_mode_rules() -> None:
@@ -484,42 +500,3 @@ def _low_memory_tasks(engine: GenericEngine, xs, ys, xq, yq, steps, rates: Inner
         if step > 0 and weights[step - 1] is not None:
             v = [vi + qi for vi, qi in zip(v, query_term(theta_k, weights[step - 1])[0])]
     return task_losses, v, lr_grads
-
-
-class _LowMemoryMAML(torch.autograd.Function):
-    """memory="low": forward runs the inner loop and, when a gradient is wanted, the reverse recursion, over chunks
-    of task_chunk tasks (all at once when None); it saves only the meta-gradients (constant in the number of steps
-    and tasks); backward scales them by the incoming gradient."""
-
-    @staticmethod
-    def forward(ctx, engine: GenericEngine, xs, ys, xq, yq, steps, rates, step_weights, first_order, needs_grad,
-                task_chunk, n_params, *params_rates):
-        params, learnable = list(params_rates[:n_params]), list(params_rates[n_params:])
-        tasks = xs.shape[0]
-        weights = [None] * (steps - 1) + [1.0] if step_weights is None else list(step_weights.unbind())
-        chunk = tasks if task_chunk is None else task_chunk
-        losses, meta_grads, lr_grads = [], None, None
-        for begin in range(0, tasks, chunk):
-            part = slice(begin, begin + chunk)
-            chunk_losses, chunk_meta, chunk_lr = _low_memory_tasks(
-                engine, xs[part], ys[part], xq[part], yq[part], steps, rates, weights, first_order,
-                needs_grad, params, learnable, tasks)
-            losses.append(chunk_losses)
-            if needs_grad:
-                meta_grads = chunk_meta if meta_grads is None else [a + b for a, b in zip(meta_grads, chunk_meta)]
-                lr_grads = chunk_lr if lr_grads is None else [a + b for a, b in zip(lr_grads, chunk_lr)]
-        task_losses = torch.cat(losses)
-        ctx.mark_non_differentiable(task_losses)
-        if needs_grad:
-            ctx.save_for_backward(*meta_grads, *lr_grads)
-        return task_losses.mean(), task_losses
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_mean, grad_task_losses):
-        saved = ctx.saved_tensors
-        if not saved:
-            raise RuntimeError("memory='low': the meta-gradient was not computed because no parameter required a "
-                               "gradient (or grad mode was off) when meta_loss ran")
-        scaled = [grad_mean * t for t in saved]
-        return (None,) * 12 + tuple(scaled)
