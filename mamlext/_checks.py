@@ -228,8 +228,9 @@ def check_mlp_maml(params: Sequence[Tensor], xs: Tensor, ys: Tensor, xq: Tensor,
     if step_weights.numel() < 1:
         raise ValueError(f"{op}: step_weights must hold one weight per inner step (N >= 1), got shape "
                          f"{_shape(step_weights)}")
-    if not step_weights.dtype.is_floating_point:
-        raise ValueError(f"{op}: step_weights must be a floating-point tensor, got {step_weights.dtype}")
+    if step_weights.dtype not in _DTYPES:  # not is_floating_point: that admits float8, which no kernel computes in
+        raise ValueError(f"{op}: step_weights must be a floating-point tensor (float64, float32, float16 or "
+                         f"bfloat16), got {step_weights.dtype}")
     if step_weights.device != device:
         raise ValueError(f"{op}: step_weights is on {step_weights.device} but params[0] is on {device}")
     steps = step_weights.numel()  # any shape: its elements in order (as the compiled op)
@@ -276,8 +277,9 @@ def check_maml_reverse_step(v: Sequence[Tensor], hv: Sequence[Tensor], grads: Se
     if v[0].dim() < 1:
         raise ValueError(f"{op}: v[0] must be [T, *S_0] with a leading task dimension, got shape {_shape(v[0])}")
     tasks, device, dtype = v[0].shape[0], v[0].device, v[0].dtype
-    if not dtype.is_floating_point:
-        raise ValueError(f"{op}: v[0] must be a floating-point tensor, got {dtype}")
+    if dtype not in _DTYPES:
+        raise ValueError(f"{op}: v[0] must be a floating-point tensor (float64, float32, float16 or bfloat16), "
+                         f"got {dtype}")
     for i in range(len(v)):
         if v[i].dim() < 1 or v[i].shape[0] != tasks:
             raise ValueError(f"{op}: v[{i}] must be [T, *S_{i}] with T = {tasks} (from v[0]), got shape {_shape(v[i])}")

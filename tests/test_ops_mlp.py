@@ -742,3 +742,24 @@ def test_mlp_maml_mean_is_the_mean_of_mlp_maml(device, first_order, frozen):
     if compiled_op("mlp_maml"):
         with pytest.raises(RuntimeError, match="not differentiable"):
             torch.autograd.grad(ops.mlp_maml_mean(*args)[0], wrt, create_graph=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_is_refused_by_name(device, dtype):
+    """float8 is a floating-point dtype to PyTorch but no kernel computes in it: each op names the argument and the
+    dtypes it takes (ValueError), instead of a NotImplementedError from its dispatch."""
+    eight = torch.zeros(2, 3, device=device).to(dtype)
+    params = [p.to(device) for p in make_params([3, 2], 1, torch.float32, "cpu", torch.Generator().manual_seed(0))]
+    x, y = make_data([3, 2], 1, 4, "mse", torch.float32, device, torch.Generator().manual_seed(1))
+    calls = {
+        "task_sgd": (lambda: ops.task_sgd([eight[0]], [eight], 0.1), r"grads\[0\] must be float64"),
+        "sgd_update": (lambda: ops.sgd_update([eight], [eight], 0.1), r"params\[0\] must be a floating-point tensor"),
+        "maml_reverse_step": (lambda: ops.maml_reverse_step([eight], [eight]), r"v\[0\] must be a floating-point"),
+        "mlp_maml": (lambda: ops.mlp_maml(params, x, y, x, y, [torch.full((1,), 0.1, device=device)] * 2,
+                                          torch.ones(1, device=device).to(dtype)),
+                     "step_weights must be a floating-point tensor"),
+    }
+    for name, (call, message) in calls.items():
+        with pytest.raises(ValueError, match=message):
+            call()

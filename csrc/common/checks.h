@@ -11,6 +11,12 @@
 
 namespace mamlext {
 
+// The floating-point dtypes the kernels compute in. Listed, not at::isFloatingType: that also admits the float8
+// and float4 types, which the kernels' dispatch would refuse with a NotImplementedError instead of this message.
+inline bool is_kernel_float(at::ScalarType t) {
+  return t == at::kDouble || t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
 // Checks params/grads of task_sgd and returns T, the number of tasks (0 when the lists are empty).
 inline int64_t check_task_sgd_tensors(at::TensorList params, at::TensorList grads) {
   TORCH_CHECK_VALUE(params.size() == grads.size(), "task_sgd: params and grads must have the same length, got ",
@@ -21,8 +27,8 @@ inline int64_t check_task_sgd_tensors(at::TensorList params, at::TensorList grad
   const int64_t tasks = grads[0].size(0);
   const auto device = grads[0].device();
   const auto dtype = grads[0].scalar_type();
-  TORCH_CHECK_VALUE(dtype == at::kDouble || dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-              "task_sgd: grads[0] must be float64, float32, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK_VALUE(is_kernel_float(dtype), "task_sgd: grads[0] must be float64, float32, float16 or bfloat16, got ",
+                    dtype);
   for (size_t i = 0; i < grads.size(); ++i) {
     const auto& g = grads[i];
     const auto& p = params[i];
@@ -79,8 +85,8 @@ inline void check_sgd_update(at::TensorList params, at::TensorList grads, double
                 ", got ", g.sizes());
     TORCH_CHECK_VALUE(g.scalar_type() == p.scalar_type() && g.device() == p.device(), "sgd_update: grads[", i, "] is ",
                 g.scalar_type(), " on ", g.device(), " but params[", i, "] is ", p.scalar_type(), " on ", p.device());
-    TORCH_CHECK_VALUE(at::isFloatingType(p.scalar_type()), "sgd_update: params[", i,
-                      "] must be a floating-point tensor, got ", p.scalar_type());
+    TORCH_CHECK_VALUE(is_kernel_float(p.scalar_type()), "sgd_update: params[", i,
+                      "] must be a floating-point tensor (float64, float32, float16 or bfloat16), got ", p.scalar_type());
   }
 }
 

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <vector>
 
+#include "common/checks.h"
 #include "common/mlp_passes.h"
 
 namespace mamlext {
@@ -226,8 +227,9 @@ inline MlpMamlCall check_mlp_maml(const char* op, at::TensorList params, const a
   check_mlp_target(op, yq, "yq", xq, "xq", c, params);
   TORCH_CHECK_VALUE(step_weights.device() == params[0].device(), op, ": step_weights is on ", step_weights.device(),
               " but params[0] is on ", params[0].device());
-  TORCH_CHECK_VALUE(at::isFloatingType(step_weights.scalar_type()), op, ": step_weights must be a floating-point tensor, got ",
-              step_weights.scalar_type());
+  TORCH_CHECK_VALUE(is_kernel_float(step_weights.scalar_type()), op,
+                    ": step_weights must be a floating-point tensor (float64, float32, float16 or bfloat16), got ",
+                    step_weights.scalar_type());
   m.steps = step_weights.numel();
   TORCH_CHECK_VALUE(m.steps >= 1, op, ": step_weights must hold one weight per inner step (N >= 1), got shape ",
               step_weights.sizes());

@@ -6,6 +6,7 @@
 
 #include <vector>
 
+#include "common/checks.h"
 #include "common/reverse_math.h"
 
 namespace mamlext {
@@ -43,7 +44,8 @@ inline ReverseStepPlan plan_reverse_step(at::TensorList v, at::TensorList hv, at
   plan.tasks = v[0].size(0);
   plan.dtype = v[0].scalar_type();
   const auto device = v[0].device();
-  TORCH_CHECK_VALUE(at::isFloatingType(plan.dtype), op, ": v[0] must be a floating-point tensor, got ", plan.dtype);
+  TORCH_CHECK_VALUE(is_kernel_float(plan.dtype), op, ": v[0] must be a floating-point tensor (float64, float32, float16 or bfloat16), got ",
+                    plan.dtype);
   for (size_t i = 0; i < v.size(); ++i) {
     auto check_like = [&](const at::Tensor& t, const char* name) {
       TORCH_CHECK_VALUE(t.device() == device, op, ": ", name, "[", i, "] is on ", t.device(), " but v[0] is on ", device);
