@@ -34,6 +34,17 @@ MamlOutputs call_below_autograd(at::TensorList params, const at::Tensor& xs, con
   return op.call(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss);
 }
 
+// Whether a call would record a gradient: grad mode on and a parameter or rate requiring grad.
+bool records_grad(at::TensorList params, at::TensorList lrs) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const auto list : {params, lrs}) {
+    for (const auto& t : list) {
+      if (t.requires_grad()) return true;
+    }
+  }
+  return false;
+}
+
 class MlpMamlFunction : public torch::autograd::Function<MlpMamlFunction> {
  public:
   // Returns [query_losses, meta_grads..., lr_grads...].
@@ -75,14 +86,8 @@ class MlpMamlFunction : public torch::autograd::Function<MlpMamlFunction> {
 MamlOutputs mlp_maml_autograd(at::TensorList params, const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq,
                               const at::Tensor& yq, at::TensorList lrs, const at::Tensor& step_weights,
                               bool first_order, int64_t activation, double act_param, int64_t loss) {
-  bool records_grad = false;
-  if (at::GradMode::is_enabled()) {
-    for (const auto* list : {&params, &lrs}) {
-      for (const auto& t : *list) records_grad = records_grad || t.requires_grad();
-    }
-  }
   // Without a gradient to record, skip building the autograd node.
-  if (!records_grad) {
+  if (!records_grad(params, lrs)) {
     return call_below_autograd(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss);
   }
   const variable_list out =
@@ -138,13 +143,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_maml_mean(const std::vector<at::Tensor>& 
                                                  const std::vector<at::Tensor>& lrs, const at::Tensor& step_weights,
                                                  bool first_order, int64_t activation, double act_param,
                                                  int64_t loss) {
-  bool records_grad = false;
-  if (at::GradMode::is_enabled()) {
-    for (const auto* list : {&params, &lrs}) {
-      for (const auto& t : *list) records_grad = records_grad || t.requires_grad();
-    }
-  }
-  if (!records_grad) {
+  if (!records_grad(params, lrs)) {
     const auto losses = std::get<0>(
         call_below_autograd(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss));
     return {task_mean(losses), losses};
