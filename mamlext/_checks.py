@@ -21,8 +21,10 @@ def check_class_indices(where: str, y_name: str, y: Tensor, classes: int) -> Non
         return
     low, high = int(y.min()), int(y.max())
     if low < 0 or high >= classes:
+        on_device = "; checked on the host before the launch: inside a CUDA kernel a bad index is a device-side " \
+            "assert that ends the process's CUDA context" if y.is_cuda else ""
         raise ValueError(f"{where}: {y_name} holds the class index {low if low < 0 else high}, outside "
-                         f"[0, {classes}) (the model has {classes} outputs)")
+                         f"[0, {classes}) (the model has {classes} outputs{on_device})")
 
 
 def check_task_sgd(params: Sequence[Tensor], grads: Sequence[Tensor], lr: Lr) -> None:

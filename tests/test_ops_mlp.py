@@ -763,3 +763,36 @@ def test_float8_is_refused_by_name(device, dtype):
     for name, (call, message) in calls.items():
         with pytest.raises(ValueError, match=message):
             call()
+
+
+_BAD_LABEL_ON_CUDA = """
+import torch
+import mamlext
+params = [torch.randn(2, 3, device="cuda"), torch.zeros(2, device="cuda")]
+x = torch.randn(1, 4, 3, device="cuda")
+y = torch.full((1, 4), 5, device="cuda")
+model = torch.nn.Sequential(torch.nn.Linear(3, 2)).cuda()
+try:
+    mamlext.BatchedMAML(model, loss="ce").meta_loss(x, y, x, y)
+except ValueError as error:
+    print("refused:", error)
+torch.cuda.synchronize()
+print("context usable:", float(torch.ones(1, device="cuda").sum()))
+mamlext.ops.mlp_loss_grad(params, x, y, "relu", None, "ce")
+torch.cuda.synchronize()
+print("not reached")
+"""
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU visible")
+def test_a_bad_class_index_on_cuda_is_refused_before_the_launch_and_asserts_inside_the_op():
+    """In a subprocess (a device-side assert ends the process's CUDA context, as with PyTorch's cross_entropy):
+    BatchedMAML checks the labels on the host and says so; the op itself, called directly, asserts in the kernel."""
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-c", _BAD_LABEL_ON_CUDA], capture_output=True, text=True, timeout=120)
+    assert "refused:" in result.stdout and "checked on the host before the launch" in result.stdout, result.stdout
+    assert "context usable: 1.0" in result.stdout, result.stdout + result.stderr
+    assert "not reached" not in result.stdout and result.returncode != 0
+    assert "device-side assert" in result.stderr, result.stderr[-2000:]
