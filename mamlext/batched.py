@@ -143,16 +143,15 @@ class TaskBatchedAlgorithm(nn.Module):
             return engine.predict(adapted, x)
 
 
+def _refuse_setting(owner: str, name: str, value) -> None:
+    raise AttributeError(f"{owner}.{name} is fixed when it is built (its rates, step weights and engine follow from "
+                         f"it); build a new {owner}(..., {name}={value!r}) instead")
+
+
 def _fixed_setting(name: str) -> property:
     """A setting fixed at construction (other state is built from it): reading it is free, assigning it says so."""
-
-    def read(self):
-        return self.__dict__["_" + name]
-
-    def refuse(self, value):
-        raise AttributeError(f"{self._owner}.{name} is fixed when it is built (its rates, step weights and engine "
-                             f"follow from it); build a new {self._owner}(..., {name}={value!r}) instead")
-    return property(read, refuse)
+    return property(lambda self: self.__dict__["_" + name],
+                    lambda self, value: _refuse_setting(self._owner, name, value))
 
 
 class BatchedMAML(TaskBatchedAlgorithm):
@@ -247,7 +246,7 @@ class BatchedMAML(TaskBatchedAlgorithm):
 
     @lr_mode.setter
     def lr_mode(self, mode: str) -> None:
-        _fixed_setting("lr_mode").fset(self, mode)
+        _refuse_setting(self._owner, "lr_mode", mode)
 
     # --- MAML ----------------------------------------------------------------------------------------------------
 

@@ -104,8 +104,10 @@ class MAML(nn.Module):
         self.allow_unused = allow_nograd if allow_unused is None else allow_unused
         # A model the fused MLP engine serves runs as one fused op with analytic first and second derivatives;
         # re-derived by clone() and forward() when the model changed (mlp_signature).
-        self._fused: Optional[FusedLayers] = fused_layers(model)
-        self._signature: Optional[tuple] = mlp_signature(model)
+        # (A learner's _signature is None: it keeps what clone() derived.)
+        self._fused: Optional[FusedLayers] = None
+        self._signature: Optional[tuple] = ()
+        self._refresh_fused()
 
     def _refresh_fused(self) -> None:
         """Re-derives _fused when the module changed since it was derived (a layer replaced or added, a dtype
@@ -125,7 +127,7 @@ class MAML(nn.Module):
             return getattr(modules["module"], name)
 
     def forward(self, *args, **kwargs):
-        if self._signature is not None:  # a learner keeps what clone() derived from the model
+        if self._signature is not None:
             self._refresh_fused()
         if self._fused is not None and len(args) == 1 and not kwargs and isinstance(args[0], Tensor):
             out = run_fused(self.module, self._fused, args[0])

@@ -58,7 +58,7 @@ class ANIL(nn.Module):
             shape = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"ANIL: {name} must be [T, K, *input shape] with T, K >= 1, got {shape}")
         with self._backbone.guard():
-            self._backbone.validate("features", x, None)
+            self._backbone.validate("ANIL.features", x, None)
             return self._backbone.forward_tasks(x)
 
     def meta_loss(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Tensor:

@@ -247,7 +247,7 @@ class GenericEngine:
         if self.loss == "mse" and y.dtype != like.dtype:
             raise ValueError(f"{where}: {y_name} has dtype {y.dtype} but the model's parameters are {like.dtype} "
                              "(loss 'mse')")
-        out_shape = self.validate(where.rpartition(".")[2], x, y)
+        out_shape = self.validate(where, x, y)
         if self.loss == "mse" and tuple(y.shape[1:]) != out_shape:
             raise ValueError(f"{where}: {y_name} must be shaped like the model's output for loss 'mse', "
                              f"[T, *output shape] = {[tasks, *out_shape]} ({x_name} is {list(x.shape)}), got "
@@ -294,10 +294,11 @@ class GenericEngine:
 
     # --- the first call of each input signature: can the model be batched, does it keep its buffers -------------
 
-    def validate(self, method: str, x: Tensor, y: Optional[Tensor]) -> Optional[Tuple[int, ...]]:
+    def validate(self, where: str, x: Tensor, y: Optional[Tensor]) -> Optional[Tuple[int, ...]]:
         """Runs one task through the model as the engine will (vmap over tasks) with the module tracker; returns
         the shape of one task's output, [K, ...] (None for an output that is not a tensor, which only a loss
-        callable can take). Names the module when a forward fails or changes a buffer."""
+        callable can take). Names the module when a forward fails or changes a buffer; `where` ("Owner.method")
+        prefixes the errors about the call's inputs."""
         signature = (tuple(x.shape[1:]), x.dtype, x.device)
         if signature in self._validated:
             return self.output_shapes[signature]
@@ -319,7 +320,7 @@ class GenericEngine:
         if isinstance(out, Tensor):
             if out.dim() < 2:
                 raise RuntimeError(f"{self.owner}(generic engine): the model's output per task must be [K, ...] with "
-                                   f"one row per example, got shape {list(out.shape[1:])} for {method}'s input "
+                                   f"one row per example, got shape {list(out.shape[1:])} for {where}'s input "
                                    f"{list(x.shape[1:])}")
             shape: Optional[Tuple[int, ...]] = tuple(out.shape[1:])
         elif self.custom_loss:  # a tuple, a dict...: the loss callable takes it as it is
@@ -334,7 +335,7 @@ class GenericEngine:
             if not isinstance(value, Tensor) or value.dim() != 0 or not value.is_floating_point():
                 got = f"a tensor of shape {list(value.shape)} and dtype {value.dtype}" if isinstance(value, Tensor) \
                     else type(value).__name__
-                raise ValueError(f"{self.owner}.{method}: the loss callable must return one task's mean loss as a "
+                raise ValueError(f"{where}: the loss callable must return one task's mean loss as a "
                                  f"floating-point scalar (a 0-dimensional tensor), got {got}")
         self._validated.add(signature)
         self.output_shapes[signature] = shape
