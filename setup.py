@@ -111,6 +111,8 @@ setup(
     packages=find_packages(include=["mamlext", "mamlext.*"]),
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy"],
+    # gymnasium environments for meta-RL (mamlext.rl.gym: any gymnasium env, the MuJoCo HalfCheetah tasks)
+    extras_require={"rl": ["gymnasium[mujoco]>=1.1"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,

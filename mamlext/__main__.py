@@ -59,18 +59,19 @@ def _name_list(text: str):
 _TRAIN_OPTIONS = ("algo", "first_order", "iterations", "meta_batch", "shots", "query", "inner_lr", "inner_steps",
                   "test_steps", "meta_lr", "hidden", "seed", "dtype", "device", "checkpoint_every", "log_every",
                   "eval_tasks", "eval_seed", "eval_shots", "eval_steps", "eval_query", "plot_tasks", "data", "ways",
-                  "train_alphabets", "test_alphabets", "cache_dir")
+                  "train_alphabets", "test_alphabets", "cache_dir", "episodes", "max_kl", "eval_episodes")
 
 
 def _add_train_parser(commands) -> argparse.ArgumentParser:
     from mamlext.train import ALGOS, DEFAULT_SINE_ITERATIONS, DTYPES, TASKS
 
     train = commands.add_parser(
-        "train", help="meta-train: sine (Finn et al.'s sinusoids, the default main job) or omniglot",
+        "train", help="meta-train: sine (Finn et al.'s sinusoids, the default main job), omniglot, or nav "
+                      "(2D navigation by MAML-TRPO)",
         description="Meta-train a model, then evaluate it on new tasks. Every option defaults to the paper's setting "
                     "for the task (Finn et al. 2017); a run directory gets config.json, metrics.jsonl and "
                     "checkpoint.pt. Examples:  python -m mamlext train sine;  python -m mamlext train omniglot "
-                    "--data DIR --ways 5 --shots 1;  python -m mamlext train --resume runs/sine-...;  on P processes "
+                    "--data DIR --ways 5 --shots 1;  python -m mamlext train nav;  python -m mamlext train --resume runs/sine-...;  on P processes "
                     "or GPUs: torchrun --nproc_per_node=P -m mamlext train sine (each takes a share of every "
                     "meta-batch)")
     train.add_argument("task", nargs="?", choices=TASKS, help="the task family (not needed with --resume)")
@@ -88,11 +89,15 @@ def _add_train_parser(commands) -> argparse.ArgumentParser:
     g.add_argument("--inner-steps", type=int, help="inner SGD steps in meta-training (sine 1; omniglot 5-way 1, "
                    "20-way 5)")
     g.add_argument("--meta-lr", type=float, help="Adam's learning rate (1e-3)")
-    g.add_argument("--hidden", type=int, help="hidden width (sine 40) or conv filters (omniglot 64)")
+    g.add_argument("--hidden", type=int, help="hidden width (sine 40, nav 100) or conv filters (omniglot 64)")
+    g = train.add_argument_group("nav (MAML-TRPO)")
+    g.add_argument("--episodes", type=int, help="episodes per task and meta-iteration (20)")
+    g.add_argument("--max-kl", type=float, help="TRPO's trust region: the largest mean KL of a meta-update (0.01)")
+    g.add_argument("--eval-episodes", type=int, help="episodes per goal and gradient step at evaluation (40)")
     g = train.add_argument_group("omniglot")
     g.add_argument("--data", help="folder (or archive) with images_background*.zip / images_evaluation*.zip")
     g.add_argument("--ways", type=int, help="N classes per task (5)")
-    g.add_argument("--test-steps", type=int, help="inner steps at test time (5-way 3, 20-way 5)")
+    g.add_argument("--test-steps", type=int, help="inner steps at test time (omniglot 5-way 3, 20-way 5; nav 3)")
     g.add_argument("--train-alphabets", type=_name_list, help="comma-separated alphabets to train on (default: "
                    "the data's train split)")
     g.add_argument("--test-alphabets", type=_name_list, help="comma-separated alphabets to test on, none of them "
@@ -100,12 +105,13 @@ def _add_train_parser(commands) -> argparse.ArgumentParser:
     g.add_argument("--cache-dir", help="where the decoded images are cached (default: beside the data, or "
                    "~/.cache/mamlext)")
     g = train.add_argument_group("evaluation")
-    g.add_argument("--eval-tasks", type=int, help="new tasks to evaluate on after training (600)")
+    g.add_argument("--eval-tasks", type=int, help="new tasks to evaluate on after training (600; nav 40 goals)")
     g.add_argument("--eval-seed", type=int, help="seed of the evaluation tasks (default: --seed + 1000003)")
     g.add_argument("--eval-shots", type=_int_list, help="sine: K values to evaluate, comma-separated (5,10,20)")
     g.add_argument("--eval-steps", type=_int_list, help="sine: inner step counts to evaluate (1,5,10)")
     g.add_argument("--eval-query", type=int, help="sine: query points per evaluation task (100)")
-    g.add_argument("--plot-tasks", type=int, help="sine: tasks in the PNG of adapted curves (4; 0: no plot)")
+    g.add_argument("--plot-tasks", type=int, help="sine: tasks in the PNG of adapted curves (4), nav: goals in the "
+                   "PNG of adapted trajectories (2); 0: no plot")
     g.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     g = train.add_argument_group("run")
     g.add_argument("--seed", type=int, help="seed of the model's initialisation and the task sampler (0)")
@@ -155,7 +161,7 @@ def _train(parser, args) -> int:
                                evaluate=not args.no_eval)
         else:
             if args.task is None:
-                parser.error("train needs a task (sine or omniglot), or --resume RUN_DIR")
+                parser.error("train needs a task (sine, omniglot or nav), or --resume RUN_DIR")
             config = train_module.make_config(args.task, **options)
             train_module.train(config, out=args.out, progress=not args.no_progress, evaluate=not args.no_eval)
     except PeerLost as error:  # under torchrun: another process died or stopped answering

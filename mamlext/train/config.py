@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-TASKS = ("sine", "omniglot")
+TASKS = ("sine", "omniglot", "nav")
 # The algorithms `train` drives (ANIL, iMAML and Reptile are classes to use in one's own loop, see README).
 ALGOS = ("maml", "fomaml", "metasgd")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -17,7 +17,8 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # Which --algo each task's engine drives. The sinusoid MLP runs on BatchedMAML's fused engine (Meta-SGD is its
 # lr_mode="per_param"); the conv net runs on mamlext.MAML one task at a time (faster on a CPU than the generic
 # engine).
-SUPPORTED_ALGOS = {"sine": ("maml", "fomaml", "metasgd"), "omniglot": ("maml", "fomaml")}
+SUPPORTED_ALGOS = {"sine": ("maml", "fomaml", "metasgd"), "omniglot": ("maml", "fomaml"),
+                   "nav": ("maml", "fomaml", "metasgd")}
 
 # Finn et al. 2017: sinusoid regression (section 5.1): 1-40-40-1 ReLU, K=10 support + 10 query, one inner step,
 # Adam 1e-3, meta-batch 25, 70,000 meta-iterations (the command in the README of the paper's code, cbfinn/maml).
@@ -41,6 +42,15 @@ OMNIGLOT_DEFAULTS: Dict[str, Any] = dict(
 OMNIGLOT_BY_WAYS = {5: dict(inner_lr=0.4, inner_steps=1, meta_batch=32, test_steps=3),
                     20: dict(inner_lr=0.1, inner_steps=5, meta_batch=16, test_steps=5)}
 
+# Finn et al. 2017, section 5.3, 2D navigation (the paper's code, cbfinn/maml_rl maml_trpo_point.py): a 2-100-100-2
+# ReLU Gaussian policy, 20 episodes of 100 steps per task, meta-batch 20, one policy-gradient step with alpha = 0.5,
+# TRPO with max KL 0.01, gamma 0.99, GAE lambda 1 on rllab's linear feature baseline; at test 40 goals, 40 episodes
+# per gradient step, 3 steps (alpha, then alpha / 2).
+NAV_DEFAULTS: Dict[str, Any] = dict(
+    task="nav", algo="maml", first_order=False, iterations=100, meta_batch=20, episodes=20, horizon=100,
+    inner_lr=0.5, hidden=100, gamma=0.99, gae_lambda=1.0, max_kl=0.01, seed=0, dtype="float32", device=None,
+    checkpoint_every=10, log_every=1, eval_tasks=40, eval_episodes=40, test_steps=3, eval_seed=None, plot_tasks=2)
+
 # What may change when a run is resumed (everything else must stay as saved, or the run would not continue exactly).
 RESUME_OVERRIDABLE = ("iterations", "checkpoint_every", "log_every", "device", "eval_tasks", "eval_seed",
                       "plot_tasks")
@@ -59,6 +69,8 @@ def default_config(task: str, ways: Optional[int] = None) -> Dict[str, Any]:
         raise ConfigError(f"unknown task {task!r}; the tasks are {', '.join(TASKS)}")
     if task == "sine":
         return copy.deepcopy(SINE_DEFAULTS)
+    if task == "nav":
+        return copy.deepcopy(NAV_DEFAULTS)
     config = copy.deepcopy(OMNIGLOT_DEFAULTS)
     ways = config["ways"] if ways is None else ways
     config.update(OMNIGLOT_BY_WAYS.get(ways, OMNIGLOT_BY_WAYS[5 if ways < 20 else 20]))
@@ -115,13 +127,15 @@ def check_config(config: Dict[str, Any]) -> None:
     if config["algo"] == "maml" and config["first_order"]:
         config["algo"] = "fomaml"
     for name in ("iterations", "meta_batch", "shots", "query", "inner_steps", "hidden", "checkpoint_every",
-                 "log_every", "eval_tasks"):
-        _int(config, name)
+                 "log_every", "eval_tasks", "episodes", "horizon", "eval_episodes"):
+        if name in config:  # each task's defaults say which options it has
+            _int(config, name)
     _int(config, "seed", 0, SEED_RANGE[1])
     if config.get("eval_seed") is not None:
         _int(config, "eval_seed", *SEED_RANGE)
-    for name in ("inner_lr", "meta_lr"):
-        _positive(config, name)
+    for name in ("inner_lr", "meta_lr", "max_kl"):
+        if name in config:
+            _positive(config, name)
     if config["dtype"] not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {config['dtype']!r}")
     if config["device"] is not None:
@@ -135,6 +149,13 @@ def check_config(config: Dict[str, Any]) -> None:
                                   f"(>= {1 if name == 'eval_shots' else 0}), got {values!r}")
         _int(config, "eval_query")
         _int(config, "plot_tasks", low=0)
+    elif task == "nav":
+        _int(config, "test_steps", low=0)
+        _int(config, "plot_tasks", low=0)
+        for name in ("gamma", "gae_lambda"):
+            value = config[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a number from 0 to 1, got {value!r}")
     else:
         _int(config, "ways", low=2)
         _int(config, "test_steps", low=0)

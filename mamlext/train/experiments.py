@@ -12,6 +12,12 @@ from mamlext.batched import BatchedMAML
 from mamlext.data import SinusoidTasks
 from mamlext.maml import MAML
 from mamlext.models import conv4, sine_mlp
+from mamlext.rl.advantages import advantages
+from mamlext.rl.envs import Navigation2D
+from mamlext.rl.evaluation import adaptation_curve, format_nav_table, plot_nav, summarize
+from mamlext.rl.policy import GaussianMLPPolicy
+from mamlext.rl.sampling import sample_episodes
+from mamlext.rl.trpo import MAMLTRPO, TaskData
 from mamlext.train.config import DTYPES, ConfigError
 
 
@@ -161,7 +167,103 @@ class OmniglotExperiment:
                 f"accuracy {100 * result['accuracy']:.2f}% ± {100 * result['ci95']:.2f}% (95% CI)")
 
 
-EXPERIMENTS = {"sine": SineExperiment, "omniglot": OmniglotExperiment}
+class _TRPOSteps:
+    """The training loop's optimizer for MAML-TRPO: train_step leaves TRPO's accepted step here and step() applies
+    it, so that an iteration interrupted before the step leaves the policy as it was. TRPO keeps no state between
+    iterations."""
+
+    param_groups = ()
+    state: Dict = {}
+
+    def __init__(self, algo: MAMLTRPO):
+        self.algo, self.pending = algo, None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.pending = None
+
+    def step(self) -> None:
+        if self.pending is not None:
+            self.algo.apply(self.pending)
+            self.pending = None
+
+    def state_dict(self) -> Dict:
+        return {}
+
+    def load_state_dict(self, state: Dict) -> None:
+        if state:
+            raise ValueError(f"MAML-TRPO keeps no optimizer state, the checkpoint has {sorted(state)}")
+
+
+class NavExperiment:
+    """MAML-TRPO on the paper's 2D navigation (section 5.3): a Gaussian MLP policy, one policy-gradient step per
+    task, TRPO on the meta-objective with exact Fisher-vector products (mamlext.rl)."""
+
+    task_shard = slice(None)
+
+    def __init__(self, config: Dict[str, Any], device: torch.device, progress: bool = True):
+        self.config, self.device, self.dtype = config, device, DTYPES[config["dtype"]]
+        c = config
+        torch.manual_seed(c["seed"])
+        self.env = Navigation2D(horizon=c["horizon"], dtype=self.dtype, device=device)
+        self.model = self._policy()
+        self.learner = MAMLTRPO(self.model, inner_lr=c["inner_lr"], first_order=c["first_order"],
+                                lr_mode="per_param" if c["algo"] == "metasgd" else "fixed", max_kl=c["max_kl"])
+        self.optimizer = _TRPOSteps(self.learner)
+        self.generator = torch.Generator().manual_seed(c["seed"])
+
+    def _policy(self) -> GaussianMLPPolicy:
+        c = self.config
+        return GaussianMLPPolicy(self.env.observation_dim, self.env.action_dim, (c["hidden"], c["hidden"]),
+                                 activation="relu").to(device=self.device, dtype=self.dtype)
+
+    def _task_data(self, episodes) -> TaskData:
+        return TaskData.from_episodes(episodes, advantages(episodes, self.config["gamma"], self.config["gae_lambda"]))
+
+    def train_step(self) -> Tuple[Tensor, Dict[str, Tensor]]:
+        c, algo = self.config, self.learner
+        goals = self.env.sample_tasks(c["meta_batch"], self.generator)[self.task_shard]
+        support = sample_episodes(self.env, goals, algo.spec, algo.policy_params(), c["episodes"], self.generator)
+        support_data = self._task_data(support)
+        query = sample_episodes(self.env, goals, algo.spec, algo.adapt(support_data), c["episodes"], self.generator)
+        values, info = algo.search(support_data, self._task_data(query))
+        self.optimizer.pending = values
+        as_tensor = lambda v: torch.tensor(float(v), dtype=torch.float64, device=self.device)  # noqa: E731
+        extra = {"return_pre": support.returns().mean().double(), "return_post": query.returns().mean().double(),
+                 "kl": as_tensor(info["kl"]), "step_fraction": as_tensor(info["step_fraction"])}
+        return as_tensor(info["loss_after"]), extra
+
+    def sampler_state(self):
+        return self.generator.get_state()
+
+    def load_sampler_state(self, state) -> None:
+        self.generator.set_state(state)
+
+    def evaluate(self, tasks: int, seed: int, out_dir: Optional[Path] = None, progress: bool = True):
+        c = self.config
+        generator = torch.Generator().manual_seed(seed)
+        goals = self.env.sample_tasks(tasks, generator)
+        curve = adaptation_curve(self.learner, self.env, goals, c["eval_episodes"], c["test_steps"], generator,
+                                 c["gamma"], c["gae_lambda"])
+        # the same protocol from a randomly initialised policy (the paper's "random init" baseline)
+        torch.manual_seed(seed)
+        fresh = MAMLTRPO(self._policy(), inner_lr=c["inner_lr"], first_order=True)
+        random_curve = adaptation_curve(fresh, self.env, goals, c["eval_episodes"], c["test_steps"],
+                                        torch.Generator().manual_seed(seed), c["gamma"], c["gae_lambda"])
+        result = {"task": "nav", "tasks": tasks, "seed": seed, "episodes": c["eval_episodes"],
+                  "rows": summarize(curve["returns"]), "random_rows": summarize(random_curve["returns"])}
+        if out_dir is not None and c["plot_tasks"] > 0:
+            path = plot_nav(self.learner, self.env, goals, curve["params"], Path(out_dir) / "nav_trajectories.png",
+                            c["plot_tasks"])
+            if path is not None:
+                result["plot"] = str(path)
+        return result
+
+    @staticmethod
+    def report(result) -> str:
+        return format_nav_table(result)
+
+
+EXPERIMENTS = {"sine": SineExperiment, "omniglot": OmniglotExperiment, "nav": NavExperiment}
 
 
 def build_experiment(config: Dict[str, Any], device: torch.device, progress: bool = True):

@@ -186,6 +186,8 @@ def _train(config, out, resume, progress, evaluate, callback, overrides) -> Dict
                         metrics_file.flush()
                     bar.set_postfix({"loss": f"{logged['loss']:.4f}",
                                      **({"acc": f"{logged['accuracy']:.3f}"} if "accuracy" in logged else {}),
+                                     **({"return": f"{logged['return_post']:.1f}"} if "return_post" in logged
+                                        else {}),
                                      "tasks/s": f"{logged['tasks_per_s']:.0f}"}, refresh=False)
                     sums, window_start, window_iters = {}, now, 0
                 interrupts.phase = "idle"
