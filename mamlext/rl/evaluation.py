@@ -69,6 +69,19 @@ def format_nav_table(result: Dict[str, object]) -> str:
     return "\n".join(lines)
 
 
+def format_rl_table(result: Dict[str, object]) -> str:
+    """The evaluation of a task family without a paper table at hand (the cheetahs: the paper plots curves)."""
+    lines = [f"{result['task']}, {result['tasks']} new tasks x {result['episodes']} episodes per gradient step "
+             f"(average return, 95% CI over the tasks)",
+             f"{'gradient steps':>15} | {'mamlext MAML':>17} | {'random init (ours)':>18}"]
+    random_rows = {r["steps"]: r for r in result.get("random_rows") or []}
+    for row in result["rows"]:
+        other = random_rows.get(row["steps"])
+        lines.append(f"{row['steps']:>15} | {row['mean']:8.2f} ± {row['ci95']:5.2f} | "
+                     + (f"{other['mean']:8.2f} ± {other['ci95']:5.2f}" if other else ""))
+    return "\n".join(lines)
+
+
 def plot_nav(algo: MAMLTRPO, env: TaskEnv, goals: torch.Tensor, params: List[List[torch.Tensor]], path: Path,
              tasks: int = 2) -> Optional[Path]:
     """A PNG like the paper's Figure 4 (left): for the first ``tasks`` goals, the trajectory of the mean action of
@@ -82,7 +95,12 @@ def plot_nav(algo: MAMLTRPO, env: TaskEnv, goals: torch.Tensor, params: List[Lis
         return None
     tasks = min(tasks, goals.shape[0])
     generator = torch.Generator().manual_seed(0)  # unused by deterministic rollouts, required by the protocol
-    episodes = [sample_episodes(env, goals[:tasks], algo.spec, [p[:tasks] for p in step_params], 1, generator,
+    shapes = algo.spec.shapes()
+
+    def first_tasks(step_params):  # the pre-update policy is shared by the tasks, the adapted ones are per task
+        return [p[:tasks] if p.dim() > len(shape) else p for p, shape in zip(step_params, shapes)]
+
+    episodes = [sample_episodes(env, goals[:tasks], algo.spec, first_tasks(step_params), 1, generator,
                                 deterministic=True) for step_params in params]
     fig, axes = plt.subplots(1, tasks, figsize=(4.2 * tasks, 4.2), squeeze=False)
     for t, ax in enumerate(axes[0]):

@@ -9,7 +9,8 @@ from typing import Any, Dict, Optional
 
 import torch
 
-TASKS = ("sine", "omniglot", "nav")
+TASKS = ("sine", "omniglot", "nav", "cheetah-vel", "cheetah-dir")
+RL_TASKS = ("nav", "cheetah-vel", "cheetah-dir")
 # The algorithms `train` drives (ANIL, iMAML and Reptile are classes to use in one's own loop, see README).
 ALGOS = ("maml", "fomaml", "metasgd")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -18,7 +19,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # lr_mode="per_param"); the conv net runs on mamlext.MAML one task at a time (faster on a CPU than the generic
 # engine).
 SUPPORTED_ALGOS = {"sine": ("maml", "fomaml", "metasgd"), "omniglot": ("maml", "fomaml"),
-                   "nav": ("maml", "fomaml", "metasgd")}
+                   **{task: ("maml", "fomaml", "metasgd") for task in ("nav", "cheetah-vel", "cheetah-dir")}}
 
 # Finn et al. 2017: sinusoid regression (section 5.1): 1-40-40-1 ReLU, K=10 support + 10 query, one inner step,
 # Adam 1e-3, meta-batch 25, 70,000 meta-iterations (the command in the README of the paper's code, cbfinn/maml).
@@ -51,6 +52,12 @@ NAV_DEFAULTS: Dict[str, Any] = dict(
     inner_lr=0.5, hidden=100, gamma=0.99, gae_lambda=1.0, max_kl=0.01, seed=0, dtype="float32", device=None,
     checkpoint_every=10, log_every=1, eval_tasks=40, eval_episodes=40, test_steps=3, eval_seed=None, plot_tasks=2)
 
+# Section 5.3's locomotion: HalfCheetah with a goal velocity or direction, 2-100-100 ReLU Gaussian policy, episodes of
+# 200 steps, 20 per task, alpha = 0.1, meta-batch 40 (the paper's code and tristandeleu/pytorch-maml-rl's configs);
+# needs gymnasium's MuJoCo (the "rl" extra).
+CHEETAH_DEFAULTS: Dict[str, Any] = dict(NAV_DEFAULTS, iterations=500, meta_batch=40, horizon=200, inner_lr=0.1,
+                                        eval_episodes=20, plot_tasks=0)
+
 # What may change when a run is resumed (everything else must stay as saved, or the run would not continue exactly).
 RESUME_OVERRIDABLE = ("iterations", "checkpoint_every", "log_every", "device", "eval_tasks", "eval_seed",
                       "plot_tasks")
@@ -69,8 +76,8 @@ def default_config(task: str, ways: Optional[int] = None) -> Dict[str, Any]:
         raise ConfigError(f"unknown task {task!r}; the tasks are {', '.join(TASKS)}")
     if task == "sine":
         return copy.deepcopy(SINE_DEFAULTS)
-    if task == "nav":
-        return copy.deepcopy(NAV_DEFAULTS)
+    if task in RL_TASKS:
+        return copy.deepcopy(dict(NAV_DEFAULTS if task == "nav" else CHEETAH_DEFAULTS, task=task))
     config = copy.deepcopy(OMNIGLOT_DEFAULTS)
     ways = config["ways"] if ways is None else ways
     config.update(OMNIGLOT_BY_WAYS.get(ways, OMNIGLOT_BY_WAYS[5 if ways < 20 else 20]))
@@ -149,7 +156,7 @@ def check_config(config: Dict[str, Any]) -> None:
                                   f"(>= {1 if name == 'eval_shots' else 0}), got {values!r}")
         _int(config, "eval_query")
         _int(config, "plot_tasks", low=0)
-    elif task == "nav":
+    elif task in RL_TASKS:
         _int(config, "test_steps", low=0)
         _int(config, "plot_tasks", low=0)
         for name in ("gamma", "gae_lambda"):

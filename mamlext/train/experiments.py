@@ -14,7 +14,7 @@ from mamlext.maml import MAML
 from mamlext.models import conv4, sine_mlp
 from mamlext.rl.advantages import advantages
 from mamlext.rl.envs import Navigation2D
-from mamlext.rl.evaluation import adaptation_curve, format_nav_table, plot_nav, summarize
+from mamlext.rl.evaluation import adaptation_curve, format_nav_table, format_rl_table, plot_nav, summarize
 from mamlext.rl.policy import GaussianMLPPolicy
 from mamlext.rl.sampling import sample_episodes
 from mamlext.rl.trpo import MAMLTRPO, TaskData
@@ -194,9 +194,23 @@ class _TRPOSteps:
             raise ValueError(f"MAML-TRPO keeps no optimizer state, the checkpoint has {sorted(state)}")
 
 
-class NavExperiment:
-    """MAML-TRPO on the paper's 2D navigation (section 5.3): a Gaussian MLP policy, one policy-gradient step per
-    task, TRPO on the meta-objective with exact Fisher-vector products (mamlext.rl)."""
+def _rl_env(config: Dict[str, Any], dtype: torch.dtype, device: torch.device):
+    task = config["task"]
+    if task == "nav":
+        return Navigation2D(horizon=config["horizon"], dtype=dtype, device=device)
+    from mamlext.rl import gym  # gymnasium and MuJoCo: the "rl" extra
+
+    make = gym.half_cheetah_vel if task == "cheetah-vel" else gym.half_cheetah_dir
+    try:
+        return make(horizon=config["horizon"], dtype=dtype, device=device)
+    except ImportError as error:
+        raise ConfigError(f"train {task}: {error}") from None
+
+
+class RLExperiment:
+    """MAML-TRPO (section 5.3 of the paper): a Gaussian MLP policy, one policy-gradient step per task, TRPO on the
+    meta-objective with exact Fisher-vector products (mamlext.rl); on the 2D navigation (nav) or, with gymnasium's
+    MuJoCo, HalfCheetah-Vel / -Dir (cheetah-vel, cheetah-dir)."""
 
     task_shard = slice(None)
 
@@ -204,7 +218,7 @@ class NavExperiment:
         self.config, self.device, self.dtype = config, device, DTYPES[config["dtype"]]
         c = config
         torch.manual_seed(c["seed"])
-        self.env = Navigation2D(horizon=c["horizon"], dtype=self.dtype, device=device)
+        self.env = _rl_env(c, self.dtype, device)
         self.model = self._policy()
         self.learner = MAMLTRPO(self.model, inner_lr=c["inner_lr"], first_order=c["first_order"],
                                 lr_mode="per_param" if c["algo"] == "metasgd" else "fixed", max_kl=c["max_kl"])
@@ -249,9 +263,9 @@ class NavExperiment:
         fresh = MAMLTRPO(self._policy(), inner_lr=c["inner_lr"], first_order=True)
         random_curve = adaptation_curve(fresh, self.env, goals, c["eval_episodes"], c["test_steps"],
                                         torch.Generator().manual_seed(seed), c["gamma"], c["gae_lambda"])
-        result = {"task": "nav", "tasks": tasks, "seed": seed, "episodes": c["eval_episodes"],
+        result = {"task": c["task"], "tasks": tasks, "seed": seed, "episodes": c["eval_episodes"],
                   "rows": summarize(curve["returns"]), "random_rows": summarize(random_curve["returns"])}
-        if out_dir is not None and c["plot_tasks"] > 0:
+        if out_dir is not None and c["plot_tasks"] > 0 and c["task"] == "nav":
             path = plot_nav(self.learner, self.env, goals, curve["params"], Path(out_dir) / "nav_trajectories.png",
                             c["plot_tasks"])
             if path is not None:
@@ -260,10 +274,11 @@ class NavExperiment:
 
     @staticmethod
     def report(result) -> str:
-        return format_nav_table(result)
+        return format_nav_table(result) if result["task"] == "nav" else format_rl_table(result)
 
 
-EXPERIMENTS = {"sine": SineExperiment, "omniglot": OmniglotExperiment, "nav": NavExperiment}
+EXPERIMENTS = {"sine": SineExperiment, "omniglot": OmniglotExperiment, "nav": RLExperiment,
+               "cheetah-vel": RLExperiment, "cheetah-dir": RLExperiment}
 
 
 def build_experiment(config: Dict[str, Any], device: torch.device, progress: bool = True):
