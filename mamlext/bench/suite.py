@@ -42,7 +42,7 @@ from mamlext.data.sinusoid import SinusoidTasks
 from mamlext.models import conv4, sine_mlp
 
 SCHEMA_VERSION = 1
-SUITES = ("quick", "full", "dropin")
+SUITES = ("quick", "full", "dropin", "rl")  # rl: MAML-TRPO, its own runner (mamlext.bench.rl)
 WORKLOADS = ("mlp", "conv4", "imaml", "task_sgd")
 DISTRIBUTED = "distributed"  # a --workloads name that selects only the --distributed measurement
 DISTRIBUTED_TASKS = 1000
@@ -382,6 +382,9 @@ def run_suite(suite: str, device: torch.device, out_dir: str, workloads=WORKLOAD
 
     from mamlext.bench.report import format_table, markdown_table, plot_speedups
 
+    if suite == "rl":
+        from mamlext.bench import rl as rl_bench
+        return rl_bench.run(device, out_dir, seed=seed, progress=progress, command=command)
     if distributed_processes is not None and device.type != "cpu":
         raise ValueError(f"the distributed measurement runs CPU processes (gloo) only, not on {device}")
 
@@ -467,7 +470,8 @@ def add_arguments(parser) -> None:
                         help="quick: a tiny subset in about a minute (a smoke test); full: every workload "
                              "(about 20 minutes on a 2-core CPU); dropin: the learn2learn user's per-task loop "
                              "against mamlext.MAML and the batched engines (sinusoid T = 25 N = 1 and 5, T = 250 "
-                             "N = 1; Conv4 5-way 1-shot T = 8)")
+                             "N = 1; Conv4 5-way 1-shot T = 8); rl: MAML-TRPO at the 2D-navigation setting, "
+                             "l2l-style and bmm plain PyTorch against mamlext (mamlext.bench.rl)")
     add_device_argument(parser)
     parser.add_argument("--out", help="output folder for results.json and speedup.png "
                                       "(default bench-results/<suite>-<device>)")
@@ -487,6 +491,9 @@ def add_arguments(parser) -> None:
 def main(parser, args) -> int:
     from mamlext.train import SEED_RANGE, check_int, set_threads, writable_dir
 
+    if args.suite == "rl":
+        from mamlext.bench import rl as rl_bench
+        return rl_bench.main(parser, args)
     device_name = args.device or default_device()
     if args.distributed is not None and device_name != "cpu":
         parser.error(f"--distributed measures CPU processes (gloo) only; add --device cpu (the device is "

@@ -17,9 +17,14 @@ Per sample, with e = a - mu and iv = exp(-2 s):
   Categorical:  -log pi = lse(z) - z_a; dL/dz = w (p - onehot(a)); Hessian (and Fisher with c) w (diag(p) - p p^T).
 The forward activations and the backward pass at the parameters are computed once (construction, loss_grad) and
 reused by every product, as conjugate gradient calls them repeatedly at the same parameters.
+
+Layout, for speed on the CPU: every product is a batched GEMM over the tasks (T GEMMs of K rows run at nearly twice
+the rate of one tall GEMM of T * K rows in MKL), and each layer's input is kept with a column of ones, [h | 1], so
+that the bias is part of the weight, [W | b]: the forward adds it and the backward sums dz over the rows inside the
+GEMM instead of in passes of their own. R{h} is kept as [R{h} | 0] in buffers reused across products.
 """
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -29,84 +34,72 @@ from mamlext.rl.policy import PolicySpec
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
-def _rows(x: Tensor) -> Tensor:
-    """[T, K, n] as [T * K, n]: a view of the passes' own (contiguous) tensors, which the in-place GEMMs write."""
-    return x.reshape(-1, x.shape[-1])
+def _per_task(W: Tensor, tasks: int) -> Tensor:
+    """A matrix shared by the tasks [m, n] as a stride-0 batch [T, m, n] (no copy); per task as it is."""
+    return W if W.dim() == 3 else W.expand(tasks, *W.shape)
 
 
-def _affine(h: Tensor, W: Tensor, b: Tensor) -> Tensor:
-    """h [T, K, in] W^T + b for W [out, in] / b [out] (shared by the tasks: one GEMM over all rows) or per task
-    [T, out, in] / [T, out]; the bias enters the GEMM as its accumulator."""
-    if W.dim() == 2 and b.dim() == 1:
-        return torch.addmm(b, _rows(h), W.t()).view(*h.shape[:-1], W.shape[0])
-    if W.dim() == 3:
-        return torch.baddbmm(b.unsqueeze(1) if b.dim() == 2 else b, h, W.transpose(1, 2))
-    return (_rows(h) @ W.t()).view(*h.shape[:-1], W.shape[0]) + b.unsqueeze(1)
+def _with_bias(W: Tensor, b: Tensor) -> Tensor:
+    """[W | b]: [out, in + 1], or [T, out, in + 1] when either is per task."""
+    if W.dim() != b.dim() + 1:  # one shared, one per task
+        T = max(W.shape[0] if W.dim() == 3 else 1, b.shape[0] if b.dim() == 2 else 1)
+        W, b = _per_task(W, T), (b if b.dim() == 2 else b.expand(T, *b.shape))
+    return torch.cat([W, b.unsqueeze(-1)], dim=-1)
 
 
-def _add_mm_t(out: Tensor, h: Tensor, W: Tensor) -> Tensor:
-    """out += h W^T in place (the GEMM accumulates), W shared or per task."""
-    if W.dim() == 2:
-        _rows(out).addmm_(_rows(h), W.t())
-    else:
-        out.baddbmm_(h, W.transpose(1, 2))
-    return out
+def _times_t(h: Tensor, W: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """h [T, K, n] W^T for W [m, n] or [T, m, n]. MKL is several times slower on a transposed operand with few rows
+    (n < m: the first layer's), so that one is copied (it is small)."""
+    Wt = _per_task(W, h.shape[0]).transpose(1, 2)
+    return torch.bmm(h, Wt.contiguous() if Wt.shape[1] < Wt.shape[2] else Wt, out=out)
 
 
-def _mm(dz: Tensor, W: Tensor) -> Tensor:
-    """dz [T, K, out] times W [out, in] or [T, out, in]."""
-    if W.dim() == 2:
-        return (_rows(dz) @ W).view(*dz.shape[:-1], W.shape[1])
-    return torch.bmm(dz, W)
+def _times(dz: Tensor, W: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """dz [T, K, m] W for W [m, n] or [T, m, n]."""
+    return torch.bmm(dz, _per_task(W, dz.shape[0]), out=out)
 
 
-def _add_mm(out: Tensor, dz: Tensor, W: Tensor) -> Tensor:
-    """out += dz W in place."""
-    if W.dim() == 2:
-        _rows(out).addmm_(_rows(dz), W)
-    else:
-        out.baddbmm_(dz, W)
-    return out
-
-
-def _bias(b: Tensor) -> Tensor:
-    """A bias [out] or per task [T, out], broadcastable against [T, K, out]."""
-    return b if b.dim() == 1 else b.unsqueeze(1)
-
-
-def _outer(dz: Tensor, h: Tensor, reduce: bool) -> Tensor:
-    """dz^T h per task [T, out, in], or summed over the tasks [out, in] (one GEMM over all rows)."""
-    if reduce:
-        return _rows(dz).t() @ _rows(h)
+def _outer(dz: Tensor, h: Tensor) -> Tensor:
+    """dz^T h per task [T, m, n]; as (h^T dz)^T when h is the narrower (the first layer's input), which MKL runs
+    several times faster."""
+    if h.shape[-1] < dz.shape[-1]:
+        return torch.bmm(h.transpose(1, 2), dz).transpose(1, 2)
     return torch.bmm(dz.transpose(1, 2), h)
 
 
-def _add_outer(out: Tensor, dz: Tensor, h: Tensor, reduce: bool) -> Tensor:
-    """out += dz^T h in place (per task, or summed over the tasks)."""
-    if reduce:
-        out.addmm_(_rows(dz).t(), _rows(h))
-    else:
-        out.baddbmm_(dz.transpose(1, 2), h)
-    return out
+def _bias(b: Tensor) -> Tensor:
+    """A vector [n] or per task [T, n], broadcastable against [T, K, n]."""
+    return b if b.dim() == 1 else b.unsqueeze(1)
 
 
 def _rows_sum(x: Tensor, reduce: bool) -> Tensor:
     return x.sum(dim=(0, 1)) if reduce else x.sum(dim=1)
 
 
+def _split(aug: Tensor, reduce: bool) -> List[Tensor]:
+    """[gW | gb] per task [T, out, in + 1] -> [gW, gb], per task or summed over the tasks."""
+    if reduce:
+        aug = aug.sum(0)
+    return [aug[..., :-1], aug[..., -1]]
+
+
 class PolicyPasses:
     """One policy's passes at ``params`` (shared [shape] or per task [T, *shape] each) on observations [T, K, D]."""
 
     def __init__(self, spec: PolicySpec, params: Sequence[Tensor], observations: Tensor):
-        self.spec, self.params, self.x = spec, list(params), observations
-        self.tasks = observations.shape[0]
+        self.spec, self.params = spec, list(params)
+        self.tasks = T = observations.shape[0]
+        K = observations.shape[1]
         L = spec.layers
-        self.hs: List[Tensor] = [observations]   # inputs of the layers: h_{l-1}
+        self.weights = [_with_bias(self.params[2 * l], self.params[2 * l + 1]) for l in range(L)]  # [W | b]
+        ones = observations.new_ones(T, K, 1)
+        self.inputs: List[Tensor] = [torch.cat([observations, ones], dim=-1)]  # [h_{l-1} | 1]
         self.fprime: List[Tensor] = []            # f'(z_l), l < L - 1
         self.fsecond: List[Optional[Tensor]] = []  # f''(z_l) (tanh; None for relu)
-        h = observations
+        self._r_inputs: List[Tensor] = []          # buffers [R{h_l} | 0], made by the first product
+        self._work: Dict[str, Tensor] = {}         # the products' [T, K, width] temporaries, reused
         for l in range(L):
-            z = _affine(h, self.params[2 * l], self.params[2 * l + 1])
+            z = _times_t(self.inputs[l], self.weights[l])
             if l == L - 1:
                 self.out = z
                 break
@@ -119,7 +112,8 @@ class PolicyPasses:
                 d = 1 - h * h
                 self.fprime.append(d)
                 self.fsecond.append(-2 * h * d)
-            self.hs.append(h)
+            layer_input = torch.cat([h, ones], dim=-1)
+            self.inputs.append(layer_input)
         if spec.distribution == "gaussian":
             s = self.params[-1]
             self.log_std = s if s.dim() == 1 else s.unsqueeze(1)      # [A] or [T, 1, A]
@@ -175,7 +169,9 @@ class PolicyPasses:
             head_grad = []
         losses = (weights * nll).sum(1)
         self._dz = self._backward(dout)
-        grads = self._param_grads(self._dz, reduce)
+        grads: List[Tensor] = []
+        for l in range(self.spec.layers):
+            grads += _split(_outer(self._dz[l], self.inputs[l]), reduce)
         return losses, grads + head_grad
 
     def _backward(self, dout: Tensor) -> List[Tensor]:
@@ -184,57 +180,65 @@ class PolicyPasses:
         dz = [dout]
         self._dh: List[Optional[Tensor]] = [None] * (L - 1)
         for l in range(L - 1, 0, -1):
-            dh = _mm(dz[0], self.params[2 * l])
+            dh = _times(dz[0], self.params[2 * l])
             if self.fsecond[l - 1] is not None:
                 self._dh[l - 1] = dh
-            dz.insert(0, self.fprime[l - 1] * dh)
+                dz.insert(0, dh * self.fprime[l - 1])
+            else:
+                dz.insert(0, dh.mul_(self.fprime[l - 1]))
         return dz
 
-    def _param_grads(self, dz: Sequence[Tensor], reduce: bool) -> List[Tensor]:
-        grads = []
-        for l in range(self.spec.layers):
-            gW = _outer(dz[l], self.hs[l], reduce)
-            grads += [gW, _rows_sum(dz[l], reduce)]
-        return grads
+    def _buffer(self, name: str, like: Tensor, width: int) -> Tensor:
+        """A reused [T, K, width] work tensor: a fresh one per product would cost page faults at every call."""
+        buffer = self._work.get(name)
+        if buffer is None or buffer.shape[-1] != width:
+            buffer = self._work[name] = like.new_empty(*like.shape[:-1], width)
+        return buffer
 
-    def _r_forward(self, vectors: Sequence[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
-        """R{z_l} and R{h_l} along the direction ``vectors`` (shared or per task)."""
-        rz, rh = [], []
-        r_in: Optional[Tensor] = None
-        for l in range(self.spec.layers):
-            z = _affine(self.hs[l], vectors[2 * l], vectors[2 * l + 1])
-            if r_in is not None:
-                _add_mm_t(z, r_in, self.params[2 * l])
+    def _r_forward(self, vectors: Sequence[Tensor]) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
+        """R{z_l}, [R{h_l} | 0] (in reused buffers) and [V_l | Vb_l] along the direction ``vectors``."""
+        L = self.spec.layers
+        directions = [_with_bias(vectors[2 * l], vectors[2 * l + 1]) for l in range(L)]
+        if not self._r_inputs:
+            for layer_input in self.inputs[1:]:
+                buffer = torch.empty_like(layer_input)
+                buffer[..., -1] = 0
+                self._r_inputs.append(buffer)
+        rz: List[Tensor] = []
+        for l in range(L):
+            out = self._buffer(f"rz{l}", self.inputs[l], directions[l].shape[-2])
+            z = _times_t(self.inputs[l], directions[l], out=out)
+            if l > 0:  # + R{h_{l-1}} W^T (the zero column meets the bias)
+                z.baddbmm_(self._r_inputs[l - 1], _per_task(self.weights[l], self.tasks).transpose(1, 2))
             rz.append(z)
-            if l < self.spec.layers - 1:
-                r_in = self.fprime[l] * z
-                rh.append(r_in)
-        return rz, rh
+            if l < L - 1:
+                torch.mul(self.fprime[l], z, out=self._r_inputs[l][..., :-1])
+        return rz, self._r_inputs, directions
 
     def hvp(self, vectors: Sequence[Tensor], reduce: bool = False) -> List[Tensor]:
         """H_t v_t of the loss of the last loss_grad call (its actions and weights), per task or summed (reduce)."""
         if self._dz is None:
             raise RuntimeError("PolicyPasses.hvp: call loss_grad first (the Hessian is that loss's)")
         L, w = self.spec.layers, self._w
-        rz, rh = self._r_forward(vectors)
+        rz, r_inputs, directions = self._r_forward(vectors)
         if self.spec.distribution == "gaussian":
             vs = _bias(vectors[-1])
             e_iv = self._e * self.inv_var
-            rdout = w * (self.inv_var * rz[-1] + 2 * e_iv * vs)
+            rdz = w * (self.inv_var * rz[-1] + 2 * e_iv * vs)
             head = [_rows_sum(2 * w * e_iv * (rz[-1] + self._e * vs), reduce)]
         else:
             r = rz[-1]
-            rdout = w * self.probs * (r - (self.probs * r).sum(-1, keepdim=True))
+            rdz = w * self.probs * (r - (self.probs * r).sum(-1, keepdim=True))
             head = []
         out: List[Tensor] = []
-        rdz = rdout
         for l in range(L - 1, -1, -1):
-            hW = _outer(rdz, self.hs[l], reduce)
+            h_aug = _outer(rdz, self.inputs[l])
             if l > 0:
-                _add_outer(hW, self._dz[l], rh[l - 1], reduce)
-            out[:0] = [hW, _rows_sum(rdz, reduce)]
+                h_aug.baddbmm_(self._dz[l].transpose(1, 2), r_inputs[l - 1])
+            out[:0] = _split(h_aug, reduce)
             if l > 0:
-                rdh = _add_mm(_mm(rdz, self.params[2 * l]), self._dz[l], vectors[2 * l])
+                rdh = _times(rdz, self.params[2 * l], out=self._buffer(f"rdh{l}", rdz, self.params[2 * l].shape[-1]))
+                rdh.baddbmm_(self._dz[l], _per_task(vectors[2 * l], self.tasks))
                 rdz = rdh.mul_(self.fprime[l - 1])
                 if self.fsecond[l - 1] is not None:
                     rdz.addcmul_(self.fsecond[l - 1] * self._dh[l - 1], rz[l - 1])
@@ -243,7 +247,7 @@ class PolicyPasses:
     def gauss_newton(self, vectors: Sequence[Tensor], weights: Tensor, reduce: bool = False) -> List[Tensor]:
         """sum_k c_k J^T F J v per task (the policy's Fisher with per-sample weights c = ``weights`` [T, K])."""
         L, c = self.spec.layers, weights.unsqueeze(-1)
-        rz, _ = self._r_forward(vectors)
+        rz, _, _ = self._r_forward(vectors)
         if self.spec.distribution == "gaussian":
             rdz = c * self.inv_var * rz[-1]
             vs = vectors[-1] if vectors[-1].dim() == 2 else vectors[-1].expand(self.tasks, -1)
@@ -255,7 +259,8 @@ class PolicyPasses:
             head = []
         out: List[Tensor] = []
         for l in range(L - 1, -1, -1):
-            out[:0] = [_outer(rdz, self.hs[l], reduce), _rows_sum(rdz, reduce)]
+            out[:0] = _split(_outer(rdz, self.inputs[l]), reduce)
             if l > 0:
-                rdz = _mm(rdz, self.params[2 * l]).mul_(self.fprime[l - 1])
+                rdh = self._buffer(f"rdh{l}", rdz, self.params[2 * l].shape[-1])
+                rdz = _times(rdz, self.params[2 * l], out=rdh).mul_(self.fprime[l - 1])
         return out + head
