@@ -17,9 +17,9 @@ Implementations:
   bmm        the same algorithm batched over the tasks: the parameters expanded to [T, ...], the layers torch.bmm /
              baddbmm, the per-task inner gradients by autograd w.r.t. the expanded parameters; third-order FVPs.
   fused      mamlext.rl.trpo: MAMLTRPO.step / MetaProducts (exact Fisher-vector products without third derivatives).
-All three use the same conjugate gradient (mamlext.rl.trpo.conjugate_gradient, plain tensor code), step scaling and
+All three use the same conjugate gradient and step scaling (mamlext.rl.trpo.trpo_full_step, plain tensor code) and
 line-search rule (MAMLTRPO.step's). The plain rows take the loss before the step from their graph's forward
-(as learn2learn does); MAMLTRPO.step re-evaluates it once by re-adaptation.
+(as learn2learn does); MAMLTRPO takes it as -mean_t sum_k w_tk (the ratios are 1 at the start).
 
 Measured: first, in float64 on a smaller problem (CHECK: T = 4, 2 episodes = 200 samples per task), every
 implementation's meta-gradient and Fisher-vector product of a random vector against l2l-style's (normwise relative
@@ -50,7 +50,7 @@ from mamlext.rl.advantages import advantages
 from mamlext.rl.envs import Navigation2D
 from mamlext.rl.policy import GaussianMLPPolicy, PolicySpec
 from mamlext.rl.sampling import sample_episodes
-from mamlext.rl.trpo import MAMLTRPO, TaskData, conjugate_gradient
+from mamlext.rl.trpo import MAMLTRPO, TaskData, trpo_full_step
 
 SCHEMA_VERSION = 1
 SUITE = "rl"
@@ -227,10 +227,7 @@ class PlainTRPO:
     def meta_update(self) -> dict:
         s = self.setting
         gradient, fvp, (loss, _), old = self.products()
-        direction = conjugate_gradient(fvp, gradient, s.cg_iters)
-        curvature = 0.5 * (direction @ fvp(direction))
-        full_step = direction * torch.sqrt(s.max_kl / curvature.clamp_min(1e-30)) if curvature > 0 \
-            else torch.zeros_like(direction)
+        full_step = trpo_full_step(fvp, gradient, s.max_kl, s.cg_iters)
         start = _flat(self.params).detach()
         accepted, fraction, step_size = start, 0.0, 1.0
         for _ in range(s.ls_steps):
@@ -642,8 +639,8 @@ def notes(results: dict) -> List[str]:
     out = ["fvp: one Fisher-vector product (F + damping I) v, its per-meta-update setup (the plain rows' KL-gradient "
            "graph, fused's MetaProducts) done once beforehand; meta_update: meta-gradient + CG + step scaling + "
            "line search + parameter update, parameters restored after each call",
-           "all rows share mamlext.rl.trpo.conjugate_gradient; the plain rows take the loss before the step from "
-           "their graph (as learn2learn), MAMLTRPO.step re-evaluates it once"]
+           "all rows share mamlext.rl.trpo.trpo_full_step (CG, and x^T F x from its residual); the plain rows take "
+           "the loss before the step from their graph (as learn2learn), MAMLTRPO as -mean_t sum_k w_tk (ratio 1)"]
     loads = [r["foreign_cpu_load"] for r in results["rows"]] + [(results["sampling"] or {}).get("foreign_cpu_load")]
     if any(noisy(x) for x in loads):
         out.append(f"other processes used more than {FOREIGN_LOAD_WARN} CPUs while timing: the timings are noisy")

@@ -32,8 +32,9 @@ LR_MODES = ("fixed", "per_param")
 
 
 def conjugate_gradient(product: Callable[[Tensor], Tensor], b: Tensor, iterations: int = 10,
-                       tolerance: float = 1e-10) -> Tensor:
-    """An approximate solution of A x = b for the symmetric positive definite A given by ``product``."""
+                       tolerance: float = 1e-10, with_product: bool = False):
+    """An approximate solution x of A x = b for the symmetric positive definite A given by ``product``; with
+    ``with_product``, (x, A x), A x read from the residual (b - r) instead of one more product."""
     x = torch.zeros_like(b)
     r = b.clone()
     p = b.clone()
@@ -48,7 +49,17 @@ def conjugate_gradient(product: Callable[[Tensor], Tensor], b: Tensor, iteration
         rr_next = r @ r
         p = r + (rr_next / rr) * p
         rr = rr_next
-    return x
+    return (x, b - r) if with_product else x
+
+
+def trpo_full_step(product: Callable[[Tensor], Tensor], gradient: Tensor, max_kl: float, iterations: int) -> Tensor:
+    """TRPO's full step: the conjugate-gradient solution x of (F + damping) x = gradient, scaled so that the
+    quadratic model's KL, x^T F x / 2, equals max_kl (zero if the curvature is not positive)."""
+    direction, product_of_direction = conjugate_gradient(product, gradient, iterations, with_product=True)
+    curvature = 0.5 * (direction @ product_of_direction)
+    if not curvature > 0:
+        return torch.zeros_like(direction)
+    return direction * torch.sqrt(max_kl / curvature)
 
 
 class TaskData(NamedTuple):
@@ -140,11 +151,8 @@ class MAMLTRPO(nn.Module):
         ranks, each holding a share of the tasks, for the meta-gradient, every Fisher-vector product and the line
         search's losses."""
         m = self.products(support, query, all_reduce)
-        direction = conjugate_gradient(m.fisher_product, m.gradient, self.cg_iters)
-        curvature = 0.5 * (direction @ m.fisher_product(direction))
-        full_step = direction * torch.sqrt(self.max_kl / curvature.clamp_min(1e-30)) if curvature > 0 \
-            else torch.zeros_like(direction)
-        before = m.surrogate_and_kl(m.start)
+        full_step = trpo_full_step(m.fisher_product, m.gradient, self.max_kl, self.cg_iters)
+        before = m.before
         step_size = 1.0
         for _ in range(self.ls_steps):
             candidate = m.start - step_size * full_step
@@ -197,6 +205,9 @@ class MetaProducts:
         _, g_query = self.at_adapted.loss_grad(query.actions, query.weights)
         self.gradient = self.reduce_sum(self.flat(self.through_adaptation(g_query))) / self.tasks
         self.start = self.flat(self.theta + (list(self.rates) if self.learn_rates else []))
+        # the surrogate and KL at the start: the ratios are 1 (the query's policies are these adapted ones)
+        at_start = torch.stack([-query.weights.sum(), query.weights.new_zeros(())]).to(torch.float64)
+        self.before = self.reduce_sum(at_start) / self.tasks
 
     def flat(self, parts: Sequence[Tensor]) -> Tensor:
         return torch.cat([p.reshape(-1) for p in parts])
