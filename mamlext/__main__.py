@@ -59,7 +59,7 @@ def _name_list(text: str):
 _TRAIN_OPTIONS = ("algo", "first_order", "iterations", "meta_batch", "shots", "query", "inner_lr", "inner_steps",
                   "test_steps", "meta_lr", "hidden", "seed", "dtype", "device", "checkpoint_every", "log_every",
                   "eval_tasks", "eval_seed", "eval_shots", "eval_steps", "eval_query", "plot_tasks", "data", "ways",
-                  "train_alphabets", "test_alphabets", "cache_dir", "episodes", "max_kl", "eval_episodes")
+                  "train_alphabets", "test_alphabets", "cache_dir", "episodes", "horizon", "max_kl", "eval_episodes")
 
 
 def _add_train_parser(commands) -> argparse.ArgumentParser:
@@ -92,6 +92,7 @@ def _add_train_parser(commands) -> argparse.ArgumentParser:
     g.add_argument("--hidden", type=int, help="hidden width (sine 40, nav 100) or conv filters (omniglot 64)")
     g = train.add_argument_group("nav (MAML-TRPO)")
     g.add_argument("--episodes", type=int, help="episodes per task and meta-iteration (20)")
+    g.add_argument("--horizon", type=int, help="steps per episode (nav 100, cheetah 200)")
     g.add_argument("--max-kl", type=float, help="TRPO's trust region: the largest mean KL of a meta-update (0.01)")
     g.add_argument("--eval-episodes", type=int, help="episodes per goal and gradient step at evaluation (40)")
     g = train.add_argument_group("omniglot")

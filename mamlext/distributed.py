@@ -174,6 +174,16 @@ def all_reduce_meta_grads(modules: Union[nn.Module, Iterable[Union[nn.Module, Te
     return weighted_average_([p.grad for p in params], num_tasks)
 
 
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """The sum of ``tensor`` over the ranks (a new tensor; ``tensor`` itself with one process), e.g. MAML-TRPO's
+    meta-gradient and Fisher-vector products of each rank's share of the tasks."""
+    if world_size() == 1:
+        return tensor
+    total = tensor.clone()
+    _collective(dist.all_reduce, total)
+    return total
+
+
 def broadcast_from_main(obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank (a picklable object, e.g. a run directory chosen from the clock)."""
     if world_size() == 1:

@@ -679,3 +679,29 @@ def test_bad_policies():
         CategoricalMLPPolicy(2, 3, hidden=(0,))
     with pytest.raises(ValueError, match="action_dim"):
         GaussianMLPPolicy(2, 0)
+
+
+def test_meta_products_of_task_shards_sum_to_the_whole():
+    """What torchrun ranks compute: each share's gradient and Fisher-vector products, summed over the shares (the
+    all_reduce), are the whole meta-batch's."""
+    torch.manual_seed(3)
+    env = Navigation2D(horizon=10, dtype=torch.float64)
+    algo = MAMLTRPO(GaussianMLPPolicy(2, 2, (8, 8)).double(), inner_lr=0.5)
+    generator = torch.Generator().manual_seed(0)
+    goals = env.sample_tasks(5, generator)
+    support = sample_episodes(env, goals, algo.spec, algo.policy_params(), 2, generator)
+    support = TaskData.from_episodes(support, advantages(support))
+    query = sample_episodes(env, goals, algo.spec, algo.adapt(support), 2, generator)
+    query = TaskData.from_episodes(query, advantages(query))
+    whole = algo.products(support, query)
+    shards = [slice(0, 3), slice(3, 5)]
+    parts = [algo.products(TaskData(*(x[s] for x in support)), TaskData(*(x[s] for x in query)),
+                           all_reduce=lambda t: t) for s in shards]
+    # with the identity as all_reduce a share divides by its own task count: undo that, as the sum over ranks would
+    sizes = [3.0, 2.0]
+    gradient = sum(n * p.gradient for n, p in zip(sizes, parts)) / 5
+    assert torch.allclose(gradient, whole.gradient, rtol=1e-12, atol=1e-15)
+    v = torch.randn_like(gradient)
+    damping = algo.cg_damping * v
+    product = sum(n * (p.fisher_product(v) - damping) for n, p in zip(sizes, parts)) / 5 + damping
+    assert torch.allclose(product, whole.fisher_product(v), rtol=1e-12, atol=1e-15)

@@ -51,13 +51,26 @@ def check_policy_fits(spec: PolicySpec, env: TaskEnv) -> None:
 
 @torch.no_grad()
 def sample_episodes(env: TaskEnv, tasks: Tensor, spec: PolicySpec, params: Sequence[Tensor], episodes: int,
-                    generator: torch.Generator, deterministic: bool = False) -> Episodes:
-    """``episodes`` episodes of each task (rows of ``tasks``) with the policy at ``params`` (shared, or per task
-    [T, *shape] each: the tasks' adapted policies). ``deterministic``: the mean action / the most likely one."""
+                    generator: torch.Generator, deterministic: bool = False,
+                    task_slice: slice = slice(None)) -> Episodes:
+    """``episodes`` episodes of the tasks ``tasks[task_slice]`` with the policy at ``params`` (shared, or per task
+    [T, *shape] each: those tasks' adapted policies). ``deterministic``: the mean action / the most likely one.
+
+    The action noise of every task of ``tasks`` (all of a meta-batch) is drawn from ``generator`` up front, and the
+    slice's used: a process that samples a share of the tasks (under torchrun) then draws the same noise for them as
+    one process sampling all, and leaves the generator in the same state. (An environment's own randomness at reset,
+    e.g. a gymnasium environment's seeds, is drawn for the slice's tasks only.)"""
     check_policy_fits(spec, env)
-    obs = env.reset(tasks, episodes, generator)
-    T, B = obs.shape[:2]
     H = env.horizon
+    if spec.distribution == "gaussian":
+        noise = torch.randn(tasks.shape[0], episodes, H, spec.action_dim, generator=generator,
+                            dtype=torch.float64, device=generator.device)
+    else:  # uniforms, turned into actions by the inverse of each step's cumulative distribution
+        noise = torch.rand(tasks.shape[0], episodes, H, generator=generator, dtype=torch.float64,
+                           device=generator.device)
+    obs = env.reset(tasks[task_slice], episodes, generator)
+    noise = noise[task_slice].to(device=obs.device, dtype=obs.dtype)
+    T, B = obs.shape[:2]
     dtype, device = obs.dtype, obs.device
     observations = obs.new_zeros(T, B, H, obs.shape[-1])
     actions = (torch.zeros(T, B, H, dtype=torch.int64, device=device) if spec.distribution == "categorical"
@@ -70,13 +83,13 @@ def sample_episodes(env: TaskEnv, tasks: Tensor, spec: PolicySpec, params: Seque
         if spec.distribution == "gaussian":
             action = passes.out
             if not deterministic:
-                noise = torch.randn(action.shape, generator=generator, dtype=dtype, device=generator.device)
-                action = action + passes.log_std.exp() * noise.to(device)
+                action = action + passes.log_std.exp() * noise[:, :, t]
         elif deterministic:
             action = passes.out.argmax(-1)
         else:
-            flat = passes.probs.reshape(-1, spec.action_dim)
-            action = torch.multinomial(flat.to(generator.device), 1, generator=generator).view(T, B).to(device)
+            cumulative = passes.probs.cumsum(-1)
+            action = torch.searchsorted(cumulative, noise[:, :, t].unsqueeze(-1).contiguous()).squeeze(-1)
+            action = action.clamp_max(spec.action_dim - 1)  # a uniform above the rounded total
         observations[:, :, t] = obs
         actions[:, :, t] = action
         mask[:, :, t] = alive.to(dtype)

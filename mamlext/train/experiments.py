@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mamlext import evaluate
+from mamlext import distributed, evaluate
 from mamlext.batched import BatchedMAML
 from mamlext.data import SinusoidTasks
 from mamlext.maml import MAML
@@ -234,12 +234,16 @@ class RLExperiment:
         return TaskData.from_episodes(episodes, advantages(episodes, self.config["gamma"], self.config["gae_lambda"]))
 
     def train_step(self) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """Samples a meta-batch (this process's share of its tasks under torchrun) and finds TRPO's step, which
+        optimizer.step() applies; returns the surrogate loss after the step and the mean returns before and after
+        the adaptation."""
         c, algo = self.config, self.learner
-        goals = self.env.sample_tasks(c["meta_batch"], self.generator)[self.task_shard]
-        support = sample_episodes(self.env, goals, algo.spec, algo.policy_params(), c["episodes"], self.generator)
+        goals = self.env.sample_tasks(c["meta_batch"], self.generator)  # every process draws all of them
+        share = dict(generator=self.generator, task_slice=self.task_shard)
+        support = sample_episodes(self.env, goals, algo.spec, algo.policy_params(), c["episodes"], **share)
         support_data = self._task_data(support)
-        query = sample_episodes(self.env, goals, algo.spec, algo.adapt(support_data), c["episodes"], self.generator)
-        values, info = algo.search(support_data, self._task_data(query))
+        query = sample_episodes(self.env, goals, algo.spec, algo.adapt(support_data), c["episodes"], **share)
+        values, info = algo.search(support_data, self._task_data(query), all_reduce=distributed.all_reduce_sum)
         self.optimizer.pending = values
         as_tensor = lambda v: torch.tensor(float(v), dtype=torch.float64, device=self.device)  # noqa: E731
         extra = {"return_pre": support.returns().mean().double(), "return_post": query.returns().mean().double(),
