@@ -705,3 +705,66 @@ def test_meta_products_of_task_shards_sum_to_the_whole():
     damping = algo.cg_damping * v
     product = sum(n * (p.fisher_product(v) - damping) for n, p in zip(sizes, parts)) / 5 + damping
     assert torch.allclose(product, whole.fisher_product(v), rtol=1e-12, atol=1e-15)
+
+
+def _small_meta_batch(distribution="gaussian", tasks=3, samples=6):
+    torch.manual_seed(5)
+    policy = (GaussianMLPPolicy(2, 2, (4,)) if distribution == "gaussian" else CategoricalMLPPolicy(2, 3, (4,)))
+    policy = policy.double()
+    algo = MAMLTRPO(policy, inner_lr=0.1)
+    obs = torch.randn(tasks, samples, 2, dtype=torch.float64)
+    actions = torch.randn(tasks, samples, 2, dtype=torch.float64) if distribution == "gaussian" \
+        else torch.randint(0, 3, (tasks, samples))
+    average = torch.full((tasks, samples), 1.0 / samples, dtype=torch.float64)
+    data = TaskData(obs, actions, torch.randn(tasks, samples, dtype=torch.float64) * average, average)
+    return algo, data
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("observations", lambda d: d.observations[..., :1], r"support.observations: expected a floating-point tensor "
+                                                         r"\[tasks, samples, 2\]"),
+    ("actions", lambda d: d.actions[..., :1], r"support.actions: the gaussian policy with 2 actions expects"),
+    ("weights", lambda d: d.weights[:, :-1], r"support.weights: expected \[3, 6\]"),
+    ("weights", lambda d: d.weights.float(), r"support.weights: expected \[3, 6\] torch.float64"),
+    ("weights", lambda d: d.weights.clone().fill_(float("nan")), r"support.weights: has non-finite values"),
+    ("average", lambda d: -d.average, r"support.average: the averaging weights must be >= 0"),
+    ("actions", lambda d: d.actions.clone().fill_(float("inf")), r"support.actions: has non-finite values"),
+])
+def test_bad_meta_batches_are_refused_naming_the_field(field, value, message):
+    algo, data = _small_meta_batch()
+    bad = data._replace(**{field: value(data)})
+    with pytest.raises(ValueError, match=message):
+        algo.adapt(bad)
+    with pytest.raises(ValueError, match=message):
+        algo.step(bad, data)
+
+
+def test_bad_categorical_actions_and_mismatched_batches_are_refused():
+    algo, data = _small_meta_batch("categorical")
+    with pytest.raises(ValueError, match=r"query.actions: class indices must lie in \[0, 3\)"):
+        algo.step(data, data._replace(actions=data.actions + 3))
+    with pytest.raises(ValueError, match=r"query.actions: the categorical policy with 3 actions expects int64"):
+        algo.step(data, data._replace(actions=data.actions.double()))
+    with pytest.raises(ValueError, match="support and query must hold the same tasks: 3 and 2"):
+        algo.step(data, TaskData(*(x[:2] for x in data)))
+    with pytest.raises(TypeError, match="support: expected a mamlext.rl.trpo.TaskData"):
+        algo.adapt(tuple(data))
+
+
+def test_policy_passes_check_params_and_vectors():
+    spec = PolicySpec((2, 4, 2), "relu", "gaussian")
+    obs = torch.randn(3, 5, 2, dtype=torch.float64)
+    params = [torch.randn(s, dtype=torch.float64) for s in spec.shapes()]
+    with pytest.raises(ValueError, match="params: the gaussian policy with widths \\[2, 4, 2\\] has 5 parameter"):
+        PolicyPasses(spec, params[:-1], obs)
+    with pytest.raises(ValueError, match=r"params\[2\]: expected shape \[2, 4\] \(shared by the tasks\) or "
+                                         r"\[3, 2, 4\] \(per task\), got \[4, 2\]"):
+        PolicyPasses(spec, params[:2] + [params[2].t()] + params[3:], obs)
+    with pytest.raises(ValueError, match=r"params\[0\]: expected torch.float64 on cpu"):
+        PolicyPasses(spec, [params[0].float()] + params[1:], obs)
+    passes = PolicyPasses(spec, params, obs)
+    passes.loss_grad(torch.randn(3, 5, 2, dtype=torch.float64), torch.ones(3, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"vectors\[4\]: expected shape \[2\]"):
+        passes.hvp(params[:4] + [torch.zeros(3, dtype=torch.float64)])
+    with pytest.raises(ValueError, match=r"weights: expected \[3, 5\]"):
+        passes.gauss_newton(params, torch.ones(5, dtype=torch.float64))

@@ -83,11 +83,60 @@ def _split(aug: Tensor, reduce: bool) -> List[Tensor]:
     return [aug[..., :-1], aug[..., -1]]
 
 
+def check_params(spec: PolicySpec, params: Sequence[Tensor], tasks: int, like: Tensor, what: str = "params") -> None:
+    """ValueError naming ``what`` unless it holds the policy's parameters (or tensors shaped like them), each shared
+    (the parameter's shape) or per task ([T, *shape]), of ``like``'s dtype and device."""
+    shapes = spec.shapes()
+    if len(params) != len(shapes):
+        raise ValueError(f"{what}: the {spec.distribution} policy with widths {list(spec.widths)} has {len(shapes)} "
+                         f"parameter tensors, got {len(params)}")
+    for i, (p, shape) in enumerate(zip(params, shapes)):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"{what}[{i}]: expected a tensor, got {type(p).__name__}")
+        if tuple(p.shape) not in (shape, (tasks, *shape)):
+            raise ValueError(f"{what}[{i}]: expected shape {list(shape)} (shared by the tasks) or "
+                             f"{[tasks, *shape]} (per task), got {list(p.shape)}")
+        if p.dtype != like.dtype or p.device != like.device:
+            raise ValueError(f"{what}[{i}]: expected {like.dtype} on {like.device} (the observations'), got "
+                             f"{p.dtype} on {p.device}")
+
+
+def check_samples(spec: PolicySpec, observations: Tensor, actions: Optional[Tensor] = None,
+                  weights: Optional[Tensor] = None, what: str = "") -> None:
+    """ValueError naming the argument unless observations are [T, K, obs_dim] floating point, actions [T, K,
+    action_dim] of the same dtype (Gaussian) or int64 [T, K] (categorical), weights [T, K] of the same dtype."""
+    prefix = f"{what}." if what else ""
+    if not isinstance(observations, Tensor) or observations.dim() != 3 or not observations.is_floating_point() \
+            or observations.shape[-1] != spec.widths[0]:
+        got = f"{list(observations.shape)} {observations.dtype}" if isinstance(observations, Tensor) \
+            else type(observations).__name__
+        raise ValueError(f"{prefix}observations: expected a floating-point tensor [tasks, samples, {spec.widths[0]}] "
+                         f"(the policy's input width), got {got}")
+    T, K = observations.shape[:2]
+    if actions is not None:
+        if spec.distribution == "gaussian":
+            want, ok = f"[{T}, {K}, {spec.action_dim}] {observations.dtype}", actions.dtype == observations.dtype \
+                and tuple(actions.shape) == (T, K, spec.action_dim)
+        else:
+            want, ok = f"int64 [{T}, {K}] (class indices)", actions.dtype == torch.int64 \
+                and tuple(actions.shape) == (T, K)
+        if not ok:
+            raise ValueError(f"{prefix}actions: the {spec.distribution} policy with {spec.action_dim} actions "
+                             f"expects {want}, got {list(actions.shape)} {actions.dtype}")
+    if weights is not None and (weights.dtype != observations.dtype or tuple(weights.shape) != (T, K)):
+        raise ValueError(f"{prefix}weights: expected [{T}, {K}] {observations.dtype} (one per sample), got "
+                         f"{list(weights.shape)} {weights.dtype}")
+
+
 class PolicyPasses:
-    """One policy's passes at ``params`` (shared [shape] or per task [T, *shape] each) on observations [T, K, D]."""
+    """One policy's passes at ``params`` (shared [shape] or per task [T, *shape] each) on observations [T, K, D].
+    Shapes, dtypes and devices are checked; values are not (mamlext.rl.trpo checks a meta-batch's once)."""
 
     def __init__(self, spec: PolicySpec, params: Sequence[Tensor], observations: Tensor):
+        check_samples(spec, observations)
+        check_params(spec, params, observations.shape[0], observations)
         self.spec, self.params = spec, list(params)
+        self.x = observations
         self.tasks = T = observations.shape[0]
         K = observations.shape[1]
         L = spec.layers
@@ -128,6 +177,7 @@ class PolicyPasses:
 
     def log_prob(self, actions: Tensor) -> Tensor:
         """log pi(a | x) [T, K]."""
+        check_samples(self.spec, self.x, actions)
         if self.spec.distribution == "gaussian":
             e = actions - self.out
             return -(0.5 * e * e * self.inv_var + self.log_std + _HALF_LOG_2PI).sum(-1)
@@ -154,6 +204,7 @@ class PolicyPasses:
 
     def loss_grad(self, actions: Tensor, weights: Tensor, reduce: bool = False) -> Tuple[Tensor, List[Tensor]]:
         """(L_t [T], dL_t/dparams): per task [T, *shape] each, or summed over the tasks (reduce)."""
+        check_samples(self.spec, self.x, actions, weights)
         w = weights.unsqueeze(-1)
         self._w = w
         if self.spec.distribution == "gaussian":
@@ -219,6 +270,7 @@ class PolicyPasses:
         """H_t v_t of the loss of the last loss_grad call (its actions and weights), per task or summed (reduce)."""
         if self._dz is None:
             raise RuntimeError("PolicyPasses.hvp: call loss_grad first (the Hessian is that loss's)")
+        check_params(self.spec, vectors, self.tasks, self.x, "vectors")
         L, w = self.spec.layers, self._w
         rz, r_inputs, directions = self._r_forward(vectors)
         if self.spec.distribution == "gaussian":
@@ -246,6 +298,8 @@ class PolicyPasses:
 
     def gauss_newton(self, vectors: Sequence[Tensor], weights: Tensor, reduce: bool = False) -> List[Tensor]:
         """sum_k c_k J^T F J v per task (the policy's Fisher with per-sample weights c = ``weights`` [T, K])."""
+        check_params(self.spec, vectors, self.tasks, self.x, "vectors")
+        check_samples(self.spec, self.x, weights=weights)
         L, c = self.spec.layers, weights.unsqueeze(-1)
         rz, _, _ = self._r_forward(vectors)
         if self.spec.distribution == "gaussian":

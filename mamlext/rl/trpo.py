@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from mamlext.rl.passes import PolicyPasses
+from mamlext.rl.passes import PolicyPasses, check_samples
 from mamlext.rl.policy import CategoricalMLPPolicy, GaussianMLPPolicy
 from mamlext.rl.sampling import Episodes
 
@@ -75,6 +75,27 @@ class TaskData(NamedTuple):
         obs, actions, mask = episodes.flat()
         average = mask / mask.sum(1, keepdim=True).clamp_min(1)
         return cls(obs, actions, advantages.reshape(mask.shape) * average, average)
+
+
+def check_task_data(spec, data: "TaskData", what: str) -> None:
+    """ValueError naming ``what`` (support, query) and the field unless ``data`` is a TaskData the policy can read:
+    shapes and dtypes (mamlext.rl.passes.check_samples), finite observations and weights, averaging weights >= 0,
+    class indices in range."""
+    if not isinstance(data, TaskData):
+        raise TypeError(f"{what}: expected a mamlext.rl.trpo.TaskData (TaskData.from_episodes), got "
+                        f"{type(data).__name__}")
+    check_samples(spec, data.observations, data.actions, data.weights, what)
+    check_samples(spec, data.observations, weights=data.average, what=f"{what}.average")
+    for field in ("observations", "weights", "average"):
+        if not bool(torch.isfinite(getattr(data, field)).all()):
+            raise ValueError(f"{what}.{field}: has non-finite values (NaN or infinity)")
+    if bool((data.average < 0).any()):
+        raise ValueError(f"{what}.average: the averaging weights must be >= 0 (1 / valid steps, 0 on padding)")
+    if spec.distribution == "categorical" and data.actions.numel() and \
+            not bool(((data.actions >= 0) & (data.actions < spec.action_dim)).all()):
+        raise ValueError(f"{what}.actions: class indices must lie in [0, {spec.action_dim})")
+    elif spec.distribution == "gaussian" and not bool(torch.isfinite(data.actions).all()):
+        raise ValueError(f"{what}.actions: has non-finite values (NaN or infinity)")
 
 
 class MAMLTRPO(nn.Module):
@@ -131,6 +152,7 @@ class MAMLTRPO(nn.Module):
     def adapt(self, support: TaskData, params: Optional[Sequence[Tensor]] = None,
               rates: Optional[Sequence] = None) -> List[Tensor]:
         """The tasks' adapted parameters theta - alpha * g_t, per task [T, *shape] each."""
+        check_task_data(self.spec, support, "support")
         params = self.policy_params() if params is None else list(params)
         rates = self.rates() if rates is None else list(rates)
         _, grads = PolicyPasses(self.spec, params, support.observations).loss_grad(support.actions, support.weights)
@@ -188,6 +210,11 @@ class MetaProducts:
     @torch.no_grad()
     def __init__(self, algo: MAMLTRPO, support: TaskData, query: TaskData,
                  all_reduce: Optional[Callable[[Tensor], Tensor]] = None):
+        check_task_data(algo.spec, support, "support")
+        check_task_data(algo.spec, query, "query")
+        if support.observations.shape[0] != query.observations.shape[0]:
+            raise ValueError(f"support and query must hold the same tasks: {support.observations.shape[0]} and "
+                             f"{query.observations.shape[0]} tasks")
         self.algo, self.support, self.query = algo, support, query
         self.theta, self.rates = algo.policy_params(), algo.rates()
         self.learn_rates = algo.lrs is not None
