@@ -141,3 +141,4 @@ if ((SUITE_BUDGET_S < 10)); then SUITE_BUDGET_S=10; fi
 stage bench-suite $((SUITE_BUDGET_S + 30)) env MAMLEXT_REQUIRE_EXT=1 python -m mamlext bench --suite full --device cuda --no-progress --time-budget "$SUITE_BUDGET_S" --out "$OUT/bench"
 stage bench-task-sgd 40 env MAMLEXT_REQUIRE_EXT=1 python benchmarks/bench_task_sgd.py --device cuda --quick --out "$OUT/task_sgd_cuda.json"
 # Further benchmarks: stage NAME TIMEOUT_S command args...  (write results under "$OUT")
+stage bench-rl 90 env MAMLEXT_REQUIRE_EXT=1 python -m mamlext bench --suite rl --device cuda --no-progress --out "$OUT/bench-rl"

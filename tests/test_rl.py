@@ -11,6 +11,7 @@ from torch import nn
 from torch.distributions import Categorical, Normal, kl_divergence
 from torch.nn import functional as F
 
+from conftest import DEVICES
 from mamlext.rl.advantages import advantages, discounted_returns, gae, linear_baseline, normalize
 from mamlext.rl.envs import Navigation2D
 from mamlext.rl.passes import PolicyPasses
@@ -768,3 +769,25 @@ def test_policy_passes_check_params_and_vectors():
         passes.hvp(params[:4] + [torch.zeros(3, dtype=torch.float64)])
     with pytest.raises(ValueError, match=r"weights: expected \[3, 5\]"):
         passes.gauss_newton(params, torch.ones(5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_meta_products_and_sampling_on_each_device(device):
+    """The products on ``device`` equal the CPU's (float64), and sampling there is reproducible."""
+    algo, data = _small_meta_batch()
+    v = torch.randn(sum(p.numel() for p in algo.policy_params()), dtype=torch.float64)
+    on_cpu = algo.products(data, data)
+    expected = (on_cpu.gradient, on_cpu.fisher_product(v))
+    algo = algo.to(device)
+    moved = TaskData(*(x.to(device) for x in data))
+    products = algo.products(moved, moved)
+    assert torch.allclose(products.gradient.cpu(), expected[0], rtol=1e-10, atol=1e-14)
+    assert torch.allclose(products.fisher_product(v.to(device)).cpu(), expected[1], rtol=1e-10, atol=1e-14)
+    env = Navigation2D(horizon=5, dtype=torch.float64, device=device)
+    runs = []
+    for _ in range(2):
+        generator = torch.Generator(device=device).manual_seed(7)
+        goals = env.sample_tasks(3, generator)
+        runs.append(sample_episodes(env, goals, algo.spec, algo.policy_params(), 2, generator))
+    assert runs[0].observations.device.type == torch.device(device).type
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
