@@ -68,7 +68,45 @@ def _replace_parameters(module: nn.Module, updated: Dict[int, Tensor]) -> None:
             child._apply(lambda x: x)
 
 
-class MAML(nn.Module):
+class FusedLearner(nn.Module):
+    """What mamlext's learn2learn-style learners (MAML, MetaSGD) share: the wrapped ``module``, its forward as one
+    fused op where the fused MLP engine serves it (``_fused``, re-derived when the model changed: ``_signature``; a
+    learner's is None, it keeps what clone() derived), and attribute pass-through to the module."""
+
+    _fused: Optional[FusedLayers]
+    _signature: Optional[tuple]
+
+    def _refresh_fused(self) -> None:
+        """Re-derives _fused when the module changed since it was derived (a layer replaced or added, a dtype
+        changed, a hook or parametrization registered): the module is computed as it is now."""
+        signature = mlp_signature(self.module)
+        if signature != self._signature:
+            self._fused, self._signature = fused_layers(self.module), signature
+
+    def __getattr__(self, name: str):
+        """The module's attributes, as learn2learn's learners pass them through (``learner.head``)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules")
+            if modules is None or "module" not in modules:
+                raise
+            return getattr(modules["module"], name)
+
+    def forward(self, *args, **kwargs):
+        if self._signature is not None:
+            self._refresh_fused()
+        if self._fused is not None and len(args) == 1 and not kwargs and isinstance(args[0], Tensor):
+            out = run_fused(self.module, self._fused, args[0])
+            if out is not None:
+                return out
+        return self.module(*args, **kwargs)
+
+    def _name_of(self, param: Tensor) -> str:
+        return next(name for name, p in self.module.named_parameters() if p is param)
+
+
+class MAML(FusedLearner):
     """Model-Agnostic Meta-Learning with learn2learn 0.2's interface (``clone``, ``adapt``, ``module``, ``lr``).
 
     Args:
@@ -108,35 +146,6 @@ class MAML(nn.Module):
         self._fused: Optional[FusedLayers] = None
         self._signature: Optional[tuple] = ()
         self._refresh_fused()
-
-    def _refresh_fused(self) -> None:
-        """Re-derives _fused when the module changed since it was derived (a layer replaced or added, a dtype
-        changed, a hook or parametrization registered): the module is computed as it is now."""
-        signature = mlp_signature(self.module)
-        if signature != self._signature:
-            self._fused, self._signature = fused_layers(self.module), signature
-
-    def __getattr__(self, name: str):
-        """The module's attributes, as learn2learn's learners pass them through (``learner.head``)."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            modules = self.__dict__.get("_modules")
-            if modules is None or "module" not in modules:
-                raise
-            return getattr(modules["module"], name)
-
-    def forward(self, *args, **kwargs):
-        if self._signature is not None:
-            self._refresh_fused()
-        if self._fused is not None and len(args) == 1 and not kwargs and isinstance(args[0], Tensor):
-            out = run_fused(self.module, self._fused, args[0])
-            if out is not None:
-                return out
-        return self.module(*args, **kwargs)
-
-    def _name_of(self, param: Tensor) -> str:
-        return next(name for name, p in self.module.named_parameters() if p is param)
 
     def adapt(self, loss: Tensor, first_order: Optional[bool] = None, allow_unused: Optional[bool] = None,
               allow_nograd: Optional[bool] = None) -> None:
