@@ -290,6 +290,57 @@ def torchopt_loop(model: nn.Module, setting: Setting, data) -> Run:
     return run
 
 
+def metasgd_style(model: nn.Module, setting: Setting, data) -> Run:
+    """learn2learn 0.2's MetaSGD written out in plain PyTorch: clone_module, the rates cloned, autograd.grad of the
+    support loss, every parameter replaced by p - lr_p * g (per-element rates, here all inner_lr, so the model's
+    meta-gradient is MAML's)."""
+    rates = [torch.full_like(p, setting.inner_lr, requires_grad=True) for p in model.parameters()]
+
+    def adapt(learner, support):
+        module, lrs = learner
+        params = list(module.parameters())
+        grads = torch.autograd.grad(support, params, retain_graph=not setting.first_order,
+                                    create_graph=not setting.first_order)
+        _replace_parameters(module, {id(p): p - lr * g for p, lr, g in zip(params, lrs, grads)})
+
+    def make_learner():
+        module = _l2l_clone_module(model, {})
+        lrs = [lr.clone() for lr in rates]
+
+        class Learner(tuple):
+            def __call__(self, x):
+                return self[0](x)
+        return Learner((module, lrs))
+    return _learner_loop(make_learner, adapt, list(model.parameters()), setting, data)
+
+
+def mamlext_metasgd(model: nn.Module, setting: Setting, data) -> Run:
+    """The one-import swap for learn2learn's MetaSGD: mamlext.MetaSGD in the same loop."""
+    meta = mamlext.MetaSGD(model, lr=setting.inner_lr, first_order=setting.first_order)
+    return _learner_loop(meta.clone, lambda learner, support: learner.adapt(support), list(model.parameters()),
+                         setting, data)
+
+
+def mamlext_innerloop(model: nn.Module, setting: Setting, data) -> Run:
+    """higher's loop with mamlext.innerloop_ctx (torch.optim.SGD as the differentiable inner optimiser)."""
+    xs, ys, xq, yq = data
+    params = list(model.parameters())
+    loss = LOSS_FUNCTIONS[setting.loss]
+    inner_opt = torch.optim.SGD(params, lr=setting.inner_lr)
+    tasks = xs.shape[0]
+
+    def run():
+        _zero_grads(params)
+        for t in range(tasks):
+            with mamlext.innerloop_ctx(model, inner_opt, copy_initial_weights=False,
+                                       track_higher_grads=not setting.first_order) as (fmodel, diffopt):
+                for _ in range(setting.steps):
+                    diffopt.step(loss(fmodel(xs[t]), ys[t]))
+                (loss(fmodel(xq[t]), yq[t]) / tasks).backward()
+        return [p.grad for p in params]
+    return run
+
+
 def generic_available() -> bool:
     return "generic" in batched.BACKENDS
 
@@ -327,6 +378,9 @@ MAML_IMPLS: Dict[str, Callable[[nn.Module, Setting, tuple], Run]] = {
     "learn2learn": learn2learn_maml,
     "vmap": vmap_grad,
     "higher": higher_loop,
+    "mamlext.innerloop_ctx": mamlext_innerloop,
+    "metasgd-style": metasgd_style,
+    "mamlext.MetaSGD": mamlext_metasgd,
     "torchopt": torchopt_loop,
     "fused": batched_maml("fused"),
     "generic-graph": batched_maml("generic", "graph"),

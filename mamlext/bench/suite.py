@@ -70,11 +70,16 @@ RTOL = {torch.float64: {"mlp": 1e-6, "conv4": 1e-6, "imaml": 1e-6, "task_sgd": 1
         torch.float32: {"mlp": 2e-3, "conv4": 2e-3, "imaml": 2e-3, "task_sgd": 1e-6}}
 # The learn2learn-style loops (clone / adapt / backward per task): learn2learn's algorithm written out, learn2learn
 # itself when installed, the one-import swap to mamlext.MAML and its floor, the same loop on mamlext's ops without a
-# module (cases with learner_loops: the quick and dropin suites); the speed-ups are also given against the first two.
-LEARNER_LOOPS = ("l2l-style", "learn2learn", "mamlext.MAML", "ops-only")
+# module; learn2learn's MetaSGD written out and its swap mamlext.MetaSGD (rates all inner_lr: MAML's meta-gradient);
+# higher's loop on mamlext.innerloop_ctx (cases with learner_loops: the quick and dropin suites); the speed-ups are
+# also given against the first two.
+LEARNER_LOOPS = ("l2l-style", "learn2learn", "mamlext.MAML", "ops-only", "metasgd-style", "mamlext.MetaSGD",
+                 "mamlext.innerloop_ctx")
 BASELINES = ("loop", "vmap", "l2l-style", "learn2learn")
 LABELS = {"loop": "plain loop", "vmap": "torch.func vmap", "higher": "higher", "torchopt": "torchopt",
           "l2l-style": "l2l-style loop", "learn2learn": "learn2learn", "mamlext.MAML": "mamlext.MAML",
+          "metasgd-style": "l2l-style MetaSGD loop", "mamlext.MetaSGD": "mamlext.MetaSGD",
+          "mamlext.innerloop_ctx": "mamlext.innerloop_ctx (higher's loop)",
           "ops-only": "ops-only loop",
           "fused": "mamlext fused", "generic-graph": "mamlext generic (graph)",
           "generic-low": "mamlext generic (low)", "generic-low-chunk1": "mamlext generic (low, task_chunk=1)",
