@@ -1,13 +1,15 @@
 """The layerwise implementation of mlp_loss_grad, mlp_hvp and mlp_maml (csrc/layerwise/: layer by layer, GEMMs over
-all tasks), run on the CPU through the private ops torch.ops.mamlext._mlp_*_path, against the reference twins
+all tasks), run through the private ops torch.ops.mamlext._mlp_*_path, against the reference twins
 (mamlext.reference, evaluated in float64) and the per-task CPU kernel; the public ops' choice between the two CPU
-paths; edge cases. On CUDA the same implementation is the ops' kernel for wide networks, so these CPU runs exercise
-its host code and the element-wise arithmetic its CUDA kernels share."""
+paths; edge cases. On CUDA the same implementation is the ops' kernel for wide networks (wider than 64): the value
+tests also run there (every activation and loss, first and second order, a network wider than 64), and the CPU runs
+exercise its host code and the element-wise arithmetic its CUDA kernels share."""
 import math
 
 import pytest
 import torch
 
+from conftest import DEVICES
 from mamlext import _ext, ops, reference
 from mamlext._mlp_codes import ACTIVATIONS, LOSSES
 
@@ -88,19 +90,29 @@ def assert_rel(actual, expected, dtype, what):
         assert err <= RTOL[dtype] * scale, f"{what}[{i}]: max error {err:.3e}, scale {scale:.3e}"
 
 
-# (sizes, per-task parameter indices): depths 1-4, shared / per-task / mixed parameters, width-1 layers.
+# (sizes, per-task parameter indices): depths 1-4, shared / per-task / mixed parameters, width-1 layers, and one
+# network wider than 64 (what CUDA runs on this path).
 ARCHS = [([3, 5, 4], ()), ([2, 7, 6, 3], (0, 3, 5)), ([4, 3], (0, 1)), ([1, 9, 9, 9, 2], (2,)),
-         ([1, 1, 1], (0, 1, 2, 3)), ([2, 1, 6, 2], (1,))]
+         ([1, 1, 1], (0, 1, 2, 3)), ([2, 1, 6, 2], (1,)), ([3, 80, 70, 2], (1,))]
+
+
+def on(device, tensors):
+    return [t.to(device) for t in tensors]
+
+
+def cpu(tensors):
+    return [t.cpu() for t in tensors]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Values against the reference
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("loss", list(LOSSES))
 @pytest.mark.parametrize("act", ACTS)
-def test_loss_grad_and_hvp(dtype, loss, act):
+def test_loss_grad_and_hvp(dtype, loss, act, device):
     gen = torch.Generator().manual_seed(1)
     c = codes(act, loss)
     for sizes, per_task in ARCHS:
@@ -108,12 +120,12 @@ def test_loss_grad_and_hvp(dtype, loss, act):
         params = make_params(sizes, tasks, dtype, gen, per_task)
         x, y = make_data(sizes, tasks, 5, loss, dtype, gen)
         vectors = [rand(gen, *s, dtype=dtype) for s in reference._task_shapes(params, tasks)]
-        losses, grads = loss_grad(params, x, y, *c)
+        losses, grads = loss_grad(on(device, params), *on(device, [x, y]), *c)
         e_losses, e_grads = reference.mlp_loss_grad(f64(params), *f64([x, y]), *c)
-        assert_rel(losses, e_losses, dtype, f"{sizes} losses")
-        assert_rel(grads, e_grads, dtype, f"{sizes} grads")
-        hv = hvp(params, vectors, x, y, *c)
-        assert_rel(hv, reference.mlp_hvp(f64(params), f64(vectors), *f64([x, y]), *c), dtype, f"{sizes} hvp")
+        assert_rel(losses.cpu(), e_losses, dtype, f"{sizes} losses")
+        assert_rel(cpu(grads), e_grads, dtype, f"{sizes} grads")
+        hv = hvp(on(device, params), on(device, vectors), *on(device, [x, y]), *c)
+        assert_rel(cpu(hv), reference.mlp_hvp(f64(params), f64(vectors), *f64([x, y]), *c), dtype, f"{sizes} hvp")
 
 
 MAML_CASES = [
@@ -124,6 +136,7 @@ MAML_CASES = [
     ([4, 3], 2, "per_element", [0.5, 0.5]),
     ([3, 5, 4, 6, 2], 2, "mixed", [0.0, 1.0]),
     ([2, 1, 4], 3, "mixed", [1.0, 0.0, 0.3]),
+    ([2, 72, 66, 3], 2, "per_step", [0.4, 1.0]),  # wider than 64: CUDA's own case for this path
 ]
 
 
@@ -144,11 +157,12 @@ def maml_case(case, loss):
     return params, xs, ys, xq, yq, lrs, torch.tensor(weights, dtype=torch.float64)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
 @pytest.mark.parametrize("loss", list(LOSSES))
 @pytest.mark.parametrize("act", ACTS)
-def test_maml(dtype, first_order, loss, act):
+def test_maml(dtype, first_order, loss, act, device):
     c = codes(act, loss)
     for case, (sizes, steps, form, _) in enumerate(MAML_CASES):
         params, xs, ys, xq, yq, lrs, w = maml_case(case, loss)
@@ -156,13 +170,12 @@ def test_maml(dtype, first_order, loss, act):
         if key not in _MAML_EXPECTED:
             _MAML_EXPECTED[key] = reference.mlp_maml(params, xs, ys, xq, yq, lrs, w, first_order, *c)
         e = _MAML_EXPECTED[key]
-        cast = lambda ts: [t.to(dtype) if t.is_floating_point() else t for t in ts]  # noqa: E731
-        out = maml(cast(params), *cast([xs, ys, xq, yq]), cast(lrs), w.to(dtype), first_order,
-                                         *c)
+        cast = lambda ts: [(t.to(dtype) if t.is_floating_point() else t).to(device) for t in ts]  # noqa: E731
+        out = maml(cast(params), *cast([xs, ys, xq, yq]), cast(lrs), w.to(dtype).to(device), first_order, *c)
         what = f"{sizes} N={steps} {form}"
-        assert_rel(out[0], e[0], dtype, f"{what} query_losses")
-        assert_rel(out[1], e[1], dtype, f"{what} meta_grads")
-        assert_rel(out[2], e[2], dtype, f"{what} lr_grads")
+        assert_rel(out[0].cpu(), e[0], dtype, f"{what} query_losses")
+        assert_rel(cpu(out[1]), e[1], dtype, f"{what} meta_grads")
+        assert_rel(cpu(out[2]), e[2], dtype, f"{what} lr_grads")
 
 
 @pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])

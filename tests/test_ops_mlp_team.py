@@ -157,9 +157,12 @@ def test_block_kernel_matches_reference(path, dtype, first_order):
 @pytest.mark.skipif(not GPU, reason="no GPU visible")
 def test_block_kernel_shared_and_global_scratch_agree(dtype):
     """The same kernel with another base pointer for the scratch: the same bits. 2000 tasks are more than the
-    global workspace's grid, so its blocks also take several tasks each."""
+    global workspace's grid, so its blocks also take several tasks each. The widths are chosen so that a task's
+    scratch fits in shared memory in both dtypes (by mlp_maml_scratch_numel, 1-40-40-1 with 10 + 10 rows and 2
+    steps takes 247 KB in float64, more than an H100 block's 227 KB, so path block would fall back to global
+    scratch and compare nothing; 1-24-24-1 takes 115 KB)."""
     gen = torch.Generator().manual_seed(3)
-    widths, tasks = [1, 40, 40, 1], 2000
+    widths, tasks = [1, 24, 24, 1], 2000
     torch.manual_seed(3)
     params = [p.detach().to(dtype) for p in mlp(widths, "relu").parameters()]
     xs, ys, xq, yq = make_tasks(widths, tasks, 10, 10, "mse", dtype, "cpu", gen)
