@@ -22,6 +22,16 @@ from mamlext.engines.mlp_spec import mlp_signature
 from mamlext.nn import FusedLayers, fused_layers, parameter_slots, run_fused
 
 
+def refresh_flat_weights(module: nn.Module) -> None:
+    """RNNs cache their weights in a flat list (learn2learn issue 139): rebuilt from the tensors the module holds
+    now. learn2learn calls module._apply(lambda x: x) for this, which on an RNN ends in _init_flat_weights; this
+    calls that directly (on non-leaf tensors _apply also sets .data to itself and reads .grad, which warns)."""
+    if isinstance(module, nn.RNNBase) and hasattr(module, "_init_flat_weights"):
+        module._init_flat_weights()
+    else:
+        module._apply(lambda x: x)
+
+
 def clone_module(module: nn.Module) -> nn.Module:
     """A copy of ``module`` whose parameters are differentiable clones of the originals (gradients flow back to
     them). Tied parameters stay tied; buffers are shared with the original, as in learn2learn."""
@@ -33,8 +43,8 @@ def clone_module(module: nn.Module) -> nn.Module:
     clones = dict(zip(map(id, unique), ops.clone_tensors(unique)))
     for parameters, key, param in slots:
         parameters[key] = clones[id(param)]
-    for rnn in rnns:  # RNNs cache flat weights
-        rnn._apply(lambda x: x)
+    for rnn in rnns:
+        refresh_flat_weights(rnn)
     return clone
 
 
@@ -64,8 +74,8 @@ def _replace_parameters(module: nn.Module, updated: Dict[int, Tensor]) -> None:
         for key, param in child._parameters.items():
             if param is not None and id(param) in updated:
                 child._parameters[key] = updated[id(param)]
-        if hasattr(type(child), "flatten_parameters"):  # RNNs cache flat weights
-            child._apply(lambda x: x)
+        if hasattr(type(child), "flatten_parameters"):
+            refresh_flat_weights(child)
 
 
 class FusedLearner(nn.Module):

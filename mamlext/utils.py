@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from torch import Tensor, nn
 
 from mamlext import ops
-from mamlext.maml import _copy_tree
+from mamlext.maml import _copy_tree, refresh_flat_weights
 
 __all__ = ["clone_module", "detach_module", "update_module"]
 
@@ -53,7 +53,7 @@ def clone_module(module: nn.Module, memo: Optional[dict] = None) -> nn.Module:
                     memo[buffer] = buffer.clone()
                 buffers[key] = memo[buffer]
     for rnn in rnns:
-        _refresh_flat_weights(rnn)
+        refresh_flat_weights(rnn)
     return clone
 
 
@@ -88,18 +88,8 @@ def update_module(module: nn.Module, updates: Optional[Sequence[Tensor]] = None,
     for slots, key, tensor in places:
         slots[key] = memo[tensor]
     for rnn in rnns:
-        _refresh_flat_weights(rnn)
+        refresh_flat_weights(rnn)
     return module
-
-
-def _refresh_flat_weights(module: nn.Module) -> None:
-    """RNNs cache their weights in a flat list (learn2learn issue 139): rebuilt from the tensors the module holds
-    now. learn2learn calls module._apply(lambda x: x) for this, which on an RNN ends in _init_flat_weights; this
-    calls that directly (on non-leaf tensors _apply also sets .data to itself and reads .grad, which warns)."""
-    if isinstance(module, nn.RNNBase) and hasattr(module, "_init_flat_weights"):
-        module._init_flat_weights()
-    else:
-        module._apply(lambda x: x)
 
 
 def _collect(module: nn.Module, memo: dict, places: list, pending: Dict[int, Tensor], rnns: list) -> None:

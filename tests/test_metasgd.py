@@ -436,9 +436,7 @@ def test_update_is_one_task_sgd_call(monkeypatch):
         assert all(p.data_ptr() in out_ptrs for p in learner.module.parameters())
 
 
-# (maml.clone_module refreshes an RNN's flat weights through module._apply, as learn2learn does, which reads .grad
-# of the non-leaf clones and warns)
-@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf Tensor")
+@pytest.mark.filterwarnings("error:The .grad attribute of a Tensor that is not a leaf Tensor")
 def test_rnn_learner():
     """An RNN's flat weights follow the adapted parameters (learn2learn issue 139)."""
     torch.manual_seed(0)
