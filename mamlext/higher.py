@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from mamlext import ops
-from mamlext.maml import _copy_tree
+from mamlext.maml import FusedLearner, _copy_tree
 from mamlext.nn import fused_layers, run_fused
 
 __all__ = ["DifferentiableSGD", "FunctionalModule", "innerloop_ctx", "SUPPORTED_OPTIMIZERS", "SGD_SETTINGS"]
@@ -48,7 +48,7 @@ def _check_optimizer(opt, where: str) -> None:
 # The patched model
 # ==============================================================================================================
 
-class FunctionalModule(nn.Module):
+class FunctionalModule(FusedLearner):
     """A model run with fast weights: higher's patched module (``fmodel``).
 
     ``fmodel(*args, params=None, **kwargs)`` runs the model with the latest fast weights (or with ``params``, which
@@ -84,7 +84,7 @@ class FunctionalModule(nn.Module):
         self._rnns = [rnn for rnn in rnns if hasattr(rnn, "_flat_weights_names")]
         # An MLP the fused engine serves runs through ops.mlp; decided once, as for a mamlext.MAML learner
         # (run_fused still checks for hooks at every call). The copy is private: its layers do not change.
-        self._fused = fused_layers(model)
+        self._fused, self._signature = fused_layers(model), None
         self._fast_params: Optional[List[List[Tensor]]] = None
         self._track_higher_grads = True
         self.track_higher_grads = track_higher_grads
@@ -175,16 +175,6 @@ class FunctionalModule(nn.Module):
                 return out
         return torch.func.functional_call(self.module, dict(zip(self._names, self._fast_params[-1])), args, kwargs,
                                           tie_weights=False, strict=False)
-
-    def __getattr__(self, name: str):
-        """The model's attributes (``fmodel.fc``, ``fmodel.num_classes``), from the copy."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            modules = self.__dict__.get("_modules")
-            if modules is None or "module" not in modules:
-                raise
-            return getattr(modules["module"], name)
 
     def __getitem__(self, index):
         return self.module[index]

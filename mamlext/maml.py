@@ -79,7 +79,7 @@ def _replace_parameters(module: nn.Module, updated: Dict[int, Tensor]) -> None:
 
 
 class FusedLearner(nn.Module):
-    """What mamlext's learn2learn-style learners (MAML, MetaSGD) share: the wrapped ``module``, its forward as one
+    """What mamlext's learners (MAML, MetaSGD, innerloop_ctx's fmodel) share: the wrapped ``module``, its forward as one
     fused op where the fused MLP engine serves it (``_fused``, re-derived when the model changed: ``_signature``; a
     learner's is None, it keeps what clone() derived), and attribute pass-through to the module."""
 
