@@ -29,7 +29,7 @@ def evaluate_run(experiment, config: Dict[str, Any], out_dir: Optional[Path], ta
     text = experiment.report(result)
     print(text, flush=True)
     if "plot" in result:
-        print(f"plot of adapted curves: {result['plot']}", flush=True)
+        print(f"plot of the adapted models: {result['plot']}", flush=True)
     if write and out_dir is not None:
         atomic_write_text(Path(out_dir) / "eval.json", json.dumps(result, indent=2) + "\n")
         atomic_write_text(Path(out_dir) / "eval.txt", text + "\n")
