@@ -16,13 +16,7 @@ TINY_TIMING = rl.Timing(repeats=1, fvp_min_run_time=0.01, update_min_run_time=0.
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: these tiny problems gain nothing from two, and lose much when the cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rows(impls=None, setting=TINY):

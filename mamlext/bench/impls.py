@@ -242,11 +242,9 @@ def _require(module: str) -> None:
         raise Skip(f"{module} is not installed (pip install {module})")
 
 
-def higher_loop(model: nn.Module, setting: Setting, data) -> Run:
-    _require("higher")
-    _second_order_only("higher", setting)
-    import higher
-
+def _innerloop_run(innerloop_ctx, model: nn.Module, setting: Setting, data) -> Run:
+    """higher's loop: per task, innerloop_ctx(model, SGD, copy_initial_weights=False), diffopt.step per inner step,
+    (query loss / T).backward()."""
     xs, ys, xq, yq = data
     params = list(model.parameters())
     loss = LOSS_FUNCTIONS[setting.loss]
@@ -256,12 +254,21 @@ def higher_loop(model: nn.Module, setting: Setting, data) -> Run:
     def run():
         _zero_grads(params)
         for t in range(tasks):
-            with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False) as (fmodel, diffopt):
+            with innerloop_ctx(model, inner_opt, copy_initial_weights=False,
+                               track_higher_grads=not setting.first_order) as (fmodel, diffopt):
                 for _ in range(setting.steps):
                     diffopt.step(loss(fmodel(xs[t]), ys[t]))
                 (loss(fmodel(xq[t]), yq[t]) / tasks).backward()
         return [p.grad for p in params]
     return run
+
+
+def higher_loop(model: nn.Module, setting: Setting, data) -> Run:
+    _require("higher")
+    _second_order_only("higher", setting)
+    import higher
+
+    return _innerloop_run(higher.innerloop_ctx, model, setting, data)
 
 
 def torchopt_loop(model: nn.Module, setting: Setting, data) -> Run:
@@ -323,22 +330,7 @@ def mamlext_metasgd(model: nn.Module, setting: Setting, data) -> Run:
 
 def mamlext_innerloop(model: nn.Module, setting: Setting, data) -> Run:
     """higher's loop with mamlext.innerloop_ctx (torch.optim.SGD as the differentiable inner optimiser)."""
-    xs, ys, xq, yq = data
-    params = list(model.parameters())
-    loss = LOSS_FUNCTIONS[setting.loss]
-    inner_opt = torch.optim.SGD(params, lr=setting.inner_lr)
-    tasks = xs.shape[0]
-
-    def run():
-        _zero_grads(params)
-        for t in range(tasks):
-            with mamlext.innerloop_ctx(model, inner_opt, copy_initial_weights=False,
-                                       track_higher_grads=not setting.first_order) as (fmodel, diffopt):
-                for _ in range(setting.steps):
-                    diffopt.step(loss(fmodel(xs[t]), ys[t]))
-                (loss(fmodel(xq[t]), yq[t]) / tasks).backward()
-        return [p.grad for p in params]
-    return run
+    return _innerloop_run(mamlext.innerloop_ctx, model, setting, data)
 
 
 def generic_available() -> bool:
