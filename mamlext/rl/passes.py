@@ -18,8 +18,8 @@ Per sample, with e = a - mu and iv = exp(-2 s):
 The forward activations and the backward pass at the parameters are computed once (construction, loss_grad) and
 reused by every product, as conjugate gradient calls them repeatedly at the same parameters.
 
-Layout, for speed on the CPU: every product is a batched GEMM over the tasks (T GEMMs of K rows run at nearly twice
-the rate of one tall GEMM of T * K rows in MKL), and each layer's input is kept with a column of ones, [h | 1], so
+Layout, for speed on the CPU: every product is a batched GEMM over the tasks (MKL runs T GEMMs of K rows faster
+than one tall GEMM of T * K rows), and each layer's input is kept with a column of ones, [h | 1], so
 that the bias is part of the weight, [W | b]: the forward adds it and the backward sums dz over the rows inside the
 GEMM instead of in passes of their own. R{h} is kept as [R{h} | 0] in buffers reused across products.
 """
@@ -48,8 +48,8 @@ def _with_bias(W: Tensor, b: Tensor) -> Tensor:
 
 
 def _times_t(h: Tensor, W: Tensor, out: Optional[Tensor] = None) -> Tensor:
-    """h [T, K, n] W^T for W [m, n] or [T, m, n]. MKL is several times slower on a transposed operand with few rows
-    (n < m: the first layer's), so that one is copied (it is small)."""
+    """h [T, K, n] W^T for W [m, n] or [T, m, n]. MKL is slower on a transposed operand with few rows (n < m: the
+    first layer's), so that one is copied (it is small)."""
     Wt = _per_task(W, h.shape[0]).transpose(1, 2)
     return torch.bmm(h, Wt.contiguous() if Wt.shape[1] < Wt.shape[2] else Wt, out=out)
 
@@ -61,7 +61,7 @@ def _times(dz: Tensor, W: Tensor, out: Optional[Tensor] = None) -> Tensor:
 
 def _outer(dz: Tensor, h: Tensor) -> Tensor:
     """dz^T h per task [T, m, n]; as (h^T dz)^T when h is the narrower (the first layer's input), which MKL runs
-    several times faster."""
+    faster."""
     if h.shape[-1] < dz.shape[-1]:
         return torch.bmm(h.transpose(1, 2), dz).transpose(1, 2)
     return torch.bmm(dz.transpose(1, 2), h)
@@ -104,7 +104,8 @@ def check_params(spec: PolicySpec, params: Sequence[Tensor], tasks: int, like: T
 def check_samples(spec: PolicySpec, observations: Tensor, actions: Optional[Tensor] = None,
                   weights: Optional[Tensor] = None, what: str = "") -> None:
     """ValueError naming the argument unless observations are [T, K, obs_dim] floating point, actions [T, K,
-    action_dim] of the same dtype (Gaussian) or int64 [T, K] (categorical), weights [T, K] of the same dtype."""
+    action_dim] of the same dtype (Gaussian) or int64 [T, K] (categorical), weights [T, K] of the same dtype, all on
+    one device."""
     prefix = f"{what}." if what else ""
     if not isinstance(observations, Tensor) or observations.dim() != 3 or not observations.is_floating_point() \
             or observations.shape[-1] != spec.widths[0]:
@@ -126,6 +127,10 @@ def check_samples(spec: PolicySpec, observations: Tensor, actions: Optional[Tens
     if weights is not None and (weights.dtype != observations.dtype or tuple(weights.shape) != (T, K)):
         raise ValueError(f"{prefix}weights: expected [{T}, {K}] {observations.dtype} (one per sample), got "
                          f"{list(weights.shape)} {weights.dtype}")
+    for name, tensor in (("actions", actions), ("weights", weights)):
+        if tensor is not None and tensor.device != observations.device:
+            raise ValueError(f"{prefix}{name}: expected on {observations.device} (the observations' device), got "
+                             f"{tensor.device}")
 
 
 class PolicyPasses:

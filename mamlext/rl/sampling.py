@@ -61,6 +61,11 @@ def sample_episodes(env: TaskEnv, tasks: Tensor, spec: PolicySpec, params: Seque
     one process sampling all, and leaves the generator in the same state. (An environment's own randomness at reset,
     e.g. a gymnasium environment's seeds, is drawn for the slice's tasks only.)"""
     check_policy_fits(spec, env)
+    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
+        raise ValueError(f"sample_episodes: episodes must be an integer >= 1 (per task), got {episodes!r}")
+    if not isinstance(tasks, Tensor) or tasks.dim() < 1 or tasks.shape[0] < 1:
+        raise ValueError(f"sample_episodes: tasks must be a tensor with one row per task (env.sample_tasks), got "
+                         f"{tasks.shape if isinstance(tasks, Tensor) else type(tasks).__name__}")
     H = env.horizon
     if spec.distribution == "gaussian":
         noise = torch.randn(tasks.shape[0], episodes, H, spec.action_dim, generator=generator,

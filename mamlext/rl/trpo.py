@@ -154,7 +154,10 @@ class MAMLTRPO(nn.Module):
         """The tasks' adapted parameters theta - alpha * g_t, per task [T, *shape] each."""
         check_task_data(self.spec, support, "support")
         params = self.policy_params() if params is None else list(params)
-        rates = self.rates() if rates is None else list(rates)
+        return self._adapted(support, params, self.rates() if rates is None else list(rates))
+
+    def _adapted(self, support: TaskData, params: List[Tensor], rates: Sequence) -> List[Tensor]:
+        """adapt on a support set already checked (the line search's candidates: one check per meta-update)."""
         _, grads = PolicyPasses(self.spec, params, support.observations).loss_grad(support.actions, support.weights)
         return [p - lr * g for p, lr, g in zip(params, rates, grads)]
 
@@ -277,7 +280,7 @@ class MetaProducts:
         parts = self.split(candidate)
         n = len(self.theta)
         rates = parts[n:] if self.learn_rates else self.rates
-        adapted = self.algo.adapt(self.support, parts[:n], rates)
+        adapted = self.algo._adapted(self.support, parts[:n], rates)
         passes = PolicyPasses(self.algo.spec, adapted, self.query.observations)
         ratio = torch.exp(passes.log_prob(self.query.actions) - self.old_log_prob)
         loss = -(self.query.weights * ratio).sum(1).sum()
