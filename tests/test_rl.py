@@ -791,3 +791,62 @@ def test_meta_products_and_sampling_on_each_device(device):
         runs.append(sample_episodes(env, goals, algo.spec, algo.policy_params(), 2, generator))
     assert runs[0].observations.device.type == torch.device(device).type
     assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
+
+
+def test_conjugate_gradient_returns_the_product_of_its_solution():
+    torch.manual_seed(11)
+    m = torch.randn(8, 8, dtype=torch.float64)
+    a = m @ m.t() + 0.5 * torch.eye(8, dtype=torch.float64)
+    b = torch.randn(8, dtype=torch.float64)
+    for iterations in (3, 8):
+        x, ax = conjugate_gradient(lambda v: a @ v, b, iterations, with_product=True)
+        assert torch.allclose(ax, a @ x, rtol=1e-10, atol=1e-12)
+
+
+def test_meta_products_against_central_finite_differences():
+    """The meta-gradient and v^T F v against central differences of the meta-objective itself (the mean surrogate
+    and KL after re-adapting at perturbed meta-parameters), float64."""
+    algo, data = _small_meta_batch()
+    m = algo.products(data, data)
+    at_start = m.surrogate_and_kl(m.start)  # the KL of equal policies, 0 up to rounding
+    assert torch.allclose(m.before, at_start, rtol=1e-12, atol=1e-14)
+    v = torch.randn_like(m.start)
+    v = v / v.norm()
+    eps = 1e-4
+    plus, minus = m.surrogate_and_kl(m.start + eps * v), m.surrogate_and_kl(m.start - eps * v)
+    directional = (plus[0] - minus[0]) / (2 * eps)
+    assert torch.allclose(m.gradient @ v, directional, rtol=1e-6, atol=1e-10)
+    # the KL is 0 with zero gradient at the start: its second difference is v^T F v
+    curvature = (plus[1] + minus[1] - 2 * at_start[1]) / eps ** 2
+    vfv = v @ (m.fisher_product(v) - algo.cg_damping * v)
+    assert torch.allclose(vfv, curvature, rtol=1e-5)
+
+
+def test_sampling_a_share_of_the_tasks_draws_what_all_would():
+    """What a torchrun rank samples (task_slice) equals the slice of one process's sampling, and the generator ends
+    in the same state."""
+    env = Navigation2D(horizon=6, dtype=torch.float64)
+    policy = GaussianMLPPolicy(2, 2, (4,)).double()
+    params = [p.detach() for p in policy.param_list()]
+    goals = env.sample_tasks(5, torch.Generator().manual_seed(1))
+    whole_gen, share_gen = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    whole = sample_episodes(env, goals, policy.spec, params, 3, whole_gen)
+    share = sample_episodes(env, goals, policy.spec, params, 3, share_gen, task_slice=slice(3, 5))
+    for a, b in zip(whole, share):
+        assert torch.equal(a[3:5], b)
+    assert torch.equal(whole_gen.get_state(), share_gen.get_state())
+
+
+def test_sampling_and_samples_refuse_bad_arguments():
+    env = Navigation2D(horizon=4, dtype=torch.float64)
+    policy = GaussianMLPPolicy(2, 2, (4,)).double()
+    params = [p.detach() for p in policy.param_list()]
+    goals = env.sample_tasks(2, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="episodes must be an integer >= 1"):
+        sample_episodes(env, goals, policy.spec, params, 0, torch.Generator())
+    with pytest.raises(ValueError, match="tasks must be a tensor with one row per task"):
+        sample_episodes(env, goals[:0], policy.spec, params, 1, torch.Generator())
+    algo, data = _small_meta_batch()
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"support.weights: expected on cpu"):
+            algo.adapt(data._replace(weights=data.weights.cuda()))

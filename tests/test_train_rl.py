@@ -94,6 +94,26 @@ def test_nav_evaluation_table_and_plot(tmp_path, capsys):
     assert format_nav_table(result["eval"]).splitlines()[2] in capsys.readouterr().out
 
 
+def test_max_kl_bounds_every_accepted_step(tmp_path):
+    result = train(tiny_nav(max_kl=0.002, iterations=4, log_every=1), out=tmp_path / "run", progress=False,
+                   evaluate=False)
+    assert result["iteration"] == 4
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(m["step_fraction"] > 0 for m in lines)
+    assert all(m["kl"] < 0.002 for m in lines)
+
+
+def test_tiny_cheetah_run_trains_and_evaluates(tmp_path, monkeypatch):
+    pytest.importorskip("mujoco")
+    monkeypatch.chdir(tmp_path)  # MuJoCo writes MUJOCO_LOG.TXT into the working directory
+    config = make_config("cheetah-dir", iterations=1, meta_batch=2, episodes=1, horizon=5, hidden=4, eval_tasks=2,
+                         eval_episodes=1, test_steps=1, device="cpu")
+    result = train(config, out=tmp_path / "run", progress=False)
+    assert result["iteration"] == 1
+    assert [r["steps"] for r in result["eval"]["rows"]] == [0, 1]
+    assert "cheetah-dir, 2 new tasks" in (tmp_path / "run" / "eval.txt").read_text()
+
+
 def test_cli_train_nav(tmp_path, capsys):
     assert main(["train", "nav", "--iterations", "2", "--meta-batch", "2", "--episodes", "2", "--hidden", "8",
                  "--eval-tasks", "2", "--eval-episodes", "2", "--test-steps", "1", "--plot-tasks", "0",
