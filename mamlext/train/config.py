@@ -19,7 +19,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # lr_mode="per_param"); the conv net runs on mamlext.MAML one task at a time (faster on a CPU than the generic
 # engine).
 SUPPORTED_ALGOS = {"sine": ("maml", "fomaml", "metasgd"), "omniglot": ("maml", "fomaml"),
-                   **{task: ("maml", "fomaml", "metasgd") for task in ("nav", "cheetah-vel", "cheetah-dir")}}
+                   **{task: ("maml", "fomaml", "metasgd") for task in RL_TASKS}}
 
 # Finn et al. 2017: sinusoid regression (section 5.1): 1-40-40-1 ReLU, K=10 support + 10 query, one inner step,
 # Adam 1e-3, meta-batch 25, 70,000 meta-iterations (the command in the README of the paper's code, cbfinn/maml).

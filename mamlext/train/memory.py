@@ -3,12 +3,12 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from mamlext.train.config import DTYPES, ConfigError
+from mamlext.train.config import DTYPES, RL_TASKS, ConfigError
 
 # The sizes that memory_estimate depends on, named when a run would not fit.
 SIZE_OPTIONS = {"sine": ("hidden", "meta_batch", "shots", "query", "inner_steps"),
                 "omniglot": ("hidden", "ways", "shots", "query", "inner_steps"),
-                **{task: ("hidden", "meta_batch", "episodes") for task in ("nav", "cheetah-vel", "cheetah-dir")}}
+                **{task: ("hidden", "meta_batch", "episodes") for task in RL_TASKS}}
 
 
 def memory_estimate(config: Dict[str, Any]) -> int:
@@ -17,7 +17,7 @@ def memory_estimate(config: Dict[str, Any]) -> int:
     Sine runs its whole meta-batch at once; omniglot one task at a time. Good for refusing absurd sizes, not for
     planning a run."""
     c = config
-    if "episodes" in c:  # meta-RL: the h-h policy's passes: about a dozen [samples, h] tensors for the support and query passes
+    if c["task"] in RL_TASKS:  # the h-h policy's passes: about a dozen [samples, h] tensors, support and query
         samples = c["meta_batch"] * c["episodes"] * c["horizon"]
         return DTYPES[c["dtype"]].itemsize * 2 * samples * c["hidden"] * 12
     h, steps = c["hidden"], c["inner_steps"] + 1
