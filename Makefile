@@ -3,12 +3,12 @@
 # Each installs the requirements and builds the extension first, and is safe to re-run: the build is redone
 # only when a source, the requirements or the build configuration changed.
 #   make test TORCH=torch==2.14.1    pin torch (CI does)
-#   FORCE_CUDA=1 / USE_CUDA=0 / TORCH_CUDA_ARCH_LIST=... / DEBUG=1 make ...   see setup.py
+#   FORCE_CUDA=1 / USE_CUDA=0 / TORCH_CUDA_ARCH_LIST=... / DEBUG=1 / MAMLEXT_STRICT_PTXAS=1 make ...   see setup.py
 PYTHON ?= python3
 TORCH ?=
 PIP := $(PYTHON) -m pip install --disable-pip-version-check
 
-BUILD_CONFIG := $(PYTHON) $(TORCH) $(FORCE_CUDA) $(USE_CUDA) $(TORCH_CUDA_ARCH_LIST) $(DEBUG)
+BUILD_CONFIG := $(PYTHON) $(TORCH) $(FORCE_CUDA) $(USE_CUDA) $(TORCH_CUDA_ARCH_LIST) $(DEBUG) $(MAMLEXT_STRICT_PTXAS)
 STAMP := build/.installed-$(shell echo '$(BUILD_CONFIG)' | md5sum | cut -c1-12)
 ifeq ($(wildcard mamlext/_C*.so),)
 STAMP_FORCE := FORCE

@@ -6,6 +6,8 @@ Environment:
   TORCH_CUDA_ARCH_LIST    archs to compile for; default: the visible GPUs', or "8.0;9.0" without one.
   CUDA_HOME               toolkit root; found from nvcc or /usr/local/cuda when unset.
   DEBUG=1                 -O0 -g.
+  MAMLEXT_STRICT_PTXAS=1  fail the build when a CUDA kernel spills registers or uses local memory (a stack frame,
+                          which the driver reserves for every resident thread of the GPU); CI sets it.
 """
 import glob
 import os
@@ -84,6 +86,7 @@ def _extension():
     print(f"  CUDA_HOME      {CUDA_HOME}")
     print(f"  CUDA archs     {archs or '-'}")
     print(f"  debug          {'yes (-O0 -g)' if debug else 'no (-O3)'}")
+    print(f"  strict ptxas   {'yes' if with_cuda and _env_flag('MAMLEXT_STRICT_PTXAS') else 'no'}")
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp"))
                      + glob.glob(os.path.join("csrc", "autograd", "*.cpp"))
@@ -100,6 +103,8 @@ def _extension():
                             include_dirs=[os.path.join(ROOT, "csrc")])
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     nvcc = opt + (["-G"] if debug else []) + defines + ["-DMAMLEXT_WITH_CUDA", "--expt-relaxed-constexpr"]
+    if _env_flag("MAMLEXT_STRICT_PTXAS"):
+        nvcc.append("-Xptxas=--warn-on-spills,--warn-on-local-memory-usage,--warning-as-error")
     return CUDAExtension("mamlext._C", sources, include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=link,
                          extra_compile_args={"cxx": cxx + ["-DMAMLEXT_WITH_CUDA"], "nvcc": nvcc})
 

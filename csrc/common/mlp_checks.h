@@ -94,6 +94,7 @@ inline MlpCall check_mlp_params(const char* op, at::TensorList params, int64_t t
                   " to match params[", i - 1, "] ", params[i - 1].sizes(), ", got ", p.sizes());
     }
   }
+  d.set_offsets();
   return call;
 }
 

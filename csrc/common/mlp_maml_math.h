@@ -23,23 +23,40 @@ struct MamlLrs {
   bool per_element[2 * kMlpMaxLayers] = {};
 };
 
-// One task's MAML workspace, carved from one buffer of mlp_maml_scratch_numel elements.
+// One task's MAML workspace in one buffer of mlp_maml_scratch_numel elements. The arrays' places are computed on
+// each access from the sizes (a view of a few values: see MlpParams).
 template <typename scalar_t>
 struct MamlScratch {
-  scalar_t* thetas = nullptr;  // [N, P]: theta_1 .. theta_N (theta_0 is the shared meta-parameters)
-  scalar_t* grads = nullptr;   // [N, P]: g_0 .. g_{N-1}, the support gradients
-  scalar_t* direction = nullptr;  // [P]: alpha_k * v_{k+1}
-  scalar_t* hv = nullptr;         // [P]: H_support(theta_k) direction
-  scalar_t* query_grad = nullptr;  // [P]
+  const MlpDims* dims = nullptr;
+  scalar_t* base = nullptr;
+  int64_t steps = 0, support_rows = 0, query_rows = 0;
+  bool first_order = false;
+
+  C10_HOST_DEVICE int64_t P() const { return dims->total_param_numel(); }
+  C10_HOST_DEVICE int64_t step_numel() const { return mlp_activations_numel(*dims, support_rows, false); }
+  // [N, P]: theta_1 .. theta_N (theta_0 is the shared meta-parameters).
+  C10_HOST_DEVICE scalar_t* thetas() const { return base; }
+  // [N, P]: g_0 .. g_{N-1}, the support gradients.
+  C10_HOST_DEVICE scalar_t* grads() const { return base + steps * P(); }
+  C10_HOST_DEVICE scalar_t* direction() const { return base + 2 * steps * P(); }  // [P]: alpha_k * v_{k+1}
+  C10_HOST_DEVICE scalar_t* hv() const { return direction() + P(); }             // [P]: H_support(theta_k) direction
+  C10_HOST_DEVICE scalar_t* query_grad() const { return direction() + 2 * P(); }  // [P]
   // [N + 2, Pt] (Pt = mlp_transposed_numel): the transposed weights of theta_0 .. theta_N and of direction.
   // theta_0's are written once per scratch by prepare_maml_scratch, for every task that uses it.
-  scalar_t* transposed = nullptr;
+  C10_HOST_DEVICE scalar_t* transposed() const { return direction() + 3 * P(); }
   // The support passes' z, h, dz, dh: second order, [N] sets, one per inner step, that the reverse recursion's HVP
-  // at theta_k reads instead of recomputing them; first order, one set. support_r: the R-passes' arrays.
-  scalar_t* support_steps = nullptr;
-  scalar_t* support_r = nullptr;
-  int64_t support_rows = 0;
-  MlpActivations<scalar_t> query;
+  // at theta_k reads instead of recomputing them; first order, one set.
+  C10_HOST_DEVICE scalar_t* support_steps() const { return transposed() + (steps + 2) * mlp_transposed_numel(*dims); }
+  // The R-passes' arrays (second order only).
+  C10_HOST_DEVICE scalar_t* support_r() const {
+    return first_order ? nullptr : support_steps() + steps * step_numel();
+  }
+  C10_HOST_DEVICE MlpActivations<scalar_t> query() const {
+    scalar_t* after_steps = support_steps() + (first_order ? 1 : steps) * step_numel();
+    scalar_t* q = first_order ? after_steps
+                              : after_steps + mlp_activations_numel(*dims, support_rows, true) - step_numel();
+    return carve_activations(*dims, query_rows, false, q);
+  }
 };
 
 C10_HOST_DEVICE inline int64_t mlp_maml_scratch_numel(const MlpDims& d, int64_t steps, int64_t support_rows,
@@ -56,29 +73,20 @@ C10_HOST_DEVICE inline int64_t mlp_maml_scratch_numel(const MlpDims& d, int64_t 
 template <typename scalar_t>
 C10_HOST_DEVICE inline MlpActivations<scalar_t> support_activations(const MlpDims& d, const MamlScratch<scalar_t>& s,
                                                                     int64_t k) {
-  const int64_t step = s.support_r == nullptr ? 0 : k;
-  return carve_activations_at(d, s.support_rows, s.support_steps + step * mlp_activations_numel(d, s.support_rows, false),
-                              s.support_r);
+  const int64_t step = s.first_order ? 0 : k;
+  return carve_activations_at(d, s.support_rows, s.support_steps() + step * s.step_numel(), s.support_r());
 }
 
 template <typename scalar_t>
 C10_HOST_DEVICE inline MamlScratch<scalar_t> carve_maml_scratch(const MlpDims& d, int64_t steps, int64_t support_rows,
                                                                 int64_t query_rows, bool first_order, scalar_t* base) {
-  const int64_t P = d.total_param_numel();
   MamlScratch<scalar_t> s;
-  s.thetas = base;
-  s.grads = s.thetas + steps * P;
-  s.direction = s.grads + steps * P;
-  s.hv = s.direction + P;
-  s.query_grad = s.hv + P;
-  s.transposed = s.query_grad + P;
-  const int64_t step_numel = mlp_activations_numel(d, support_rows, false);
+  s.dims = &d;
+  s.base = base;
+  s.steps = steps;
   s.support_rows = support_rows;
-  s.support_steps = s.transposed + (steps + 2) * mlp_transposed_numel(d);
-  scalar_t* after_steps = s.support_steps + (first_order ? 1 : steps) * step_numel;
-  s.support_r = first_order ? nullptr : after_steps;
-  scalar_t* query = first_order ? after_steps : after_steps + mlp_activations_numel(d, support_rows, true) - step_numel;
-  s.query = carve_activations(d, query_rows, false, query);
+  s.query_rows = query_rows;
+  s.first_order = first_order;
   return s;
 }
 
@@ -86,7 +94,7 @@ C10_HOST_DEVICE inline MamlScratch<scalar_t> carve_maml_scratch(const MlpDims& d
 template <typename Team, typename scalar_t>
 C10_HOST_DEVICE inline void prepare_maml_scratch(const Team& team, const MlpDims& d,
                                                  const MlpParams<const scalar_t*>& theta0, MamlScratch<scalar_t>& s) {
-  transpose_weights(team, d, theta0, s.transposed);
+  transpose_weights(team, d, theta0, s.transposed());
 }
 
 // One task of mlp_maml; returns its weighted query loss sum_k w_k L_query(theta_k).
@@ -110,16 +118,16 @@ C10_HOST_DEVICE inline scalar_t mlp_maml_task(const Team& team, const MlpConfig&
   const int num_params = d.num_params();
   const int64_t P = d.total_param_numel(), Pt = mlp_transposed_numel(d);
   auto theta = [&](int64_t k) {
-    return k == 0 ? theta0 : as_const(carve_params(d, s.thetas + (k - 1) * P));
+    return k == 0 ? theta0 : as_const(carve_params(d, s.thetas() + (k - 1) * P));
   };
   // theta_k's forward weights; the transposed copies of theta_1 .. theta_N are written as the inner loop makes them.
   auto theta_t = [&](int64_t k) {
-    return forward_weights(d, theta(k), static_cast<const scalar_t*>(s.transposed + k * Pt));
+    return forward_weights(d, static_cast<const scalar_t*>(s.transposed() + k * Pt));
   };
-  auto grad = [&](int64_t k) { return carve_params(d, s.grads + k * P); };
-  const MlpParams<scalar_t*> direction = carve_params(d, s.direction);
-  const MlpParams<scalar_t*> hv = carve_params(d, s.hv);
-  const MlpParams<scalar_t*> query_grad = carve_params(d, s.query_grad);
+  auto grad = [&](int64_t k) { return carve_params(d, s.grads() + k * P); };
+  const MlpParams<scalar_t*> direction = carve_params(d, s.direction());
+  const MlpParams<scalar_t*> hv = carve_params(d, s.hv());
+  const MlpParams<scalar_t*> query_grad = carve_params(d, s.query_grad());
   const MlpParams<scalar_t*>& v = meta_grad;
 
   // Inner loop. Second order keeps each step's support activations for the HVP at its theta_k.
@@ -128,35 +136,34 @@ C10_HOST_DEVICE inline scalar_t mlp_maml_task(const Team& team, const MlpConfig&
     const MlpParams<scalar_t*> g = grad(k);
     MlpActivations<scalar_t> support = support_activations(d, s, k);
     mlp_loss_and_grad(team, c, support_rows, xs, ys, theta_k, theta_t(k), support, &g);
-    const MlpParams<scalar_t*> next = carve_params(d, s.thetas + k * P);
+    const MlpParams<scalar_t*> next = carve_params(d, s.thetas() + k * P);
     for (int i = 0; i < num_params; ++i) {
       const int64_t n = d.param_numel(i);
+      scalar_t* __restrict__ out = next.ptr(i);
+      const scalar_t* __restrict__ theta_i = theta_k.ptr(i);
+      const scalar_t* __restrict__ g_i = g.ptr(i);
       if (lrs.per_element[i]) {
         const scalar_t* lr = lrs.lr[i] + k * n;
-        for (int64_t e = team.rank(); e < n; e += team.size()) {
-          next.ptr[i][e] = sgd_update<scalar_t>(theta_k.ptr[i][e], g.ptr[i][e], lr[e]);
-        }
+        for (int64_t e = team.rank(); e < n; e += team.size()) out[e] = sgd_update<scalar_t>(theta_i[e], g_i[e], lr[e]);
       } else {
         const scalar_t lr = lrs.lr[i][k];
-        for (int64_t e = team.rank(); e < n; e += team.size()) {
-          next.ptr[i][e] = sgd_update<scalar_t>(theta_k.ptr[i][e], g.ptr[i][e], lr);
-        }
+        for (int64_t e = team.rank(); e < n; e += team.size()) out[e] = sgd_update<scalar_t>(theta_i[e], g_i[e], lr);
       }
     }
     team.sync();
-    transpose_weights(team, d, as_const(next), s.transposed + (k + 1) * Pt);
+    transpose_weights(team, d, as_const(next), s.transposed() + (k + 1) * Pt);
   }
 
   // v += w grad L_query(theta_k); returns w L_query(theta_k).
   auto add_query_term = [&](int64_t k, scalar_t w) {
     const scalar_t loss =
-        mlp_loss_and_grad(team, c, query_rows, xq, yq, theta(k), theta_t(k), s.query, &query_grad);
-    for (int i = 0; i < num_params; ++i) axpy(team, d.param_numel(i), w, query_grad.ptr[i], v.ptr[i]);
+        mlp_loss_and_grad(team, c, query_rows, xq, yq, theta(k), theta_t(k), s.query(), &query_grad);
+    for (int i = 0; i < num_params; ++i) axpy(team, d.param_numel(i), w, query_grad.ptr(i), v.ptr(i));
     team.sync();
     return w * loss;
   };
 
-  for (int i = 0; i < num_params; ++i) fill(team, d.param_numel(i), scalar_t(0), v.ptr[i]);
+  for (int i = 0; i < num_params; ++i) fill(team, d.param_numel(i), scalar_t(0), v.ptr(i));
   team.sync();
   scalar_t query_loss = 0;
   if (step_weights[steps - 1] != scalar_t(0)) query_loss += add_query_term(steps, step_weights[steps - 1]);
@@ -165,33 +172,37 @@ C10_HOST_DEVICE inline scalar_t mlp_maml_task(const Team& team, const MlpConfig&
     const MlpParams<scalar_t*> g = grad(k);
     for (int i = 0; i < num_params; ++i) {
       const int64_t n = d.param_numel(i);
+      const scalar_t* __restrict__ v_i = v.ptr(i);
+      const scalar_t* __restrict__ g_i = g.ptr(i);
       if (lrs.per_element[i]) {
-        scalar_t* out = lr_grad.ptr[i] + k * n;
-        for (int64_t e = team.rank(); e < n; e += team.size()) out[e] = -(v.ptr[i][e] * g.ptr[i][e]);
+        scalar_t* __restrict__ out = lr_grad.ptr(i) + k * n;
+        for (int64_t e = team.rank(); e < n; e += team.size()) out[e] = -(v_i[e] * g_i[e]);
       } else {
-        const scalar_t v_dot_g = dot(team, n, v.ptr[i], g.ptr[i]);
-        if (team.rank() == 0) lr_grad.ptr[i][k] = -v_dot_g;
+        const scalar_t v_dot_g = dot(team, n, v_i, g_i);
+        if (team.rank() == 0) lr_grad.ptr(i)[k] = -v_dot_g;
       }
     }
     if (!first_order) {
       const MlpParams<const scalar_t*> theta_k = theta(k);
       for (int i = 0; i < num_params; ++i) {
         const int64_t n = d.param_numel(i);
+        scalar_t* __restrict__ out = direction.ptr(i);
+        const scalar_t* __restrict__ v_i = v.ptr(i);
         if (lrs.per_element[i]) {
           const scalar_t* lr = lrs.lr[i] + k * n;
-          for (int64_t e = team.rank(); e < n; e += team.size()) direction.ptr[i][e] = lr[e] * v.ptr[i][e];
+          for (int64_t e = team.rank(); e < n; e += team.size()) out[e] = lr[e] * v_i[e];
         } else {
           const scalar_t lr = lrs.lr[i][k];
-          for (int64_t e = team.rank(); e < n; e += team.size()) direction.ptr[i][e] = lr * v.ptr[i][e];
+          for (int64_t e = team.rank(); e < n; e += team.size()) out[e] = lr * v_i[e];
         }
       }
       team.sync();
       const MlpForwardWeights<scalar_t> direction_t =
-          transpose_weights(team, d, as_const(direction), s.transposed + (steps + 1) * Pt);
+          transpose_weights(team, d, as_const(direction), s.transposed() + (steps + 1) * Pt);
       MlpActivations<scalar_t> support = support_activations(d, s, k);
       mlp_hessian_vector(team, c, support_rows, xs, theta_k, theta_t(k), as_const(direction), direction_t, support,
                          hv);
-      for (int i = 0; i < num_params; ++i) axpy(team, d.param_numel(i), scalar_t(-1), hv.ptr[i], v.ptr[i]);
+      for (int i = 0; i < num_params; ++i) axpy(team, d.param_numel(i), scalar_t(-1), hv.ptr(i), v.ptr(i));
       team.sync();
     }
     if (k >= 1 && step_weights[k - 1] != scalar_t(0)) query_loss += add_query_term(k, step_weights[k - 1]);

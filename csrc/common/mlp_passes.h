@@ -35,10 +35,14 @@ namespace mamlext {
 
 constexpr int kMlpMaxLayers = 16;
 
-// The layer widths: layer l maps width[l] features to width[l + 1].
+// The layer widths, and where each layer's values are in the buffers that hold them all (set_offsets computes
+// these tables from the widths, once per call, so that the per-task passes look them up).
 struct MlpDims {
   int layers = 0;
   int64_t width[kMlpMaxLayers + 1] = {};
+  int64_t param_offsets[2 * kMlpMaxLayers + 1] = {};
+  int64_t output_offsets[kMlpMaxLayers + 1] = {};
+  int64_t transposed_offsets[kMlpMaxLayers + 1] = {};
 
   C10_HOST_DEVICE int num_params() const { return 2 * layers; }
   C10_HOST_DEVICE int64_t in(int l) const { return width[l]; }
@@ -48,17 +52,24 @@ struct MlpDims {
   C10_HOST_DEVICE int64_t param_numel(int p) const {
     return p % 2 == 0 ? width[p / 2 + 1] * width[p / 2] : width[p / 2 + 1];
   }
-  C10_HOST_DEVICE int64_t total_param_numel() const {
-    int64_t n = 0;
-    for (int p = 0; p < num_params(); ++p) n += param_numel(p);
-    return n;
+  // After the widths are set.
+  C10_HOST_DEVICE void set_offsets() {
+    for (int p = 0; p < num_params(); ++p) param_offsets[p + 1] = param_offsets[p] + param_numel(p);
+    for (int l = 0; l < layers; ++l) {
+      output_offsets[l + 1] = output_offsets[l] + out(l);
+      transposed_offsets[l + 1] = transposed_offsets[l] + in(l) * out(l);
+    }
   }
+  // Where params[p] starts in a buffer holding every parameter in params order.
+  C10_HOST_DEVICE int64_t param_offset(int p) const { return param_offsets[p]; }
+  C10_HOST_DEVICE int64_t total_param_numel() const { return param_offsets[num_params()]; }
+  // Where layer l's outputs start in one row of the per-layer activation arrays.
+  C10_HOST_DEVICE int64_t output_offset(int l) const { return output_offsets[l]; }
   // Sum of the layers' output widths: the size of one per-layer activation array for one row.
-  C10_HOST_DEVICE int64_t layer_outputs_width() const {
-    int64_t n = 0;
-    for (int l = 0; l < layers; ++l) n += out(l);
-    return n;
-  }
+  C10_HOST_DEVICE int64_t layer_outputs_width() const { return output_offsets[layers]; }
+  // Where layer l's transposed weight starts in a buffer of every layer's (MlpForwardWeights).
+  C10_HOST_DEVICE int64_t transposed_offset(int l) const { return transposed_offsets[l]; }
+  C10_HOST_DEVICE int64_t transposed_numel() const { return transposed_offsets[layers]; }
 };
 
 struct MlpConfig {
@@ -68,61 +79,71 @@ struct MlpConfig {
   Loss loss = Loss::kMse;
 };
 
+// The views below (MlpParams, MlpForwardWeights, MlpActivations) are a few pointers and sizes that compute where a
+// layer's array is on each access, never tables of pointers: in a device function a table indexed at run time (by
+// the layer) lives in the thread's local-memory stack frame, which the driver reserves for every resident thread of
+// the GPU, and every access to it is a memory load. The tables they read (MlpDims, TaskBatched) are the op's
+// arguments, which a kernel reads in place from its parameter space.
+
 // One task's parameter tensors (or tensors shaped like them: gradients, directions), in params order
-// [W_0, b_0, W_1, b_1, ...]; ptr_t is `const scalar_t*` or `scalar_t*`.
+// [W_0, b_0, W_1, b_1, ...]; ptr_t is `const scalar_t*` or `scalar_t*`. Tensor p is at table[p] + task * stride[p]
+// (the op's tensors: common/mlp_tasks.h TaskBatched) or, without a table, at flat + dims->param_offset(p) (a buffer
+// holding them all: carve_params).
 template <typename ptr_t>
 struct MlpParams {
-  ptr_t ptr[2 * kMlpMaxLayers] = {};
+  const ptr_t* table = nullptr;
+  const int64_t* stride = nullptr;
+  int64_t task = 0;
+  ptr_t flat = nullptr;
+  const MlpDims* dims = nullptr;
 
-  C10_HOST_DEVICE ptr_t weight(int l) const { return ptr[2 * l]; }
-  C10_HOST_DEVICE ptr_t bias(int l) const { return ptr[2 * l + 1]; }
+  MlpParams() = default;
+  C10_HOST_DEVICE MlpParams(const ptr_t* table_in, const int64_t* stride_in, int64_t task_in)
+      : table(table_in), stride(stride_in), task(task_in) {}
+  C10_HOST_DEVICE MlpParams(const MlpDims* dims_in, ptr_t flat_in) : flat(flat_in), dims(dims_in) {}
+  // The same tensors read-only.
+  template <typename other_t>
+  C10_HOST_DEVICE MlpParams(const MlpParams<other_t>& p)
+      : table(p.table), stride(p.stride), task(p.task), flat(p.flat), dims(p.dims) {}
+
+  C10_HOST_DEVICE ptr_t ptr(int p) const {
+    return table != nullptr ? table[p] + task * stride[p] : flat + dims->param_offset(p);
+  }
+  C10_HOST_DEVICE ptr_t weight(int l) const { return ptr(2 * l); }
+  C10_HOST_DEVICE ptr_t bias(int l) const { return ptr(2 * l + 1); }
 };
 
-// Views the flat buffer base [dims.total_param_numel()] as parameter tensors.
+// Views the flat buffer base [d.total_param_numel()] as parameter tensors; d must outlive the view.
 template <typename scalar_t>
 C10_HOST_DEVICE inline MlpParams<scalar_t*> carve_params(const MlpDims& d, scalar_t* base) {
-  MlpParams<scalar_t*> p;
-  for (int i = 0; i < d.num_params(); ++i) {
-    p.ptr[i] = base;
-    base += d.param_numel(i);
-  }
-  return p;
+  return MlpParams<scalar_t*>(&d, base);
 }
 
+// The same tensors read-only (a template argument is not deduced through the converting constructor).
 template <typename scalar_t>
 C10_HOST_DEVICE inline MlpParams<const scalar_t*> as_const(const MlpParams<scalar_t*>& p) {
-  MlpParams<const scalar_t*> c;
-  for (int i = 0; i < 2 * kMlpMaxLayers; ++i) c.ptr[i] = p.ptr[i];
-  return c;
+  return MlpParams<const scalar_t*>(p);
 }
 
-// The weights of a parameter set as the forward passes read them: w[l] = W_l^T [in, out], row-major. A layer with
-// one input or one output feature is its own transpose in memory (w[l] is then W_l itself); the others are copied
-// into a buffer of mlp_transposed_numel elements.
+// The weights of a parameter set as the forward passes read them: w(l) = W_l^T [in, out], row-major, every layer's
+// in one buffer of mlp_transposed_numel elements (written by transpose_weights). A layer with one input or one output
+// feature is its own transpose, but a copy of it costs little and keeps this view two pointers.
+C10_HOST_DEVICE inline int64_t mlp_transposed_numel(const MlpDims& d) { return d.transposed_numel(); }
+
 template <typename scalar_t>
 struct MlpForwardWeights {
-  const scalar_t* w[kMlpMaxLayers] = {};
+  const MlpDims* dims = nullptr;
+  const scalar_t* buffer = nullptr;
+
+  C10_HOST_DEVICE const scalar_t* w(int l) const { return buffer + dims->transposed_offset(l); }
 };
 
-C10_HOST_DEVICE inline bool layer_copies_transpose(const MlpDims& d, int l) { return d.in(l) > 1 && d.out(l) > 1; }
-
-C10_HOST_DEVICE inline int64_t mlp_transposed_numel(const MlpDims& d) {
-  int64_t n = 0;
-  for (int l = 0; l < d.layers; ++l) n += layer_copies_transpose(d, l) ? d.in(l) * d.out(l) : 0;
-  return n;
-}
-
-// Where p's forward weights are, the copies in buffer [mlp_transposed_numel(d)] (written by transpose_weights).
+// The forward weights whose copies transpose_weights wrote to buffer [mlp_transposed_numel(d)].
 template <typename scalar_t>
-C10_HOST_DEVICE inline MlpForwardWeights<scalar_t> forward_weights(const MlpDims& d,
-                                                                    const MlpParams<const scalar_t*>& p,
-                                                                    const scalar_t* buffer) {
+C10_HOST_DEVICE inline MlpForwardWeights<scalar_t> forward_weights(const MlpDims& d, const scalar_t* buffer) {
   MlpForwardWeights<scalar_t> f;
-  for (int l = 0; l < d.layers; ++l) {
-    const bool copy = layer_copies_transpose(d, l);
-    f.w[l] = copy ? buffer : p.weight(l);
-    if (copy) buffer += d.in(l) * d.out(l);
-  }
+  f.dims = &d;
+  f.buffer = buffer;
   return f;
 }
 
@@ -132,12 +153,11 @@ template <typename Team, typename scalar_t>
 C10_HOST_DEVICE inline MlpForwardWeights<scalar_t> transpose_weights(const Team& team, const MlpDims& d,
                                                                       const MlpParams<const scalar_t*>& p,
                                                                       scalar_t* buffer) {
-  const MlpForwardWeights<scalar_t> f = forward_weights(d, p, static_cast<const scalar_t*>(buffer));
+  const MlpForwardWeights<scalar_t> f = forward_weights(d, static_cast<const scalar_t*>(buffer));
   for (int l = 0; l < d.layers; ++l) {
-    if (!layer_copies_transpose(d, l)) continue;
     const int64_t I = d.in(l), O = d.out(l);
     const scalar_t* __restrict__ W = p.weight(l);
-    scalar_t* __restrict__ WT = const_cast<scalar_t*>(f.w[l]);
+    scalar_t* __restrict__ WT = buffer + d.transposed_offset(l);
     // In tiles, so that the rows a tile writes stay in L1 (column by column, a wide W misses on every element).
     constexpr int64_t kTile = 16;
     int64_t tile = 0;
@@ -155,35 +175,55 @@ C10_HOST_DEVICE inline MlpForwardWeights<scalar_t> transpose_weights(const Team&
   return f;
 }
 
-// Per-layer values of one forward/backward (and R-) pass over K rows, each array [K, width[l + 1]] for layer l:
-// z, h = f(z), dz = dL/dz, dh = dL/dh (h, dh unused for the last layer), and with R: Rz, Rh, Rdz.
+// Per-layer values of one forward/backward (and R-) pass over K = rows rows, each layer's array [K, width[l + 1]]:
+// z, h = f(z), dz = dL/dz, dh = dL/dh (h, dh unused for the last layer), and with R: Rz, Rh, Rdz. Each kind's
+// layers follow one another from its base (layer l at base + rows * dims->output_offset(l)); z_last and rz_last,
+// when not null, hold the last layer's z and Rz instead (the network's output where the caller wants it).
 template <typename scalar_t>
 struct MlpActivations {
-  scalar_t* z[kMlpMaxLayers] = {};
-  scalar_t* h[kMlpMaxLayers] = {};
-  scalar_t* dz[kMlpMaxLayers] = {};
-  scalar_t* dh[kMlpMaxLayers] = {};
-  scalar_t* rz[kMlpMaxLayers] = {};
-  scalar_t* rh[kMlpMaxLayers] = {};
-  scalar_t* rdz[kMlpMaxLayers] = {};
+  const MlpDims* dims = nullptr;
+  int64_t rows = 0;
+  scalar_t* z_base = nullptr;
+  scalar_t* h_base = nullptr;
+  scalar_t* dz_base = nullptr;
+  scalar_t* dh_base = nullptr;
+  scalar_t* rz_base = nullptr;
+  scalar_t* rh_base = nullptr;
+  scalar_t* rdz_base = nullptr;
+  scalar_t* z_last = nullptr;
+  scalar_t* rz_last = nullptr;
+
+  C10_HOST_DEVICE scalar_t* layer(scalar_t* base, int l) const { return base + rows * dims->output_offset(l); }
+  C10_HOST_DEVICE bool last(int l) const { return l == dims->layers - 1; }
+  C10_HOST_DEVICE scalar_t* z(int l) const { return z_last != nullptr && last(l) ? z_last : layer(z_base, l); }
+  C10_HOST_DEVICE scalar_t* h(int l) const { return layer(h_base, l); }
+  C10_HOST_DEVICE scalar_t* dz(int l) const { return layer(dz_base, l); }
+  C10_HOST_DEVICE scalar_t* dh(int l) const { return layer(dh_base, l); }
+  C10_HOST_DEVICE scalar_t* rz(int l) const { return rz_last != nullptr && last(l) ? rz_last : layer(rz_base, l); }
+  C10_HOST_DEVICE scalar_t* rh(int l) const { return layer(rh_base, l); }
+  C10_HOST_DEVICE scalar_t* rdz(int l) const { return layer(rdz_base, l); }
 };
 
 C10_HOST_DEVICE inline int64_t mlp_activations_numel(const MlpDims& d, int64_t rows, bool with_r) {
   return (with_r ? 7 : 4) * rows * d.layer_outputs_width();
 }
 
-// The arrays z, h, dz, dh from base and, when r_base is not null, rz, rh, rdz from r_base.
+// The arrays z, h, dz, dh from base and, when r_base is not null, rz, rh, rdz from r_base; d must outlive them.
 template <typename scalar_t>
 C10_HOST_DEVICE inline MlpActivations<scalar_t> carve_activations_at(const MlpDims& d, int64_t rows, scalar_t* base,
                                                                      scalar_t* r_base) {
+  const int64_t n = rows * d.layer_outputs_width();
   MlpActivations<scalar_t> a;
-  scalar_t** arrays[7] = {a.z, a.h, a.dz, a.dh, a.rz, a.rh, a.rdz};
-  for (int j = 0; j < (r_base != nullptr ? 7 : 4); ++j) {
-    if (j == 4) base = r_base;
-    for (int l = 0; l < d.layers; ++l) {
-      arrays[j][l] = base;
-      base += rows * d.out(l);
-    }
+  a.dims = &d;
+  a.rows = rows;
+  a.z_base = base;
+  a.h_base = base + n;
+  a.dz_base = base + 2 * n;
+  a.dh_base = base + 3 * n;
+  if (r_base != nullptr) {
+    a.rz_base = r_base;
+    a.rh_base = r_base + n;
+    a.rdz_base = r_base + 2 * n;
   }
   return a;
 }
@@ -235,41 +275,41 @@ C10_HOST_DEVICE inline void linear_input_grad(const Team& team, int64_t K, int64
 // ---------------------------------------------------------------------------------------------------------------
 // The four passes over one task's K rows.
 
-// Forward: fills a.z (and a.h below the last layer); the network's output is a.z[L - 1].
+// Forward: fills a.z (and a.h below the last layer); the network's output is a.z(L - 1).
 // pt: p's forward weights.
 template <typename Team, typename scalar_t>
 C10_HOST_DEVICE inline void mlp_forward(const Team& team, const MlpConfig& c, int64_t K, const scalar_t* x,
                                         const MlpParams<const scalar_t*>& p, const MlpForwardWeights<scalar_t>& pt,
-                                        MlpActivations<scalar_t>& a) {
+                                        const MlpActivations<scalar_t>& a) {
   const MlpDims& d = c.dims;
   for (int l = 0; l < d.layers; ++l) {
-    const scalar_t* in = l == 0 ? x : a.h[l - 1];
-    linear_forward(team, K, d.in(l), d.out(l), in, pt.w[l], p.bias(l), a.z[l]);
+    const scalar_t* in = l == 0 ? x : a.h(l - 1);
+    linear_forward(team, K, d.in(l), d.out(l), in, pt.w(l), p.bias(l), a.z(l));
     if (l + 1 < d.layers) {
-      activation_forward(team, c.activation, static_cast<scalar_t>(c.act_param), K * d.out(l), a.z[l], a.h[l]);
+      activation_forward(team, c.activation, static_cast<scalar_t>(c.act_param), K * d.out(l), a.z(l), a.h(l));
       team.sync();
     }
   }
 }
 
-// Backward, from a.dz[L - 1] = dL/dz_{L-1}: fills a.dz and a.dh of every layer and, when grads is not null, writes
+// Backward, from a.dz(L - 1) = dL/dz_{L-1}: fills a.dz and a.dh of every layer and, when grads is not null, writes
 // the gradient w.r.t. the parameters to *grads; when dx is not null, the gradient w.r.t. the input x [K, in] to dx.
 template <typename Team, typename scalar_t>
 C10_HOST_DEVICE inline void mlp_backward(const Team& team, const MlpConfig& c, int64_t K, const scalar_t* x,
-                                         const MlpParams<const scalar_t*>& p, MlpActivations<scalar_t>& a,
+                                         const MlpParams<const scalar_t*>& p, const MlpActivations<scalar_t>& a,
                                          const MlpParams<scalar_t*>* grads, scalar_t* dx = nullptr) {
   const MlpDims& d = c.dims;
   for (int l = d.layers - 1; l >= 0; --l) {
     const int64_t I = d.in(l), O = d.out(l);
-    const scalar_t* in = l == 0 ? x : a.h[l - 1];
-    if (grads != nullptr) linear_param_grad(team, K, I, O, a.dz[l], in, grads->weight(l), grads->bias(l), false);
+    const scalar_t* in = l == 0 ? x : a.h(l - 1);
+    if (grads != nullptr) linear_param_grad(team, K, I, O, a.dz(l), in, grads->weight(l), grads->bias(l), false);
     if (l > 0) {
-      linear_input_grad(team, K, I, O, a.dz[l], p.weight(l), a.dh[l - 1], false);
-      activation_backward(team, c.activation, static_cast<scalar_t>(c.act_param), K * I, a.z[l - 1], a.h[l - 1],
-                          a.dh[l - 1], a.dz[l - 1]);
+      linear_input_grad(team, K, I, O, a.dz(l), p.weight(l), a.dh(l - 1), false);
+      activation_backward(team, c.activation, static_cast<scalar_t>(c.act_param), K * I, a.z(l - 1), a.h(l - 1),
+                          a.dh(l - 1), a.dz(l - 1));
       team.sync();
     } else if (dx != nullptr) {
-      linear_input_grad(team, K, I, O, a.dz[0], p.weight(0), dx, false);
+      linear_input_grad(team, K, I, O, a.dz(0), p.weight(0), dx, false);
     }
   }
 }
@@ -279,54 +319,54 @@ C10_HOST_DEVICE inline void mlp_backward(const Team& team, const MlpConfig& c, i
 template <typename Team, typename scalar_t>
 C10_HOST_DEVICE inline void mlp_r_forward(const Team& team, const MlpConfig& c, int64_t K, const scalar_t* x,
                                           const MlpForwardWeights<scalar_t>& pt, const MlpParams<const scalar_t*>& v,
-                                          const MlpForwardWeights<scalar_t>& vt, MlpActivations<scalar_t>& a,
+                                          const MlpForwardWeights<scalar_t>& vt, const MlpActivations<scalar_t>& a,
                                           const scalar_t* rx = nullptr) {
   const MlpDims& d = c.dims;
   for (int l = 0; l < d.layers; ++l) {
-    const scalar_t* in = l == 0 ? x : a.h[l - 1];
-    const scalar_t* r_in = l == 0 ? rx : a.rh[l - 1];
-    linear_forward(team, K, d.in(l), d.out(l), in, vt.w[l], v.bias(l), a.rz[l]);  // h VW^T + Vb
+    const scalar_t* in = l == 0 ? x : a.h(l - 1);
+    const scalar_t* r_in = l == 0 ? rx : a.rh(l - 1);
+    linear_forward(team, K, d.in(l), d.out(l), in, vt.w(l), v.bias(l), a.rz(l));  // h VW^T + Vb
     if (r_in != nullptr) {
-      linear_forward(team, K, d.in(l), d.out(l), r_in, pt.w[l], static_cast<const scalar_t*>(nullptr),
-                     a.rz[l]);  // + Rh W^T
+      linear_forward(team, K, d.in(l), d.out(l), r_in, pt.w(l), static_cast<const scalar_t*>(nullptr),
+                     a.rz(l));  // + Rh W^T
     }
     if (l + 1 < d.layers) {
-      activation_backward(team, c.activation, static_cast<scalar_t>(c.act_param), K * d.out(l), a.z[l], a.h[l],
-                          a.rz[l], a.rh[l]);
+      activation_backward(team, c.activation, static_cast<scalar_t>(c.act_param), K * d.out(l), a.z(l), a.h(l),
+                          a.rz(l), a.rh(l));
       team.sync();
     }
   }
 }
 
-// R-backward, from a.rdz[L - 1] = R{dL/dz_{L-1}}, after mlp_backward and mlp_r_forward (with the same rx): writes
+// R-backward, from a.rdz(L - 1) = R{dL/dz_{L-1}}, after mlp_backward and mlp_r_forward (with the same rx): writes
 // H v to hv and, when rdx is not null, R{dL/dx} to rdx [K, in].
 template <typename Team, typename scalar_t>
 C10_HOST_DEVICE inline void mlp_r_backward(const Team& team, const MlpConfig& c, int64_t K, const scalar_t* x,
                                            const MlpParams<const scalar_t*>& p, const MlpParams<const scalar_t*>& v,
-                                           MlpActivations<scalar_t>& a, const MlpParams<scalar_t*>& hv,
+                                           const MlpActivations<scalar_t>& a, const MlpParams<scalar_t*>& hv,
                                            const scalar_t* rx = nullptr, scalar_t* rdx = nullptr) {
   const MlpDims& d = c.dims;
   for (int l = d.layers - 1; l >= 0; --l) {
     const int64_t I = d.in(l), O = d.out(l);
-    const scalar_t* in = l == 0 ? x : a.h[l - 1];
-    const scalar_t* r_in = l == 0 ? rx : a.rh[l - 1];
-    linear_param_grad(team, K, I, O, a.rdz[l], in, hv.weight(l), hv.bias(l), false);  // Rdz^T h, sum_k Rdz
+    const scalar_t* in = l == 0 ? x : a.h(l - 1);
+    const scalar_t* r_in = l == 0 ? rx : a.rh(l - 1);
+    linear_param_grad(team, K, I, O, a.rdz(l), in, hv.weight(l), hv.bias(l), false);  // Rdz^T h, sum_k Rdz
     if (r_in != nullptr) {
-      linear_param_grad(team, K, I, O, a.dz[l], r_in, hv.weight(l), static_cast<scalar_t*>(nullptr),
+      linear_param_grad(team, K, I, O, a.dz(l), r_in, hv.weight(l), static_cast<scalar_t*>(nullptr),
                         true);  // + dz^T Rh
     }
     if (l == 0) {
       if (rdx != nullptr) {
-        linear_input_grad(team, K, I, O, a.rdz[0], p.weight(0), rdx, false);
-        linear_input_grad(team, K, I, O, a.dz[0], v.weight(0), rdx, true);
+        linear_input_grad(team, K, I, O, a.rdz(0), p.weight(0), rdx, false);
+        linear_input_grad(team, K, I, O, a.dz(0), v.weight(0), rdx, true);
       }
       break;
     }
-    scalar_t* rdh = a.rdz[l - 1];  // R{dL/dh_{l-1}}, turned into R{dL/dz_{l-1}} in place
-    linear_input_grad(team, K, I, O, a.rdz[l], p.weight(l), rdh, false);
-    linear_input_grad(team, K, I, O, a.dz[l], v.weight(l), rdh, true);
-    activation_r_backward(team, c.activation, static_cast<scalar_t>(c.act_param), K * I, a.z[l - 1], a.h[l - 1],
-                          a.dh[l - 1], a.rz[l - 1], rdh);
+    scalar_t* rdh = a.rdz(l - 1);  // R{dL/dh_{l-1}}, turned into R{dL/dz_{l-1}} in place
+    linear_input_grad(team, K, I, O, a.rdz(l), p.weight(l), rdh, false);
+    linear_input_grad(team, K, I, O, a.dz(l), v.weight(l), rdh, true);
+    activation_r_backward(team, c.activation, static_cast<scalar_t>(c.act_param), K * I, a.z(l - 1), a.h(l - 1),
+                          a.dh(l - 1), a.rz(l - 1), rdh);
     team.sync();
   }
 }
@@ -339,11 +379,11 @@ C10_HOST_DEVICE inline void mlp_r_backward(const Team& team, const MlpConfig& c,
 template <typename Team, typename scalar_t>
 C10_HOST_DEVICE inline scalar_t mlp_loss_and_grad(const Team& team, const MlpConfig& c, int64_t K, const scalar_t* x,
                                                   LossTarget<scalar_t> y, const MlpParams<const scalar_t*>& p,
-                                                  const MlpForwardWeights<scalar_t>& pt, MlpActivations<scalar_t>& a,
+                                                  const MlpForwardWeights<scalar_t>& pt, const MlpActivations<scalar_t>& a,
                                                   const MlpParams<scalar_t*>* grads) {
   const int last = c.dims.layers - 1;
   mlp_forward(team, c, K, x, p, pt, a);
-  const scalar_t loss = loss_forward_backward(team, c.loss, K, c.dims.output_width(), a.z[last], y, a.dz[last]);
+  const scalar_t loss = loss_forward_backward(team, c.loss, K, c.dims.output_width(), a.z(last), y, a.dz(last));
   team.sync();
   mlp_backward(team, c, K, x, p, a, grads);
   return loss;
@@ -355,10 +395,10 @@ template <typename Team, typename scalar_t>
 C10_HOST_DEVICE inline void mlp_hessian_vector(const Team& team, const MlpConfig& c, int64_t K, const scalar_t* x,
                                                const MlpParams<const scalar_t*>& p, const MlpForwardWeights<scalar_t>& pt,
                                                const MlpParams<const scalar_t*>& v, const MlpForwardWeights<scalar_t>& vt,
-                                               MlpActivations<scalar_t>& a, const MlpParams<scalar_t*>& hv) {
+                                               const MlpActivations<scalar_t>& a, const MlpParams<scalar_t*>& hv) {
   const int last = c.dims.layers - 1;
   mlp_r_forward(team, c, K, x, pt, v, vt, a);
-  loss_r_backward(team, c.loss, K, c.dims.output_width(), a.z[last], a.rz[last], a.rdz[last]);
+  loss_r_backward(team, c.loss, K, c.dims.output_width(), a.z(last), a.rz(last), a.rdz(last));
   team.sync();
   mlp_r_backward(team, c, K, x, p, v, a, hv);
 }

@@ -18,19 +18,14 @@
 
 namespace mamlext {
 
-// Tensors shaped like the parameters, each shared (stride 0) or per task ([T, *S_i], stride numel(S_i)).
+// Tensors shaped like the parameters, each shared (stride 0) or per task ([T, *S_i], stride numel(S_i)): the table
+// that task t's MlpParams views read (it must outlive them; in a kernel, the kernel's arguments hold it).
 template <typename ptr_t>
 struct TaskBatched {
-  MlpParams<ptr_t> base;
+  ptr_t ptr[2 * kMlpMaxLayers] = {};
   int64_t stride[2 * kMlpMaxLayers] = {};
 
-  C10_HOST_DEVICE MlpParams<ptr_t> at(int64_t t) const {
-    MlpParams<ptr_t> p;
-    for (int i = 0; i < 2 * kMlpMaxLayers; ++i) {
-      p.ptr[i] = base.ptr[i] == nullptr ? nullptr : base.ptr[i] + t * stride[i];
-    }
-    return p;
-  }
+  C10_HOST_DEVICE MlpParams<ptr_t> at(int64_t t) const { return MlpParams<ptr_t>(ptr, stride, t); }
 };
 
 // Task t's targets in y ([T, K, out] values or [T, K] classes, contiguous).
@@ -69,6 +64,7 @@ inline MlpDims peek_mlp_dims(at::TensorList params) {
     d.width[l] = W.size(-1);
     d.width[l + 1] = W.size(-2);
   }
+  d.set_offsets();
   return d;
 }
 
@@ -80,7 +76,7 @@ template <typename scalar_t>
 TaskBatched<scalar_t*> batched_outputs(const std::vector<at::Tensor>& ts) {
   TaskBatched<scalar_t*> b;
   for (size_t i = 0; i < ts.size(); ++i) {
-    b.base.ptr[i] = ts[i].data_ptr<scalar_t>();
+    b.ptr[i] = ts[i].data_ptr<scalar_t>();
     b.stride[i] = ts[i].size(0) == 0 ? 0 : ts[i].numel() / ts[i].size(0);
   }
   return b;
@@ -111,7 +107,7 @@ template <typename scalar_t>
 TaskBatched<const scalar_t*> batched_inputs(const std::vector<at::Tensor>& ts, const MlpCall& call) {
   TaskBatched<const scalar_t*> b;
   for (size_t i = 0; i < ts.size(); ++i) {
-    b.base.ptr[i] = ts[i].data_ptr<scalar_t>();
+    b.ptr[i] = ts[i].data_ptr<scalar_t>();
     b.stride[i] = call.per_task[i] ? call.config.dims.param_numel(static_cast<int>(i)) : 0;
   }
   return b;
@@ -260,7 +256,7 @@ struct MamlArgs {
   const scalar_t* xs = nullptr;
   const scalar_t* xq = nullptr;
   TaskTargets<scalar_t> ys, yq;
-  MlpParams<const scalar_t*> theta0;
+  TaskBatched<const scalar_t*> theta0;  // shared
   MamlLrs<scalar_t> lrs;
   TaskBatched<scalar_t*> meta_grads, lr_grads;
   scalar_t* query_losses = nullptr;
@@ -301,11 +297,12 @@ C10_HOST_DEVICE inline void maml_tasks(const Team& team, const MamlArgs<scalar_t
   const int64_t in = c.dims.width[0];
   MamlScratch<scalar_t> scratch =
       carve_maml_scratch(c.dims, m.steps, m.support_rows, m.query_rows, m.first_order, buffer);
-  prepare_maml_scratch(team, c.dims, m.theta0, scratch);
+  const MlpParams<const scalar_t*> theta0 = m.theta0.at(0);
+  prepare_maml_scratch(team, c.dims, theta0, scratch);
   for (int64_t t = first; t < end; t += step) {
     const scalar_t query_loss =
         mlp_maml_task(team, c, m.steps, m.step_weights, m.first_order, m.support_rows, m.xs + t * m.support_rows * in,
-                      m.ys.at(t), m.query_rows, m.xq + t * m.query_rows * in, m.yq.at(t), m.theta0, m.lrs, scratch,
+                      m.ys.at(t), m.query_rows, m.xq + t * m.query_rows * in, m.yq.at(t), theta0, m.lrs, scratch,
                       m.meta_grads.at(t), m.lr_grads.at(t));
     if (team.rank() == 0) m.query_losses[t] = query_loss;
   }

@@ -146,6 +146,11 @@ C10_HOST_DEVICE inline void gemm_block(const GemmOperands<scalar_t>& g, int64_t 
   }
   const scalar_t* a = g.a + r0 * g.a_row;
   const scalar_t* b = g.b + c0;
+  // Not unrolled on the GPU: unrolled at each of the kernels' many call sites, the loop used every register
+  // there is and spilled.
+#if defined(__CUDA_ARCH__)
+#pragma unroll 1
+#endif
   for (int64_t p = 0; p < g.depth; ++p) {
     for (int r = 0; r < MR; ++r) {
       const scalar_t a_rp = a[r * g.a_row + p * g.a_col];

@@ -52,36 +52,24 @@ void check_saved(const char* op, const MlpConfig& c, const at::Tensor& x, const 
   check_shaped_like(op, grad_out, "grad_out", {x.size(0), c.dims.output_width()}, x);
 }
 
-template <typename scalar_t>
-MlpParams<const scalar_t*> param_ptrs(const std::vector<at::Tensor>& ts) {
-  MlpParams<const scalar_t*> p;
-  for (size_t i = 0; i < ts.size(); ++i) p.ptr[i] = ts[i].data_ptr<scalar_t>();
-  return p;
+// The tensors' table, for the MlpParams view table.at(0).
+template <typename scalar_t, typename ptr_t = const scalar_t*>
+TaskBatched<ptr_t> param_table(const std::vector<at::Tensor>& ts) {
+  TaskBatched<ptr_t> table;
+  for (size_t i = 0; i < ts.size(); ++i) table.ptr[i] = ts[i].data_ptr<scalar_t>();
+  return table;
 }
 
-template <typename scalar_t>
-MlpParams<scalar_t*> mutable_ptrs(const std::vector<at::Tensor>& ts) {
-  MlpParams<scalar_t*> p;
-  for (size_t i = 0; i < ts.size(); ++i) p.ptr[i] = ts[i].data_ptr<scalar_t>();
-  return p;
-}
-
-// Points arrays[l] at consecutive [K, out(l)] blocks of base for layers [0, layers); returns the end.
-template <typename scalar_t>
-scalar_t* carve_layers(const MlpDims& d, int64_t K, int layers, scalar_t* base, scalar_t** arrays) {
-  for (int l = 0; l < layers; ++l) {
-    arrays[l] = base;
-    base += K * d.out(l);
-  }
-  return base;
-}
-
-// The activations of one call: z and h of the hidden layers from the saved tensor, z of the last layer at `out`.
+// The activations of one call: z and h of the hidden layers from the saved tensor [2 * hidden_numel], z of the last
+// layer at `out`.
 template <typename scalar_t>
 MlpActivations<scalar_t> saved_activations(const MlpDims& d, int64_t K, scalar_t* saved, scalar_t* out) {
   MlpActivations<scalar_t> a;
-  carve_layers(d, K, d.layers - 1, carve_layers(d, K, d.layers - 1, saved, a.z), a.h);
-  a.z[d.layers - 1] = out;
+  a.dims = &d;
+  a.rows = K;
+  a.z_base = saved;
+  a.h_base = saved + hidden_numel(d, K);
+  a.z_last = out;
   return a;
 }
 
@@ -103,7 +91,8 @@ std::tuple<at::Tensor, at::Tensor> mlp_forward_cpu(at::TensorList params_in, con
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
     at::Tensor transposed = at::empty({mlp_transposed_numel(c.dims)}, x.options());
     const SerialTeam team;
-    const auto p = param_ptrs<scalar_t>(params);
+    const auto p_table = param_table<scalar_t>(params);
+    const auto p = p_table.at(0);
     const auto pt = transpose_weights(team, c.dims, p, transposed.data_ptr<scalar_t>());
     auto a = saved_activations(c.dims, K, saved.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
     mlp_forward(team, c, K, x.data_ptr<scalar_t>(), p, pt, a);
@@ -121,9 +110,11 @@ MlpActivations<scalar_t> backward_pass(const MlpConfig& c, const at::Tensor& x, 
   const int64_t K = x.size(0);
   // z of the last layer is not read by the backward passes: its slot stays empty.
   auto a = saved_activations<scalar_t>(d, K, saved.data_ptr<scalar_t>(), nullptr);
-  carve_layers(d, K, d.layers - 1, carve_layers(d, K, d.layers, scratch, a.dz), a.dh);
-  std::copy(grad_out.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>() + grad_out.numel(), a.dz[d.layers - 1]);
-  mlp_backward(SerialTeam(), c, K, x.data_ptr<scalar_t>(), param_ptrs<scalar_t>(params), a, grads, dx);
+  a.dz_base = scratch;
+  a.dh_base = scratch + K * d.layer_outputs_width();
+  std::copy(grad_out.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>() + grad_out.numel(), a.dz(d.layers - 1));
+  const auto p_table = param_table<scalar_t>(params);
+  mlp_backward(SerialTeam(), c, K, x.data_ptr<scalar_t>(), p_table.at(0), a, grads, dx);
   return a;
 }
 
@@ -145,7 +136,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> mlp_backward_cpu(at::TensorList 
   at::Tensor dx = input_grad ? at::empty_like(x) : at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
     at::Tensor scratch = at::empty({backward_scratch_numel(c.dims, x.size(0))}, x.options());
-    const auto g = mutable_ptrs<scalar_t>(grads);
+    const auto g_table = param_table<scalar_t, scalar_t*>(grads);
+    const auto g = g_table.at(0);
     backward_pass<scalar_t>(c, x, params, saved, grad_out, scratch.data_ptr<scalar_t>(), &g,
                             input_grad ? dx.data_ptr<scalar_t>() : nullptr);
   });
@@ -184,18 +176,21 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> mlp_backward_backwar
     auto a = backward_pass<scalar_t>(c, x, params, saved, grad_out, s, nullptr, nullptr);
     s += backward_scratch_numel(d, K);
     // R{z} of the last layer is dS/dgrad_out; R{dL/dz} of the last layer is 0.
-    s = carve_layers(d, K, d.layers - 1, carve_layers(d, K, d.layers, s, a.rz), a.rh);
-    s = carve_layers(d, K, d.layers, s, a.rdz);
-    a.rz[d.layers - 1] = d_grad_out.data_ptr<scalar_t>();
-    std::fill(a.rdz[d.layers - 1], a.rdz[d.layers - 1] + K * d.output_width(), scalar_t(0));
-    const auto p = param_ptrs<scalar_t>(params);
-    const auto v = param_ptrs<scalar_t>(directions);
+    a.rz_base = s;
+    a.rh_base = s + K * d.layer_outputs_width();
+    a.rdz_base = a.rh_base + hidden_numel(d, K);
+    a.rz_last = d_grad_out.data_ptr<scalar_t>();
+    std::fill(a.rdz(d.layers - 1), a.rdz(d.layers - 1) + K * d.output_width(), scalar_t(0));
+    s = a.rdz_base + K * d.layer_outputs_width();
+    const auto p_table = param_table<scalar_t>(params), v_table = param_table<scalar_t>(directions);
+    const auto d_table = param_table<scalar_t, scalar_t*>(d_params);
+    const auto p = p_table.at(0), v = v_table.at(0);
     const auto pt = transpose_weights(team, d, p, s);
     const auto vt = transpose_weights(team, d, v, s + transposed);
     const scalar_t* rx = has_grad_grad_x ? grad_grad_x.data_ptr<scalar_t>() : nullptr;
     // z of the last layer was not kept: R-forward does not read it (no activation after the last layer).
     mlp_r_forward(team, c, K, x.data_ptr<scalar_t>(), pt, v, vt, a, rx);
-    mlp_r_backward(team, c, K, x.data_ptr<scalar_t>(), p, v, a, mutable_ptrs<scalar_t>(d_params), rx,
+    mlp_r_backward(team, c, K, x.data_ptr<scalar_t>(), p, v, a, d_table.at(0), rx,
                    input_grad ? d_x.data_ptr<scalar_t>() : nullptr);
   });
   return {d_params, d_x, d_grad_out};

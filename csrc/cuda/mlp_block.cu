@@ -17,7 +17,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "common/mlp_tasks.h"
@@ -64,12 +66,29 @@ __device__ void run_tasks(const BlockTeam& team, const LossGradArgs<scalar_t>& g
   loss_grad_tasks(team, g, first, end, step, buffer);
 }
 
+// The op's arguments copied into shared memory, for the per-task views (common/mlp_passes.h MlpParams, ...) to
+// point at: a view that may point into the kernel's parameter space or elsewhere (theta_0 or an inner step's
+// theta_k) makes the compiler copy all the arguments into every thread's local-memory stack frame.
+template <typename Args>
+__device__ const Args& arguments_in_shared(const Args& args) {
+  static_assert(std::is_trivially_copyable<Args>::value && sizeof(Args) % sizeof(uint64_t) == 0 &&
+                alignof(Args) <= alignof(uint64_t));
+  constexpr int kWords = sizeof(Args) / sizeof(uint64_t);
+  __shared__ uint64_t words[kWords];
+  const uint64_t* source = reinterpret_cast<const uint64_t*>(&args);
+  for (int i = threadIdx.x; i < kWords; i += blockDim.x) words[i] = source[i];
+  __syncthreads();
+  return *reinterpret_cast<const Args*>(words);
+}
+
 // One block per task (grid stride), its scratch in dynamic shared memory, or at its block's place in workspace.
 template <typename Args, typename scalar_t>
-__global__ void __launch_bounds__(kBlockThreads) block_kernel(const Args args, int64_t tasks, scalar_t* workspace) {
+__global__ void __launch_bounds__(kBlockThreads, 1) block_kernel(const Args kernel_args, int64_t tasks,
+                                                              scalar_t* workspace) {
   extern __shared__ __align__(16) unsigned char shared_scratch[];
   __shared__ double partials[BlockTeam::kMaxWarps];
   const BlockTeam team{partials};
+  const Args& args = arguments_in_shared(kernel_args);
   scalar_t* buffer = workspace == nullptr ? reinterpret_cast<scalar_t*>(shared_scratch)
                                           : workspace + static_cast<int64_t>(blockIdx.x) * args.scratch_numel();
   run_tasks(team, args, blockIdx.x, tasks, gridDim.x, buffer);
@@ -84,7 +103,9 @@ void launch_block_kernel(const Args& args, int64_t tasks, const at::Tensor& like
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&shared_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device));
   const int64_t scratch_bytes = args.scratch_numel() * static_cast<int64_t>(sizeof(scalar_t));
-  const int64_t shared_limit = shared_optin - BlockTeam::kMaxWarps * static_cast<int64_t>(sizeof(double));
+  // The dynamic shared memory's share: what the kernel's static shared memory (partials, arguments) leaves.
+  const int64_t shared_limit = shared_optin - BlockTeam::kMaxWarps * static_cast<int64_t>(sizeof(double)) -
+                               static_cast<int64_t>(sizeof(Args));
   const bool in_shared = !global_scratch && scratch_bytes <= shared_limit;
   at::Tensor workspace;
   int64_t grid = std::min(tasks, kMaxGrid);
