@@ -233,8 +233,9 @@ def check_mlp_maml(params: Sequence[Tensor], xs: Tensor, ys: Tensor, xq: Tensor,
     if step_weights.dtype not in _DTYPES:  # not is_floating_point: that admits float8, which no kernel computes in
         raise ValueError(f"{op}: step_weights must be a floating-point tensor (float64, float32, float16 or "
                          f"bfloat16), got {step_weights.dtype}")
-    if step_weights.device != device:
-        raise ValueError(f"{op}: step_weights is on {step_weights.device} but params[0] is on {device}")
+    if step_weights.device != device and step_weights.device.type != "cpu":
+        raise ValueError(f"{op}: step_weights must be on the CPU or on params[0]'s device ({device}), got "
+                         f"{step_weights.device}")
     steps = step_weights.numel()  # any shape: its elements in order (as the compiled op)
     if not isinstance(lrs, (list, tuple)):
         raise TypeError(f"{op}: lrs must be a list of tensors, got {type(lrs).__name__}")

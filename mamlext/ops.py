@@ -231,18 +231,24 @@ def mlp_hvp(params: Sequence[Tensor], vectors: Sequence[Tensor], x: Tensor, y: T
         return reference.mlp_hvp(params, vectors, x, y, act_code, act_param, loss_code)
 
 
-def _mlp_maml_step_weights(step_weights, lrs, dtype, device) -> Tensor:
+def last_step_weights(steps: int, dtype: torch.dtype) -> Tensor:
+    """mlp_maml's step_weights for the query loss after the last step only (plain MAML). On the CPU whatever the
+    device, as step weights given in Python: the kernels then read them without waiting for the GPU."""
+    weights = torch.zeros(steps, dtype=dtype)
+    weights[-1] = 1.0
+    return weights
+
+
+def _mlp_maml_step_weights(step_weights, lrs, dtype) -> Tensor:
     if step_weights is None:
         steps = 1
         if not isinstance(lrs, (numbers.Real, Tensor)):
             steps = next((r.shape[0] for r in lrs if isinstance(r, Tensor) and r.dim() >= 1), 1)
-        weights = torch.zeros(steps, dtype=dtype, device=device)
-        weights[-1] = 1.0
-        return weights
+        return last_step_weights(steps, dtype)
     if isinstance(step_weights, Tensor):
         return step_weights
     if isinstance(step_weights, (list, tuple)):
-        return torch.tensor([float(w) for w in step_weights], dtype=dtype, device=device)
+        return torch.tensor([float(w) for w in step_weights], dtype=dtype)
     raise TypeError(f"mlp_maml: step_weights must be None, a tensor or a sequence of floats, "
                     f"got {type(step_weights).__name__}")
 
@@ -272,7 +278,7 @@ def mlp_maml(params: Sequence[Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: T
     params = list(params)
     if not params or not isinstance(params[0], Tensor):  # the rates' and weights' dtype and device come from it
         _checks.check_mlp_maml(params, xs, ys, xq, yq, [], None, first_order, act_code, act_param, loss_code)
-    weights = _mlp_maml_step_weights(step_weights, lrs, params[0].dtype, params[0].device)
+    weights = _mlp_maml_step_weights(step_weights, lrs, params[0].dtype)
     steps = weights.shape[0] if isinstance(weights, Tensor) and weights.dim() == 1 else 1
     lrs = rates.mlp_maml_rates(lrs, params, steps)
     if _implementation("mlp_maml", [xs]) == "op":  # the kernel checks its arguments

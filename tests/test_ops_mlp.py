@@ -666,7 +666,8 @@ def _bad_cases():
         "too_many_layers": (lg(params=[torch.randn(3, 3, dtype=d), torch.randn(3, dtype=d)] * 17,
                                x=torch.randn(5, 6, 3, dtype=d), y=torch.randn(5, 6, 3, dtype=d)),
                             "at most 16 layers"),
-        "maml_weights_device": (mm(step_weights=w.to("meta")), "step_weights is on meta"),
+        "maml_weights_device": (mm(step_weights=w.to("meta")),
+                                "step_weights must be on the CPU or on params\\[0\\]'s device"),
     }
 
 

@@ -178,6 +178,28 @@ def test_maml(dtype, first_order, loss, act, device):
         assert_rel(cpu(out[2]), e[2], dtype, f"{what} lr_grads")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", ["layerwise", "auto"])
+@pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
+def test_maml_step_weights_on_the_cpu_or_the_device(device, path, first_order):
+    """step_weights on the CPU whatever the params' device (the layerwise kernels read them on the host and skip the
+    query passes of zero weight, without waiting for a GPU) or on the params' device (on a GPU: not read back, every
+    query pass run and scaled there) give the reference's values; auto is the per-task kernel for these narrow nets
+    (on CUDA the block kernel, which copies CPU weights to the device)."""
+    c = codes("tanh", "mse")
+    for case in (2, 5, 6):  # zero weights before the last step, after it, and a net wider than 64
+        sizes, steps, form, _ = MAML_CASES[case]
+        params, xs, ys, xq, yq, lrs, w = maml_case(case, "mse")
+        e = reference.mlp_maml(params, xs, ys, xq, yq, lrs, w, first_order, *c)
+        for weights in (w, w.to(device)):
+            out = maml(on(device, params), *on(device, [xs, ys, xq, yq]), on(device, lrs), weights, first_order, *c,
+                       path=path)
+            what = f"{sizes} N={steps} weights on {weights.device}"
+            assert_rel(out[0].cpu(), e[0], torch.float64, f"{what} query_losses")
+            assert_rel(cpu(out[1]), e[1], torch.float64, f"{what} meta_grads")
+            assert_rel(cpu(out[2]), e[2], torch.float64, f"{what} lr_grads")
+
+
 @pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
 def test_maml_agrees_with_per_task_kernel(first_order):
     """The two CPU implementations on a mid-sized float64 problem: the same arithmetic up to summation order."""

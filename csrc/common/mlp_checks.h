@@ -198,8 +198,8 @@ inline std::vector<bool> check_mlp_maml_lrs(const char* op, at::TensorList lrs, 
   return per_element;
 }
 
-// All of mlp_maml's arguments: params shared only, xs/xq [T, K, in], ys/yq, step_weights (N >= 1 floating values),
-// lrs [N] or [N, *S_i].
+// All of mlp_maml's arguments: params shared only, xs/xq [T, K, in], ys/yq, step_weights (N >= 1 floating values on
+// the CPU or the params' device), lrs [N] or [N, *S_i].
 struct MlpMamlCall {
   MlpCall call;
   int64_t steps = 0;
@@ -226,8 +226,10 @@ inline MlpMamlCall check_mlp_maml(const char* op, at::TensorList params, const a
   check_mlp_input(op, xq, "xq", c.dims, tasks, params);
   check_mlp_target(op, ys, "ys", xs, "xs", c, params);
   check_mlp_target(op, yq, "yq", xq, "xq", c, params);
-  TORCH_CHECK_VALUE(step_weights.device() == params[0].device(), op, ": step_weights is on ", step_weights.device(),
-              " but params[0] is on ", params[0].device());
+  // On the CPU whatever the params' device: the host then reads which query passes to run without waiting for the GPU.
+  TORCH_CHECK_VALUE(step_weights.device() == params[0].device() || step_weights.device().is_cpu(), op,
+                    ": step_weights must be on the CPU or on params[0]'s device (", params[0].device(), "), got ",
+                    step_weights.device());
   TORCH_CHECK_VALUE(is_kernel_float(step_weights.scalar_type()), op,
                     ": step_weights must be a floating-point tensor (float64, float32, float16 or bfloat16), got ",
                     step_weights.scalar_type());

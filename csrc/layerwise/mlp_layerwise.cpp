@@ -342,10 +342,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_mam
   at::Tensor query_losses = at::zeros({tasks}, options);
   if (tasks == 0) return {query_losses, meta_grads, lr_grads};
 
-  // The step weights on the host (one small copy: a sync on CUDA), to skip the query passes of zero weights.
-  const at::Tensor weights =
-      step_weights.reshape({-1}).to(params[0].scalar_type()).to(at::kCPU).to(at::kDouble).contiguous();
-  const double* w = weights.data_ptr<double>();
+  // Step weights on the CPU (whatever the params' device) are read here, so that the query passes of zero weight
+  // are skipped. On the GPU they are not read (that would wait for the GPU and break CUDA-graph capture): every
+  // step's query pass runs and is scaled on the device.
+  const bool host_weights = step_weights.device().is_cpu();
+  const at::Tensor weights = step_weights.reshape({-1}).to(params[0].scalar_type());
+  const at::Tensor host = host_weights ? weights.to(at::kDouble).contiguous() : at::Tensor();
+  // The weight of L_query(theta_k) as the updates below apply it: 1 where the device scales the gradient itself.
+  auto step_weight = [&](int64_t k) { return host_weights ? host.data_ptr<double>()[k - 1] : 1.0; };
 
   const LayerwiseMlp net(call.config, tasks, params[0]);
   const at::Tensor xsc = xs.contiguous(), ysc = ys.contiguous(), xqc = xq.contiguous(), yqc = yq.contiguous();
@@ -386,20 +390,26 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_mam
   // this size cost more (page faults on the CPU) than the element-wise passes over them.
   std::vector<at::Tensor> qg, hv, direction;
 
-  // w L_query(theta_k) into query_losses; grad L_query(theta_k) into qg.
-  auto query_grad = [&](int64_t k, double weight) {
+  // w_k L_query(theta_k) into query_losses; grad L_query(theta_k) into qg, times w_k for device weights.
+  auto query_grad = [&](int64_t k) {
     LayerwiseMlp::Pass q;
     net.forward(xqc, theta[k], q);
     const at::Tensor losses = net.loss_backward(xqc, yqc, theta[k], q, &qg);
-    query_losses.add_(losses, weight);
+    if (host_weights) {
+      query_losses.add_(losses, step_weight(k));
+      return;
+    }
+    const at::Tensor w_k = weights.select(0, k - 1);
+    query_losses.add_(losses * w_k);
+    for (auto& t : qg) t.mul_(w_k);
   };
 
   std::vector<at::Tensor>& v = meta_grads;  // the running v_k
-  if (w[steps - 1] != 0.0) {
-    query_grad(steps, w[steps - 1]);
+  if (step_weight(steps) != 0.0) {
+    query_grad(steps);
     for (int i = 0; i < P; ++i) {  // v_N = w_N grad L_query(theta_N)
       net.maml_update(MamlUpdate::kVUpdate, d.param_numel(i), v[i], 0, d.param_numel(i), HostOperand(),
-                      HostOperand(), per_task(qg[i], i), w[steps - 1]);
+                      HostOperand(), per_task(qg[i], i), step_weight(steps));
     }
   } else {
     for (auto& t : v) t.zero_();
@@ -431,8 +441,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_mam
       }
       net.hessian_vector(xsc, theta[k], direction, support, hv);
     }
-    const double weight = k >= 1 ? w[k - 1] : 0.0;
-    if (weight != 0.0) query_grad(k, weight);
+    const double weight = k >= 1 ? step_weight(k) : 0.0;
+    if (weight != 0.0) query_grad(k);
     if (first_order && weight == 0.0) continue;
     for (int i = 0; i < P; ++i) {  // v_k = v_{k+1} - H(alpha_k * v_{k+1}) + w_k grad L_query(theta_k)
       const int64_t n = d.param_numel(i);

@@ -88,7 +88,10 @@ class FusedMLPEngine:
                   step_weights: Tensor, multi_step: bool, first_order: bool) -> Tuple[Tensor, Tensor]:
         """(mean query loss, per-task losses [T]); the mean's backward is the exact meta-gradient."""
         params = self._params
-        return ops.mlp_maml_mean(params, xs, ys, xq, yq, rates.of_every_step(params, steps), step_weights,
+        # Plain MAML's weights on the CPU: the layerwise CUDA kernels then skip the unweighted query passes without
+        # reading the weights back from the GPU.
+        weights = step_weights if multi_step else ops.last_step_weights(steps, params[0].dtype)
+        return ops.mlp_maml_mean(params, xs, ys, xq, yq, rates.of_every_step(params, steps), weights,
                                  first_order, *self.codes)
 
     def adapt(self, xs: Tensor, ys: Tensor, steps: int, rates: InnerRates) -> List[Tensor]:
