@@ -16,10 +16,13 @@ TORCH_LIBRARY(mamlext, m) {
   // scalar tensor or a tensor of the parameter's shape.
   m.def("task_sgd(Tensor[] params, Tensor[] grads, float lr) -> Tensor[]");
   m.def("task_sgd.tensor_lr(Tensor[] params, Tensor[] grads, Tensor[] lr) -> Tensor[]");
-  // Per task loss of an MLP (params [W_1, b_1, ..., W_L, b_L], each shared or per task) and its gradient.
-  m.def("mlp_loss_grad(Tensor[] params, Tensor x, Tensor y, int activation, float act_param, int loss) -> (Tensor, Tensor[])");
+  // Per task loss of an MLP (params [W_1, b_1, ..., W_L, b_L], each shared or per task) and its gradient; weights
+  // [T, K]: each row's weight in the loss (common/losses.h).
+  m.def("mlp_loss_grad(Tensor[] params, Tensor x, Tensor y, int activation, float act_param, int loss, "
+        "Tensor? weights=None) -> (Tensor, Tensor[])");
   // Per task Hessian-vector product H_t v_t of the MLP loss, by Pearlmutter's R-operator.
-  m.def("mlp_hvp(Tensor[] params, Tensor[] vectors, Tensor x, Tensor y, int activation, float act_param, int loss) -> Tensor[]");
+  m.def("mlp_hvp(Tensor[] params, Tensor[] vectors, Tensor x, Tensor y, int activation, float act_param, int loss, "
+        "Tensor? weights=None) -> Tensor[]");
   // Fused MAML of an MLP: N inner SGD steps per task, weighted query losses, per task meta- and rate gradients.
   m.def("mlp_maml(Tensor[] params, Tensor xs, Tensor ys, Tensor xq, Tensor yq, Tensor[] lrs, Tensor step_weights, "
         "bool first_order, int activation, float act_param, int loss) -> (Tensor, Tensor[], Tensor[])");
@@ -27,9 +30,9 @@ TORCH_LIBRARY(mamlext, m) {
   // per_task, layerwise, or team (the per-task math on team_threads std::threads per task, split as the CUDA block
   // kernel splits it); on CUDA: block, block_global or layerwise. team_threads is for path team only.
   m.def("_mlp_loss_grad_path(Tensor[] params, Tensor x, Tensor y, int activation, float act_param, int loss, "
-        "str path, int team_threads=0) -> (Tensor, Tensor[])");
+        "str path, int team_threads=0, Tensor? weights=None) -> (Tensor, Tensor[])");
   m.def("_mlp_hvp_path(Tensor[] params, Tensor[] vectors, Tensor x, Tensor y, int activation, float act_param, "
-        "int loss, str path, int team_threads=0) -> Tensor[]");
+        "int loss, str path, int team_threads=0, Tensor? weights=None) -> Tensor[]");
   m.def("_mlp_maml_path(Tensor[] params, Tensor xs, Tensor ys, Tensor xq, Tensor yq, Tensor[] lrs, "
         "Tensor step_weights, bool first_order, int activation, float act_param, int loss, str path, "
         "int team_threads=0) -> (Tensor, Tensor[], Tensor[])");

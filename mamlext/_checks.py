@@ -2,7 +2,7 @@
 (the compiled kernels have the same checks in C++, csrc/common/*checks.h). Errors name the argument and its index."""
 import math
 import numbers
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -182,20 +182,39 @@ def _check_mlp_xy(op: str, params: Sequence[Tensor], sizes: List[int], x: Tensor
             check_class_indices(op, y_name, y, out)
 
 
+def _check_mlp_row_weights(op: str, weights: Optional[Tensor], x: Tensor, check_values: bool) -> None:
+    """The loss's per-row weights: None, or [T, K] of x's dtype and device, finite (checked on the CPU only, as the
+    compiled ops: elsewhere it would cost a device sync)."""
+    if weights is None:
+        return
+    if not isinstance(weights, Tensor):
+        raise TypeError(f"{op}: weights must be a tensor or None, got {type(weights).__name__}")
+    if weights.dtype != x.dtype or weights.device != x.device:
+        raise ValueError(f"{op}: weights must have x's dtype and device ({x.dtype}, {x.device}), got "
+                         f"{weights.dtype} on {weights.device}")
+    if list(weights.shape) != list(x.shape[:2]):
+        raise ValueError(f"{op}: weights (one weight per row) must be [T, K] = {list(x.shape[:2])} (x is "
+                         f"{_shape(x)}), got {_shape(weights)}")
+    if check_values and weights.device.type == "cpu" and not torch.isfinite(weights).all():
+        raise ValueError(f"{op}: weights must be finite (it holds nan or inf)")
+
+
 def check_mlp_loss_grad(params: Sequence[Tensor], x: Tensor, y: Tensor, activation: int, act_param: float,
-                        loss: int, check_values: bool = True, op: str = "mlp_loss_grad") -> None:
+                        loss: int, check_values: bool = True, op: str = "mlp_loss_grad",
+                        weights: Optional[Tensor] = None) -> None:
     """Raises ValueError/TypeError naming the argument when mlp_loss_grad's arguments do not fit together.
     check_values=False skips the checks that read tensor data (class index range), as fake tensors must."""
     _check_mlp_codes(op, activation, act_param, loss)
     sizes = _check_mlp_params(op, params, shared_only=False)
     _check_mlp_xy(op, params, sizes, x, y, loss, "x", "y", check_values)
     _check_mlp_per_task(op, params, x.shape[0], "x")
+    _check_mlp_row_weights(op, weights, x, check_values)
 
 
 def check_mlp_hvp(params: Sequence[Tensor], vectors: Sequence[Tensor], x: Tensor, y: Tensor, activation: int,
-                  act_param: float, loss: int, check_values: bool = True) -> None:
+                  act_param: float, loss: int, check_values: bool = True, weights: Optional[Tensor] = None) -> None:
     op = "mlp_hvp"
-    check_mlp_loss_grad(params, x, y, activation, act_param, loss, check_values, op=op)
+    check_mlp_loss_grad(params, x, y, activation, act_param, loss, check_values, op=op, weights=weights)
     if not isinstance(vectors, (list, tuple)):
         raise TypeError(f"{op}: vectors must be a list of tensors, got {type(vectors).__name__}")
     if len(vectors) != len(params):

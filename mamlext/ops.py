@@ -195,7 +195,8 @@ def with_task_gradients(losses: Tensor, inputs: Sequence[Tensor], grads: Sequenc
 
 
 def mlp_loss_grad(params: Sequence[Tensor], x: Tensor, y: Tensor, activation: Activation = "relu",
-                  act_param: Optional[float] = None, loss: Loss = "mse") -> Tuple[Tensor, List[Tensor]]:
+                  act_param: Optional[float] = None, loss: Loss = "mse",
+                  weights: Optional[Tensor] = None) -> Tuple[Tensor, List[Tensor]]:
     """Per-task loss of an MLP and its gradient w.r.t. that task's parameters, for T tasks at once.
 
     Args:
@@ -205,30 +206,34 @@ def mlp_loss_grad(params: Sequence[Tensor], x: Tensor, y: Tensor, activation: Ac
         activation: "relu", "leaky_relu", "tanh", "sigmoid", "gelu" (exact) or "elu", between layers.
         act_param: negative_slope of leaky_relu (default 0.01) / alpha of elu (default 1.0); ignored otherwise.
         loss: "mse" (mean over K*out elements) or "ce" (mean cross-entropy over the K rows).
+        weights: ``[T, K]``, each row's weight in the loss (its term is multiplied by it before the same mean:
+            ``(F.cross_entropy(z, y, reduction="none") * w).mean()``), or None. With "ce" and advantages as
+            weights, the policy-gradient surrogate ``-mean_k A_k log pi(a_k | s_k)`` of a categorical policy; 0
+            leaves out a padding row.
 
     Returns ``(losses [T], grads)``, grads P tensors ``[T, *S_i]``. ``losses`` is differentiable w.r.t. params
-    (first order: x, y get no gradient, grads carries no graph).
+    (first order: x, y and weights get no gradient, grads carries no graph).
     """
     act_code, act_param, loss_code = mlp_codes("mlp_loss_grad", activation, act_param, loss)
     params = list(params)
     if _implementation("mlp_loss_grad", [x]) == "op":  # the kernel checks its arguments
-        return torch.ops.mamlext.mlp_loss_grad(params, x, y, act_code, act_param, loss_code)
+        return torch.ops.mamlext.mlp_loss_grad(params, x, y, act_code, act_param, loss_code, weights)
     with torch.no_grad():
-        losses, grads = reference.mlp_loss_grad(params, x, y, act_code, act_param, loss_code)
+        losses, grads = reference.mlp_loss_grad(params, x, y, act_code, act_param, loss_code, weights)
     return with_task_gradients(losses, params, grads), grads
 
 
 def mlp_hvp(params: Sequence[Tensor], vectors: Sequence[Tensor], x: Tensor, y: Tensor,
             activation: Activation = "relu", act_param: Optional[float] = None,
-            loss: Loss = "mse") -> List[Tensor]:
+            loss: Loss = "mse", weights: Optional[Tensor] = None) -> List[Tensor]:
     """Per-task Hessian-vector products ``H_t v_t`` of the MLP loss (arguments as in mlp_loss_grad; vectors:
     P tensors ``[T, *S_i]``). Returns P tensors ``[T, *S_i]``. Not differentiable."""
     act_code, act_param, loss_code = mlp_codes("mlp_hvp", activation, act_param, loss)
     params, vectors = list(params), list(vectors)
     if _implementation("mlp_hvp", [x]) == "op":  # the kernel checks its arguments
-        return torch.ops.mamlext.mlp_hvp(params, vectors, x, y, act_code, act_param, loss_code)
+        return torch.ops.mamlext.mlp_hvp(params, vectors, x, y, act_code, act_param, loss_code, weights)
     with torch.no_grad():
-        return reference.mlp_hvp(params, vectors, x, y, act_code, act_param, loss_code)
+        return reference.mlp_hvp(params, vectors, x, y, act_code, act_param, loss_code, weights)
 
 
 def last_step_weights(steps: int, dtype: torch.dtype) -> Tensor:
@@ -306,14 +311,14 @@ def mlp_maml_mean(params: Sequence[Tensor], xs: Tensor, ys: Tensor, xq: Tensor, 
 
 # --- fake (meta) implementations and autograd formulas of the compiled ops ---------------------------------------
 
-def _mlp_loss_grad_fake(params, x, y, activation, act_param, loss):
-    _checks.check_mlp_loss_grad(params, x, y, activation, act_param, loss, check_values=False)
+def _mlp_loss_grad_fake(params, x, y, activation, act_param, loss, weights=None):
+    _checks.check_mlp_loss_grad(params, x, y, activation, act_param, loss, check_values=False, weights=weights)
     tasks = x.shape[0]
     return x.new_empty(tasks), [params[0].new_empty(s) for s in reference._task_shapes(params, tasks)]
 
 
-def _mlp_hvp_fake(params, vectors, x, y, activation, act_param, loss):
-    _checks.check_mlp_hvp(params, vectors, x, y, activation, act_param, loss, check_values=False)
+def _mlp_hvp_fake(params, vectors, x, y, activation, act_param, loss, weights=None):
+    _checks.check_mlp_hvp(params, vectors, x, y, activation, act_param, loss, check_values=False, weights=weights)
     return [v.new_empty(v.shape) for v in vectors]
 
 

@@ -4,7 +4,7 @@ the compiled kernels (mamlext._checks).
 They are the test oracle for the compiled kernels and the fallback when mamlext._C is not available.
 """
 import math
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -80,12 +80,17 @@ def mlp_forward(params: Sequence[Tensor], x: Tensor, activation: int, act_param:
     return h
 
 
-def mlp_task_loss(z: Tensor, y: Tensor, loss: int) -> Tensor:
-    """One task's loss (LOSSES): mean squared error over all elements, or mean cross-entropy over the rows."""
+def mlp_task_loss(z: Tensor, y: Tensor, loss: int, weights: Optional[Tensor] = None) -> Tensor:
+    """One task's loss (LOSSES): mean squared error over all elements, or mean cross-entropy over the rows; with
+    weights [K], each row's term times its weight before the same mean."""
     if loss == LOSSES["mse"]:
-        return F.mse_loss(z, y)
+        if weights is None:
+            return F.mse_loss(z, y)
+        return (F.mse_loss(z, y, reduction="none") * weights.unsqueeze(-1)).mean()
     if loss == LOSSES["ce"]:
-        return F.cross_entropy(z, y)
+        if weights is None:
+            return F.cross_entropy(z, y)
+        return (F.cross_entropy(z, y, reduction="none") * weights).mean()
     raise ValueError(f"unknown loss code {loss!r}")
 
 
@@ -98,41 +103,47 @@ def _task_shapes(params: Sequence[Tensor], tasks: int) -> List[List[int]]:
     return [[tasks, *(p.shape[1:] if p.dim() == (3 if i % 2 == 0 else 2) else p.shape)] for i, p in enumerate(params)]
 
 
+def _rows_weights(weights: Optional[Tensor], x: Tensor) -> Tensor:
+    """The rows' weights [T, K] (ones when None), for torch.func.vmap."""
+    return x.new_ones(x.shape[:2]) if weights is None else weights
+
+
 def mlp_loss_grad(params: Sequence[Tensor], x: Tensor, y: Tensor, activation: int, act_param: float,
-                  loss: int) -> Tuple[Tensor, List[Tensor]]:
+                  loss: int, weights: Optional[Tensor] = None) -> Tuple[Tensor, List[Tensor]]:
     """Per task loss [T] and its gradient w.r.t. that task's params (P tensors [T, *S_i]); torch.func.vmap(grad).
-    Differentiable (torch autograd through torch.func)."""
-    check_mlp_loss_grad(params, x, y, activation, act_param, loss)
+    weights: the rows' weights [T, K] or None. Differentiable (torch autograd through torch.func)."""
+    check_mlp_loss_grad(params, x, y, activation, act_param, loss, weights=weights)
     tasks = x.shape[0]
     if tasks == 0 or x.shape[1] == 0:  # no rows: the mean of nothing is nan (as F.mse_loss), the gradient 0
         return (x.new_full((tasks,), math.nan), [params[0].new_zeros(s) for s in _task_shapes(params, tasks)])
 
-    def task_loss(ps, xt, yt):
-        return mlp_task_loss(mlp_forward(ps, xt, activation, act_param), yt, loss)
+    def task_loss(ps, xt, yt, wt):
+        return mlp_task_loss(mlp_forward(ps, xt, activation, act_param), yt, loss, wt)
 
-    grads, losses = torch.func.vmap(torch.func.grad_and_value(task_loss))(_per_task(params, tasks), x, y)
+    grads, losses = torch.func.vmap(torch.func.grad_and_value(task_loss))(_per_task(params, tasks), x, y,
+                                                                          _rows_weights(weights, x))
     return losses.contiguous(), [g.contiguous() for g in grads]
 
 
 def mlp_hvp(params: Sequence[Tensor], vectors: Sequence[Tensor], x: Tensor, y: Tensor, activation: int,
-            act_param: float, loss: int) -> List[Tensor]:
+            act_param: float, loss: int, weights: Optional[Tensor] = None) -> List[Tensor]:
     """Per task Hessian-vector product H_t v_t (P tensors [T, *S_i]): torch.func.vmap of the gradient of
     <grad L_t(params), v_t> (reverse over reverse; forward-over-reverse trips on ZeroTensor tangents in relu)."""
-    check_mlp_hvp(params, vectors, x, y, activation, act_param, loss)
+    check_mlp_hvp(params, vectors, x, y, activation, act_param, loss, weights=weights)
     tasks = x.shape[0]
     if tasks == 0 or x.shape[1] == 0:
         return [params[0].new_zeros(s) for s in _task_shapes(params, tasks)]
 
-    def task_loss(ps, xt, yt):
-        return mlp_task_loss(mlp_forward(ps, xt, activation, act_param), yt, loss)
+    def task_loss(ps, xt, yt, wt):
+        return mlp_task_loss(mlp_forward(ps, xt, activation, act_param), yt, loss, wt)
 
-    def grad_dot(ps, vs, xt, yt):
-        grads = torch.func.grad(task_loss)(ps, xt, yt)
+    def grad_dot(ps, vs, xt, yt, wt):
+        grads = torch.func.grad(task_loss)(ps, xt, yt, wt)
         return sum((g * v).sum() for g, v in zip(grads, vs))
 
     task_hvp = torch.func.grad(grad_dot)
 
-    out = torch.func.vmap(task_hvp)(_per_task(params, tasks), list(vectors), x, y)
+    out = torch.func.vmap(task_hvp)(_per_task(params, tasks), list(vectors), x, y, _rows_weights(weights, x))
     return [o.contiguous() for o in out]
 
 

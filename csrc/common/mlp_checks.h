@@ -6,6 +6,7 @@
 #include <ATen/Dispatch.h>
 
 #include <cmath>
+#include <optional>
 #include <vector>
 
 #include "common/checks.h"
@@ -134,8 +135,35 @@ inline void check_mlp_target(const char* op, const at::Tensor& y, const char* na
   }
 }
 
+// A tensor (a rate, a weight, mlp_maml's data) holds no nan or inf; checked where that costs no device sync (CPU
+// tensors).
+// (A loop over the elements: at::isfinite(t).all() would cost more than a small meta-iteration's arithmetic.)
+inline void check_finite_on_cpu(const char* op, const at::Tensor& t, const std::string& name) {
+  if (!t.device().is_cpu()) return;
+  const at::Tensor values = t.contiguous();
+  bool finite = true;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "check_finite_on_cpu", [&] {
+    const scalar_t* v = values.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < values.numel() && finite; ++i) finite = std::isfinite(static_cast<double>(v[i]));
+  });
+  TORCH_CHECK_VALUE(finite, op, ": ", name, " must be finite (it holds nan or inf)");
+}
+
+// Per-row weights of the loss (optional): [T, K] for x [T, K, in], x's dtype and device, finite.
+inline void check_mlp_row_weights(const char* op, const std::optional<at::Tensor>& weights, const char* name,
+                                  const at::Tensor& x, const char* x_name) {
+  if (!weights.has_value() || !weights->defined()) return;
+  const at::Tensor& w = *weights;
+  check_same_device_dtype(op, w, name, x, x_name);
+  TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == x.size(0) && w.size(1) == x.size(1), op, ": ", name,
+                    " (one weight per row) must be [T, K] = [", x.size(0), ", ", x.size(1), "] (", x_name, " is ",
+                    x.sizes(), "), got ", w.sizes());
+  check_finite_on_cpu(op, w, name);
+}
+
 inline MlpCall check_mlp_loss_grad(const char* op, at::TensorList params, const at::Tensor& x, const at::Tensor& y,
-                                   int64_t activation, double act_param, int64_t loss) {
+                                   int64_t activation, double act_param, int64_t loss,
+                                   const std::optional<at::Tensor>& weights) {
   check_mlp_codes(op, activation, act_param, loss);
   check_mlp_floating(op, x, "x");
   TORCH_CHECK_VALUE(x.dim() == 3, op, ": x must be [T, K, in], got ", x.sizes());
@@ -145,6 +173,7 @@ inline MlpCall check_mlp_loss_grad(const char* op, at::TensorList params, const 
   call.config.loss = static_cast<Loss>(loss);
   check_mlp_input(op, x, "x", call.config.dims, -1, params);
   check_mlp_target(op, y, "y", x, "x", call.config, params);
+  check_mlp_row_weights(op, weights, "weights", x, "x");
   return call;
 }
 
@@ -161,20 +190,6 @@ inline void check_mlp_vectors(const char* op, at::TensorList vectors, at::Tensor
     TORCH_CHECK_VALUE(v.sizes() == at::IntArrayRef(want), op, ": vectors[", i, "] must be [T, *S_", i, "] = ",
                 at::IntArrayRef(want), " (params[", i, "] is ", params[i].sizes(), "), got ", v.sizes());
   }
-}
-
-// A tensor (a rate, a weight, mlp_maml's data) holds no nan or inf; checked where that costs no device sync (CPU
-// tensors).
-// (A loop over the elements: at::isfinite(t).all() would cost more than a small meta-iteration's arithmetic.)
-inline void check_finite_on_cpu(const char* op, const at::Tensor& t, const std::string& name) {
-  if (!t.device().is_cpu()) return;
-  const at::Tensor values = t.contiguous();
-  bool finite = true;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "check_finite_on_cpu", [&] {
-    const scalar_t* v = values.data_ptr<scalar_t>();
-    for (int64_t i = 0; i < values.numel() && finite; ++i) finite = std::isfinite(static_cast<double>(v[i]));
-  });
-  TORCH_CHECK_VALUE(finite, op, ": ", name, " must be finite (it holds nan or inf)");
 }
 
 // mlp_maml's lrs: lrs[i] is [N] or [N, *S_i].

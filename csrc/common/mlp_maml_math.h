@@ -200,8 +200,8 @@ C10_HOST_DEVICE inline scalar_t mlp_maml_task(const Team& team, const MlpConfig&
       const MlpForwardWeights<scalar_t> direction_t =
           transpose_weights(team, d, as_const(direction), s.transposed() + (steps + 1) * Pt);
       MlpActivations<scalar_t> support = support_activations(d, s, k);
-      mlp_hessian_vector(team, c, support_rows, xs, theta_k, theta_t(k), as_const(direction), direction_t, support,
-                         hv);
+      mlp_hessian_vector(team, c, support_rows, xs, ys.weights, theta_k, theta_t(k), as_const(direction),
+                         direction_t, support, hv);
       for (int i = 0; i < num_params; ++i) axpy(team, d.param_numel(i), scalar_t(-1), hv.ptr(i), v.ptr(i));
       team.sync();
     }

@@ -390,15 +390,16 @@ C10_HOST_DEVICE inline scalar_t mlp_loss_and_grad(const Team& team, const MlpCon
 }
 
 // hv = H v, H the Hessian of the task's loss at p, after mlp_loss_and_grad at the same p, x, y filled a.
-// pt, vt: the forward weights of p and v.
+// row_weights: y's (null: all 1). pt, vt: the forward weights of p and v.
 template <typename Team, typename scalar_t>
 C10_HOST_DEVICE inline void mlp_hessian_vector(const Team& team, const MlpConfig& c, int64_t K, const scalar_t* x,
-                                               const MlpParams<const scalar_t*>& p, const MlpForwardWeights<scalar_t>& pt,
+                                               const scalar_t* row_weights, const MlpParams<const scalar_t*>& p,
+                                               const MlpForwardWeights<scalar_t>& pt,
                                                const MlpParams<const scalar_t*>& v, const MlpForwardWeights<scalar_t>& vt,
                                                const MlpActivations<scalar_t>& a, const MlpParams<scalar_t*>& hv) {
   const int last = c.dims.layers - 1;
   mlp_r_forward(team, c, K, x, pt, v, vt, a);
-  loss_r_backward(team, c.loss, K, c.dims.output_width(), a.z(last), a.rz(last), a.rdz(last));
+  loss_r_backward(team, c.loss, K, c.dims.output_width(), a.z(last), row_weights, a.rz(last), a.rdz(last));
   team.sync();
   mlp_r_backward(team, c, K, x, p, v, a, hv);
 }

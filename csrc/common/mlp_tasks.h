@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -28,29 +29,21 @@ struct TaskBatched {
   C10_HOST_DEVICE MlpParams<ptr_t> at(int64_t t) const { return MlpParams<ptr_t>(ptr, stride, t); }
 };
 
-// Task t's targets in y ([T, K, out] values or [T, K] classes, contiguous).
+// The targets y ([T, K, out] values or [T, K] classes) and row weights ([T, K], or undefined) of a call, both
+// contiguous.
 template <typename scalar_t>
-struct TaskTargets {
-  const scalar_t* values = nullptr;
-  const int64_t* classes = nullptr;
-  int64_t stride = 0;
-
-  TaskTargets() = default;
-  TaskTargets(const at::Tensor& y, Loss loss) {
-    stride = y.size(0) == 0 ? 0 : y.numel() / y.size(0);
-    if (loss == Loss::kMse) {
-      values = y.data_ptr<scalar_t>();
-    } else {
-      classes = y.data_ptr<int64_t>();
-    }
+TaskTargets<scalar_t> task_targets(const at::Tensor& y, Loss loss, const at::Tensor& weights) {
+  TaskTargets<scalar_t> targets;
+  targets.stride = y.size(0) == 0 ? 0 : y.numel() / y.size(0);
+  targets.rows = y.dim() >= 2 ? y.size(1) : 0;
+  if (loss == Loss::kMse) {
+    targets.values = y.data_ptr<scalar_t>();
+  } else {
+    targets.classes = y.data_ptr<int64_t>();
   }
-  C10_HOST_DEVICE LossTarget<scalar_t> at(int64_t t) const {
-    LossTarget<scalar_t> target;
-    if (values != nullptr) target.values = values + t * stride;
-    if (classes != nullptr) target.classes = classes + t * stride;
-    return target;
-  }
-};
+  if (weights.defined()) targets.weights = weights.data_ptr<scalar_t>();
+  return targets;
+}
 
 // The widths of the network in params (shared [out, in] or per task [T, out, in] weights), for choosing a kernel
 // before the ops' own checks, which run on every kernel: reads only shapes that exist.
@@ -122,17 +115,20 @@ struct LossGradTensors {
   bool hvp;
   MlpCall call;
   at::Tensor x, y;
+  at::Tensor weights;  // the rows' [T, K], or undefined
   std::vector<at::Tensor> params, vectors;
   at::Tensor losses;            // mlp_loss_grad's
   std::vector<at::Tensor> out;  // the gradients (mlp_loss_grad) or H v (mlp_hvp)
 
   LossGradTensors(bool hvp_in, at::TensorList params_in, at::TensorList vectors_in, const at::Tensor& x_in,
-                  const at::Tensor& y_in, int64_t activation, double act_param, int64_t loss)
+                  const at::Tensor& y_in, int64_t activation, double act_param, int64_t loss,
+                  const std::optional<at::Tensor>& weights_in)
       : hvp(hvp_in),
         call(check_mlp_loss_grad(hvp_in ? "mlp_hvp" : "mlp_loss_grad", params_in, x_in, y_in, activation, act_param,
-                                 loss)),
+                                 loss, weights_in)),
         x(x_in.contiguous()),
         y(y_in.contiguous()),
+        weights(weights_in.has_value() && weights_in->defined() ? weights_in->contiguous() : at::Tensor()),
         params(contiguous(params_in)) {
     if (hvp) {
       check_mlp_vectors("mlp_hvp", vectors_in, params_in, call, x_in);
@@ -169,7 +165,7 @@ struct LossGradArgs {
         rows(g.x.size(1)),
         x(g.x.data_ptr<scalar_t>()),
         params(batched_inputs<scalar_t>(g.params, g.call)),
-        y(g.y, config.loss),
+        y(task_targets<scalar_t>(g.y, config.loss, g.weights)),
         out(batched_outputs<scalar_t>(g.out)) {
     if (hvp) {
       vectors = batched_outputs<scalar_t>(g.vectors);
@@ -204,7 +200,7 @@ C10_HOST_DEVICE inline void loss_grad_tasks(const Team& team, const LossGradArgs
         transpose_weights(team, c.dims, v_t, transposed + mlp_transposed_numel(c.dims));
     mlp_loss_and_grad(team, c, g.rows, x_t, g.y.at(t), theta_t, theta_fw, a,
                       static_cast<const MlpParams<scalar_t*>*>(nullptr));
-    mlp_hessian_vector(team, c, g.rows, x_t, theta_t, theta_fw, v_t, v_fw, a, g.out.at(t));
+    mlp_hessian_vector(team, c, g.rows, x_t, g.y.at(t).weights, theta_t, theta_fw, v_t, v_fw, a, g.out.at(t));
   }
 }
 
@@ -273,8 +269,8 @@ struct MamlArgs {
         step_weights(m.step_weights.data_ptr<scalar_t>()),
         xs(m.xs.data_ptr<scalar_t>()),
         xq(m.xq.data_ptr<scalar_t>()),
-        ys(m.ys, config.loss),
-        yq(m.yq, config.loss),
+        ys(task_targets<scalar_t>(m.ys, config.loss, at::Tensor())),
+        yq(task_targets<scalar_t>(m.yq, config.loss, at::Tensor())),
         meta_grads(batched_outputs<scalar_t>(m.meta_grads)),
         lr_grads(batched_outputs<scalar_t>(m.lr_grads)),
         query_losses(m.query_losses.data_ptr<scalar_t>()) {

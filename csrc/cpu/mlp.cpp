@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 #include <barrier>
 #include <thread>
 #include <tuple>
@@ -121,8 +122,8 @@ void run_on_thread_team(int size, const Work& work) {
 // mlp_loss_grad (hvp false) or mlp_hvp on the per-task or team path.
 LossGradTensors loss_grad_per_task(CpuPath path, bool hvp, at::TensorList params, at::TensorList vectors,
                                    const at::Tensor& x, const at::Tensor& y, int64_t activation, double act_param,
-                                   int64_t loss) {
-  LossGradTensors g(hvp, params, vectors, x, y, activation, act_param, loss);
+                                   int64_t loss, const std::optional<at::Tensor>& weights) {
+  LossGradTensors g(hvp, params, vectors, x, y, activation, act_param, loss, weights);
   const int64_t tasks = g.call.tasks;
   if (tasks == 0) return g;
   AT_DISPATCH_FLOATING_TYPES(g.x.scalar_type(), "mlp_loss_grad_cpu", [&] {
@@ -146,16 +147,22 @@ using LossGradOutputs = std::tuple<at::Tensor, std::vector<at::Tensor>>;
 using MamlOutputs = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>;
 
 LossGradOutputs mlp_loss_grad_on(CpuPath path, at::TensorList params, const at::Tensor& x, const at::Tensor& y,
-                                 int64_t activation, double act_param, int64_t loss) {
-  if (path.kind == CpuPath::kLayerwise) return mlp_loss_grad_layerwise(params, x, y, activation, act_param, loss);
-  const LossGradTensors g = loss_grad_per_task(path, false, params, {}, x, y, activation, act_param, loss);
+                                 int64_t activation, double act_param, int64_t loss,
+                                 const std::optional<at::Tensor>& weights) {
+  if (path.kind == CpuPath::kLayerwise) {
+    return mlp_loss_grad_layerwise(params, x, y, activation, act_param, loss, weights);
+  }
+  const LossGradTensors g = loss_grad_per_task(path, false, params, {}, x, y, activation, act_param, loss, weights);
   return {g.losses, g.out};
 }
 
 std::vector<at::Tensor> mlp_hvp_on(CpuPath path, at::TensorList params, at::TensorList vectors, const at::Tensor& x,
-                                   const at::Tensor& y, int64_t activation, double act_param, int64_t loss) {
-  if (path.kind == CpuPath::kLayerwise) return mlp_hvp_layerwise(params, vectors, x, y, activation, act_param, loss);
-  return loss_grad_per_task(path, true, params, vectors, x, y, activation, act_param, loss).out;
+                                   const at::Tensor& y, int64_t activation, double act_param, int64_t loss,
+                                   const std::optional<at::Tensor>& weights) {
+  if (path.kind == CpuPath::kLayerwise) {
+    return mlp_hvp_layerwise(params, vectors, x, y, activation, act_param, loss, weights);
+  }
+  return loss_grad_per_task(path, true, params, vectors, x, y, activation, act_param, loss, weights).out;
 }
 
 MamlOutputs mlp_maml_on(CpuPath path, at::TensorList params, const at::Tensor& xs, const at::Tensor& ys,
@@ -189,13 +196,14 @@ MamlOutputs mlp_maml_on(CpuPath path, at::TensorList params, const at::Tensor& x
 
 // The public ops.
 LossGradOutputs mlp_loss_grad_cpu(at::TensorList params, const at::Tensor& x, const at::Tensor& y, int64_t activation,
-                                  double act_param, int64_t loss) {
-  return mlp_loss_grad_on(kAutoPath, params, x, y, activation, act_param, loss);
+                                  double act_param, int64_t loss, const std::optional<at::Tensor>& weights) {
+  return mlp_loss_grad_on(kAutoPath, params, x, y, activation, act_param, loss, weights);
 }
 
 std::vector<at::Tensor> mlp_hvp_cpu(at::TensorList params, at::TensorList vectors, const at::Tensor& x,
-                                    const at::Tensor& y, int64_t activation, double act_param, int64_t loss) {
-  return mlp_hvp_on(kAutoPath, params, vectors, x, y, activation, act_param, loss);
+                                    const at::Tensor& y, int64_t activation, double act_param, int64_t loss,
+                                    const std::optional<at::Tensor>& weights) {
+  return mlp_hvp_on(kAutoPath, params, vectors, x, y, activation, act_param, loss, weights);
 }
 
 MamlOutputs mlp_maml_cpu(at::TensorList params, const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq,
@@ -207,14 +215,16 @@ MamlOutputs mlp_maml_cpu(at::TensorList params, const at::Tensor& xs, const at::
 // The private ops: the same on the path their last two arguments name.
 LossGradOutputs mlp_loss_grad_path_cpu(at::TensorList params, const at::Tensor& x, const at::Tensor& y,
                                        int64_t activation, double act_param, int64_t loss, c10::string_view path,
-                                       int64_t team_threads) {
-  return mlp_loss_grad_on(parse_cpu_path(path, team_threads), params, x, y, activation, act_param, loss);
+                                       int64_t team_threads, const std::optional<at::Tensor>& weights) {
+  return mlp_loss_grad_on(parse_cpu_path(path, team_threads), params, x, y, activation, act_param, loss, weights);
 }
 
 std::vector<at::Tensor> mlp_hvp_path_cpu(at::TensorList params, at::TensorList vectors, const at::Tensor& x,
                                          const at::Tensor& y, int64_t activation, double act_param, int64_t loss,
-                                         c10::string_view path, int64_t team_threads) {
-  return mlp_hvp_on(parse_cpu_path(path, team_threads), params, vectors, x, y, activation, act_param, loss);
+                                         c10::string_view path, int64_t team_threads,
+                                         const std::optional<at::Tensor>& weights) {
+  return mlp_hvp_on(parse_cpu_path(path, team_threads), params, vectors, x, y, activation, act_param, loss,
+                    weights);
 }
 
 MamlOutputs mlp_maml_path_cpu(at::TensorList params, const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq,

@@ -64,7 +64,7 @@ void activation_r_backward(Activation act, scalar_t param, int64_t n, const scal
 
 template <typename scalar_t>
 void loss_forward_backward(Loss loss, int64_t tasks, int64_t K, int64_t O, const scalar_t* z,
-                           LayerwiseTargets<scalar_t> y, scalar_t* losses, scalar_t* dz) {
+                           TaskTargets<scalar_t> y, scalar_t* losses, scalar_t* dz) {
   const int64_t n = K * O;
   at::parallel_for(0, tasks, task_grain(n), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -75,12 +75,13 @@ void loss_forward_backward(Loss loss, int64_t tasks, int64_t K, int64_t O, const
 }
 
 template <typename scalar_t>
-void loss_r_backward(Loss loss, int64_t tasks, int64_t K, int64_t O, const scalar_t* z, const scalar_t* rz,
-                     scalar_t* rdz) {
+void loss_r_backward(Loss loss, int64_t tasks, int64_t K, int64_t O, const scalar_t* z, const scalar_t* weights,
+                     const scalar_t* rz, scalar_t* rdz) {
   const int64_t n = K * O;
   at::parallel_for(0, tasks, task_grain(n), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      ::mamlext::loss_r_backward(SerialTeam(), loss, K, O, z + t * n, rz + t * n, rdz + t * n);
+      ::mamlext::loss_r_backward(SerialTeam(), loss, K, O, z + t * n, weights == nullptr ? weights : weights + t * K,
+                                 rz + t * n, rdz + t * n);
     }
   });
 }

@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -125,8 +126,8 @@ void launch_block_kernel(const Args& args, int64_t tasks, const at::Tensor& like
 
 LossGradTensors loss_grad_block(bool hvp, at::TensorList params, at::TensorList vectors, const at::Tensor& x,
                                 const at::Tensor& y, int64_t activation, double act_param, int64_t loss,
-                                bool global_scratch) {
-  LossGradTensors g(hvp, params, vectors, x, y, activation, act_param, loss);
+                                const std::optional<at::Tensor>& weights, bool global_scratch) {
+  LossGradTensors g(hvp, params, vectors, x, y, activation, act_param, loss, weights);
   if (g.call.tasks == 0) return g;
   const c10::cuda::CUDAGuard guard(g.x.device());
   AT_DISPATCH_FLOATING_TYPES(g.x.scalar_type(), "mlp_loss_grad_block", [&] {
@@ -180,20 +181,26 @@ using LossGradOutputs = std::tuple<at::Tensor, std::vector<at::Tensor>>;
 using MamlOutputs = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>;
 
 LossGradOutputs mlp_loss_grad_on(CudaPath requested, at::TensorList params, const at::Tensor& x, const at::Tensor& y,
-                                 int64_t activation, double act_param, int64_t loss) {
+                                 int64_t activation, double act_param, int64_t loss,
+                                 const std::optional<at::Tensor>& weights) {
   const CudaPath path = loss_grad_cuda_path(requested, false, params, x);
-  if (path == CudaPath::kLayerwise) return mlp_loss_grad_layerwise(params, x, y, activation, act_param, loss);
-  const LossGradTensors g =
-      loss_grad_block(false, params, {}, x, y, activation, act_param, loss, path == CudaPath::kBlockGlobal);
+  if (path == CudaPath::kLayerwise) {
+    return mlp_loss_grad_layerwise(params, x, y, activation, act_param, loss, weights);
+  }
+  const LossGradTensors g = loss_grad_block(false, params, {}, x, y, activation, act_param, loss, weights,
+                                            path == CudaPath::kBlockGlobal);
   return {g.losses, g.out};
 }
 
 std::vector<at::Tensor> mlp_hvp_on(CudaPath requested, at::TensorList params, at::TensorList vectors,
                                    const at::Tensor& x, const at::Tensor& y, int64_t activation, double act_param,
-                                   int64_t loss) {
+                                   int64_t loss, const std::optional<at::Tensor>& weights) {
   const CudaPath path = loss_grad_cuda_path(requested, true, params, x);
-  if (path == CudaPath::kLayerwise) return mlp_hvp_layerwise(params, vectors, x, y, activation, act_param, loss);
-  return loss_grad_block(true, params, vectors, x, y, activation, act_param, loss, path == CudaPath::kBlockGlobal)
+  if (path == CudaPath::kLayerwise) {
+    return mlp_hvp_layerwise(params, vectors, x, y, activation, act_param, loss, weights);
+  }
+  return loss_grad_block(true, params, vectors, x, y, activation, act_param, loss, weights,
+                         path == CudaPath::kBlockGlobal)
       .out;
 }
 
@@ -214,13 +221,15 @@ MamlOutputs mlp_maml_on(CudaPath requested, at::TensorList params, const at::Ten
 
 // The public ops.
 LossGradOutputs mlp_loss_grad_cuda(at::TensorList params, const at::Tensor& x, const at::Tensor& y,
-                                   int64_t activation, double act_param, int64_t loss) {
-  return mlp_loss_grad_on(CudaPath::kAuto, params, x, y, activation, act_param, loss);
+                                   int64_t activation, double act_param, int64_t loss,
+                                   const std::optional<at::Tensor>& weights) {
+  return mlp_loss_grad_on(CudaPath::kAuto, params, x, y, activation, act_param, loss, weights);
 }
 
 std::vector<at::Tensor> mlp_hvp_cuda(at::TensorList params, at::TensorList vectors, const at::Tensor& x,
-                                     const at::Tensor& y, int64_t activation, double act_param, int64_t loss) {
-  return mlp_hvp_on(CudaPath::kAuto, params, vectors, x, y, activation, act_param, loss);
+                                     const at::Tensor& y, int64_t activation, double act_param, int64_t loss,
+                                     const std::optional<at::Tensor>& weights) {
+  return mlp_hvp_on(CudaPath::kAuto, params, vectors, x, y, activation, act_param, loss, weights);
 }
 
 MamlOutputs mlp_maml_cuda(at::TensorList params, const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq,
@@ -233,14 +242,16 @@ MamlOutputs mlp_maml_cuda(at::TensorList params, const at::Tensor& xs, const at:
 // The private ops: the same on the path their last two arguments name.
 LossGradOutputs mlp_loss_grad_path_cuda(at::TensorList params, const at::Tensor& x, const at::Tensor& y,
                                         int64_t activation, double act_param, int64_t loss, c10::string_view path,
-                                        int64_t team_threads) {
-  return mlp_loss_grad_on(parse_cuda_path(path, team_threads), params, x, y, activation, act_param, loss);
+                                        int64_t team_threads, const std::optional<at::Tensor>& weights) {
+  return mlp_loss_grad_on(parse_cuda_path(path, team_threads), params, x, y, activation, act_param, loss, weights);
 }
 
 std::vector<at::Tensor> mlp_hvp_path_cuda(at::TensorList params, at::TensorList vectors, const at::Tensor& x,
                                           const at::Tensor& y, int64_t activation, double act_param, int64_t loss,
-                                          c10::string_view path, int64_t team_threads) {
-  return mlp_hvp_on(parse_cuda_path(path, team_threads), params, vectors, x, y, activation, act_param, loss);
+                                          c10::string_view path, int64_t team_threads,
+                                          const std::optional<at::Tensor>& weights) {
+  return mlp_hvp_on(parse_cuda_path(path, team_threads), params, vectors, x, y, activation, act_param, loss,
+                    weights);
 }
 
 MamlOutputs mlp_maml_path_cuda(at::TensorList params, const at::Tensor& xs, const at::Tensor& ys,

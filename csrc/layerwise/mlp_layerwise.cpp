@@ -63,9 +63,11 @@ class LayerwiseMlp {
                 "mamlext: the layerwise MLP ops run on CPU and CUDA tensors, got ", like.device());
   }
 
-  // Per-layer values of one pass over [T, K, *] rows (see common/mlp_passes.h MlpActivations).
+  // Per-layer values of one pass over [T, K, *] rows (see common/mlp_passes.h MlpActivations), and the rows'
+  // weights [T, K] of its loss (undefined: all 1).
   struct Pass {
     std::vector<at::Tensor> z, h, dz, dh, rz, rh;
+    at::Tensor weights;
   };
 
   // Forward: z_l = h_{l-1} W_l^T + b_l, h_l = f(z_l).
@@ -82,13 +84,15 @@ class LayerwiseMlp {
     }
   }
 
-  // The loss of the network's output against y ([T] per task) and the backward pass: fills a.dz and a.dh and, when
-  // grads is not null, the per-task parameter gradients [T, *S_i].
-  at::Tensor loss_backward(const at::Tensor& x, const at::Tensor& y, const std::vector<at::Tensor>& p, Pass& a,
-                           std::vector<at::Tensor>* grads) const {
+  // The loss of the network's output against y with the rows' weights ([T] per task) and the backward pass: fills
+  // a.dz and a.dh and, when grads is not null, the per-task parameter gradients [T, *S_i]. weights: [T, K],
+  // contiguous, or undefined.
+  at::Tensor loss_backward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& weights,
+                           const std::vector<at::Tensor>& p, Pass& a, std::vector<at::Tensor>* grads) const {
     const int L = c_.dims.layers;
     at::Tensor losses = at::empty({tasks_}, a.z[L - 1].options());
-    a.dz[L - 1] = loss_forward_backward(a.z[L - 1], y, losses);
+    a.weights = weights;
+    a.dz[L - 1] = loss_forward_backward(a.z[L - 1], y, weights, losses);
     if (grads != nullptr) grads->resize(2 * L);
     for (int l = L - 1; l >= 0; --l) {
       const at::Tensor& in = l == 0 ? x : a.h[l - 1];
@@ -113,7 +117,7 @@ class LayerwiseMlp {
       if (l > 0) linear_add(a.rz[l], a.rh[l - 1], p[2 * l]);            // + Rh W^T
       if (l + 1 < L) a.rh[l] = activation_backward(a.z[l], a.h[l], a.rz[l]);
     }
-    at::Tensor rdz = loss_r_backward(a.z[L - 1], a.rz[L - 1]);
+    at::Tensor rdz = loss_r_backward(a.z[L - 1], a.weights, a.rz[L - 1]);
     hv.resize(2 * L);
     for (int l = L - 1; l >= 0; --l) {
       const at::Tensor& in = l == 0 ? x : a.h[l - 1];
@@ -236,29 +240,24 @@ class LayerwiseMlp {
   }
 
   // Per task losses into `losses`; returns dL/dz.
-  at::Tensor loss_forward_backward(const at::Tensor& z, const at::Tensor& y, at::Tensor& losses) const {
+  at::Tensor loss_forward_backward(const at::Tensor& z, const at::Tensor& y, const at::Tensor& weights,
+                                   at::Tensor& losses) const {
     at::Tensor dz = at::empty_like(z);
     const int64_t K = z.size(1), O = z.size(2);
     AT_DISPATCH_FLOATING_TYPES(dtype_, "mlp_layerwise_loss", [&] {
-      LayerwiseTargets<scalar_t> target;
-      target.stride = y.numel() / std::max<int64_t>(tasks_, 1);
-      if (c_.loss == Loss::kMse) {
-        target.values = y.data_ptr<scalar_t>();
-      } else {
-        target.classes = y.data_ptr<int64_t>();
-      }
       MAMLEXT_ELEMENTWISE(cuda_, loss_forward_backward<scalar_t>(c_.loss, tasks_, K, O, z.data_ptr<scalar_t>(),
-                                                                 target, losses.data_ptr<scalar_t>(),
-                                                                 dz.data_ptr<scalar_t>()));
+                                                                 task_targets<scalar_t>(y, c_.loss, weights),
+                                                                 losses.data_ptr<scalar_t>(), dz.data_ptr<scalar_t>()));
     });
     return dz;
   }
 
-  at::Tensor loss_r_backward(const at::Tensor& z, const at::Tensor& rz) const {
+  at::Tensor loss_r_backward(const at::Tensor& z, const at::Tensor& weights, const at::Tensor& rz) const {
     at::Tensor rdz = at::empty_like(z);
     const int64_t K = z.size(1), O = z.size(2);
     AT_DISPATCH_FLOATING_TYPES(dtype_, "mlp_layerwise_loss_r", [&] {
-      MAMLEXT_ELEMENTWISE(cuda_, loss_r_backward<scalar_t>(c_.loss, tasks_, K, O, z.data_ptr<scalar_t>(),
+      const scalar_t* w = weights.defined() ? weights.data_ptr<scalar_t>() : nullptr;
+      MAMLEXT_ELEMENTWISE(cuda_, loss_r_backward<scalar_t>(c_.loss, tasks_, K, O, z.data_ptr<scalar_t>(), w,
                                                            rz.data_ptr<scalar_t>(), rdz.data_ptr<scalar_t>()));
     });
     return rdz;
@@ -276,6 +275,11 @@ std::vector<int64_t> with_tasks(int64_t tasks, at::IntArrayRef shape) {
   return out;
 }
 
+// An optional argument as a contiguous tensor, undefined when absent.
+at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+}
+
 // The ops run ATen ops on their inputs: no autograd graph (and no autograd / ADInplaceOrView dispatch) inside.
 using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 
@@ -286,8 +290,9 @@ using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_loss_grad_layerwise(at::TensorList params, const at::Tensor& x,
                                                                       const at::Tensor& y, int64_t activation,
-                                                                      double act_param, int64_t loss) {
-  const MlpCall call = check_mlp_loss_grad("mlp_loss_grad", params, x, y, activation, act_param, loss);
+                                                                      double act_param, int64_t loss,
+                                                                      const std::optional<at::Tensor>& weights) {
+  const MlpCall call = check_mlp_loss_grad("mlp_loss_grad", params, x, y, activation, act_param, loss, weights);
   const c10::OptionalDeviceGuard guard(x.device());
   const BelowAutograd below_autograd;
   const int64_t tasks = call.tasks;
@@ -298,13 +303,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_loss_grad_layerwise(at::Tens
   LayerwiseMlp::Pass pass;
   std::vector<at::Tensor> grads;
   net.forward(xc, ps, pass);
-  at::Tensor losses = net.loss_backward(xc, yc, ps, pass, &grads);
+  at::Tensor losses = net.loss_backward(xc, yc, contiguous_or_undefined(weights), ps, pass, &grads);
   return {losses, grads};
 }
 
 std::vector<at::Tensor> mlp_hvp_layerwise(at::TensorList params, at::TensorList vectors, const at::Tensor& x,
-                                        const at::Tensor& y, int64_t activation, double act_param, int64_t loss) {
-  const MlpCall call = check_mlp_loss_grad("mlp_hvp", params, x, y, activation, act_param, loss);
+                                        const at::Tensor& y, int64_t activation, double act_param, int64_t loss,
+                                        const std::optional<at::Tensor>& weights) {
+  const MlpCall call = check_mlp_loss_grad("mlp_hvp", params, x, y, activation, act_param, loss, weights);
   check_mlp_vectors("mlp_hvp", vectors, params, call, x);
   const c10::OptionalDeviceGuard guard(x.device());
   const BelowAutograd below_autograd;
@@ -315,7 +321,7 @@ std::vector<at::Tensor> mlp_hvp_layerwise(at::TensorList params, at::TensorList 
   const std::vector<at::Tensor> ps = contiguous(params), vs = contiguous(vectors);
   LayerwiseMlp::Pass pass;
   net.forward(xc, ps, pass);
-  net.loss_backward(xc, yc, ps, pass, nullptr);
+  net.loss_backward(xc, yc, contiguous_or_undefined(weights), ps, pass, nullptr);
   std::vector<at::Tensor> hv;
   net.hessian_vector(xc, ps, vs, pass, hv);
   return hv;
@@ -377,7 +383,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_mam
   LayerwiseMlp::Pass support;
   for (int64_t k = 0; k < steps; ++k) {
     net.forward(xsc, theta[k], support);
-    net.loss_backward(xsc, ysc, theta[k], support, &g[k]);
+    net.loss_backward(xsc, ysc, at::Tensor(), theta[k], support, &g[k]);
     for (int i = 0; i < P; ++i) {
       const int64_t n = d.param_numel(i);
       theta[k + 1].push_back(at::empty(with_tasks(tasks, params[i].sizes()), options));
@@ -394,7 +400,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_mam
   auto query_grad = [&](int64_t k) {
     LayerwiseMlp::Pass q;
     net.forward(xqc, theta[k], q);
-    const at::Tensor losses = net.loss_backward(xqc, yqc, theta[k], q, &qg);
+    const at::Tensor losses = net.loss_backward(xqc, yqc, at::Tensor(), theta[k], q, &qg);
     if (host_weights) {
       query_losses.add_(losses, step_weight(k));
       return;
@@ -429,7 +435,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_mam
     if (!first_order) {  // H_support(theta_k) (alpha_k * v_{k+1})
       if (k != steps - 1) {
         net.forward(xsc, theta[k], support);
-        net.loss_backward(xsc, ysc, theta[k], support, nullptr);
+        net.loss_backward(xsc, ysc, at::Tensor(), theta[k], support, nullptr);
       }
       for (int i = 0; i < P && direction.size() < static_cast<size_t>(P); ++i) {
         direction.push_back(at::empty(with_tasks(tasks, params[i].sizes()), options));

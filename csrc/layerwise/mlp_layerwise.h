@@ -17,6 +17,7 @@
 #include <c10/macros/Macros.h>
 
 #include <cstdint>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -31,10 +32,12 @@ namespace mamlext {
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_loss_grad_layerwise(at::TensorList params, const at::Tensor& x,
                                                                       const at::Tensor& y, int64_t activation,
-                                                                      double act_param, int64_t loss);
+                                                                      double act_param, int64_t loss,
+                                                                      const std::optional<at::Tensor>& weights);
 
 std::vector<at::Tensor> mlp_hvp_layerwise(at::TensorList params, at::TensorList vectors, const at::Tensor& x,
-                                        const at::Tensor& y, int64_t activation, double act_param, int64_t loss);
+                                        const at::Tensor& y, int64_t activation, double act_param, int64_t loss,
+                                        const std::optional<at::Tensor>& weights);
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_maml_layerwise(
     at::TensorList params, const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
@@ -92,27 +95,12 @@ struct MamlUpdateArgs {
   scalar_t w = 0;
 };
 
-// One task's targets of a [T, K, O] output: y values [T, K, O] (mse) or classes [T, K] (ce), contiguous.
-template <typename scalar_t>
-struct LayerwiseTargets {
-  const scalar_t* values = nullptr;
-  const int64_t* classes = nullptr;
-  int64_t stride = 0;  // elements per task
-
-  C10_HOST_DEVICE LossTarget<scalar_t> at(int64_t t) const {
-    LossTarget<scalar_t> target;
-    if (values != nullptr) target.values = values + t * stride;
-    if (classes != nullptr) target.classes = classes + t * stride;
-    return target;
-  }
-};
-
 // The kernels of one device type. All tensors are contiguous and on that device; `n` counts elements.
 //   activation_forward:    h = f(z)
 //   activation_backward:   out = f'(z) * in                             (backward and R-forward passes)
 //   activation_r_backward: rdz = f'(z) * rdz + f''(z) * dh * rz, in place (R-backward pass)
 //   loss_forward_backward: per task t of z [T, K, O]: losses[t] = L_t, dz = dL_t/dz (dz may be null)
-//   loss_r_backward:       per task: rdz = H_loss rz
+//   loss_r_backward:       per task: rdz = H_loss rz, with the rows' weights [T, K] (null: all 1)
 //   maml_update:           see MamlUpdateArgs
 // CPU: cpu/mlp_elementwise.cpp.
 namespace cpu_elementwise {
@@ -126,10 +114,10 @@ void activation_r_backward(Activation act, scalar_t param, int64_t n, const scal
                            const scalar_t* dh, const scalar_t* rz, scalar_t* rdz);
 template <typename scalar_t>
 void loss_forward_backward(Loss loss, int64_t tasks, int64_t K, int64_t O, const scalar_t* z,
-                           LayerwiseTargets<scalar_t> y, scalar_t* losses, scalar_t* dz);
+                           TaskTargets<scalar_t> y, scalar_t* losses, scalar_t* dz);
 template <typename scalar_t>
-void loss_r_backward(Loss loss, int64_t tasks, int64_t K, int64_t O, const scalar_t* z, const scalar_t* rz,
-                     scalar_t* rdz);
+void loss_r_backward(Loss loss, int64_t tasks, int64_t K, int64_t O, const scalar_t* z, const scalar_t* weights,
+                     const scalar_t* rz, scalar_t* rdz);
 template <typename scalar_t>
 void maml_update(const MamlUpdateArgs<scalar_t>& args);
 }  // namespace cpu_elementwise
@@ -147,10 +135,10 @@ void activation_r_backward(Activation act, scalar_t param, int64_t n, const scal
                            const scalar_t* dh, const scalar_t* rz, scalar_t* rdz);
 template <typename scalar_t>
 void loss_forward_backward(Loss loss, int64_t tasks, int64_t K, int64_t O, const scalar_t* z,
-                           LayerwiseTargets<scalar_t> y, scalar_t* losses, scalar_t* dz);
+                           TaskTargets<scalar_t> y, scalar_t* losses, scalar_t* dz);
 template <typename scalar_t>
-void loss_r_backward(Loss loss, int64_t tasks, int64_t K, int64_t O, const scalar_t* z, const scalar_t* rz,
-                     scalar_t* rdz);
+void loss_r_backward(Loss loss, int64_t tasks, int64_t K, int64_t O, const scalar_t* z, const scalar_t* weights,
+                     const scalar_t* rz, scalar_t* rdz);
 template <typename scalar_t>
 void maml_update(const MamlUpdateArgs<scalar_t>& args);
 }  // namespace cuda_elementwise
@@ -164,9 +152,9 @@ void maml_update(const MamlUpdateArgs<scalar_t>& args);
   template void activation_r_backward<scalar_t>(Activation, scalar_t, int64_t, const scalar_t*, const scalar_t*,     \
                                                 const scalar_t*, const scalar_t*, scalar_t*);                        \
   template void loss_forward_backward<scalar_t>(Loss, int64_t, int64_t, int64_t, const scalar_t*,                    \
-                                                LayerwiseTargets<scalar_t>, scalar_t*, scalar_t*);                     \
+                                                TaskTargets<scalar_t>, scalar_t*, scalar_t*);                        \
   template void loss_r_backward<scalar_t>(Loss, int64_t, int64_t, int64_t, const scalar_t*, const scalar_t*,         \
-                                          scalar_t*);                                                                \
+                                          const scalar_t*, scalar_t*);                                               \
   template void maml_update<scalar_t>(const MamlUpdateArgs<scalar_t>&);
 
 }  // namespace mamlext

@@ -1,0 +1,198 @@
+"""Per-row weights of the fused MLP losses (mlp_loss_grad and mlp_hvp's `weights` [T, K]): each row's term of the
+loss times its weight before the same mean. Every kernel path (CPU: per_task, team, layerwise; CUDA: block,
+block_global, layerwise) against the reference twin and an explicit per-task autograd oracle written here; the
+categorical policy-gradient surrogate; zero weights leave rows out; autograd, opcheck, fake kernels, bad weights."""
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from conftest import DEVICES
+from mamlext import _ext, ops, reference
+from mamlext._mlp_codes import ACTIVATIONS, LOSSES
+
+pytestmark = pytest.mark.skipif(_ext._C is None, reason="the compiled extension is not built")
+
+RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+# (sizes, per-task parameter indices): narrow (the per-task kernels), width-1 layers, and wider than 64 (the
+# layerwise path on CUDA).
+ARCHS = [([3, 6, 5], ()), ([2, 7, 1, 4], (0, 3)), ([4, 70, 66, 3], (1,))]
+PATHS = {"cpu": [("per_task", 0), ("team", 3), ("layerwise", 0)],
+         "cuda": [("block", 0), ("block_global", 0), ("layerwise", 0)]}
+
+
+def codes(act, loss):
+    return ACTIVATIONS[act], {"leaky_relu": 0.07}.get(act, 0.0), LOSSES[loss]
+
+
+def make_case(sizes, per_task, loss, tasks=3, rows=5, seed=0):
+    """float64 params, x, y, vectors and weights (negative, zero and positive, as advantages are)."""
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for layer in range(len(sizes) - 1):
+        for j, shape in enumerate(((sizes[layer + 1], sizes[layer]), (sizes[layer + 1],))):
+            lead = (tasks,) if 2 * layer + j in per_task else ()
+            params.append(torch.randn(*lead, *shape, generator=gen, dtype=torch.float64) / math.sqrt(sizes[layer]))
+    x = torch.randn(tasks, rows, sizes[0], generator=gen, dtype=torch.float64)
+    if loss == "mse":
+        y = torch.randn(tasks, rows, sizes[-1], generator=gen, dtype=torch.float64)
+    else:
+        y = torch.randint(0, sizes[-1], (tasks, rows), generator=gen)
+    vectors = [torch.randn(*s, generator=gen, dtype=torch.float64) for s in reference._task_shapes(params, tasks)]
+    weights = torch.randn(tasks, rows, generator=gen, dtype=torch.float64)
+    weights[0, -1] = 0.0
+    return params, x, y, vectors, weights
+
+
+def cast(tensors, dtype, device):
+    return [(t.to(dtype) if t.is_floating_point() else t).to(device) for t in tensors]
+
+
+def assert_rel(actual, expected, dtype, what):
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        err = (a.detach().cpu().double() - e.double()).abs().max().item()
+        scale = max(e.double().abs().max().item(), 1e-6)
+        assert err <= RTOL[dtype] * scale, f"{what}[{i}]: max error {err:.3e}, scale {scale:.3e}"
+
+
+def oracle(params, x, y, vectors, weights, act, loss):
+    """One task at a time with torch.autograd: the weighted loss written out, its gradient, and H v by double
+    backward."""
+    act_fn = {"tanh": torch.tanh, "relu": torch.relu, "leaky_relu": lambda z: F.leaky_relu(z, 0.07)}[act]
+    losses, grads, hvs = [], [], []
+    for t in range(x.shape[0]):
+        ps = [(p[t] if p.dim() == (3 if i % 2 == 0 else 2) else p).detach().clone().requires_grad_()
+              for i, p in enumerate(params)]
+        h = x[t]
+        for layer in range(len(ps) // 2):
+            h = h @ ps[2 * layer].T + ps[2 * layer + 1]
+            if layer + 1 < len(ps) // 2:
+                h = act_fn(h)
+        if loss == "mse":
+            task_loss = (weights[t].unsqueeze(-1) * (h - y[t]) ** 2).sum() / h.numel()
+        else:  # the categorical policy-gradient surrogate: -mean_k A_k log pi(a_k | s_k)
+            task_loss = -(weights[t] * torch.log_softmax(h, -1).gather(-1, y[t].unsqueeze(-1)).squeeze(-1)).mean()
+        g = torch.autograd.grad(task_loss, ps, create_graph=True)
+        hv = torch.autograd.grad(sum((gi * vi[t]).sum() for gi, vi in zip(g, vectors)), ps)
+        losses.append(task_loss.detach())
+        grads.append([gi.detach() for gi in g])
+        hvs.append(hv)
+    return torch.stack(losses), [torch.stack(gs) for gs in zip(*grads)], [torch.stack(hs) for hs in zip(*hvs)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("act", ["tanh", "relu"])
+def test_every_path_matches_the_reference_and_the_oracle(device, dtype, loss, act):
+    c = codes(act, loss)
+    for sizes, per_task in ARCHS:
+        params, x, y, vectors, weights = make_case(sizes, per_task, loss)
+        e_losses, e_grads = reference.mlp_loss_grad(params, x, y, *c, weights)
+        e_hv = reference.mlp_hvp(params, vectors, x, y, *c, weights)
+        o_losses, o_grads, o_hv = oracle(params, x, y, vectors, weights, act, loss)
+        assert_rel([e_losses, *e_grads, *e_hv], [o_losses, *o_grads, *o_hv], torch.float64, f"reference {sizes}")
+        args = cast([x, y], dtype, device)
+        p, v, w = cast(params, dtype, device), cast(vectors, dtype, device), cast([weights], dtype, device)[0]
+        for path, team in PATHS[device]:
+            losses, grads = torch.ops.mamlext._mlp_loss_grad_path(p, *args, *c, path, team, w)
+            hv = torch.ops.mamlext._mlp_hvp_path(p, v, *args, *c, path, team, w)
+            assert_rel([losses, *grads, *hv], [e_losses, *e_grads, *e_hv], dtype, f"{path} {sizes}")
+        losses, grads = ops.mlp_loss_grad(p, *args, act, loss=loss, weights=w)
+        hv = ops.mlp_hvp(p, v, *args, act, loss=loss, weights=w)
+        assert_rel([losses, *grads, *hv], [e_losses, *e_grads, *e_hv], dtype, f"public ops {sizes}")
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_unit_weights_are_the_unweighted_loss(loss):
+    params, x, y, vectors, weights = make_case([3, 8, 4], (1,), loss)
+    c = codes("tanh", loss)
+    for path in ("per_task", "layerwise"):
+        plain = torch.ops.mamlext._mlp_loss_grad_path(params, x, y, *c, path)
+        ones = torch.ops.mamlext._mlp_loss_grad_path(params, x, y, *c, path, 0, torch.ones_like(weights))
+        torch.testing.assert_close(ones, plain, rtol=1e-14, atol=0)
+        plain_hv = torch.ops.mamlext._mlp_hvp_path(params, vectors, x, y, *c, path)
+        ones_hv = torch.ops.mamlext._mlp_hvp_path(params, vectors, x, y, *c, path, 0, torch.ones_like(weights))
+        torch.testing.assert_close(ones_hv, plain_hv, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_zero_weights_leave_padding_rows_out(loss):
+    """Tasks padded to K rows with weight 0 on the padding: K / K_t times the loss of the task's own K_t rows."""
+    params, x, y, vectors, _ = make_case([2, 6, 3], (), loss, tasks=2, rows=7)
+    own_rows = [7, 4]
+    weights = torch.zeros(2, 7, dtype=torch.float64)
+    for t, k in enumerate(own_rows):
+        weights[t, :k] = 1.0
+    c = codes("relu", loss)
+    losses, grads = ops.mlp_loss_grad(params, x, y, "relu", loss=loss, weights=weights)
+    hv = ops.mlp_hvp(params, vectors, x, y, "relu", loss=loss, weights=weights)
+    for t, k in enumerate(own_rows):
+        task = lambda ts: [u[t:t + 1] for u in ts]  # noqa: E731
+        own = [x[t:t + 1, :k], y[t:t + 1, :k]]
+        e_losses, e_grads = torch.ops.mamlext.mlp_loss_grad(params, *own, *c)
+        e_hv = torch.ops.mamlext.mlp_hvp(params, task(vectors), *own, *c)
+        scale = k / 7
+        torch.testing.assert_close(losses[t:t + 1], scale * e_losses, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(task(grads), [scale * g for g in e_grads], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(task(hv), [scale * h for h in e_hv], rtol=1e-12, atol=1e-14)
+
+
+def test_autograd_and_gradcheck_with_weights():
+    """losses is differentiable w.r.t. params (first order) with the weights in it; the weights get no gradient."""
+    params, x, y, _, weights = make_case([3, 4, 3], (1,), "ce", tasks=2, rows=4)
+    leaves = [p.clone().requires_grad_() for p in params]
+    losses, grads = ops.mlp_loss_grad(leaves, x, y, "tanh", loss="ce", weights=weights)
+    losses.sum().backward()
+    for i, (leaf, g) in enumerate(zip(leaves, grads)):
+        expected = g if leaf.dim() == g.dim() else g.sum(0)
+        torch.testing.assert_close(leaf.grad, expected, rtol=1e-12, atol=1e-14, msg=f"params[{i}]")
+    assert torch.autograd.gradcheck(
+        lambda *ps: ops.mlp_loss_grad(list(ps), x, y, "tanh", loss="ce", weights=weights)[0],
+        [p.clone().requires_grad_() for p in params])
+
+
+def test_opcheck_and_fake_kernels_with_weights():
+    params, x, y, vectors, weights = make_case([3, 4, 2], (1,), "ce", tasks=2, rows=3)
+    c = codes("tanh", "ce")
+    leaves = [p.clone().requires_grad_() for p in params]
+    torch.library.opcheck(torch.ops.mamlext.mlp_loss_grad.default, (leaves, x, y, *c, weights))
+    torch.library.opcheck(torch.ops.mamlext.mlp_hvp.default, (params, vectors, x, y, *c, weights))
+    meta = lambda ts: [t.to("meta") for t in ts]  # noqa: E731
+    losses, grads = ops._mlp_loss_grad_fake(meta(params), *meta([x, y]), *c, weights.to("meta"))
+    assert losses.shape == (2,) and [g.shape for g in grads] == [g.shape for g in vectors]
+    with pytest.raises(ValueError, match=r"weights \(one weight per row\) must be \[T, K\] = \[2, 3\]"):
+        ops._mlp_hvp_fake(meta(params), meta(vectors), *meta([x, y]), *c, weights[:, :2].to("meta"))
+
+
+def _bad_weights():
+    _, x, _, _, weights = make_case([3, 4, 2], (), "ce", tasks=2, rows=3)
+    return {
+        "shape": (weights[:, :2], r"weights \(one weight per row\) must be \[T, K\] = \[2, 3\]"),
+        "rank": (weights.reshape(-1), r"weights \(one weight per row\) must be \[T, K\]"),
+        "dtype": (weights.float(), "weights"),
+        "nan": (weights.clone().fill_(math.nan), "weights must be finite"),
+        "inf": (torch.full_like(weights, math.inf), "weights must be finite"),
+    }
+
+
+@pytest.mark.parametrize("impl", ["ops", "reference", "torch.ops", "layerwise"])
+@pytest.mark.parametrize("case", list(_bad_weights()))
+def test_bad_weights_are_refused_by_name(impl, case):
+    params, x, y, vectors, _ = make_case([3, 4, 2], (), "ce", tasks=2, rows=3)
+    bad, message = _bad_weights()[case]
+    c = codes("tanh", "ce")
+    calls = {
+        "ops": (lambda: ops.mlp_loss_grad(params, x, y, "tanh", loss="ce", weights=bad),
+                lambda: ops.mlp_hvp(params, vectors, x, y, "tanh", loss="ce", weights=bad)),
+        "reference": (lambda: reference.mlp_loss_grad(params, x, y, *c, bad),
+                      lambda: reference.mlp_hvp(params, vectors, x, y, *c, bad)),
+        "torch.ops": (lambda: torch.ops.mamlext.mlp_loss_grad(params, x, y, *c, bad),
+                      lambda: torch.ops.mamlext.mlp_hvp(params, vectors, x, y, *c, bad)),
+        "layerwise": (lambda: torch.ops.mamlext._mlp_loss_grad_path(params, x, y, *c, "layerwise", 0, bad),
+                      lambda: torch.ops.mamlext._mlp_hvp_path(params, vectors, x, y, *c, "layerwise", 0, bad)),
+    }[impl]
+    for fn in calls:
+        with pytest.raises(ValueError, match=message):
+            fn()
