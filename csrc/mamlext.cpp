@@ -24,8 +24,10 @@ TORCH_LIBRARY(mamlext, m) {
   m.def("mlp_hvp(Tensor[] params, Tensor[] vectors, Tensor x, Tensor y, int activation, float act_param, int loss, "
         "Tensor? weights=None) -> Tensor[]");
   // Fused MAML of an MLP: N inner SGD steps per task, weighted query losses, per task meta- and rate gradients.
+  // support_weights [T, Ks], query_weights [T, Kq]: the rows' weights in the support and query losses.
   m.def("mlp_maml(Tensor[] params, Tensor xs, Tensor ys, Tensor xq, Tensor yq, Tensor[] lrs, Tensor step_weights, "
-        "bool first_order, int activation, float act_param, int loss) -> (Tensor, Tensor[], Tensor[])");
+        "bool first_order, int activation, float act_param, int loss, Tensor? support_weights=None, "
+        "Tensor? query_weights=None) -> (Tensor, Tensor[], Tensor[])");
   // The three ops above on a chosen implementation path, for tests (the public ops run path "auto"). On the CPU:
   // per_task, layerwise, or team (the per-task math on team_threads std::threads per task, split as the CUDA block
   // kernel splits it); on CUDA: block, block_global or layerwise. team_threads is for path team only.
@@ -35,7 +37,8 @@ TORCH_LIBRARY(mamlext, m) {
         "int loss, str path, int team_threads=0, Tensor? weights=None) -> Tensor[]");
   m.def("_mlp_maml_path(Tensor[] params, Tensor xs, Tensor ys, Tensor xq, Tensor yq, Tensor[] lrs, "
         "Tensor step_weights, bool first_order, int activation, float act_param, int loss, str path, "
-        "int team_threads=0) -> (Tensor, Tensor[], Tensor[])");
+        "int team_threads=0, Tensor? support_weights=None, Tensor? query_weights=None) -> (Tensor, Tensor[], "
+        "Tensor[])");
   // One step of MAML's reverse recursion for any model: v_next = v - hv (per task, or summed over tasks) and,
   // when grads (the support gradients) are given, the rate gradient lr_grads = -sum_t grads_t * v_t.
   m.def("maml_reverse_step(Tensor[] v, Tensor[] hv, Tensor[] grads, bool sum_tasks) -> (Tensor[], Tensor[])");

@@ -182,21 +182,22 @@ def _check_mlp_xy(op: str, params: Sequence[Tensor], sizes: List[int], x: Tensor
             check_class_indices(op, y_name, y, out)
 
 
-def _check_mlp_row_weights(op: str, weights: Optional[Tensor], x: Tensor, check_values: bool) -> None:
-    """The loss's per-row weights: None, or [T, K] of x's dtype and device, finite (checked on the CPU only, as the
+def _check_mlp_row_weights(op: str, weights: Optional[Tensor], x: Tensor, check_values: bool,
+                           name: str = "weights", x_name: str = "x") -> None:
+    """A loss's per-row weights: None, or [T, K] of x's dtype and device, finite (checked on the CPU only, as the
     compiled ops: elsewhere it would cost a device sync)."""
     if weights is None:
         return
     if not isinstance(weights, Tensor):
-        raise TypeError(f"{op}: weights must be a tensor or None, got {type(weights).__name__}")
+        raise TypeError(f"{op}: {name} must be a tensor or None, got {type(weights).__name__}")
     if weights.dtype != x.dtype or weights.device != x.device:
-        raise ValueError(f"{op}: weights must have x's dtype and device ({x.dtype}, {x.device}), got "
+        raise ValueError(f"{op}: {name} must have {x_name}'s dtype and device ({x.dtype}, {x.device}), got "
                          f"{weights.dtype} on {weights.device}")
     if list(weights.shape) != list(x.shape[:2]):
-        raise ValueError(f"{op}: weights (one weight per row) must be [T, K] = {list(x.shape[:2])} (x is "
+        raise ValueError(f"{op}: {name} (one weight per row) must be [T, K] = {list(x.shape[:2])} ({x_name} is "
                          f"{_shape(x)}), got {_shape(weights)}")
     if check_values and weights.device.type == "cpu" and not torch.isfinite(weights).all():
-        raise ValueError(f"{op}: weights must be finite (it holds nan or inf)")
+        raise ValueError(f"{op}: {name} must be finite (it holds nan or inf)")
 
 
 def check_mlp_loss_grad(params: Sequence[Tensor], x: Tensor, y: Tensor, activation: int, act_param: float,
@@ -231,7 +232,8 @@ def check_mlp_hvp(params: Sequence[Tensor], vectors: Sequence[Tensor], x: Tensor
 
 def check_mlp_maml(params: Sequence[Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor,
                    lrs: Sequence[Tensor], step_weights: Tensor, first_order: bool, activation: int,
-                   act_param: float, loss: int, check_values: bool = True) -> None:
+                   act_param: float, loss: int, check_values: bool = True, support_weights: Optional[Tensor] = None,
+                   query_weights: Optional[Tensor] = None) -> None:
     """Raises ValueError/TypeError naming the argument when mlp_maml's arguments do not fit together.
     check_values=False skips the checks that read tensor data (class index range), as fake tensors must."""
     op = "mlp_maml"
@@ -243,6 +245,8 @@ def check_mlp_maml(params: Sequence[Tensor], xs: Tensor, ys: Tensor, xq: Tensor,
     _check_mlp_xy(op, params, sizes, xq, yq, loss, "xq", "yq", check_values)
     if xq.shape[0] != xs.shape[0]:
         raise ValueError(f"{op}: xq has {xq.shape[0]} tasks (leading dimension) but xs has {xs.shape[0]}")
+    _check_mlp_row_weights(op, support_weights, xs, check_values, "support_weights", "xs")
+    _check_mlp_row_weights(op, query_weights, xq, check_values, "query_weights", "xq")
     device = params[0].device
     if not isinstance(step_weights, Tensor):
         raise TypeError(f"{op}: step_weights must be a tensor, got {type(step_weights).__name__}")

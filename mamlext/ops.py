@@ -260,8 +260,9 @@ def _mlp_maml_step_weights(step_weights, lrs, dtype) -> Tensor:
 
 def mlp_maml(params: Sequence[Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, lrs: MLPLr,
              step_weights: Optional[Union[Tensor, Sequence[float]]] = None, first_order: bool = False,
-             activation: Activation = "relu", act_param: Optional[float] = None,
-             loss: Loss = "mse") -> Tuple[Tensor, List[Tensor], List[Tensor]]:
+             activation: Activation = "relu", act_param: Optional[float] = None, loss: Loss = "mse",
+             support_weights: Optional[Tensor] = None,
+             query_weights: Optional[Tensor] = None) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
     """MAML's inner loop, query losses and exact meta-gradients of an MLP for T tasks at once.
 
     Args:
@@ -274,10 +275,13 @@ def mlp_maml(params: Sequence[Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: T
             loss); default ``[0, ..., 0, 1]`` (plain MAML) with N from lrs (1 for a float).
         first_order: drop the second-order terms (FOMAML).
         activation, act_param, loss: as in mlp_loss_grad.
+        support_weights, query_weights: ``[T, Ks]`` / ``[T, Kq]``, the rows' weights in the support and query
+            losses (as mlp_loss_grad's ``weights``), or None. With "ce" and advantages as weights, the inner step
+            is a policy-gradient step of a categorical policy and the meta-gradient that of the query surrogate.
 
     Returns ``(query_losses [T], meta_grads, lr_grads)``: meta_grads P tensors ``[T, *S_i]`` and lr_grads P tensors
     ``[T, *lrs[i].shape]``, per task (not summed). ``query_losses`` is differentiable w.r.t. params and lrs (the
-    meta-gradient); xs, ys, xq, yq and step_weights get no gradient.
+    meta-gradient); xs, ys, xq, yq and the weights get no gradient.
     """
     act_code, act_param, loss_code = mlp_codes("mlp_maml", activation, act_param, loss)
     params = list(params)
@@ -288,10 +292,11 @@ def mlp_maml(params: Sequence[Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: T
     lrs = rates.mlp_maml_rates(lrs, params, steps)
     if _implementation("mlp_maml", [xs]) == "op":  # the kernel checks its arguments
         return torch.ops.mamlext.mlp_maml(params, xs, ys, xq, yq, lrs, weights, first_order, act_code, act_param,
-                                          loss_code)
+                                          loss_code, support_weights, query_weights)
     with torch.no_grad():
         losses, meta_grads, lr_grads = reference.mlp_maml(params, xs, ys, xq, yq, lrs, weights, first_order,
-                                                          act_code, act_param, loss_code)
+                                                          act_code, act_param, loss_code, support_weights,
+                                                          query_weights)
     return with_task_gradients(losses, params + lrs, meta_grads + lr_grads), meta_grads, lr_grads
 
 
@@ -322,9 +327,10 @@ def _mlp_hvp_fake(params, vectors, x, y, activation, act_param, loss, weights=No
     return [v.new_empty(v.shape) for v in vectors]
 
 
-def _mlp_maml_fake(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss):
+def _mlp_maml_fake(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss,
+                   support_weights=None, query_weights=None):
     _checks.check_mlp_maml(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss,
-                             check_values=False)
+                           check_values=False, support_weights=support_weights, query_weights=query_weights)
     tasks = xs.shape[0]
     return (xs.new_empty(tasks), [p.new_empty(tasks, *p.shape) for p in params],
             [r.new_empty(tasks, *r.shape) for r in lrs])

@@ -149,21 +149,27 @@ def mlp_hvp(params: Sequence[Tensor], vectors: Sequence[Tensor], x: Tensor, y: T
 
 def mlp_maml(params: Sequence[Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, lrs: Sequence[Tensor],
              step_weights: Tensor, first_order: bool, activation: int, act_param: float,
-             loss: int) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
+             loss: int, support_weights: Optional[Tensor] = None,
+             query_weights: Optional[Tensor] = None) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
     """The oracle of the fused MAML op: a plain create_graph autograd loop over tasks and steps.
 
     Returns (query_losses [T], meta_grads P x [T, *S_i], lr_grads P x [T, *lrs[i].shape]), all detached:
     query_loss_t = sum_k w_k L_query,t(theta_k), theta_{k+1} = theta_k - lrs[:, k] * grad L_support,t(theta_k),
     the gradients of query_loss_t w.r.t. theta_0 = params and lrs (first_order: the inner gradients are constants).
+    support_weights [T, Ks] / query_weights [T, Kq]: the rows' weights in the support and query losses, or None.
     """
-    check_mlp_maml(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss)
+    check_mlp_maml(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss,
+                   support_weights=support_weights, query_weights=query_weights)
     tasks = xs.shape[0]
     weights = [float(w) for w in step_weights.detach().to(params[0].dtype).reshape(-1).cpu()]
     theta0 = [p.detach() for p in params]
     rates = [r.detach() for r in lrs]
 
-    def task_loss(ps, x, y):
-        return mlp_task_loss(mlp_forward(ps, x, activation, act_param), y, loss)
+    def task_loss(ps, x, y, w):
+        return mlp_task_loss(mlp_forward(ps, x, activation, act_param), y, loss, w)
+
+    def rows(weights, t):
+        return None if weights is None else weights[t]
 
     losses, meta_grads, lr_grads = [], [[] for _ in params], [[] for _ in params]
     with torch.enable_grad():
@@ -172,13 +178,13 @@ def mlp_maml(params: Sequence[Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: T
             alpha = [r.clone().requires_grad_() for r in rates]
             current, total = theta, None
             for k, weight in enumerate(weights):
-                support = task_loss(current, xs[t], ys[t])
+                support = task_loss(current, xs[t], ys[t], rows(support_weights, t))
                 grads = torch.autograd.grad(support, current, create_graph=not first_order, retain_graph=True)
                 if first_order:
                     grads = [g.detach() for g in grads]
                 current = [c - a[k] * g for c, a, g in zip(current, alpha, grads)]
                 if weight != 0.0:
-                    term = weight * task_loss(current, xq[t], yq[t])
+                    term = weight * task_loss(current, xq[t], yq[t], rows(query_weights, t))
                     total = term if total is None else total + term
             if total is None:  # every weight is 0
                 losses.append(theta0[0].new_zeros(()))

@@ -196,3 +196,105 @@ def test_bad_weights_are_refused_by_name(impl, case):
     for fn in calls:
         with pytest.raises(ValueError, match=message):
             fn()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# mlp_maml: support_weights and query_weights
+
+
+def maml_oracle(params, xs, ys, xq, yq, rates, step_weights, sw, qw, act, loss, first_order):
+    """One task at a time with torch.autograd: N weighted inner steps (create_graph unless first order), the weighted
+    query losses, their gradients w.r.t. the meta-parameters and the per-step rates."""
+    def weighted_loss(ps, x, y, w):
+        h = x
+        for layer in range(len(ps) // 2):
+            h = h @ ps[2 * layer].T + ps[2 * layer + 1]
+            if layer + 1 < len(ps) // 2:
+                h = torch.tanh(h) if act == "tanh" else torch.relu(h)
+        if loss == "mse":
+            return (w.unsqueeze(-1) * (h - y) ** 2).sum() / h.numel()
+        return -(w * torch.log_softmax(h, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)).mean()
+
+    losses, metas, lr_grads = [], [], []
+    for t in range(xs.shape[0]):
+        theta = [p.detach().clone().requires_grad_() for p in params]
+        alpha = [r.detach().clone().requires_grad_() for r in rates]
+        current, total = theta, 0
+        for k, w_k in enumerate(step_weights.tolist()):
+            g = torch.autograd.grad(weighted_loss(current, xs[t], ys[t], sw[t]), current, create_graph=not first_order)
+            current = [c - a[k] * (gi.detach() if first_order else gi) for c, a, gi in zip(current, alpha, g)]
+            total = total + w_k * weighted_loss(current, xq[t], yq[t], qw[t])
+        d = torch.autograd.grad(total, theta + alpha)
+        losses.append(total.detach())
+        metas.append(d[:len(params)])
+        lr_grads.append(d[len(params):])
+    return torch.stack(losses), [torch.stack(m) for m in zip(*metas)], [torch.stack(r) for r in zip(*lr_grads)]
+
+
+def maml_case(sizes, loss, steps, seed):
+    params, xs, ys, _, sw = make_case(sizes, (), loss, tasks=3, rows=5, seed=seed)
+    _, xq, yq, _, qw = make_case(sizes, (), loss, tasks=3, rows=4, seed=seed + 1)
+    gen = torch.Generator().manual_seed(seed + 2)
+    rates = [0.05 + 0.2 * torch.rand(steps, generator=gen, dtype=torch.float64) for _ in params]
+    step_weights = torch.tensor([0.3] * (steps - 1) + [1.0], dtype=torch.float64)
+    return params, xs, ys, xq, yq, rates, step_weights, sw, qw
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_mlp_maml_with_row_weights_on_every_path(device, dtype, first_order, loss):
+    act = "tanh"
+    c = codes(act, loss)
+    for case, (sizes, steps) in enumerate([([3, 6, 5], 2), ([2, 7, 1, 4], 1), ([4, 70, 66, 3], 2)]):
+        params, xs, ys, xq, yq, rates, step_weights, sw, qw = maml_case(sizes, loss, steps, seed=10 * case)
+        expected = reference.mlp_maml(params, xs, ys, xq, yq, rates, step_weights, first_order, *c, sw, qw)
+        o = maml_oracle(params, xs, ys, xq, yq, rates, step_weights, sw, qw, act, loss, first_order)
+        assert_rel([expected[0], *expected[1], *expected[2]], [o[0], *o[1], *o[2]], torch.float64, f"ref {sizes}")
+        on = lambda ts: cast(ts, dtype, device)  # noqa: E731
+        args = (on(params), *on([xs, ys, xq, yq]), on(rates), step_weights.to(dtype), first_order, *c)
+        for path, team in PATHS[device]:
+            out = torch.ops.mamlext._mlp_maml_path(*args, path, team, *on([sw, qw]))
+            assert_rel([out[0], *out[1], *out[2]], [expected[0], *expected[1], *expected[2]], dtype,
+                       f"{path} {sizes}")
+
+
+def test_mlp_maml_weights_autograd_and_opcheck():
+    params, xs, ys, xq, yq, rates, step_weights, sw, qw = maml_case([3, 4, 2], "ce", 2, seed=3)
+    leaves = [p.clone().requires_grad_() for p in params]
+    q, meta, lr_grads = ops.mlp_maml(leaves, xs, ys, xq, yq, rates, step_weights, activation="tanh", loss="ce",
+                                     support_weights=sw, query_weights=qw)
+    q.sum().backward()
+    for i, (leaf, m) in enumerate(zip(leaves, meta)):
+        torch.testing.assert_close(leaf.grad, m.sum(0), rtol=1e-12, atol=1e-14, msg=f"params[{i}]")
+    c = codes("tanh", "ce")
+    torch.library.opcheck(torch.ops.mamlext.mlp_maml.default,
+                          ([p.clone().requires_grad_() for p in params], xs, ys, xq, yq, rates, step_weights, False,
+                           *c, sw, qw))
+    meta_args = [t.to("meta") for t in (xs, ys, xq, yq)]
+    with pytest.raises(ValueError, match=r"query_weights \(one weight per row\) must be \[T, K\] = \[3, 4\]"):
+        ops._mlp_maml_fake([p.to("meta") for p in params], *meta_args, [r.to("meta") for r in rates],
+                           step_weights.to("meta"), False, *c, sw.to("meta"), sw.to("meta"))
+
+
+@pytest.mark.parametrize("impl", ["ops", "reference", "torch.ops", "layerwise"])
+def test_mlp_maml_bad_weights_are_refused_by_name(impl):
+    params, xs, ys, xq, yq, rates, step_weights, sw, qw = maml_case([3, 4, 2], "ce", 2, seed=4)
+    c = codes("tanh", "ce")
+    cases = [((qw, qw), r"support_weights \(one weight per row\) must be \[T, K\] = \[3, 5\]"),
+             ((sw, sw), r"query_weights \(one weight per row\) must be \[T, K\] = \[3, 4\]"),
+             ((sw.clone().fill_(math.inf), qw), "support_weights must be finite"),
+             ((sw, qw.float()), "query_weights")]
+    for (support, query), message in cases:
+        with pytest.raises(ValueError, match=message):
+            if impl == "ops":
+                ops.mlp_maml(params, xs, ys, xq, yq, rates, step_weights, activation="tanh", loss="ce",
+                             support_weights=support, query_weights=query)
+            elif impl == "reference":
+                reference.mlp_maml(params, xs, ys, xq, yq, rates, step_weights, False, *c, support, query)
+            elif impl == "torch.ops":
+                torch.ops.mamlext.mlp_maml(params, xs, ys, xq, yq, rates, step_weights, False, *c, support, query)
+            else:
+                torch.ops.mamlext._mlp_maml_path(params, xs, ys, xq, yq, rates, step_weights, False, *c, "layerwise",
+                                                 0, support, query)

@@ -1,7 +1,7 @@
 // Autograd of mlp_maml, in C++ so that a meta-iteration pays no Python autograd layer (its forward and backward
 // cost a sizeable part of a small call, e.g. a 1-40-40-1 MLP over 25 tasks).
 //   query_losses [T] is differentiable w.r.t. params and lrs: d params_i = sum_t go_t meta_grads_i[t],
-//   d lrs_i = sum_t go_t lr_grads_i[t]; the data and step_weights get no gradient, and meta_grads / lr_grads are
+//   d lrs_i = sum_t go_t lr_grads_i[t]; the data, step_weights and the rows' weights get no gradient, and meta_grads / lr_grads are
 //   outputs without a graph. The backward is not itself differentiable (no third derivatives).
 // Also mlp_maml_mean (mamlext._C.mlp_maml_mean, for eager calls of BatchedMAML): the mean query loss and the
 // per-task losses, the mean's meta-gradient computed with the forward.
@@ -10,6 +10,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -26,12 +27,15 @@ using MamlOutputs = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<
 MamlOutputs call_below_autograd(at::TensorList params, const at::Tensor& xs, const at::Tensor& ys,
                                 const at::Tensor& xq, const at::Tensor& yq, at::TensorList lrs,
                                 const at::Tensor& step_weights, bool first_order, int64_t activation,
-                                double act_param, int64_t loss) {
+                                double act_param, int64_t loss, const std::optional<at::Tensor>& support_weights,
+                                const std::optional<at::Tensor>& query_weights) {
   at::AutoDispatchBelowADInplaceOrView guard;
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mamlext::mlp_maml", "").typed<MamlOutputs(
       at::TensorList, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::TensorList,
-      const at::Tensor&, bool, int64_t, double, int64_t)>();
-  return op.call(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss);
+      const at::Tensor&, bool, int64_t, double, int64_t, const std::optional<at::Tensor>&,
+      const std::optional<at::Tensor>&)>();
+  return op.call(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss, support_weights,
+                 query_weights);
 }
 
 // Whether a call would record a gradient: grad mode on and a parameter or rate requiring grad.
@@ -51,9 +55,11 @@ class MlpMamlFunction : public torch::autograd::Function<MlpMamlFunction> {
   static variable_list forward(AutogradContext* ctx, at::TensorList params, const at::Tensor& xs, const at::Tensor& ys,
                                const at::Tensor& xq, const at::Tensor& yq, at::TensorList lrs,
                                const at::Tensor& step_weights, bool first_order, int64_t activation, double act_param,
-                               int64_t loss) {
-    auto [losses, meta_grads, lr_grads] =
-        call_below_autograd(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss);
+                               int64_t loss, const std::optional<at::Tensor>& support_weights,
+                               const std::optional<at::Tensor>& query_weights) {
+    auto [losses, meta_grads, lr_grads] = call_below_autograd(params, xs, ys, xq, yq, lrs, step_weights, first_order,
+                                                              activation, act_param, loss, support_weights,
+                                                              query_weights);
     variable_list out{losses};
     out.insert(out.end(), meta_grads.begin(), meta_grads.end());
     out.insert(out.end(), lr_grads.begin(), lr_grads.end());
@@ -71,8 +77,9 @@ class MlpMamlFunction : public torch::autograd::Function<MlpMamlFunction> {
                 "query losses without create_graph=True");
     const auto saved = ctx->get_saved_variables();
     const size_t n = static_cast<size_t>(ctx->saved_data["params"].toInt());
-    // Gradients of: params (n), xs, ys, xq, yq, lrs (n), step_weights, first_order, activation, act_param, loss.
-    variable_list result(2 * n + 9);
+    // Gradients of: params (n), xs, ys, xq, yq, lrs (n), step_weights, first_order, activation, act_param, loss,
+    // support_weights, query_weights.
+    variable_list result(2 * n + 11);
     const at::Tensor& go = grad_outs[0];
     if (!go.defined()) return result;
     for (size_t i = 0; i < n; ++i) {
@@ -85,13 +92,16 @@ class MlpMamlFunction : public torch::autograd::Function<MlpMamlFunction> {
 
 MamlOutputs mlp_maml_autograd(at::TensorList params, const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq,
                               const at::Tensor& yq, at::TensorList lrs, const at::Tensor& step_weights,
-                              bool first_order, int64_t activation, double act_param, int64_t loss) {
+                              bool first_order, int64_t activation, double act_param, int64_t loss,
+                              const std::optional<at::Tensor>& support_weights,
+                              const std::optional<at::Tensor>& query_weights) {
   // Without a gradient to record, skip building the autograd node.
   if (!records_grad(params, lrs)) {
-    return call_below_autograd(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss);
+    return call_below_autograd(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss,
+                               support_weights, query_weights);
   }
-  const variable_list out =
-      MlpMamlFunction::apply(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss);
+  const variable_list out = MlpMamlFunction::apply(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation,
+                                                   act_param, loss, support_weights, query_weights);
   const auto meta_begin = out.begin() + 1, lr_begin = meta_begin + static_cast<std::ptrdiff_t>(params.size());
   return {out[0], std::vector<at::Tensor>(meta_begin, lr_begin), std::vector<at::Tensor>(lr_begin, out.end())};
 }
@@ -106,8 +116,9 @@ class MlpMamlMeanFunction : public torch::autograd::Function<MlpMamlMeanFunction
                                const at::Tensor& xq, const at::Tensor& yq, at::TensorList lrs,
                                const at::Tensor& step_weights, bool first_order, int64_t activation, double act_param,
                                int64_t loss) {
-    auto [losses, meta_grads, lr_grads] =
-        call_below_autograd(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss);
+    auto [losses, meta_grads, lr_grads] = call_below_autograd(params, xs, ys, xq, yq, lrs, step_weights, first_order,
+                                                              activation, act_param, loss, std::nullopt,
+                                                              std::nullopt);
     variable_list mean_grads;
     for (const auto* per_task : {&meta_grads, &lr_grads}) {
       for (const auto& g : *per_task) mean_grads.push_back(task_mean(g));
@@ -144,8 +155,8 @@ std::tuple<at::Tensor, at::Tensor> mlp_maml_mean(const std::vector<at::Tensor>& 
                                                  bool first_order, int64_t activation, double act_param,
                                                  int64_t loss) {
   if (!records_grad(params, lrs)) {
-    const auto losses = std::get<0>(
-        call_below_autograd(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss));
+    const auto losses = std::get<0>(call_below_autograd(params, xs, ys, xq, yq, lrs, step_weights, first_order,
+                                                        activation, act_param, loss, std::nullopt, std::nullopt));
     return {task_mean(losses), losses};
   }
   // TensorLists, not vectors: apply() takes the graph's inputs from the Tensor and TensorList arguments.

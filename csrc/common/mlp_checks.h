@@ -215,6 +215,11 @@ inline std::vector<bool> check_mlp_maml_lrs(const char* op, at::TensorList lrs, 
 
 // All of mlp_maml's arguments: params shared only, xs/xq [T, K, in], ys/yq, step_weights (N >= 1 floating values on
 // the CPU or the params' device), lrs [N] or [N, *S_i].
+// mlp_maml's optional per-row weights of the support and query losses ([T, Ks], [T, Kq]: common/losses.h).
+struct MamlRowWeights {
+  std::optional<at::Tensor> support, query;
+};
+
 struct MlpMamlCall {
   MlpCall call;
   int64_t steps = 0;
@@ -223,7 +228,8 @@ struct MlpMamlCall {
 
 inline MlpMamlCall check_mlp_maml(const char* op, at::TensorList params, const at::Tensor& xs, const at::Tensor& ys,
                                   const at::Tensor& xq, const at::Tensor& yq, at::TensorList lrs,
-                                  const at::Tensor& step_weights, int64_t activation, double act_param, int64_t loss) {
+                                  const at::Tensor& step_weights, int64_t activation, double act_param, int64_t loss,
+                                  const MamlRowWeights& row_weights) {
   check_mlp_codes(op, activation, act_param, loss);
   TORCH_CHECK_VALUE(!params.empty(), op, ": params must be [W_1, b_1, ..., W_L, b_L], got an empty list");
   check_mlp_floating(op, params[0], "params[0]");
@@ -241,6 +247,8 @@ inline MlpMamlCall check_mlp_maml(const char* op, at::TensorList params, const a
   check_mlp_input(op, xq, "xq", c.dims, tasks, params);
   check_mlp_target(op, ys, "ys", xs, "xs", c, params);
   check_mlp_target(op, yq, "yq", xq, "xq", c, params);
+  check_mlp_row_weights(op, row_weights.support, "support_weights", xs, "xs");
+  check_mlp_row_weights(op, row_weights.query, "query_weights", xq, "xq");
   // On the CPU whatever the params' device: the host then reads which query passes to run without waiting for the GPU.
   TORCH_CHECK_VALUE(step_weights.device() == params[0].device() || step_weights.device().is_cpu(), op,
                     ": step_weights must be on the CPU or on params[0]'s device (", params[0].device(), "), got ",

@@ -75,6 +75,11 @@ TaskBatched<scalar_t*> batched_outputs(const std::vector<at::Tensor>& ts) {
   return b;
 }
 
+// An optional argument as a contiguous tensor, undefined when absent.
+inline at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+}
+
 inline std::vector<at::Tensor> contiguous(at::TensorList ts) {
   std::vector<at::Tensor> out;
   out.reserve(ts.size());
@@ -128,7 +133,7 @@ struct LossGradTensors {
                                  loss, weights_in)),
         x(x_in.contiguous()),
         y(y_in.contiguous()),
-        weights(weights_in.has_value() && weights_in->defined() ? weights_in->contiguous() : at::Tensor()),
+        weights(contiguous_or_undefined(weights_in)),
         params(contiguous(params_in)) {
     if (hvp) {
       check_mlp_vectors("mlp_hvp", vectors_in, params_in, call, x_in);
@@ -212,21 +217,24 @@ struct MamlTensors {
   MlpMamlCall checked;
   int64_t support_rows = 0, query_rows = 0;
   at::Tensor xs, ys, xq, yq, step_weights;  // step_weights: [N] in the params' dtype
+  at::Tensor support_weights, query_weights;  // the rows' [T, K], or undefined
   std::vector<at::Tensor> params, lrs;
   at::Tensor query_losses;
   std::vector<at::Tensor> meta_grads, lr_grads;
 
   MamlTensors(at::TensorList params_in, const at::Tensor& xs_in, const at::Tensor& ys_in, const at::Tensor& xq_in,
               const at::Tensor& yq_in, at::TensorList lrs_in, const at::Tensor& step_weights_in,
-              int64_t activation, double act_param, int64_t loss)
+              int64_t activation, double act_param, int64_t loss, const MamlRowWeights& row_weights)
       : checked(check_mlp_maml("mlp_maml", params_in, xs_in, ys_in, xq_in, yq_in, lrs_in, step_weights_in,
-                               activation, act_param, loss)),
+                               activation, act_param, loss, row_weights)),
         support_rows(xs_in.size(1)),
         query_rows(xq_in.size(1)),
         xs(xs_in.contiguous()),
         ys(ys_in.contiguous()),
         xq(xq_in.contiguous()),
         yq(yq_in.contiguous()),
+        support_weights(contiguous_or_undefined(row_weights.support)),
+        query_weights(contiguous_or_undefined(row_weights.query)),
         // Weights on the CPU for params on the GPU: a staged copy, which does not wait for the GPU.
         step_weights(step_weights_in.reshape({-1})
                          .to(params_in[0].device(), params_in[0].scalar_type(), /*non_blocking=*/true)
@@ -269,8 +277,8 @@ struct MamlArgs {
         step_weights(m.step_weights.data_ptr<scalar_t>()),
         xs(m.xs.data_ptr<scalar_t>()),
         xq(m.xq.data_ptr<scalar_t>()),
-        ys(task_targets<scalar_t>(m.ys, config.loss, at::Tensor())),
-        yq(task_targets<scalar_t>(m.yq, config.loss, at::Tensor())),
+        ys(task_targets<scalar_t>(m.ys, config.loss, m.support_weights)),
+        yq(task_targets<scalar_t>(m.yq, config.loss, m.query_weights)),
         meta_grads(batched_outputs<scalar_t>(m.meta_grads)),
         lr_grads(batched_outputs<scalar_t>(m.lr_grads)),
         query_losses(m.query_losses.data_ptr<scalar_t>()) {

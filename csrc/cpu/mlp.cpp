@@ -167,11 +167,13 @@ std::vector<at::Tensor> mlp_hvp_on(CpuPath path, at::TensorList params, at::Tens
 
 MamlOutputs mlp_maml_on(CpuPath path, at::TensorList params, const at::Tensor& xs, const at::Tensor& ys,
                         const at::Tensor& xq, const at::Tensor& yq, at::TensorList lrs, const at::Tensor& step_weights,
-                        bool first_order, int64_t activation, double act_param, int64_t loss) {
+                        bool first_order, int64_t activation, double act_param, int64_t loss,
+                        const MamlRowWeights& row_weights) {
   if (path.kind == CpuPath::kLayerwise) {
-    return mlp_maml_layerwise(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss);
+    return mlp_maml_layerwise(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss,
+                              row_weights);
   }
-  const MamlTensors m(params, xs, ys, xq, yq, lrs, step_weights, activation, act_param, loss);
+  const MamlTensors m(params, xs, ys, xq, yq, lrs, step_weights, activation, act_param, loss, row_weights);
   const int64_t tasks = m.checked.call.tasks;
   if (tasks == 0) return m.outputs();
 
@@ -208,8 +210,11 @@ std::vector<at::Tensor> mlp_hvp_cpu(at::TensorList params, at::TensorList vector
 
 MamlOutputs mlp_maml_cpu(at::TensorList params, const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq,
                          const at::Tensor& yq, at::TensorList lrs, const at::Tensor& step_weights, bool first_order,
-                         int64_t activation, double act_param, int64_t loss) {
-  return mlp_maml_on(kAutoPath, params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss);
+                         int64_t activation, double act_param, int64_t loss,
+                         const std::optional<at::Tensor>& support_weights,
+                         const std::optional<at::Tensor>& query_weights) {
+  return mlp_maml_on(kAutoPath, params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss,
+                     {support_weights, query_weights});
 }
 
 // The private ops: the same on the path their last two arguments name.
@@ -230,9 +235,11 @@ std::vector<at::Tensor> mlp_hvp_path_cpu(at::TensorList params, at::TensorList v
 MamlOutputs mlp_maml_path_cpu(at::TensorList params, const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq,
                               const at::Tensor& yq, at::TensorList lrs, const at::Tensor& step_weights,
                               bool first_order, int64_t activation, double act_param, int64_t loss,
-                              c10::string_view path, int64_t team_threads) {
+                              c10::string_view path, int64_t team_threads,
+                              const std::optional<at::Tensor>& support_weights,
+                              const std::optional<at::Tensor>& query_weights) {
   return mlp_maml_on(parse_cpu_path(path, team_threads), params, xs, ys, xq, yq, lrs, step_weights, first_order,
-                     activation, act_param, loss);
+                     activation, act_param, loss, {support_weights, query_weights});
 }
 
 }  // namespace

@@ -138,8 +138,9 @@ LossGradTensors loss_grad_block(bool hvp, at::TensorList params, at::TensorList 
 
 MamlTensors maml_block(at::TensorList params, const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq,
                        const at::Tensor& yq, at::TensorList lrs, const at::Tensor& step_weights, bool first_order,
-                       int64_t activation, double act_param, int64_t loss, bool global_scratch) {
-  MamlTensors m(params, xs, ys, xq, yq, lrs, step_weights, activation, act_param, loss);
+                       int64_t activation, double act_param, int64_t loss, const MamlRowWeights& row_weights,
+                       bool global_scratch) {
+  MamlTensors m(params, xs, ys, xq, yq, lrs, step_weights, activation, act_param, loss, row_weights);
   if (m.checked.call.tasks == 0) return m;
   const c10::cuda::CUDAGuard guard(m.params[0].device());
   AT_DISPATCH_FLOATING_TYPES(m.params[0].scalar_type(), "mlp_maml_block", [&] {
@@ -206,15 +207,17 @@ std::vector<at::Tensor> mlp_hvp_on(CudaPath requested, at::TensorList params, at
 
 MamlOutputs mlp_maml_on(CudaPath requested, at::TensorList params, const at::Tensor& xs, const at::Tensor& ys,
                         const at::Tensor& xq, const at::Tensor& yq, at::TensorList lrs, const at::Tensor& step_weights,
-                        bool first_order, int64_t activation, double act_param, int64_t loss) {
+                        bool first_order, int64_t activation, double act_param, int64_t loss,
+                        const MamlRowWeights& row_weights) {
   const MlpDims d = peek_mlp_dims(params);
   const int64_t scratch_numel =
       mlp_maml_scratch_numel(d, step_weights.numel(), peek_input_size(xs, 1), peek_input_size(xq, 1), first_order);
   const CudaPath path = resolve_cuda_path(requested, d, scratch_numel, xs.element_size());
   if (path == CudaPath::kLayerwise) {
-    return mlp_maml_layerwise(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss);
+    return mlp_maml_layerwise(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss,
+                              row_weights);
   }
-  return maml_block(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss,
+  return maml_block(params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param, loss, row_weights,
                     path == CudaPath::kBlockGlobal)
       .outputs();
 }
@@ -234,9 +237,11 @@ std::vector<at::Tensor> mlp_hvp_cuda(at::TensorList params, at::TensorList vecto
 
 MamlOutputs mlp_maml_cuda(at::TensorList params, const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq,
                           const at::Tensor& yq, at::TensorList lrs, const at::Tensor& step_weights, bool first_order,
-                          int64_t activation, double act_param, int64_t loss) {
+                          int64_t activation, double act_param, int64_t loss,
+                          const std::optional<at::Tensor>& support_weights,
+                          const std::optional<at::Tensor>& query_weights) {
   return mlp_maml_on(CudaPath::kAuto, params, xs, ys, xq, yq, lrs, step_weights, first_order, activation, act_param,
-                     loss);
+                     loss, {support_weights, query_weights});
 }
 
 // The private ops: the same on the path their last two arguments name.
@@ -257,9 +262,11 @@ std::vector<at::Tensor> mlp_hvp_path_cuda(at::TensorList params, at::TensorList 
 MamlOutputs mlp_maml_path_cuda(at::TensorList params, const at::Tensor& xs, const at::Tensor& ys,
                                const at::Tensor& xq, const at::Tensor& yq, at::TensorList lrs,
                                const at::Tensor& step_weights, bool first_order, int64_t activation, double act_param,
-                               int64_t loss, c10::string_view path, int64_t team_threads) {
+                               int64_t loss, c10::string_view path, int64_t team_threads,
+                               const std::optional<at::Tensor>& support_weights,
+                               const std::optional<at::Tensor>& query_weights) {
   return mlp_maml_on(parse_cuda_path(path, team_threads), params, xs, ys, xq, yq, lrs, step_weights, first_order,
-                     activation, act_param, loss);
+                     activation, act_param, loss, {support_weights, query_weights});
 }
 
 }  // namespace

@@ -275,11 +275,6 @@ std::vector<int64_t> with_tasks(int64_t tasks, at::IntArrayRef shape) {
   return out;
 }
 
-// An optional argument as a contiguous tensor, undefined when absent.
-at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
-}
-
 // The ops run ATen ops on their inputs: no autograd graph (and no autograd / ADInplaceOrView dispatch) inside.
 using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 
@@ -330,9 +325,9 @@ std::vector<at::Tensor> mlp_hvp_layerwise(at::TensorList params, at::TensorList 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_maml_layerwise(
     at::TensorList params, const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
     at::TensorList lrs, const at::Tensor& step_weights, bool first_order, int64_t activation, double act_param,
-    int64_t loss) {
-  const MlpMamlCall checked =
-      check_mlp_maml("mlp_maml", params, xs, ys, xq, yq, lrs, step_weights, activation, act_param, loss);
+    int64_t loss, const MamlRowWeights& row_weights) {
+  const MlpMamlCall checked = check_mlp_maml("mlp_maml", params, xs, ys, xq, yq, lrs, step_weights, activation,
+                                             act_param, loss, row_weights);
   const c10::OptionalDeviceGuard guard(xs.device());
   const BelowAutograd below_autograd;
   const MlpCall& call = checked.call;
@@ -359,6 +354,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_mam
 
   const LayerwiseMlp net(call.config, tasks, params[0]);
   const at::Tensor xsc = xs.contiguous(), ysc = ys.contiguous(), xqc = xq.contiguous(), yqc = yq.contiguous();
+  const at::Tensor support_weights = contiguous_or_undefined(row_weights.support);
+  const at::Tensor query_weights = contiguous_or_undefined(row_weights.query);
   const std::vector<at::Tensor> lrc = contiguous(lrs);
   // theta[k]: theta_k, P tensors ([S_i] for k = 0, the shared meta-parameters; [T, *S_i] after); g[k]: g_k.
   std::vector<std::vector<at::Tensor>> theta(steps + 1), g(steps);
@@ -383,7 +380,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_mam
   LayerwiseMlp::Pass support;
   for (int64_t k = 0; k < steps; ++k) {
     net.forward(xsc, theta[k], support);
-    net.loss_backward(xsc, ysc, at::Tensor(), theta[k], support, &g[k]);
+    net.loss_backward(xsc, ysc, support_weights, theta[k], support, &g[k]);
     for (int i = 0; i < P; ++i) {
       const int64_t n = d.param_numel(i);
       theta[k + 1].push_back(at::empty(with_tasks(tasks, params[i].sizes()), options));
@@ -400,7 +397,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_mam
   auto query_grad = [&](int64_t k) {
     LayerwiseMlp::Pass q;
     net.forward(xqc, theta[k], q);
-    const at::Tensor losses = net.loss_backward(xqc, yqc, at::Tensor(), theta[k], q, &qg);
+    const at::Tensor losses = net.loss_backward(xqc, yqc, query_weights, theta[k], q, &qg);
     if (host_weights) {
       query_losses.add_(losses, step_weight(k));
       return;
@@ -435,7 +432,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_mam
     if (!first_order) {  // H_support(theta_k) (alpha_k * v_{k+1})
       if (k != steps - 1) {
         net.forward(xsc, theta[k], support);
-        net.loss_backward(xsc, ysc, at::Tensor(), theta[k], support, nullptr);
+        net.loss_backward(xsc, ysc, support_weights, theta[k], support, nullptr);
       }
       for (int i = 0; i < P && direction.size() < static_cast<size_t>(P); ++i) {
         direction.push_back(at::empty(with_tasks(tasks, params[i].sizes()), options));

@@ -23,6 +23,7 @@
 
 #include "common/activations.h"
 #include "common/losses.h"
+#include "common/mlp_checks.h"  // MamlRowWeights
 #include "common/sgd_math.h"
 
 namespace mamlext {
@@ -42,7 +43,7 @@ std::vector<at::Tensor> mlp_hvp_layerwise(at::TensorList params, at::TensorList 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_maml_layerwise(
     at::TensorList params, const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
     at::TensorList lrs, const at::Tensor& step_weights, bool first_order, int64_t activation, double act_param,
-    int64_t loss);
+    int64_t loss, const MamlRowWeights& row_weights);
 
 // ---------------------------------------------------------------------------------------------------------------
 // Element-wise kernels.
