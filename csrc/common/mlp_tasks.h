@@ -233,12 +233,12 @@ struct MamlTensors {
         ys(ys_in.contiguous()),
         xq(xq_in.contiguous()),
         yq(yq_in.contiguous()),
-        support_weights(contiguous_or_undefined(row_weights.support)),
-        query_weights(contiguous_or_undefined(row_weights.query)),
         // Weights on the CPU for params on the GPU: a staged copy, which does not wait for the GPU.
         step_weights(step_weights_in.reshape({-1})
                          .to(params_in[0].device(), params_in[0].scalar_type(), /*non_blocking=*/true)
                          .contiguous()),
+        support_weights(contiguous_or_undefined(row_weights.support)),
+        query_weights(contiguous_or_undefined(row_weights.query)),
         params(contiguous(params_in)),
         lrs(contiguous(lrs_in)) {
     const auto options = params_in[0].options();

@@ -98,7 +98,7 @@ C10_HOST_DEVICE inline GemmOperands<scalar_t> gemm_operands(int64_t M, int64_t N
 // Rows [r0, r0 + MR) x columns [c0, c0 + NR) of C, held in registers over the whole shared dimension.
 #if defined(__GNUC__) && !defined(__CUDACC__)
 // Host: with GCC's vector types, spelled out so that the compiler keeps the accumulators in registers (from plain
-// arrays it kept them on the stack outside the inner loop). NR * sizeof(scalar_t) is 128, 32 or 16 bytes (two
+// arrays it kept them on the stack outside the inner loop). NR * sizeof(scalar_t) is 128, 32, 16 or 8 bytes (two
 // 64-byte vectors or one vector per row), or NR is 1. The arithmetic is the same as the portable version below.
 template <typename scalar_t, int Bytes>
 struct HostVector {
@@ -164,17 +164,23 @@ C10_HOST_DEVICE inline void gemm_block(const GemmOperands<scalar_t>& g, int64_t 
 #endif
 
 // Rows [r0, r0 + MR), all N columns: blocks of 128 bytes of columns (two AVX-512 registers per row), then of 32
-// bytes, then of 16, then single columns. Each block streams A's rows over the whole shared dimension once, so the
+// bytes, then of 16, then a pair of floats, then single columns. Each block streams A's rows over the whole shared dimension once, so the
 // 16-byte blocks matter: without them a width of 100 floats took 3 wide blocks and 4 single columns (7 passes over A
 // instead of 4), and the per-task kernels ran 1.5-2x slower than at a width of 96.
 template <int MR, typename scalar_t>
 C10_HOST_DEVICE inline void gemm_rows(const GemmOperands<scalar_t>& g, int64_t r0, bool accumulate) {
   constexpr int kWide = static_cast<int>(128 / sizeof(scalar_t)), kNarrow = static_cast<int>(32 / sizeof(scalar_t));
-  constexpr int kSmall = static_cast<int>(16 / sizeof(scalar_t));
+  constexpr int kSmall = static_cast<int>(16 / sizeof(scalar_t)), kPair = 2;
   int64_t c = 0;
   for (; c + kWide <= g.N; c += kWide) gemm_block<MR, kWide>(g, r0, c, accumulate);
   for (; c + kNarrow <= g.N; c += kNarrow) gemm_block<MR, kNarrow>(g, r0, c, accumulate);
   for (; c + kSmall <= g.N; c += kSmall) gemm_block<MR, kSmall>(g, r0, c, accumulate);
+  if constexpr (kSmall > kPair) {  // float: 2 columns in one 8-byte block (a policy's 2 actions)
+    if (c + kPair <= g.N) {
+      gemm_block<MR, kPair>(g, r0, c, accumulate);
+      c += kPair;
+    }
+  }
   for (; c < g.N; ++c) gemm_block<MR, 1>(g, r0, c, accumulate);
 }
 
