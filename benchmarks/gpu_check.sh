@@ -130,10 +130,11 @@ cuda_tests() {  # cuda_tests NAME TIMEOUT_S FILES...
 }
 cuda_tests tests-kernels 60 tests/test_ops_mlp_team.py tests/test_ops_task_sgd.py tests/test_ops_maml_reverse_step.py
 cuda_tests tests-ops 60 tests/test_ops_mlp.py tests/test_ops_mlp_layerwise.py tests/test_ops_mlp_weights.py \
-  tests/test_learner_ops.py
+  tests/test_ops_mlp_gauss_newton.py tests/test_learner_ops.py
 cuda_tests tests-rest 60 tests --ignore=tests/test_ops_mlp_team.py --ignore=tests/test_ops_task_sgd.py \
   --ignore=tests/test_ops_maml_reverse_step.py --ignore=tests/test_ops_mlp.py \
-  --ignore=tests/test_ops_mlp_layerwise.py --ignore=tests/test_ops_mlp_weights.py --ignore=tests/test_learner_ops.py
+  --ignore=tests/test_ops_mlp_layerwise.py --ignore=tests/test_ops_mlp_weights.py \
+  --ignore=tests/test_ops_mlp_gauss_newton.py --ignore=tests/test_learner_ops.py
 # The suite of `python -m mamlext bench` (results.json, speedup.png under $OUT/bench): it starts no new case after
 # --time-budget seconds (the cases left get skipped rows), so it ends with its table and plot inside the stage.
 SUITE_BUDGET_S=$((BUDGET_S - (SECONDS - START_S) - KILL_AFTER_S - 60))

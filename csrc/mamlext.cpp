@@ -20,9 +20,10 @@ TORCH_LIBRARY(mamlext, m) {
   // [T, K]: each row's weight in the loss (common/losses.h).
   m.def("mlp_loss_grad(Tensor[] params, Tensor x, Tensor y, int activation, float act_param, int loss, "
         "Tensor? weights=None) -> (Tensor, Tensor[])");
-  // Per task Hessian-vector product H_t v_t of the MLP loss, by Pearlmutter's R-operator.
+  // Per task Hessian-vector product H_t v_t of the MLP loss, by Pearlmutter's R-operator; gauss_newton: the
+  // Gauss-Newton product J_t^T H_loss J_t v_t instead (for cross-entropy, the categorical policy's Fisher).
   m.def("mlp_hvp(Tensor[] params, Tensor[] vectors, Tensor x, Tensor y, int activation, float act_param, int loss, "
-        "Tensor? weights=None) -> Tensor[]");
+        "Tensor? weights=None, bool gauss_newton=False) -> Tensor[]");
   // Fused MAML of an MLP: N inner SGD steps per task, weighted query losses, per task meta- and rate gradients.
   // support_weights [T, Ks], query_weights [T, Kq]: the rows' weights in the support and query losses.
   m.def("mlp_maml(Tensor[] params, Tensor xs, Tensor ys, Tensor xq, Tensor yq, Tensor[] lrs, Tensor step_weights, "
@@ -34,7 +35,7 @@ TORCH_LIBRARY(mamlext, m) {
   m.def("_mlp_loss_grad_path(Tensor[] params, Tensor x, Tensor y, int activation, float act_param, int loss, "
         "str path, int team_threads=0, Tensor? weights=None) -> (Tensor, Tensor[])");
   m.def("_mlp_hvp_path(Tensor[] params, Tensor[] vectors, Tensor x, Tensor y, int activation, float act_param, "
-        "int loss, str path, int team_threads=0, Tensor? weights=None) -> Tensor[]");
+        "int loss, str path, int team_threads=0, Tensor? weights=None, bool gauss_newton=False) -> Tensor[]");
   m.def("_mlp_maml_path(Tensor[] params, Tensor xs, Tensor ys, Tensor xq, Tensor yq, Tensor[] lrs, "
         "Tensor step_weights, bool first_order, int activation, float act_param, int loss, str path, "
         "int team_threads=0, Tensor? support_weights=None, Tensor? query_weights=None) -> (Tensor, Tensor[], "

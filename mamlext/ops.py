@@ -225,15 +225,23 @@ def mlp_loss_grad(params: Sequence[Tensor], x: Tensor, y: Tensor, activation: Ac
 
 def mlp_hvp(params: Sequence[Tensor], vectors: Sequence[Tensor], x: Tensor, y: Tensor,
             activation: Activation = "relu", act_param: Optional[float] = None,
-            loss: Loss = "mse", weights: Optional[Tensor] = None) -> List[Tensor]:
+            loss: Loss = "mse", weights: Optional[Tensor] = None, gauss_newton: bool = False) -> List[Tensor]:
     """Per-task Hessian-vector products ``H_t v_t`` of the MLP loss (arguments as in mlp_loss_grad; vectors:
-    P tensors ``[T, *S_i]``). Returns P tensors ``[T, *S_i]``. Not differentiable."""
+    P tensors ``[T, *S_i]``). Returns P tensors ``[T, *S_i]``. Not differentiable.
+
+    gauss_newton: the Gauss-Newton product ``J_t^T H_loss J_t v_t`` instead (J_t the network output's Jacobian,
+    H_loss the loss's Hessian w.r.t. the output: H_t without the network's own curvature; positive semi-definite for
+    non-negative weights). With "ce" and per-sample weights it is the Fisher-vector product of a categorical policy
+    (the labels do not enter), TRPO's curvature."""
     act_code, act_param, loss_code = mlp_codes("mlp_hvp", activation, act_param, loss)
     params, vectors = list(params), list(vectors)
+    if not isinstance(gauss_newton, bool):
+        raise TypeError(f"mlp_hvp: gauss_newton must be a bool, got {type(gauss_newton).__name__}")
     if _implementation("mlp_hvp", [x]) == "op":  # the kernel checks its arguments
-        return torch.ops.mamlext.mlp_hvp(params, vectors, x, y, act_code, act_param, loss_code, weights)
+        return torch.ops.mamlext.mlp_hvp(params, vectors, x, y, act_code, act_param, loss_code, weights,
+                                         gauss_newton)
     with torch.no_grad():
-        return reference.mlp_hvp(params, vectors, x, y, act_code, act_param, loss_code, weights)
+        return reference.mlp_hvp(params, vectors, x, y, act_code, act_param, loss_code, weights, gauss_newton)
 
 
 def last_step_weights(steps: int, dtype: torch.dtype) -> Tensor:
@@ -322,7 +330,7 @@ def _mlp_loss_grad_fake(params, x, y, activation, act_param, loss, weights=None)
     return x.new_empty(tasks), [params[0].new_empty(s) for s in reference._task_shapes(params, tasks)]
 
 
-def _mlp_hvp_fake(params, vectors, x, y, activation, act_param, loss, weights=None):
+def _mlp_hvp_fake(params, vectors, x, y, activation, act_param, loss, weights=None, gauss_newton=False):
     _checks.check_mlp_hvp(params, vectors, x, y, activation, act_param, loss, check_values=False, weights=weights)
     return [v.new_empty(v.shape) for v in vectors]
 

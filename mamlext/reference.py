@@ -126,9 +126,12 @@ def mlp_loss_grad(params: Sequence[Tensor], x: Tensor, y: Tensor, activation: in
 
 
 def mlp_hvp(params: Sequence[Tensor], vectors: Sequence[Tensor], x: Tensor, y: Tensor, activation: int,
-            act_param: float, loss: int, weights: Optional[Tensor] = None) -> List[Tensor]:
+            act_param: float, loss: int, weights: Optional[Tensor] = None,
+            gauss_newton: bool = False) -> List[Tensor]:
     """Per task Hessian-vector product H_t v_t (P tensors [T, *S_i]): torch.func.vmap of the gradient of
-    <grad L_t(params), v_t> (reverse over reverse; forward-over-reverse trips on ZeroTensor tangents in relu)."""
+    <grad L_t(params), v_t> (reverse over reverse; forward-over-reverse trips on ZeroTensor tangents in relu).
+    gauss_newton: J_t^T H_loss J_t v_t (J v by torch.func.jvp of the network, H_loss by a double gradient of the loss
+    w.r.t. the output, then the network's vector-Jacobian product)."""
     check_mlp_hvp(params, vectors, x, y, activation, act_param, loss, weights=weights)
     tasks = x.shape[0]
     if tasks == 0 or x.shape[1] == 0:
@@ -141,7 +144,16 @@ def mlp_hvp(params: Sequence[Tensor], vectors: Sequence[Tensor], x: Tensor, y: T
         grads = torch.func.grad(task_loss)(ps, xt, yt, wt)
         return sum((g * v).sum() for g, v in zip(grads, vs))
 
-    task_hvp = torch.func.grad(grad_dot)
+    def task_gauss_newton(ps, vs, xt, yt, wt):
+        def net(q):
+            return mlp_forward(q, xt, activation, act_param)
+
+        z, jv = torch.func.jvp(net, (ps,), (vs,))
+        output_grad = torch.func.grad(lambda out: mlp_task_loss(out, yt, loss, wt))
+        h_jv = torch.func.grad(lambda out: (output_grad(out) * jv).sum())(z)
+        return torch.func.vjp(net, ps)[1](h_jv)[0]
+
+    task_hvp = task_gauss_newton if gauss_newton else torch.func.grad(grad_dot)
 
     out = torch.func.vmap(task_hvp)(_per_task(params, tasks), list(vectors), x, y, _rows_weights(weights, x))
     return [o.contiguous() for o in out]

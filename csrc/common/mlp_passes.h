@@ -389,19 +389,30 @@ C10_HOST_DEVICE inline scalar_t mlp_loss_and_grad(const Team& team, const MlpCon
   return loss;
 }
 
-// hv = H v, H the Hessian of the task's loss at p, after mlp_loss_and_grad at the same p, x, y filled a.
+// hv = H v, H the Hessian of the task's loss at p, after mlp_loss_and_grad at the same p, x, y filled a; with
+// gauss_newton, the Gauss-Newton product J^T H_loss J v instead (J the output's Jacobian: H without the terms of the
+// network's own curvature): the R-forward pass, then the loss's Hessian, then a plain backward pass of R{dL/dz}.
 // row_weights: y's (null: all 1). pt, vt: the forward weights of p and v.
 template <typename Team, typename scalar_t>
 C10_HOST_DEVICE inline void mlp_hessian_vector(const Team& team, const MlpConfig& c, int64_t K, const scalar_t* x,
                                                const scalar_t* row_weights, const MlpParams<const scalar_t*>& p,
                                                const MlpForwardWeights<scalar_t>& pt,
                                                const MlpParams<const scalar_t*>& v, const MlpForwardWeights<scalar_t>& vt,
-                                               const MlpActivations<scalar_t>& a, const MlpParams<scalar_t*>& hv) {
+                                               const MlpActivations<scalar_t>& a, const MlpParams<scalar_t*>& hv,
+                                               bool gauss_newton = false) {
   const int last = c.dims.layers - 1;
   mlp_r_forward(team, c, K, x, pt, v, vt, a);
   loss_r_backward(team, c.loss, K, c.dims.output_width(), a.z(last), row_weights, a.rz(last), a.rdz(last));
   team.sync();
-  mlp_r_backward(team, c, K, x, p, v, a, hv);
+  if (!gauss_newton) {
+    mlp_r_backward(team, c, K, x, p, v, a, hv);
+    return;
+  }
+  // The backward pass of R{dL/dz}: its dz arrays are Rdz, its dh arrays Rh's (the R-forward's, read no more).
+  MlpActivations<scalar_t> backward = a;
+  backward.dz_base = a.rdz_base;
+  backward.dh_base = a.rh_base;
+  mlp_backward(team, c, K, x, p, backward, &hv);
 }
 
 }  // namespace mamlext

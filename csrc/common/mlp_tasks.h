@@ -118,6 +118,7 @@ TaskBatched<const scalar_t*> batched_inputs(const std::vector<at::Tensor>& ts, c
 // allocated.
 struct LossGradTensors {
   bool hvp;
+  bool gauss_newton;  // mlp_hvp's Gauss-Newton product instead of H v
   MlpCall call;
   at::Tensor x, y;
   at::Tensor weights;  // the rows' [T, K], or undefined
@@ -127,8 +128,9 @@ struct LossGradTensors {
 
   LossGradTensors(bool hvp_in, at::TensorList params_in, at::TensorList vectors_in, const at::Tensor& x_in,
                   const at::Tensor& y_in, int64_t activation, double act_param, int64_t loss,
-                  const std::optional<at::Tensor>& weights_in)
+                  const std::optional<at::Tensor>& weights_in, bool gauss_newton_in = false)
       : hvp(hvp_in),
+        gauss_newton(gauss_newton_in),
         call(check_mlp_loss_grad(hvp_in ? "mlp_hvp" : "mlp_loss_grad", params_in, x_in, y_in, activation, act_param,
                                  loss, weights_in)),
         x(x_in.contiguous()),
@@ -155,6 +157,7 @@ C10_HOST_DEVICE inline int64_t mlp_loss_grad_scratch_numel(const MlpDims& d, int
 template <typename scalar_t>
 struct LossGradArgs {
   bool hvp = false;
+  bool gauss_newton = false;
   MlpConfig config;
   int64_t rows = 0;
   const scalar_t* x = nullptr;
@@ -166,6 +169,7 @@ struct LossGradArgs {
 
   explicit LossGradArgs(const LossGradTensors& g)
       : hvp(g.hvp),
+        gauss_newton(g.gauss_newton),
         config(g.call.config),
         rows(g.x.size(1)),
         x(g.x.data_ptr<scalar_t>()),
@@ -205,7 +209,8 @@ C10_HOST_DEVICE inline void loss_grad_tasks(const Team& team, const LossGradArgs
         transpose_weights(team, c.dims, v_t, transposed + mlp_transposed_numel(c.dims));
     mlp_loss_and_grad(team, c, g.rows, x_t, g.y.at(t), theta_t, theta_fw, a,
                       static_cast<const MlpParams<scalar_t*>*>(nullptr));
-    mlp_hessian_vector(team, c, g.rows, x_t, g.y.at(t).weights, theta_t, theta_fw, v_t, v_fw, a, g.out.at(t));
+    mlp_hessian_vector(team, c, g.rows, x_t, g.y.at(t).weights, theta_t, theta_fw, v_t, v_fw, a, g.out.at(t),
+                       g.gauss_newton);
   }
 }
 

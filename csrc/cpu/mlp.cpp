@@ -124,8 +124,9 @@ void run_on_thread_team(int size, const Work& work) {
 // mlp_loss_grad (hvp false) or mlp_hvp on the per-task or team path.
 LossGradTensors loss_grad_per_task(CpuPath path, bool hvp, at::TensorList params, at::TensorList vectors,
                                    const at::Tensor& x, const at::Tensor& y, int64_t activation, double act_param,
-                                   int64_t loss, const std::optional<at::Tensor>& weights) {
-  LossGradTensors g(hvp, params, vectors, x, y, activation, act_param, loss, weights);
+                                   int64_t loss, const std::optional<at::Tensor>& weights,
+                                   bool gauss_newton = false) {
+  LossGradTensors g(hvp, params, vectors, x, y, activation, act_param, loss, weights, gauss_newton);
   const int64_t tasks = g.call.tasks;
   if (tasks == 0) return g;
   AT_DISPATCH_FLOATING_TYPES(g.x.scalar_type(), "mlp_loss_grad_cpu", [&] {
@@ -160,11 +161,12 @@ LossGradOutputs mlp_loss_grad_on(CpuPath path, at::TensorList params, const at::
 
 std::vector<at::Tensor> mlp_hvp_on(CpuPath path, at::TensorList params, at::TensorList vectors, const at::Tensor& x,
                                    const at::Tensor& y, int64_t activation, double act_param, int64_t loss,
-                                   const std::optional<at::Tensor>& weights) {
+                                   const std::optional<at::Tensor>& weights, bool gauss_newton) {
   if (path.kind == CpuPath::kLayerwise) {
-    return mlp_hvp_layerwise(params, vectors, x, y, activation, act_param, loss, weights);
+    return mlp_hvp_layerwise(params, vectors, x, y, activation, act_param, loss, weights, gauss_newton);
   }
-  return loss_grad_per_task(path, true, params, vectors, x, y, activation, act_param, loss, weights).out;
+  return loss_grad_per_task(path, true, params, vectors, x, y, activation, act_param, loss, weights, gauss_newton)
+      .out;
 }
 
 MamlOutputs mlp_maml_on(CpuPath path, at::TensorList params, const at::Tensor& xs, const at::Tensor& ys,
@@ -206,8 +208,8 @@ LossGradOutputs mlp_loss_grad_cpu(at::TensorList params, const at::Tensor& x, co
 
 std::vector<at::Tensor> mlp_hvp_cpu(at::TensorList params, at::TensorList vectors, const at::Tensor& x,
                                     const at::Tensor& y, int64_t activation, double act_param, int64_t loss,
-                                    const std::optional<at::Tensor>& weights) {
-  return mlp_hvp_on(kAutoPath, params, vectors, x, y, activation, act_param, loss, weights);
+                                    const std::optional<at::Tensor>& weights, bool gauss_newton) {
+  return mlp_hvp_on(kAutoPath, params, vectors, x, y, activation, act_param, loss, weights, gauss_newton);
 }
 
 MamlOutputs mlp_maml_cpu(at::TensorList params, const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq,
@@ -229,9 +231,9 @@ LossGradOutputs mlp_loss_grad_path_cpu(at::TensorList params, const at::Tensor& 
 std::vector<at::Tensor> mlp_hvp_path_cpu(at::TensorList params, at::TensorList vectors, const at::Tensor& x,
                                          const at::Tensor& y, int64_t activation, double act_param, int64_t loss,
                                          c10::string_view path, int64_t team_threads,
-                                         const std::optional<at::Tensor>& weights) {
+                                         const std::optional<at::Tensor>& weights, bool gauss_newton) {
   return mlp_hvp_on(parse_cpu_path(path, team_threads), params, vectors, x, y, activation, act_param, loss,
-                    weights);
+                    weights, gauss_newton);
 }
 
 MamlOutputs mlp_maml_path_cpu(at::TensorList params, const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq,

@@ -126,8 +126,9 @@ void launch_block_kernel(const Args& args, int64_t tasks, const at::Tensor& like
 
 LossGradTensors loss_grad_block(bool hvp, at::TensorList params, at::TensorList vectors, const at::Tensor& x,
                                 const at::Tensor& y, int64_t activation, double act_param, int64_t loss,
-                                const std::optional<at::Tensor>& weights, bool global_scratch) {
-  LossGradTensors g(hvp, params, vectors, x, y, activation, act_param, loss, weights);
+                                const std::optional<at::Tensor>& weights, bool global_scratch,
+                                bool gauss_newton = false) {
+  LossGradTensors g(hvp, params, vectors, x, y, activation, act_param, loss, weights, gauss_newton);
   if (g.call.tasks == 0) return g;
   const c10::cuda::CUDAGuard guard(g.x.device());
   AT_DISPATCH_FLOATING_TYPES(g.x.scalar_type(), "mlp_loss_grad_block", [&] {
@@ -195,13 +196,13 @@ LossGradOutputs mlp_loss_grad_on(CudaPath requested, at::TensorList params, cons
 
 std::vector<at::Tensor> mlp_hvp_on(CudaPath requested, at::TensorList params, at::TensorList vectors,
                                    const at::Tensor& x, const at::Tensor& y, int64_t activation, double act_param,
-                                   int64_t loss, const std::optional<at::Tensor>& weights) {
+                                   int64_t loss, const std::optional<at::Tensor>& weights, bool gauss_newton) {
   const CudaPath path = loss_grad_cuda_path(requested, true, params, x);
   if (path == CudaPath::kLayerwise) {
-    return mlp_hvp_layerwise(params, vectors, x, y, activation, act_param, loss, weights);
+    return mlp_hvp_layerwise(params, vectors, x, y, activation, act_param, loss, weights, gauss_newton);
   }
   return loss_grad_block(true, params, vectors, x, y, activation, act_param, loss, weights,
-                         path == CudaPath::kBlockGlobal)
+                         path == CudaPath::kBlockGlobal, gauss_newton)
       .out;
 }
 
@@ -231,8 +232,8 @@ LossGradOutputs mlp_loss_grad_cuda(at::TensorList params, const at::Tensor& x, c
 
 std::vector<at::Tensor> mlp_hvp_cuda(at::TensorList params, at::TensorList vectors, const at::Tensor& x,
                                      const at::Tensor& y, int64_t activation, double act_param, int64_t loss,
-                                     const std::optional<at::Tensor>& weights) {
-  return mlp_hvp_on(CudaPath::kAuto, params, vectors, x, y, activation, act_param, loss, weights);
+                                     const std::optional<at::Tensor>& weights, bool gauss_newton) {
+  return mlp_hvp_on(CudaPath::kAuto, params, vectors, x, y, activation, act_param, loss, weights, gauss_newton);
 }
 
 MamlOutputs mlp_maml_cuda(at::TensorList params, const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq,
@@ -254,9 +255,9 @@ LossGradOutputs mlp_loss_grad_path_cuda(at::TensorList params, const at::Tensor&
 std::vector<at::Tensor> mlp_hvp_path_cuda(at::TensorList params, at::TensorList vectors, const at::Tensor& x,
                                           const at::Tensor& y, int64_t activation, double act_param, int64_t loss,
                                           c10::string_view path, int64_t team_threads,
-                                          const std::optional<at::Tensor>& weights) {
+                                          const std::optional<at::Tensor>& weights, bool gauss_newton) {
   return mlp_hvp_on(parse_cuda_path(path, team_threads), params, vectors, x, y, activation, act_param, loss,
-                    weights);
+                    weights, gauss_newton);
 }
 
 MamlOutputs mlp_maml_path_cuda(at::TensorList params, const at::Tensor& xs, const at::Tensor& ys,

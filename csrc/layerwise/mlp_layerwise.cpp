@@ -106,9 +106,10 @@ class LayerwiseMlp {
   }
 
   // H v by the R-forward and R-backward passes, after forward and loss_backward at p filled a; v per task. Writes
-  // into hv's tensors where they are defined (reused buffers), else allocates them.
+  // into hv's tensors where they are defined (reused buffers), else allocates them. gauss_newton: J^T H_loss J v
+  // instead (the R-backward pass without the network's own curvature: a plain backward pass of R{dL/dz}).
   void hessian_vector(const at::Tensor& x, const std::vector<at::Tensor>& p, const std::vector<at::Tensor>& v,
-                      Pass& a, std::vector<at::Tensor>& hv) const {
+                      Pass& a, std::vector<at::Tensor>& hv, bool gauss_newton = false) const {
     const int L = c_.dims.layers;
     a.rz.assign(L, at::Tensor());
     a.rh.assign(L, at::Tensor());
@@ -123,9 +124,13 @@ class LayerwiseMlp {
       const at::Tensor& in = l == 0 ? x : a.h[l - 1];
       param_grad(rdz, in, hv[2 * l], hv[2 * l + 1]);  // Rdz^T h, sum_k Rdz
       if (l == 0) break;
+      at::Tensor rdh = input_grad(rdz, p[2 * l]);  // Rdz W
+      if (gauss_newton) {
+        rdz = activation_backward(a.z[l - 1], a.h[l - 1], rdh);
+        continue;
+      }
       hv[2 * l].baddbmm_(a.dz[l].transpose(1, 2), a.rh[l - 1]);  // + dz^T Rh
-      at::Tensor rdh = input_grad(rdz, p[2 * l]);                // Rdz W + dz VW
-      input_grad_add(rdh, a.dz[l], v[2 * l]);
+      input_grad_add(rdh, a.dz[l], v[2 * l]);                    // + dz VW
       activation_r_backward(a.z[l - 1], a.h[l - 1], a.dh[l - 1], a.rz[l - 1], rdh);
       rdz = rdh;
     }
@@ -304,7 +309,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_loss_grad_layerwise(at::Tens
 
 std::vector<at::Tensor> mlp_hvp_layerwise(at::TensorList params, at::TensorList vectors, const at::Tensor& x,
                                         const at::Tensor& y, int64_t activation, double act_param, int64_t loss,
-                                        const std::optional<at::Tensor>& weights) {
+                                        const std::optional<at::Tensor>& weights, bool gauss_newton) {
   const MlpCall call = check_mlp_loss_grad("mlp_hvp", params, x, y, activation, act_param, loss, weights);
   check_mlp_vectors("mlp_hvp", vectors, params, call, x);
   const c10::OptionalDeviceGuard guard(x.device());
@@ -318,7 +323,7 @@ std::vector<at::Tensor> mlp_hvp_layerwise(at::TensorList params, at::TensorList 
   net.forward(xc, ps, pass);
   net.loss_backward(xc, yc, contiguous_or_undefined(weights), ps, pass, nullptr);
   std::vector<at::Tensor> hv;
-  net.hessian_vector(xc, ps, vs, pass, hv);
+  net.hessian_vector(xc, ps, vs, pass, hv, gauss_newton);
   return hv;
 }
 

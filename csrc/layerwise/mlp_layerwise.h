@@ -38,7 +38,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_loss_grad_layerwise(at::Tens
 
 std::vector<at::Tensor> mlp_hvp_layerwise(at::TensorList params, at::TensorList vectors, const at::Tensor& x,
                                         const at::Tensor& y, int64_t activation, double act_param, int64_t loss,
-                                        const std::optional<at::Tensor>& weights);
+                                        const std::optional<at::Tensor>& weights, bool gauss_newton);
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_maml_layerwise(
     at::TensorList params, const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
