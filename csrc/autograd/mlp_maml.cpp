@@ -1,8 +1,8 @@
 // Autograd of mlp_maml, in C++ so that a meta-iteration pays no Python autograd layer (its forward and backward
 // cost a sizeable part of a small call, e.g. a 1-40-40-1 MLP over 25 tasks).
 //   query_losses [T] is differentiable w.r.t. params and lrs: d params_i = sum_t go_t meta_grads_i[t],
-//   d lrs_i = sum_t go_t lr_grads_i[t]; the data, step_weights and the rows' weights get no gradient, and meta_grads / lr_grads are
-//   outputs without a graph. The backward is not itself differentiable (no third derivatives).
+//   d lrs_i = sum_t go_t lr_grads_i[t]; the data, step_weights and the rows' weights get no gradient, and
+//   meta_grads / lr_grads are outputs without a graph. The backward is not itself differentiable (no third derivatives).
 // Also mlp_maml_mean (mamlext._C.mlp_maml_mean, for eager calls of BatchedMAML): the mean query loss and the
 // per-task losses, the mean's meta-gradient computed with the forward.
 #include <ATen/ATen.h>

@@ -213,13 +213,13 @@ inline std::vector<bool> check_mlp_maml_lrs(const char* op, at::TensorList lrs, 
   return per_element;
 }
 
-// All of mlp_maml's arguments: params shared only, xs/xq [T, K, in], ys/yq, step_weights (N >= 1 floating values on
-// the CPU or the params' device), lrs [N] or [N, *S_i].
 // mlp_maml's optional per-row weights of the support and query losses ([T, Ks], [T, Kq]: common/losses.h).
 struct MamlRowWeights {
   std::optional<at::Tensor> support, query;
 };
 
+// All of mlp_maml's arguments: params shared only, xs/xq [T, K, in], ys/yq, step_weights (N >= 1 floating values on
+// the CPU or the params' device), lrs [N] or [N, *S_i], the rows' weights.
 struct MlpMamlCall {
   MlpCall call;
   int64_t steps = 0;

@@ -83,7 +83,7 @@ struct MlpConfig {
 // layer's array is on each access, never tables of pointers: in a device function a table indexed at run time (by
 // the layer) lives in the thread's local-memory stack frame, which the driver reserves for every resident thread of
 // the GPU, and every access to it is a memory load. The tables they read (MlpDims, TaskBatched) are the op's
-// arguments, which a kernel reads in place from its parameter space.
+// arguments, which the GPU's block kernel copies into shared memory (cuda/mlp_block.cu arguments_in_shared).
 
 // One task's parameter tensors (or tensors shaped like them: gradients, directions), in params order
 // [W_0, b_0, W_1, b_1, ...]; ptr_t is `const scalar_t*` or `scalar_t*`. Tensor p is at table[p] + task * stride[p]
