@@ -7,7 +7,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from mamlext._mlp_codes import ACTIVATION_NAMES, ACTIVATIONS, LOSS_NAMES, LOSSES
+from mamlext._mlp_codes import ACTIVATION_NAMES, ACTIVATIONS, LOSS_NAMES, LOSSES, LOSSES_WITH_PARAM
 from mamlext.rates import Lr
 
 
@@ -87,7 +87,29 @@ def _shape(t: Tensor) -> List[int]:
     return list(t.shape)
 
 
-def _param_label(i: int) -> str:
+def has_loss_param(loss: int) -> bool:
+    """Whether the loss has a parameter after the layers' (gaussian: log_std [out]): params then has 2L + 1 tensors."""
+    return LOSS_NAMES.get(loss) in LOSSES_WITH_PARAM
+
+
+def is_layer_weight(i: int, count: int) -> bool:
+    """params[i] of `count` tensors is a layer's weight [out, in] (else a bias [out] or the loss's log_std [out])."""
+    return i % 2 == 0 and i < count - count % 2
+
+
+def is_per_task(i: int, p: Tensor, count: int) -> bool:
+    """params[i] (of `count`) has a leading task dimension."""
+    return p.dim() == (3 if is_layer_weight(i, count) else 2)
+
+
+def task_shapes(params: Sequence[Tensor], tasks: int) -> List[List[int]]:
+    """[T, *S_i] for each parameter (its shape without a task dimension)."""
+    return [[tasks, *(p.shape[1:] if is_per_task(i, p, len(params)) else p.shape)] for i, p in enumerate(params)]
+
+
+def _param_label(i: int, count: int) -> str:
+    if i == count - 1 and count % 2:
+        return f"params[{i}] (log_std)"
     return f"params[{i}] ({'W' if i % 2 == 0 else 'b'}_{i // 2 + 1})"
 
 
@@ -108,11 +130,16 @@ def _check_like_params(op: str, name: str, t: Tensor, params: Sequence[Tensor]) 
         raise ValueError(f"{op}: {name} is on {t.device} but params[0] is on {params[0].device}")
 
 
-def _check_mlp_params(op: str, params: Sequence[Tensor], shared_only: bool) -> List[int]:
-    """Checks the layer chain; returns the layer sizes [in_1, out_1, ..., out_L]."""
+def _check_mlp_params(op: str, params: Sequence[Tensor], shared_only: bool,
+                      loss: int = LOSSES["mse"]) -> List[int]:
+    """Checks the layer chain (and the loss's log_std); returns the layer sizes [in_1, out_1, ..., out_L]."""
     if not isinstance(params, (list, tuple)):
         raise TypeError(f"{op}: params must be a list of tensors, got {type(params).__name__}")
-    if len(params) < 2 or len(params) % 2:
+    with_param = has_loss_param(loss)
+    if with_param and (len(params) < 3 or len(params) % 2 == 0):
+        raise ValueError(f"{op}: params must be [W_1, b_1, ..., W_L, b_L, log_std] for loss {LOSS_NAMES[loss]} "
+                         f"(an odd number >= 3 of tensors), got {len(params)} tensors")
+    if not with_param and (len(params) < 2 or len(params) % 2):
         raise ValueError(f"{op}: params must be [W_1, b_1, ..., W_L, b_L] (an even number >= 2 of tensors), "
                          f"got {len(params)} tensors")
     for i, p in enumerate(params):
@@ -124,32 +151,36 @@ def _check_mlp_params(op: str, params: Sequence[Tensor], shared_only: bool) -> L
     if dtype not in _MLP_DTYPES:
         raise ValueError(f"{op}: params[0] must be float32 or float64, got {dtype}")
     sizes: List[int] = []
+    count = len(params)
     for i, p in enumerate(params):
         _check_like_params(op, f"params[{i}]", p, params)
-        what = "[out, in]" if i % 2 == 0 else "[out]"
-        shared_dim = 2 if i % 2 == 0 else 1
+        weight = is_layer_weight(i, count)
+        what = "[out, in]" if weight else "[out]"
+        shared_dim = 2 if weight else 1
         allowed = (shared_dim,) if shared_only else (shared_dim, shared_dim + 1)
         if p.dim() not in allowed:
             form = f"shared {what}" if shared_only else f"shared {what} or per task [T, {what[1:]}"
-            raise ValueError(f"{op}: {_param_label(i)} must be {form}, got {_shape(p)}")
-        if i % 2 == 0:
+            raise ValueError(f"{op}: {_param_label(i, count)} must be {form}, got {_shape(p)}")
+        if weight:
             out_f, in_f = p.shape[-2], p.shape[-1]
             if sizes and in_f != sizes[-1]:
-                raise ValueError(f"{op}: {_param_label(i)} must be [out, {sizes[-1]}] (its input is the "
+                raise ValueError(f"{op}: {_param_label(i, count)} must be [out, {sizes[-1]}] (its input is the "
                                  f"{sizes[-1]} outputs of layer {i // 2}), got {_shape(p)}")
             if not sizes:
                 sizes.append(in_f)
             sizes.append(out_f)
         elif p.shape[-1] != sizes[-1]:
-            raise ValueError(f"{op}: {_param_label(i)} must be [{sizes[-1]}] to match {_param_label(i - 1)} "
-                             f"{_shape(params[i - 1])}, got {_shape(p)}")
+            match = "the network's outputs" if i == count - 1 and count % 2 else \
+                f"{_param_label(i - 1, count)} {_shape(params[i - 1])}"
+            raise ValueError(f"{op}: {_param_label(i, count)} must be [{sizes[-1]}] to match {match}, "
+                             f"got {_shape(p)}")
     return sizes
 
 
 def _check_mlp_per_task(op: str, params: Sequence[Tensor], tasks: int, x_name: str) -> None:
     for i, p in enumerate(params):
-        if p.dim() == (3 if i % 2 == 0 else 2) and p.shape[0] != tasks:
-            raise ValueError(f"{op}: {_param_label(i)} is per task with {p.shape[0]} tasks (leading dimension) "
+        if is_per_task(i, p, len(params)) and p.shape[0] != tasks:
+            raise ValueError(f"{op}: {_param_label(i, len(params))} is per task with {p.shape[0]} tasks (leading dimension) "
                              f"but {x_name} has T = {tasks}")
 
 
@@ -166,12 +197,13 @@ def _check_mlp_xy(op: str, params: Sequence[Tensor], sizes: List[int], x: Tensor
     tasks, rows, out = x.shape[0], x.shape[1], sizes[-1]
     if y.device != device:
         raise ValueError(f"{op}: {y_name} is on {y.device} but params[0] is on {device}")
-    if loss == LOSSES["mse"]:
+    if loss != LOSSES["ce"]:  # real targets: mse's values, gaussian's actions
+        name = LOSS_NAMES[loss]
         if y.shape != (tasks, rows, out):
-            raise ValueError(f"{op}: {y_name} must be [T, K, out] = {[tasks, rows, out]} for loss mse "
+            raise ValueError(f"{op}: {y_name} must be [T, K, out] = {[tasks, rows, out]} for loss {name} "
                              f"({x_name} is {_shape(x)}, the last layer has {out} outputs), got {_shape(y)}")
         if y.dtype != dtype:
-            raise ValueError(f"{op}: {y_name} has dtype {y.dtype} but params[0] has dtype {dtype} (loss mse)")
+            raise ValueError(f"{op}: {y_name} has dtype {y.dtype} but params[0] has dtype {dtype} (loss {name})")
     else:
         if y.dtype != torch.int64:
             raise ValueError(f"{op}: {y_name} must hold int64 class indices for loss ce, got dtype {y.dtype}")
@@ -206,7 +238,7 @@ def check_mlp_loss_grad(params: Sequence[Tensor], x: Tensor, y: Tensor, activati
     """Raises ValueError/TypeError naming the argument when mlp_loss_grad's arguments do not fit together.
     check_values=False skips the checks that read tensor data (class index range), as fake tensors must."""
     _check_mlp_codes(op, activation, act_param, loss)
-    sizes = _check_mlp_params(op, params, shared_only=False)
+    sizes = _check_mlp_params(op, params, shared_only=False, loss=loss)
     _check_mlp_xy(op, params, sizes, x, y, loss, "x", "y", check_values)
     _check_mlp_per_task(op, params, x.shape[0], "x")
     _check_mlp_row_weights(op, weights, x, check_values)
@@ -224,7 +256,7 @@ def check_mlp_hvp(params: Sequence[Tensor], vectors: Sequence[Tensor], x: Tensor
     for i, (p, v) in enumerate(zip(params, vectors)):
         if not isinstance(v, Tensor):
             raise TypeError(f"{op}: vectors[{i}] must be a tensor, got {type(v).__name__}")
-        shape = [tasks, *(p.shape[1:] if p.dim() == (3 if i % 2 == 0 else 2) else p.shape)]
+        shape = task_shapes(params, tasks)[i]
         if _shape(v) != shape:
             raise ValueError(f"{op}: vectors[{i}] must be [T, *S_{i}] = {shape}, got {_shape(v)}")
         _check_like_params(op, f"vectors[{i}]", v, params)
@@ -240,7 +272,7 @@ def check_mlp_maml(params: Sequence[Tensor], xs: Tensor, ys: Tensor, xq: Tensor,
     _check_mlp_codes(op, activation, act_param, loss)
     if not isinstance(first_order, bool):
         raise TypeError(f"{op}: first_order must be a bool, got {type(first_order).__name__}")
-    sizes = _check_mlp_params(op, params, shared_only=True)
+    sizes = _check_mlp_params(op, params, shared_only=True, loss=loss)
     _check_mlp_xy(op, params, sizes, xs, ys, loss, "xs", "ys", check_values)
     _check_mlp_xy(op, params, sizes, xq, yq, loss, "xq", "yq", check_values)
     if xq.shape[0] != xs.shape[0]:
@@ -275,7 +307,7 @@ def check_mlp_maml(params: Sequence[Tensor], xs: Tensor, ys: Tensor, xq: Tensor,
             raise ValueError(f"{op}: lrs[{i}] must be finite (it holds nan or inf)")
     if check_values and not torch.isfinite(step_weights).all():
         raise ValueError(f"{op}: step_weights must be finite (it holds nan or inf)")
-    data = (("xs", xs), ("xq", xq)) + ((("ys", ys), ("yq", yq)) if loss == LOSSES["mse"] else ())
+    data = (("xs", xs), ("xq", xq)) + ((("ys", ys), ("yq", yq)) if loss != LOSSES["ce"] else ())
     for name, t in data:  # on the CPU, as the compiled op (elsewhere that would cost a device sync)
         if check_values and t.device.type == "cpu" and not torch.isfinite(t).all():
             raise ValueError(f"{op}: {name} must be finite (it holds nan or inf)")

@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from mamlext._mlp_codes import LOSSES
+from mamlext._mlp_codes import OUTPUT_LOSSES
 from mamlext.engines import BACKENDS, select_engine  # noqa: F401  (BACKENDS: the backends this version has)
 from mamlext.engines.generic import MEMORY_MODES, LossFn, load_forward_mode_rules
 from mamlext.rates import LR_MODES, InnerRates
@@ -193,9 +193,11 @@ class BatchedMAML(TaskBatchedAlgorithm):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"{self._owner}: model must be an nn.Module, got {type(model).__name__}")
-        if not callable(loss) and loss not in LOSSES:
-            raise ValueError(f"{self._owner}: loss must be one of {list(LOSSES)} or a callable "
-                             f"loss_fn(output, target), got {loss!r}")
+        if not callable(loss) and loss not in OUTPUT_LOSSES:
+            raise ValueError(f"{self._owner}: loss must be one of {list(OUTPUT_LOSSES)} or a callable "
+                             f"loss_fn(output, target), got {loss!r} (a Gaussian policy's loss, whose log_std is a "
+                             f"parameter outside the model, runs on mamlext.ops.mlp_maml(loss='gaussian') or "
+                             f"mamlext.rl)")
         if lr_mode not in LR_MODES:
             raise ValueError(f"{self._owner}: lr_mode must be one of {list(LR_MODES)}, got {lr_mode!r}")
         if memory not in MEMORY_MODES:

@@ -119,7 +119,8 @@ def _sgd_update_fake(params, grads, lr):
 
 # ================================================================================================================
 # Fused task-batched MLP ops: mlp_loss_grad, mlp_hvp, mlp_maml (spec: params = [W_1, b_1, ..., W_L, b_L] in
-# nn.Linear layout, activation between layers, none after the last; see mamlext.reference for the twins).
+# nn.Linear layout, activation between layers, none after the last, and for loss "gaussian" the log standard
+# deviation [out] after them; see mamlext.reference for the twins).
 #
 # Gradients (the same on the compiled and the reference path):
 #   mlp_maml: query_losses is differentiable w.r.t. params and lrs (d params = sum_t go_t meta_grads_t,
@@ -201,15 +202,19 @@ def mlp_loss_grad(params: Sequence[Tensor], x: Tensor, y: Tensor, activation: Ac
 
     Args:
         params: [W_1, b_1, ..., W_L, b_L] (nn.Linear layout), each shared (``S_i``) or per task (``[T, *S_i]``),
-            float32 or float64.
-        x: ``[T, K, in]``. y: ``[T, K, out]`` (loss "mse") or int64 class indices ``[T, K]`` (loss "ce").
+            float32 or float64; for loss "gaussian" followed by log_std ``[out]`` or ``[T, out]``.
+        x: ``[T, K, in]``. y: ``[T, K, out]`` (loss "mse"; the actions for "gaussian") or int64 class indices
+            ``[T, K]`` (loss "ce").
         activation: "relu", "leaky_relu", "tanh", "sigmoid", "gelu" (exact) or "elu", between layers.
         act_param: negative_slope of leaky_relu (default 0.01) / alpha of elu (default 1.0); ignored otherwise.
-        loss: "mse" (mean over K*out elements) or "ce" (mean cross-entropy over the K rows).
+        loss: "mse" (mean over K*out elements), "ce" (mean cross-entropy over the K rows) or "gaussian": the
+            negative log-likelihood of a diagonal Gaussian policy, mean over the K rows of ``-log N(y_k; mu_k,
+            diag(exp(2 log_std)))`` with mu the network's output and log_std the last parameter (learned,
+            state-independent), i.e. ``-Normal(mu, log_std.exp()).log_prob(y).sum(-1).mean()``.
         weights: ``[T, K]``, each row's weight in the loss (its term is multiplied by it before the same mean:
-            ``(F.cross_entropy(z, y, reduction="none") * w).mean()``), or None. With "ce" and advantages as
-            weights, the policy-gradient surrogate ``-mean_k A_k log pi(a_k | s_k)`` of a categorical policy; 0
-            leaves out a padding row.
+            ``(F.cross_entropy(z, y, reduction="none") * w).mean()``), or None. With "ce" or "gaussian" and
+            advantages as weights, the policy-gradient surrogate ``-mean_k A_k log pi(a_k | s_k)`` of a
+            categorical or Gaussian policy; 0 leaves out a padding row.
 
     Returns ``(losses [T], grads)``, grads P tensors ``[T, *S_i]``. ``losses`` is differentiable w.r.t. params
     (first order: x, y and weights get no gradient, grads carries no graph).
@@ -232,7 +237,9 @@ def mlp_hvp(params: Sequence[Tensor], vectors: Sequence[Tensor], x: Tensor, y: T
     gauss_newton: the Gauss-Newton product ``J_t^T H_loss J_t v_t`` instead (J_t the network output's Jacobian,
     H_loss the loss's Hessian w.r.t. the output: H_t without the network's own curvature; positive semi-definite for
     non-negative weights). With "ce" and per-sample weights it is the Fisher-vector product of a categorical policy
-    (the labels do not enter), TRPO's curvature."""
+    (the labels do not enter), TRPO's curvature; with "gaussian" H_loss is the Gaussian's Fisher w.r.t. (mean,
+    log_std) (w exp(-2 log_std) for the mean, 2 w for log_std, no cross term): the Gaussian policy's Fisher-vector
+    product."""
     act_code, act_param, loss_code = mlp_codes("mlp_hvp", activation, act_param, loss)
     params, vectors = list(params), list(vectors)
     if not isinstance(gauss_newton, bool):
@@ -274,7 +281,8 @@ def mlp_maml(params: Sequence[Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: T
     """MAML's inner loop, query losses and exact meta-gradients of an MLP for T tasks at once.
 
     Args:
-        params: the meta-parameters [W_1, b_1, ..., W_L, b_L], shared (shapes ``S_i``), float32 or float64.
+        params: the meta-parameters [W_1, b_1, ..., W_L, b_L] (and log_std ``[out]`` for loss "gaussian", adapted
+            in the inner loop like the others), shared (shapes ``S_i``), float32 or float64.
         xs, ys: support set, ``[T, K, in]`` and ``[T, K, out]`` (mse) or int64 ``[T, K]`` (ce).
         xq, yq: query set, ``[T, Kq, in]`` and ``[T, Kq, out]`` / ``[T, Kq]``.
         lrs: inner rates: a float or scalar tensor (all parameters, every step), or P tensors, each a scalar,
@@ -284,8 +292,9 @@ def mlp_maml(params: Sequence[Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: T
         first_order: drop the second-order terms (FOMAML).
         activation, act_param, loss: as in mlp_loss_grad.
         support_weights, query_weights: ``[T, Ks]`` / ``[T, Kq]``, the rows' weights in the support and query
-            losses (as mlp_loss_grad's ``weights``), or None. With "ce" and advantages as weights, the inner step
-            is a policy-gradient step of a categorical policy and the meta-gradient that of the query surrogate.
+            losses (as mlp_loss_grad's ``weights``), or None. With "ce" or "gaussian" and advantages as weights,
+            the inner step is a policy-gradient step of a categorical or Gaussian policy and the meta-gradient that
+            of the query surrogate.
 
     Returns ``(query_losses [T], meta_grads, lr_grads)``: meta_grads P tensors ``[T, *S_i]`` and lr_grads P tensors
     ``[T, *lrs[i].shape]``, per task (not summed). ``query_losses`` is differentiable w.r.t. params and lrs (the

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from mamlext._checks import (check_maml_reverse_step, check_mlp_hvp, check_mlp_loss_grad, check_mlp_maml,
-                             check_task_sgd, check_task_sgd_lr_finite)
+                             check_task_sgd, check_task_sgd_lr_finite, has_loss_param, is_per_task, task_shapes)
 from mamlext._mlp_codes import ACTIVATIONS, LOSSES
 from mamlext.rates import Lr, task_sgd_rate
 
@@ -80,9 +80,14 @@ def mlp_forward(params: Sequence[Tensor], x: Tensor, activation: int, act_param:
     return h
 
 
-def mlp_task_loss(z: Tensor, y: Tensor, loss: int, weights: Optional[Tensor] = None) -> Tensor:
-    """One task's loss (LOSSES): mean squared error over all elements, or mean cross-entropy over the rows; with
-    weights [K], each row's term times its weight before the same mean."""
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def mlp_task_loss(z: Tensor, y: Tensor, loss: int, weights: Optional[Tensor] = None,
+                  log_std: Optional[Tensor] = None) -> Tensor:
+    """One task's loss (LOSSES): mean squared error over all elements, mean cross-entropy over the rows, or the
+    Gaussian's negative log-likelihood of the actions y [K, O] (mean z, log standard deviation log_std [O]) summed over
+    the action dimensions, mean over the rows; with weights [K], each row's term times its weight before the same mean."""
     if loss == LOSSES["mse"]:
         if weights is None:
             return F.mse_loss(z, y)
@@ -91,16 +96,37 @@ def mlp_task_loss(z: Tensor, y: Tensor, loss: int, weights: Optional[Tensor] = N
         if weights is None:
             return F.cross_entropy(z, y)
         return (F.cross_entropy(z, y, reduction="none") * weights).mean()
+    if loss == LOSSES["gaussian"]:
+        e = y - z
+        nll = (0.5 * e * e * torch.exp(-2 * log_std) + log_std + _HALF_LOG_2PI).sum(-1)
+        return (nll if weights is None else nll * weights).mean()
     raise ValueError(f"unknown loss code {loss!r}")
+
+
+def _gaussian_fisher_loss(mean_old: Tensor, log_std_old: Tensor, mean: Tensor, log_std: Tensor,
+                          weights: Tensor) -> Tensor:
+    """mean_k w_k KL(N(mean_old, std_old) || N(mean, std)): its Hessian w.r.t. (mean, log_std) at the old values is
+    the Gaussian's Fisher (label-independent)."""
+    kl = (log_std - log_std_old + (torch.exp(2 * log_std_old) + (mean_old - mean) ** 2) * 0.5 *
+          torch.exp(-2 * log_std) - 0.5).sum(-1)
+    return (kl * weights).mean()
+
+
+def _task_loss(activation: int, act_param: float, loss: int):
+    """One task's loss as a function of its params (the log_std last for gaussian), x, y and the rows' weights."""
+    def task_loss(ps, xt, yt, wt):
+        log_std = ps[-1] if has_loss_param(loss) else None
+        return mlp_task_loss(mlp_forward(ps, xt, activation, act_param), yt, loss, wt, log_std)
+    return task_loss
 
 
 def _per_task(params: Sequence[Tensor], tasks: int) -> List[Tensor]:
     """Every parameter as [T, *S_i] (shared ones expanded, no copy)."""
-    return [p if p.dim() == (3 if i % 2 == 0 else 2) else p.expand(tasks, *p.shape) for i, p in enumerate(params)]
+    return [p if is_per_task(i, p, len(params)) else p.expand(tasks, *p.shape) for i, p in enumerate(params)]
 
 
 def _task_shapes(params: Sequence[Tensor], tasks: int) -> List[List[int]]:
-    return [[tasks, *(p.shape[1:] if p.dim() == (3 if i % 2 == 0 else 2) else p.shape)] for i, p in enumerate(params)]
+    return task_shapes(params, tasks)
 
 
 def _rows_weights(weights: Optional[Tensor], x: Tensor) -> Tensor:
@@ -117,9 +143,7 @@ def mlp_loss_grad(params: Sequence[Tensor], x: Tensor, y: Tensor, activation: in
     if tasks == 0 or x.shape[1] == 0:  # no rows: the mean of nothing is nan (as F.mse_loss), the gradient 0
         return (x.new_full((tasks,), math.nan), [params[0].new_zeros(s) for s in _task_shapes(params, tasks)])
 
-    def task_loss(ps, xt, yt, wt):
-        return mlp_task_loss(mlp_forward(ps, xt, activation, act_param), yt, loss, wt)
-
+    task_loss = _task_loss(activation, act_param, loss)
     grads, losses = torch.func.vmap(torch.func.grad_and_value(task_loss))(_per_task(params, tasks), x, y,
                                                                           _rows_weights(weights, x))
     return losses.contiguous(), [g.contiguous() for g in grads]
@@ -137,14 +161,22 @@ def mlp_hvp(params: Sequence[Tensor], vectors: Sequence[Tensor], x: Tensor, y: T
     if tasks == 0 or x.shape[1] == 0:
         return [params[0].new_zeros(s) for s in _task_shapes(params, tasks)]
 
-    def task_loss(ps, xt, yt, wt):
-        return mlp_task_loss(mlp_forward(ps, xt, activation, act_param), yt, loss, wt)
+    task_loss = _task_loss(activation, act_param, loss)
 
     def grad_dot(ps, vs, xt, yt, wt):
         grads = torch.func.grad(task_loss)(ps, xt, yt, wt)
         return sum((g * v).sum() for g, v in zip(grads, vs))
 
     def task_gauss_newton(ps, vs, xt, yt, wt):
+        if has_loss_param(loss):  # the outputs are (mean, log_std); the Gaussian's Fisher in their place of H_loss
+            def net(q):
+                return mlp_forward(q, xt, activation, act_param), q[-1]
+
+            out, jv = torch.func.jvp(net, (ps,), (vs,))
+            output_grad = torch.func.grad(lambda o: _gaussian_fisher_loss(out[0], out[1], o[0], o[1], wt))
+            h_jv = torch.func.grad(lambda o: sum((g * j).sum() for g, j in zip(output_grad(o), jv)))(out)
+            return torch.func.vjp(net, ps)[1](h_jv)[0]
+
         def net(q):
             return mlp_forward(q, xt, activation, act_param)
 
@@ -177,8 +209,7 @@ def mlp_maml(params: Sequence[Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: T
     theta0 = [p.detach() for p in params]
     rates = [r.detach() for r in lrs]
 
-    def task_loss(ps, x, y, w):
-        return mlp_task_loss(mlp_forward(ps, x, activation, act_param), y, loss, w)
+    task_loss = _task_loss(activation, act_param, loss)
 
     def rows(weights, t):
         return None if weights is None else weights[t]

@@ -186,7 +186,7 @@ ARCHS = [([3, 5, 4], ()), ([2, 7, 6, 3], (0, 3, 5)), ([4, 3], (0, 1)), ([1, 9, 9
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("loss", ["mse", "ce"])
 @pytest.mark.parametrize("act", ACTS)
 def test_mlp_loss_grad_matches_oracle(device, impl, dtype, loss, act):
     gen = torch.Generator().manual_seed(1)
@@ -202,7 +202,7 @@ def test_mlp_loss_grad_matches_oracle(device, impl, dtype, loss, act):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("loss", ["mse", "ce"])
 @pytest.mark.parametrize("act", ACTS)
 def test_mlp_hvp_matches_oracle(device, impl, dtype, loss, act):
     gen = torch.Generator().manual_seed(2)
@@ -333,7 +333,7 @@ def test_task_counts(device, impl, tasks):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("loss", ["mse", "ce"])
 def test_degenerate_shapes(impl, loss):
     """No rows (K = 0): nan losses (the mean of nothing, as F.mse_loss), zero gradients, adaptation that does not
     move; an empty hidden layer; step_weights of any shape and floating dtype (its elements in order)."""
@@ -449,7 +449,7 @@ def test_mlp_loss_grad_backward_is_not_differentiable():
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_task"])
 @pytest.mark.parametrize("act", ["tanh", "gelu", "elu", "sigmoid"])
-@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("loss", ["mse", "ce"])
 def test_gradcheck_mlp_loss_grad(shared, act, loss):
     gen = torch.Generator().manual_seed(11)
     sizes = [2, 3, 3]
@@ -638,7 +638,7 @@ def _bad_cases():
                              r"y (holds the class index -1, outside|must hold class indices in) \[0, 2\)"),
         "activation_code": (lg(activation=6), "activation must be"),
         "activation_negative": (lg(activation=-1), "activation must be"),
-        "loss_code": (lg(loss=2), "loss must be"),
+        "loss_code": (lg(loss=3), "loss must be"),
         "act_param_nan": (lg(act_param=float("nan")), "act_param must be (a )?finite"),
         "hvp_count": (hv(vectors=V[:3]), "vectors must hold one tensor per parameter"),
         "hvp_shape": (hv(vectors=[V[0][:, :2], *V[1:]]), r"vectors\[0\] must be \[T, \*S_0\] = \[5, 4, 3\]"),

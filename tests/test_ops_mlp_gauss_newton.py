@@ -57,7 +57,7 @@ def oracle(params, x, y, vectors, weights, act, loss):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("loss", ["mse", "ce"])
 @pytest.mark.parametrize("act", ["tanh", "relu"])
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 def test_every_path_matches_the_reference_and_the_oracle(device, dtype, loss, act, weighted):
@@ -78,7 +78,7 @@ def test_every_path_matches_the_reference_and_the_oracle(device, dtype, loss, ac
         assert_rel(out, expected, dtype, f"public op {sizes}")
 
 
-@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("loss", ["mse", "ce"])
 def test_equal_to_the_hessian_where_the_network_is_linear(loss):
     """One layer: the output is linear in the parameters, so H = J^T H_loss J."""
     params, x, y, vectors, weights = make_case([4, 3], (1,), loss)

@@ -110,7 +110,7 @@ def cpu(tensors):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("loss", ["mse", "ce"])
 @pytest.mark.parametrize("act", ACTS)
 def test_loss_grad_and_hvp(dtype, loss, act, device):
     gen = torch.Generator().manual_seed(1)
@@ -160,7 +160,7 @@ def maml_case(case, loss):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
-@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("loss", ["mse", "ce"])
 @pytest.mark.parametrize("act", ACTS)
 def test_maml(dtype, first_order, loss, act, device):
     c = codes(act, loss)
@@ -243,7 +243,7 @@ def test_all_zero_weights_and_autograd():
 # Edge cases
 
 
-@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("loss", ["mse", "ce"])
 def test_zero_tasks(loss):
     gen = torch.Generator().manual_seed(6)
     sizes = [3, 4, 2]
@@ -265,7 +265,7 @@ def test_zero_tasks(loss):
     assert [list(r.shape) for r in lr_grads] == [[0, *r.shape] for r in lrs]
 
 
-@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("loss", ["mse", "ce"])
 def test_no_rows_and_empty_layer(loss):
     """K = 0: nan losses, zero gradients and H v; an empty hidden layer."""
     gen = torch.Generator().manual_seed(14)

@@ -83,7 +83,7 @@ def oracle(params, x, y, vectors, weights, act, loss):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("loss", ["mse", "ce"])
 @pytest.mark.parametrize("act", ["tanh", "relu"])
 def test_every_path_matches_the_reference_and_the_oracle(device, dtype, loss, act):
     c = codes(act, loss)
@@ -104,7 +104,7 @@ def test_every_path_matches_the_reference_and_the_oracle(device, dtype, loss, ac
         assert_rel([losses, *grads, *hv], [e_losses, *e_grads, *e_hv], dtype, f"public ops {sizes}")
 
 
-@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("loss", ["mse", "ce"])
 def test_unit_weights_are_the_unweighted_loss(loss):
     params, x, y, vectors, weights = make_case([3, 8, 4], (1,), loss)
     c = codes("tanh", loss)
@@ -117,7 +117,7 @@ def test_unit_weights_are_the_unweighted_loss(loss):
         torch.testing.assert_close(ones_hv, plain_hv, rtol=1e-14, atol=0)
 
 
-@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("loss", ["mse", "ce"])
 def test_zero_weights_leave_padding_rows_out(loss):
     """Tasks padded to K rows with weight 0 on the padding: K / K_t times the loss of the task's own K_t rows."""
     params, x, y, vectors, _ = make_case([2, 6, 3], (), loss, tasks=2, rows=7)
@@ -243,7 +243,7 @@ def maml_case(sizes, loss, steps, seed):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
-@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("loss", ["mse", "ce"])
 def test_mlp_maml_with_row_weights_on_every_path(device, dtype, first_order, loss):
     act = "tanh"
     c = codes(act, loss)

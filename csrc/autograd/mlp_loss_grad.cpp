@@ -38,8 +38,8 @@ class MlpLossGradFunction : public torch::autograd::Function<MlpLossGradFunction
                                int64_t activation, double act_param, int64_t loss,
                                const std::optional<at::Tensor>& weights) {
     auto [losses, grads] = call_below_autograd(params, x, y, activation, act_param, loss, weights);
-    c10::List<bool> shared;  // W_i is [out, in] or [T, out, in], b_i is [out] or [T, out]
-    for (size_t i = 0; i < params.size(); ++i) shared.push_back(params[i].dim() == (i % 2 == 0 ? 2 : 1));
+    c10::List<bool> shared;  // params[i] is S_i (shared) or [T, *S_i]; its gradient is [T, *S_i]
+    for (size_t i = 0; i < params.size(); ++i) shared.push_back(params[i].dim() < grads[i].dim());
     ctx->saved_data["shared"] = shared;
     ctx->mark_non_differentiable(grads);
     ctx->set_materialize_grads(false);  // no zero tensors for the outputs without a gradient

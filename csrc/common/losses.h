@@ -5,10 +5,13 @@
 // K rows of outputs z [K, O] (row-major, contiguous):
 //   mse: mean over all K * O elements of (z - y)^2, y [K, O]            (== F.mse_loss, reduction 'mean')
 //   ce:  mean over the K rows of logsumexp(z_k) - z_k[y_k], y [K] int64  (== F.cross_entropy, reduction 'mean')
+//   gaussian: mean over the K rows of -log N(y_k; z_k, diag(exp(2 s))), y [K, O] (actions), s [O] the loss's own
+//        parameter (a diagonal Gaussian policy's state-independent log standard deviation; the op's params end
+//        with it): row k's term is sum_j (e_kj^2 iv_j / 2 + s_j) + O log(2 pi) / 2, e = y - z, iv = exp(-2 s).
 // With per-row weights w [K] each row's term is multiplied by w_k before the same mean (the divisor stays K * O or
 // K): (F.mse_loss(z, y, reduction='none') * w[:, None]).mean() and (F.cross_entropy(z, y, reduction='none') *
-// w).mean(). With ce and w the advantages, that is the policy-gradient surrogate -mean_k w_k log pi(y_k | x_k) of a
-// categorical policy; w_k = 0 leaves out a padding row.
+// w).mean(). With ce or gaussian and w the advantages, that is the policy-gradient surrogate
+// -mean_k w_k log pi(y_k | x_k) of a categorical or Gaussian policy; w_k = 0 leaves out a padding row.
 // With K == 0 the loss is NaN (0 / 0), as torch's, and the gradients are empty.
 #pragma once
 
@@ -24,8 +27,42 @@ namespace mamlext {
 enum class Loss : int64_t {
   kMse = 0,
   kCrossEntropy = 1,
+  kGaussian = 2,
 };
-constexpr int64_t kNumLosses = 2;
+constexpr int64_t kNumLosses = 3;
+
+// Whether the loss has a parameter of its own (gaussian: log_std [O]), which follows the layers' in params.
+C10_HOST_DEVICE inline bool loss_has_param(Loss loss) { return loss == Loss::kGaussian; }
+
+// One task's loss parameter (gaussian's log_std [O]; all null for the other losses): its value, in an R-pass the
+// direction's part for it, and where its derivative goes (the gradient, or its part of H v).
+template <typename scalar_t>
+struct LossParam {
+  const scalar_t* value = nullptr;
+  const scalar_t* direction = nullptr;
+  scalar_t* out = nullptr;
+};
+
+// The loss parameters of T tasks (all null for a loss without one): value [O] shared by the tasks (value_stride 0) or
+// [T, O] (value_stride O); direction and out [T, O].
+template <typename scalar_t>
+struct TaskLossParams {
+  const scalar_t* value = nullptr;
+  int64_t value_stride = 0;
+  const scalar_t* direction = nullptr;
+  scalar_t* out = nullptr;
+  int64_t stride = 0;  // of direction and out
+
+  C10_HOST_DEVICE LossParam<scalar_t> at(int64_t t) const {
+    LossParam<scalar_t> p;
+    if (value != nullptr) p.value = value + t * value_stride;
+    if (direction != nullptr) p.direction = direction + t * stride;
+    if (out != nullptr) p.out = out + t * stride;
+    return p;
+  }
+};
+
+constexpr double kHalfLog2Pi = 0.91893853320467274178;  // log(2 pi) / 2
 
 // One task's targets: values [K, O] for mse, class indices [K] in [0, O) for ce; the rows' weights [K], or null
 // (every weight 1).
@@ -70,12 +107,55 @@ C10_HOST_DEVICE inline scalar_t softmax_row(int64_t O, const scalar_t* __restric
   return max + std::log(sum);
 }
 
-// The loss of z [K, O] against y (returned to every member of the team) and, when dz is not null, dz = dL/dz [K, O].
-// The team splits mse by elements (by rows when weighted), ce by rows.
+// The Gaussian's loss (returned to every member), dz = dL/dz when dz is not null and, when param.out is not null,
+// dL/ds into it. The team splits the rows; each dL/ds_j is one team sum.
+template <typename Team, typename scalar_t>
+C10_HOST_DEVICE inline scalar_t gaussian_forward_backward(const Team& team, int64_t K, int64_t O,
+                                                          const scalar_t* __restrict__ z, LossTarget<scalar_t> y,
+                                                          LossParam<scalar_t> param, scalar_t* __restrict__ dz) {
+  const scalar_t* __restrict__ w = y.weights;
+  const scalar_t* __restrict__ s = param.value;
+  const scalar_t inv_k = scalar_t(1) / static_cast<scalar_t>(K);
+  const scalar_t row_constant = static_cast<scalar_t>(O) * static_cast<scalar_t>(kHalfLog2Pi);
+  scalar_t sum = 0;
+  for (int64_t k = team.rank(); k < K; k += team.size()) {
+    const scalar_t w_k = w == nullptr ? scalar_t(1) : w[k];
+    scalar_t row = row_constant;
+    for (int64_t j = 0; j < O; ++j) {
+      const scalar_t e = y.values[k * O + j] - z[k * O + j];
+      const scalar_t iv = std::exp(scalar_t(-2) * s[j]);
+      row += scalar_t(0.5) * e * e * iv + s[j];
+      if (dz != nullptr) dz[k * O + j] = -(w_k * inv_k) * e * iv;
+    }
+    sum += w_k * row;
+  }
+  if (param.out != nullptr) {
+    for (int64_t j = 0; j < O; ++j) {  // dL/ds_j = mean_k w_k (1 - e_kj^2 iv_j)
+      const scalar_t iv = std::exp(scalar_t(-2) * s[j]);
+      scalar_t partial = 0;
+      for (int64_t k = team.rank(); k < K; k += team.size()) {
+        const scalar_t e = y.values[k * O + j] - z[k * O + j];
+        partial += (w == nullptr ? scalar_t(1) : w[k]) * (scalar_t(1) - e * e * iv);
+      }
+      const scalar_t total = team.sum(partial);
+      if (team.rank() == 0) param.out[j] = K == 0 ? scalar_t(0) : total * inv_k;  // no rows: 0, as torch's
+    }
+  }
+  return team.sum(sum) * inv_k;
+}
+
+// The loss of z [K, O] against y (returned to every member of the team) and, when dz is not null, dz = dL/dz [K, O]
+// and the gradient of the loss's parameter (gaussian) into param.out.
+// The team splits mse by elements (by rows when weighted), ce and gaussian by rows.
 template <typename Team, typename scalar_t>
 C10_HOST_DEVICE inline scalar_t loss_forward_backward(const Team& team, Loss loss, int64_t K, int64_t O,
                                                       const scalar_t* __restrict__ z, LossTarget<scalar_t> y,
-                                                      scalar_t* __restrict__ dz) {
+                                                      scalar_t* __restrict__ dz,
+                                                      LossParam<scalar_t> param = LossParam<scalar_t>()) {
+  if (loss == Loss::kGaussian) {
+    if (dz == nullptr) param.out = nullptr;
+    return gaussian_forward_backward(team, K, O, z, y, param, dz);
+  }
   const scalar_t* __restrict__ w = y.weights;
   if (loss == Loss::kMse) {
     const int64_t n = K * O;
@@ -127,14 +207,60 @@ C10_HOST_DEVICE inline scalar_t loss_forward_backward(const Team& team, Loss los
   return team.sum(sum) * inv_k;
 }
 
-// The loss's Hessian w.r.t. z times rz: rdz = R{dL/dz} [K, O] for the direction R{z} = rz [K, O], with the rows'
+// loss_r_backward of the gaussian loss (below).
+template <typename Team, typename scalar_t>
+C10_HOST_DEVICE inline void gaussian_r_backward(const Team& team, int64_t K, int64_t O, const scalar_t* __restrict__ z,
+                                                LossTarget<scalar_t> y, const scalar_t* __restrict__ rz,
+                                                scalar_t* __restrict__ rdz, LossParam<scalar_t> param, bool fisher) {
+  const scalar_t* __restrict__ w = y.weights;
+  const scalar_t* __restrict__ s = param.value;
+  const scalar_t* __restrict__ vs = param.direction;
+  const scalar_t inv_k = scalar_t(1) / static_cast<scalar_t>(K);
+  for (int64_t k = team.rank(); k < K; k += team.size()) {
+    const scalar_t scale = (w == nullptr ? scalar_t(1) : w[k]) * inv_k;
+    for (int64_t j = 0; j < O; ++j) {
+      const scalar_t iv = std::exp(scalar_t(-2) * s[j]);
+      const scalar_t cross = fisher ? scalar_t(0) : scalar_t(2) * (y.values[k * O + j] - z[k * O + j]) * vs[j];
+      rdz[k * O + j] = scale * iv * (rz[k * O + j] + cross);
+    }
+  }
+  for (int64_t j = 0; j < O; ++j) {
+    const scalar_t iv = std::exp(scalar_t(-2) * s[j]);
+    scalar_t partial = 0;
+    for (int64_t k = team.rank(); k < K; k += team.size()) {
+      const scalar_t w_k = w == nullptr ? scalar_t(1) : w[k];
+      if (fisher) {
+        partial += w_k * scalar_t(2) * vs[j];
+      } else {
+        const scalar_t e = y.values[k * O + j] - z[k * O + j];
+        partial += w_k * scalar_t(2) * e * iv * (rz[k * O + j] + e * vs[j]);
+      }
+    }
+    const scalar_t total = team.sum(partial);
+    if (team.rank() == 0) param.out[j] = K == 0 ? scalar_t(0) : total * inv_k;
+  }
+}
+
+// The loss's Hessian w.r.t. z times rz: rdz = R{dL/dz} [K, O] for the direction R{z} = rz [K, O], with y's rows'
 // weights w [K] (null: all 1).
-//   mse: (2 w_k / (K O)) rz;   ce: row k: w_k (p_k * (rz_k - <p_k, rz_k>)) / K, p_k = softmax(z_k).
-// The team splits mse by elements (by rows when weighted), ce by rows (no sync: the caller separates passes).
+//   mse: (2 w_k / (K O)) rz;   ce: row k: w_k (p_k * (rz_k - <p_k, rz_k>)) / K, p_k = softmax(z_k);
+//   gaussian, with the direction's part v_s for s (param.direction): w_k iv (rz_k + 2 e_k v_s) / K, and the
+//     R-derivative of dL/ds into param.out: mean_k w_k (2 e_k iv rz_k + 2 e_k^2 iv v_s)   (e = y - z, iv = exp(-2 s)).
+// fisher (the Gauss-Newton product of these likelihood losses): the Hessian's expectation over the labels in its
+// place. For mse and ce that is the Hessian itself; for gaussian e is 0 and e^2 iv is 1 in expectation:
+//   rdz = w_k iv rz_k / K and mean_k 2 w_k v_s.
+// The team splits mse by elements (by rows when weighted), ce and gaussian by rows (no sync: the caller separates
+// passes; gaussian's sums for s are team sums).
 template <typename Team, typename scalar_t>
 C10_HOST_DEVICE inline void loss_r_backward(const Team& team, Loss loss, int64_t K, int64_t O,
-                                            const scalar_t* __restrict__ z, const scalar_t* __restrict__ w,
-                                            const scalar_t* __restrict__ rz, scalar_t* __restrict__ rdz) {
+                                            const scalar_t* __restrict__ z, LossTarget<scalar_t> y,
+                                            const scalar_t* __restrict__ rz, scalar_t* __restrict__ rdz,
+                                            LossParam<scalar_t> param = LossParam<scalar_t>(), bool fisher = false) {
+  if (loss == Loss::kGaussian) {
+    gaussian_r_backward(team, K, O, z, y, rz, rdz, param, fisher);
+    return;
+  }
+  const scalar_t* __restrict__ w = y.weights;
   if (loss == Loss::kMse) {
     const int64_t n = K * O;
     const scalar_t scale = scalar_t(2) / static_cast<scalar_t>(n);

@@ -26,7 +26,7 @@ inline void check_mlp_codes(const char* op, int64_t activation, double act_param
               ": activation must be 0 (relu), 1 (leaky_relu), 2 (tanh), 3 (sigmoid), 4 (gelu) or 5 (elu), got ",
               activation);
   TORCH_CHECK_VALUE(std::isfinite(act_param), op, ": act_param must be finite, got ", act_param);
-  TORCH_CHECK_VALUE(loss >= 0 && loss < kNumLosses, op, ": loss must be 0 (mse) or 1 (ce), got ", loss);
+  TORCH_CHECK_VALUE(loss >= 0 && loss < kNumLosses, op, ": loss must be 0 (mse), 1 (ce) or 2 (gaussian), got ", loss);
 }
 
 inline void check_mlp_floating(const char* op, const at::Tensor& t, const char* name) {
@@ -44,13 +44,21 @@ inline void check_same_device_dtype(const char* op, const at::Tensor& t, const s
 
 inline std::string indexed(const char* name, size_t i) { return std::string(name) + "[" + std::to_string(i) + "]"; }
 
-// The layer widths from params = [W_0, b_0, W_1, b_1, ...], each shared (S_i) or, when tasks >= 0, also per task
-// ([tasks, *S_i]); checks the ranks, the chaining of widths and each tensor's dtype and device against ref.
+// The layer widths from params = [W_0, b_0, W_1, b_1, ...] (and, for a loss with a parameter of its own, that
+// parameter last: gaussian's log_std [out]), each shared (S_i) or, when tasks >= 0, also per task ([tasks, *S_i]);
+// checks the ranks, the chaining of widths and each tensor's dtype and device against ref.
 inline MlpCall check_mlp_params(const char* op, at::TensorList params, int64_t tasks, const at::Tensor& ref,
-                                const char* ref_name) {
-  TORCH_CHECK_VALUE(!params.empty() && params.size() % 2 == 0, op,
-              ": params must be [W_1, b_1, ..., W_L, b_L] (an even, nonzero number of tensors), got ", params.size(),
-              " tensors");
+                                const char* ref_name, Loss loss = Loss::kMse) {
+  const bool with_loss_param = loss_has_param(loss);
+  if (with_loss_param) {
+    TORCH_CHECK_VALUE(params.size() >= 3 && params.size() % 2 == 1, op,
+                      ": params must be [W_1, b_1, ..., W_L, b_L, log_std] for loss gaussian (an odd number >= 3 of "
+                      "tensors), got ", params.size(), " tensors");
+  } else {
+    TORCH_CHECK_VALUE(!params.empty() && params.size() % 2 == 0, op,
+                      ": params must be [W_1, b_1, ..., W_L, b_L] (an even, nonzero number of tensors), got ",
+                      params.size(), " tensors");
+  }
   const int64_t layers = static_cast<int64_t>(params.size() / 2);
   TORCH_CHECK_VALUE(layers <= kMlpMaxLayers, op, ": at most ", kMlpMaxLayers, " layers are supported, got ", layers);
   const bool allow_per_task = tasks >= 0;
@@ -61,6 +69,19 @@ inline MlpCall check_mlp_params(const char* op, at::TensorList params, int64_t t
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
     check_same_device_dtype(op, p, indexed("params", i), ref, ref_name);
+    if (with_loss_param && i + 1 == params.size()) {  // log_std: [out] or [T, out], after the layers' widths are known
+      const int64_t out = d.width[layers];
+      const bool per_task = allow_per_task && p.dim() == 2;
+      TORCH_CHECK_VALUE((p.dim() == 1 && p.size(0) == out) || (per_task && p.size(1) == out), op, ": params[", i,
+                        "] (the gaussian loss's log_std) must be [", out, "] (the network's outputs)",
+                        allow_per_task ? " or [T, " + std::to_string(out) + "] (per task)" : std::string(), ", got ",
+                        p.sizes());
+      TORCH_CHECK_VALUE(!per_task || p.size(0) == tasks, op, ": params[", i, "] is per task with ", p.size(0),
+                        " tasks (leading dimension), but ", ref_name, " has T = ", tasks, ", got shape ", p.sizes());
+      call.per_task.push_back(per_task);
+      d.loss_param_numel = out;
+      break;
+    }
     const int64_t l = static_cast<int64_t>(i / 2);
     const bool weight = i % 2 == 0;
     const int64_t rank = weight ? 2 : 1;
@@ -111,14 +132,15 @@ inline void check_mlp_input(const char* op, const at::Tensor& x, const char* nam
 inline void check_mlp_target(const char* op, const at::Tensor& y, const char* name, const at::Tensor& x,
                              const char* x_name, const MlpConfig& c, at::TensorList params) {
   const int64_t out = c.dims.output_width();
-  const auto& last = params[params.size() - 2];
+  const auto& last = params[2 * c.dims.layers - 2];
   TORCH_CHECK_VALUE(y.device() == x.device(), op, ": ", name, " is on ", y.device(), " but ", x_name, " is on ", x.device());
-  if (c.loss == Loss::kMse) {
+  if (c.loss != Loss::kCrossEntropy) {  // real targets: mse's values, gaussian's actions
+    const char* loss = c.loss == Loss::kMse ? "mse" : "gaussian";
     TORCH_CHECK_VALUE(y.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", y.scalar_type(), " but ", x_name,
-                " has dtype ", x.scalar_type(), " (loss mse takes real targets)");
+                " has dtype ", x.scalar_type(), " (loss ", loss, " takes real targets)");
     TORCH_CHECK_VALUE(y.dim() == 3 && y.size(0) == x.size(0) && y.size(1) == x.size(1) && y.size(2) == out, op, ": ", name,
-                " must be [T, K, out] = [", x.size(0), ", ", x.size(1), ", ", out, "] (", x_name, " is ", x.sizes(),
-                ", params[", params.size() - 2, "] is ", last.sizes(), "), got ", y.sizes());
+                " must be [T, K, out] = [", x.size(0), ", ", x.size(1), ", ", out, "] for loss ", loss, " (", x_name,
+                " is ", x.sizes(), ", params[", 2 * c.dims.layers - 2, "] is ", last.sizes(), "), got ", y.sizes());
     return;
   }
   TORCH_CHECK_VALUE(y.scalar_type() == at::kLong, op, ": ", name, " must hold int64 class indices for loss ce, got dtype ",
@@ -130,7 +152,7 @@ inline void check_mlp_target(const char* op, const at::Tensor& y, const char* na
   const int64_t* cls = yc.data_ptr<int64_t>();
   for (int64_t j = 0; j < yc.numel(); ++j) {
     TORCH_CHECK_VALUE(cls[j] >= 0 && cls[j] < out, op, ": ", name, " must hold class indices in [0, ", out, ") (params[",
-                params.size() - 2, "] is ", last.sizes(), "), got ", cls[j], " at ", name, "[", j / y.size(1), ", ",
+                2 * c.dims.layers - 2, "] is ", last.sizes(), "), got ", cls[j], " at ", name, "[", j / y.size(1), ", ",
                 j % y.size(1), "]");
   }
 }
@@ -167,7 +189,7 @@ inline MlpCall check_mlp_loss_grad(const char* op, at::TensorList params, const 
   check_mlp_codes(op, activation, act_param, loss);
   check_mlp_floating(op, x, "x");
   TORCH_CHECK_VALUE(x.dim() == 3, op, ": x must be [T, K, in], got ", x.sizes());
-  MlpCall call = check_mlp_params(op, params, x.size(0), x, "x");
+  MlpCall call = check_mlp_params(op, params, x.size(0), x, "x", static_cast<Loss>(loss));
   call.config.activation = static_cast<Activation>(activation);
   call.config.act_param = act_param;
   call.config.loss = static_cast<Loss>(loss);
@@ -234,7 +256,7 @@ inline MlpMamlCall check_mlp_maml(const char* op, at::TensorList params, const a
   TORCH_CHECK_VALUE(!params.empty(), op, ": params must be [W_1, b_1, ..., W_L, b_L], got an empty list");
   check_mlp_floating(op, params[0], "params[0]");
   MlpMamlCall m;
-  m.call = check_mlp_params(op, params, -1, params[0], "params[0]");
+  m.call = check_mlp_params(op, params, -1, params[0], "params[0]", static_cast<Loss>(loss));
   MlpConfig& c = m.call.config;
   c.activation = static_cast<Activation>(activation);
   c.act_param = act_param;
@@ -264,7 +286,7 @@ inline MlpMamlCall check_mlp_maml(const char* op, at::TensorList params, const a
   // The data, as the kernel is about to read it (a CPU loop, cheaper than a separate pass from Python).
   check_finite_on_cpu(op, xs, "xs");
   check_finite_on_cpu(op, xq, "xq");
-  if (c.loss == Loss::kMse) {
+  if (c.loss != Loss::kCrossEntropy) {
     check_finite_on_cpu(op, ys, "ys");
     check_finite_on_cpu(op, yq, "yq");
   }

@@ -19,8 +19,8 @@ namespace mamlext {
 // The inner-loop learning rates of mlp_maml, per parameter: lr[p] is [N] (one rate per step) or [N, numel_p].
 template <typename scalar_t>
 struct MamlLrs {
-  const scalar_t* lr[2 * kMlpMaxLayers] = {};
-  bool per_element[2 * kMlpMaxLayers] = {};
+  const scalar_t* lr[kMlpMaxParams] = {};
+  bool per_element[kMlpMaxParams] = {};
 };
 
 // One task's MAML workspace in one buffer of mlp_maml_scratch_numel elements. The arrays' places are computed on
@@ -200,7 +200,7 @@ C10_HOST_DEVICE inline scalar_t mlp_maml_task(const Team& team, const MlpConfig&
       const MlpForwardWeights<scalar_t> direction_t =
           transpose_weights(team, d, as_const(direction), s.transposed() + (steps + 1) * Pt);
       MlpActivations<scalar_t> support = support_activations(d, s, k);
-      mlp_hessian_vector(team, c, support_rows, xs, ys.weights, theta_k, theta_t(k), as_const(direction),
+      mlp_hessian_vector(team, c, support_rows, xs, ys, theta_k, theta_t(k), as_const(direction),
                          direction_t, support, hv);
       for (int i = 0; i < num_params; ++i) axpy(team, d.param_numel(i), scalar_t(-1), hv.ptr(i), v.ptr(i));
       team.sync();

@@ -34,22 +34,27 @@
 namespace mamlext {
 
 constexpr int kMlpMaxLayers = 16;
+// The parameter tensors: each layer's weight and bias, and the loss's own (gaussian's log_std) after them.
+constexpr int kMlpMaxParams = 2 * kMlpMaxLayers + 1;
 
 // The layer widths, and where each layer's values are in the buffers that hold them all (set_offsets computes
 // these tables from the widths, once per call, so that the per-task passes look them up).
 struct MlpDims {
   int layers = 0;
   int64_t width[kMlpMaxLayers + 1] = {};
-  int64_t param_offsets[2 * kMlpMaxLayers + 1] = {};
+  int64_t loss_param_numel = 0;  // the loss's own parameter's elements (gaussian: log_std [out]); 0: none
+  int64_t param_offsets[kMlpMaxParams + 1] = {};
   int64_t output_offsets[kMlpMaxLayers + 1] = {};
   int64_t transposed_offsets[kMlpMaxLayers + 1] = {};
 
-  C10_HOST_DEVICE int num_params() const { return 2 * layers; }
+  C10_HOST_DEVICE bool has_loss_param() const { return loss_param_numel > 0; }
+  C10_HOST_DEVICE int num_params() const { return 2 * layers + (has_loss_param() ? 1 : 0); }
   C10_HOST_DEVICE int64_t in(int l) const { return width[l]; }
   C10_HOST_DEVICE int64_t out(int l) const { return width[l + 1]; }
   C10_HOST_DEVICE int64_t output_width() const { return width[layers]; }
-  // Elements of params[p]: p = 2l is layer l's weight [out, in], p = 2l + 1 its bias [out].
+  // Elements of params[p]: p = 2l is layer l's weight [out, in], p = 2l + 1 its bias [out], p = 2L the loss's.
   C10_HOST_DEVICE int64_t param_numel(int p) const {
+    if (p == 2 * layers) return loss_param_numel;
     return p % 2 == 0 ? width[p / 2 + 1] * width[p / 2] : width[p / 2 + 1];
   }
   // After the widths are set.
@@ -111,6 +116,10 @@ struct MlpParams {
   }
   C10_HOST_DEVICE ptr_t weight(int l) const { return ptr(2 * l); }
   C10_HOST_DEVICE ptr_t bias(int l) const { return ptr(2 * l + 1); }
+  // The loss's own parameter (gaussian's log_std) of a network of d's layers; null for a loss without one.
+  C10_HOST_DEVICE ptr_t loss_param(const MlpDims& d) const {
+    return d.has_loss_param() ? ptr(2 * d.layers) : nullptr;
+  }
 };
 
 // Views the flat buffer base [d.total_param_numel()] as parameter tensors; d must outlive the view.
@@ -383,7 +392,11 @@ C10_HOST_DEVICE inline scalar_t mlp_loss_and_grad(const Team& team, const MlpCon
                                                   const MlpParams<scalar_t*>* grads) {
   const int last = c.dims.layers - 1;
   mlp_forward(team, c, K, x, p, pt, a);
-  const scalar_t loss = loss_forward_backward(team, c.loss, K, c.dims.output_width(), a.z(last), y, a.dz(last));
+  LossParam<scalar_t> param;
+  param.value = p.loss_param(c.dims);
+  if (grads != nullptr) param.out = grads->loss_param(c.dims);
+  const scalar_t loss =
+      loss_forward_backward(team, c.loss, K, c.dims.output_width(), a.z(last), y, a.dz(last), param);
   team.sync();
   mlp_backward(team, c, K, x, p, a, grads);
   return loss;
@@ -391,18 +404,23 @@ C10_HOST_DEVICE inline scalar_t mlp_loss_and_grad(const Team& team, const MlpCon
 
 // hv = H v, H the Hessian of the task's loss at p, after mlp_loss_and_grad at the same p, x, y filled a; with
 // gauss_newton, the Gauss-Newton product J^T H_loss J v instead (J the output's Jacobian: H without the terms of the
-// network's own curvature): the R-forward pass, then the loss's Hessian, then a plain backward pass of R{dL/dz}.
-// row_weights: y's (null: all 1). pt, vt: the forward weights of p and v.
+// network's own curvature; for gaussian H_loss is the Fisher's, common/losses.h): the R-forward pass, then the
+// loss's Hessian, then a plain backward pass of R{dL/dz}. pt, vt: the forward weights of p and v.
 template <typename Team, typename scalar_t>
 C10_HOST_DEVICE inline void mlp_hessian_vector(const Team& team, const MlpConfig& c, int64_t K, const scalar_t* x,
-                                               const scalar_t* row_weights, const MlpParams<const scalar_t*>& p,
+                                               LossTarget<scalar_t> y, const MlpParams<const scalar_t*>& p,
                                                const MlpForwardWeights<scalar_t>& pt,
                                                const MlpParams<const scalar_t*>& v, const MlpForwardWeights<scalar_t>& vt,
                                                const MlpActivations<scalar_t>& a, const MlpParams<scalar_t*>& hv,
                                                bool gauss_newton = false) {
   const int last = c.dims.layers - 1;
   mlp_r_forward(team, c, K, x, pt, v, vt, a);
-  loss_r_backward(team, c.loss, K, c.dims.output_width(), a.z(last), row_weights, a.rz(last), a.rdz(last));
+  LossParam<scalar_t> param;
+  param.value = p.loss_param(c.dims);
+  param.direction = v.loss_param(c.dims);
+  param.out = hv.loss_param(c.dims);
+  loss_r_backward(team, c.loss, K, c.dims.output_width(), a.z(last), y, a.rz(last), a.rdz(last), param,
+                  gauss_newton);
   team.sync();
   if (!gauss_newton) {
     mlp_r_backward(team, c, K, x, p, v, a, hv);

@@ -23,8 +23,8 @@ namespace mamlext {
 // that task t's MlpParams views read (it must outlive them; in a kernel, the kernel's arguments hold it).
 template <typename ptr_t>
 struct TaskBatched {
-  ptr_t ptr[2 * kMlpMaxLayers] = {};
-  int64_t stride[2 * kMlpMaxLayers] = {};
+  ptr_t ptr[kMlpMaxParams] = {};
+  int64_t stride[kMlpMaxParams] = {};
 
   C10_HOST_DEVICE MlpParams<ptr_t> at(int64_t t) const { return MlpParams<ptr_t>(ptr, stride, t); }
 };
@@ -36,17 +36,18 @@ TaskTargets<scalar_t> task_targets(const at::Tensor& y, Loss loss, const at::Ten
   TaskTargets<scalar_t> targets;
   targets.stride = y.size(0) == 0 ? 0 : y.numel() / y.size(0);
   targets.rows = y.dim() >= 2 ? y.size(1) : 0;
-  if (loss == Loss::kMse) {
-    targets.values = y.data_ptr<scalar_t>();
-  } else {
+  if (loss == Loss::kCrossEntropy) {
     targets.classes = y.data_ptr<int64_t>();
+  } else {
+    targets.values = y.data_ptr<scalar_t>();
   }
   if (weights.defined()) targets.weights = weights.data_ptr<scalar_t>();
   return targets;
 }
 
-// The widths of the network in params (shared [out, in] or per task [T, out, in] weights), for choosing a kernel
-// before the ops' own checks, which run on every kernel: reads only shapes that exist.
+// The widths of the network in params (shared [out, in] or per task [T, out, in] weights, the loss's parameter
+// last when their number is odd), for choosing a kernel before the ops' own checks, which run on every kernel: reads
+// only shapes that exist.
 inline MlpDims peek_mlp_dims(at::TensorList params) {
   MlpDims d;
   const int64_t layers = std::min<int64_t>(static_cast<int64_t>(params.size() / 2), kMlpMaxLayers);
@@ -57,6 +58,7 @@ inline MlpDims peek_mlp_dims(at::TensorList params) {
     d.width[l] = W.size(-1);
     d.width[l + 1] = W.size(-2);
   }
+  if (params.size() % 2 == 1) d.loss_param_numel = d.width[layers];  // gaussian's log_std, last
   d.set_offsets();
   return d;
 }
@@ -209,7 +211,7 @@ C10_HOST_DEVICE inline void loss_grad_tasks(const Team& team, const LossGradArgs
         transpose_weights(team, c.dims, v_t, transposed + mlp_transposed_numel(c.dims));
     mlp_loss_and_grad(team, c, g.rows, x_t, g.y.at(t), theta_t, theta_fw, a,
                       static_cast<const MlpParams<scalar_t*>*>(nullptr));
-    mlp_hessian_vector(team, c, g.rows, x_t, g.y.at(t).weights, theta_t, theta_fw, v_t, v_fw, a, g.out.at(t),
+    mlp_hessian_vector(team, c, g.rows, x_t, g.y.at(t), theta_t, theta_fw, v_t, v_fw, a, g.out.at(t),
                        g.gauss_newton);
   }
 }

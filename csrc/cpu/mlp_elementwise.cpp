@@ -64,24 +64,24 @@ void activation_r_backward(Activation act, scalar_t param, int64_t n, const scal
 
 template <typename scalar_t>
 void loss_forward_backward(Loss loss, int64_t tasks, int64_t K, int64_t O, const scalar_t* z,
-                           TaskTargets<scalar_t> y, scalar_t* losses, scalar_t* dz) {
+                           TaskTargets<scalar_t> y, TaskLossParams<scalar_t> param, scalar_t* losses, scalar_t* dz) {
   const int64_t n = K * O;
   at::parallel_for(0, tasks, task_grain(n), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       losses[t] = ::mamlext::loss_forward_backward(SerialTeam(), loss, K, O, z + t * n, y.at(t),
-                                                   dz == nullptr ? dz : dz + t * n);
+                                                   dz == nullptr ? dz : dz + t * n, param.at(t));
     }
   });
 }
 
 template <typename scalar_t>
-void loss_r_backward(Loss loss, int64_t tasks, int64_t K, int64_t O, const scalar_t* z, const scalar_t* weights,
-                     const scalar_t* rz, scalar_t* rdz) {
+void loss_r_backward(Loss loss, int64_t tasks, int64_t K, int64_t O, const scalar_t* z, TaskTargets<scalar_t> y,
+                     TaskLossParams<scalar_t> param, bool fisher, const scalar_t* rz, scalar_t* rdz) {
   const int64_t n = K * O;
   at::parallel_for(0, tasks, task_grain(n), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      ::mamlext::loss_r_backward(SerialTeam(), loss, K, O, z + t * n, weights == nullptr ? weights : weights + t * K,
-                                 rz + t * n, rdz + t * n);
+      ::mamlext::loss_r_backward(SerialTeam(), loss, K, O, z + t * n, y.at(t), rz + t * n, rdz + t * n, param.at(t),
+                                 fisher);
     }
   });
 }

@@ -57,7 +57,8 @@ __global__ void activation_r_backward_kernel(Activation act, scalar_t param, int
 
 template <typename scalar_t>
 __global__ void loss_forward_backward_kernel(Loss loss, int64_t tasks, int64_t K, int64_t O, const scalar_t* z,
-                                             TaskTargets<scalar_t> y, scalar_t* losses, scalar_t* dz) {
+                                             TaskTargets<scalar_t> y, TaskLossParams<scalar_t> param,
+                                             scalar_t* losses, scalar_t* dz) {
   const int64_t n = K * O;
   for (int64_t t = global_thread(); t < tasks; t += grid_threads()) {
     const LossTarget<scalar_t> target = y.at(t);
@@ -65,17 +66,18 @@ __global__ void loss_forward_backward_kernel(Loss loss, int64_t tasks, int64_t K
       for (int64_t k = 0; k < K; ++k) CUDA_KERNEL_ASSERT(target.classes[k] >= 0 && target.classes[k] < O);
     }
     losses[t] = ::mamlext::loss_forward_backward(SerialTeam(), loss, K, O, z + t * n, target,
-                                                 dz == nullptr ? dz : dz + t * n);
+                                                 dz == nullptr ? dz : dz + t * n, param.at(t));
   }
 }
 
 template <typename scalar_t>
 __global__ void loss_r_backward_kernel(Loss loss, int64_t tasks, int64_t K, int64_t O, const scalar_t* z,
-                                       const scalar_t* weights, const scalar_t* rz, scalar_t* rdz) {
+                                       TaskTargets<scalar_t> y, TaskLossParams<scalar_t> param, bool fisher,
+                                       const scalar_t* rz, scalar_t* rdz) {
   const int64_t n = K * O;
   for (int64_t t = global_thread(); t < tasks; t += grid_threads()) {
-    ::mamlext::loss_r_backward(SerialTeam(), loss, K, O, z + t * n, weights == nullptr ? weights : weights + t * K,
-                               rz + t * n, rdz + t * n);
+    ::mamlext::loss_r_backward(SerialTeam(), loss, K, O, z + t * n, y.at(t), rz + t * n, rdz + t * n, param.at(t),
+                               fisher);
   }
 }
 
@@ -121,21 +123,21 @@ void activation_r_backward(Activation act, scalar_t param, int64_t n, const scal
 
 template <typename scalar_t>
 void loss_forward_backward(Loss loss, int64_t tasks, int64_t K, int64_t O, const scalar_t* z,
-                           TaskTargets<scalar_t> y, scalar_t* losses, scalar_t* dz) {
+                           TaskTargets<scalar_t> y, TaskLossParams<scalar_t> param, scalar_t* losses, scalar_t* dz) {
   if (tasks == 0) return;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   loss_forward_backward_kernel<scalar_t><<<blocks_for(tasks, kTaskThreads), kTaskThreads, 0, stream>>>(
-      loss, tasks, K, O, z, y, losses, dz);
+      loss, tasks, K, O, z, y, param, losses, dz);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t>
-void loss_r_backward(Loss loss, int64_t tasks, int64_t K, int64_t O, const scalar_t* z, const scalar_t* weights,
-                     const scalar_t* rz, scalar_t* rdz) {
+void loss_r_backward(Loss loss, int64_t tasks, int64_t K, int64_t O, const scalar_t* z, TaskTargets<scalar_t> y,
+                     TaskLossParams<scalar_t> param, bool fisher, const scalar_t* rz, scalar_t* rdz) {
   if (tasks == 0) return;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   loss_r_backward_kernel<scalar_t><<<blocks_for(tasks, kTaskThreads), kTaskThreads, 0, stream>>>(
-      loss, tasks, K, O, z, weights, rz, rdz);
+      loss, tasks, K, O, z, y, param, fisher, rz, rdz);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -63,11 +63,11 @@ class LayerwiseMlp {
                 "mamlext: the layerwise MLP ops run on CPU and CUDA tensors, got ", like.device());
   }
 
-  // Per-layer values of one pass over [T, K, *] rows (see common/mlp_passes.h MlpActivations), and the rows'
-  // weights [T, K] of its loss (undefined: all 1).
+  // Per-layer values of one pass over [T, K, *] rows (see common/mlp_passes.h MlpActivations), and its loss's
+  // targets and rows' weights [T, K] (undefined: all 1).
   struct Pass {
     std::vector<at::Tensor> z, h, dz, dh, rz, rh;
-    at::Tensor weights;
+    at::Tensor y, weights;
   };
 
   // Forward: z_l = h_{l-1} W_l^T + b_l, h_l = f(z_l).
@@ -85,15 +85,20 @@ class LayerwiseMlp {
   }
 
   // The loss of the network's output against y with the rows' weights ([T] per task) and the backward pass: fills
-  // a.dz and a.dh and, when grads is not null, the per-task parameter gradients [T, *S_i]. weights: [T, K],
-  // contiguous, or undefined.
+  // a.dz and a.dh and, when grads is not null, the per-task parameter gradients [T, *S_i] (the loss parameter's
+  // included). weights: [T, K], contiguous, or undefined.
   at::Tensor loss_backward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& weights,
                            const std::vector<at::Tensor>& p, Pass& a, std::vector<at::Tensor>* grads) const {
     const int L = c_.dims.layers;
     at::Tensor losses = at::empty({tasks_}, a.z[L - 1].options());
+    a.y = y;
     a.weights = weights;
-    a.dz[L - 1] = loss_forward_backward(a.z[L - 1], y, weights, losses);
-    if (grads != nullptr) grads->resize(2 * L);
+    at::Tensor loss_param_grad;
+    if (grads != nullptr) {
+      grads->resize(c_.dims.num_params());
+      if (c_.dims.has_loss_param()) loss_param_grad = loss_param_output((*grads)[2 * L], losses.options());
+    }
+    a.dz[L - 1] = loss_forward_backward(a.z[L - 1], a, p, loss_param_grad, losses);
     for (int l = L - 1; l >= 0; --l) {
       const at::Tensor& in = l == 0 ? x : a.h[l - 1];
       if (grads != nullptr) param_grad(a.dz[l], in, (*grads)[2 * l], (*grads)[2 * l + 1]);
@@ -118,8 +123,10 @@ class LayerwiseMlp {
       if (l > 0) linear_add(a.rz[l], a.rh[l - 1], p[2 * l]);            // + Rh W^T
       if (l + 1 < L) a.rh[l] = activation_backward(a.z[l], a.h[l], a.rz[l]);
     }
-    at::Tensor rdz = loss_r_backward(a.z[L - 1], a.weights, a.rz[L - 1]);
-    hv.resize(2 * L);
+    hv.resize(c_.dims.num_params());
+    const at::Tensor param_hv =
+        c_.dims.has_loss_param() ? loss_param_output(hv[2 * L], a.z[L - 1].options()) : at::Tensor();
+    at::Tensor rdz = loss_r_backward(a, p, v, param_hv, gauss_newton);
     for (int l = L - 1; l >= 0; --l) {
       const at::Tensor& in = l == 0 ? x : a.h[l - 1];
       param_grad(rdz, in, hv[2 * l], hv[2 * l + 1]);  // Rdz^T h, sum_k Rdz
@@ -244,25 +251,55 @@ class LayerwiseMlp {
     });
   }
 
-  // Per task losses into `losses`; returns dL/dz.
-  at::Tensor loss_forward_backward(const at::Tensor& z, const at::Tensor& y, const at::Tensor& weights,
-                                   at::Tensor& losses) const {
+  // The loss parameter's output [T, out] (its gradient or its part of H v): `out` when defined (a reused buffer),
+  // else a new tensor stored there.
+  at::Tensor loss_param_output(at::Tensor& out, const at::TensorOptions& options) const {
+    if (!out.defined()) out = at::empty({tasks_, c_.dims.loss_param_numel}, options);
+    return out;
+  }
+
+  // The loss parameters of p (and v) as the element-wise kernels read them, derivatives into out (or nowhere).
+  template <typename scalar_t>
+  TaskLossParams<scalar_t> loss_params(const std::vector<at::Tensor>& p, const std::vector<at::Tensor>* v,
+                                       const at::Tensor& out) const {
+    TaskLossParams<scalar_t> params;
+    if (!c_.dims.has_loss_param()) return params;
+    const at::Tensor& value = p[2 * c_.dims.layers];
+    params.value = value.data_ptr<scalar_t>();
+    params.value_stride = value.dim() == 2 ? c_.dims.loss_param_numel : 0;
+    params.stride = c_.dims.loss_param_numel;
+    if (v != nullptr) params.direction = (*v)[2 * c_.dims.layers].data_ptr<scalar_t>();
+    if (out.defined()) params.out = out.data_ptr<scalar_t>();
+    return params;
+  }
+
+  // Per task losses of z against a's targets into `losses` (and the loss parameter's gradient into param_grad when
+  // defined); returns dL/dz.
+  at::Tensor loss_forward_backward(const at::Tensor& z, const Pass& a, const std::vector<at::Tensor>& p,
+                                   const at::Tensor& param_grad, at::Tensor& losses) const {
     at::Tensor dz = at::empty_like(z);
     const int64_t K = z.size(1), O = z.size(2);
     AT_DISPATCH_FLOATING_TYPES(dtype_, "mlp_layerwise_loss", [&] {
-      MAMLEXT_ELEMENTWISE(cuda_, loss_forward_backward<scalar_t>(c_.loss, tasks_, K, O, z.data_ptr<scalar_t>(),
-                                                                 task_targets<scalar_t>(y, c_.loss, weights),
-                                                                 losses.data_ptr<scalar_t>(), dz.data_ptr<scalar_t>()));
+      MAMLEXT_ELEMENTWISE(cuda_, loss_forward_backward<scalar_t>(
+                                     c_.loss, tasks_, K, O, z.data_ptr<scalar_t>(),
+                                     task_targets<scalar_t>(a.y, c_.loss, a.weights),
+                                     loss_params<scalar_t>(p, nullptr, param_grad), losses.data_ptr<scalar_t>(),
+                                     dz.data_ptr<scalar_t>()));
     });
     return dz;
   }
 
-  at::Tensor loss_r_backward(const at::Tensor& z, const at::Tensor& weights, const at::Tensor& rz) const {
+  // R{dL/dz} of a's loss along a.rz (and the loss parameter's part of H v into param_hv when defined).
+  at::Tensor loss_r_backward(const Pass& a, const std::vector<at::Tensor>& p, const std::vector<at::Tensor>& v,
+                             const at::Tensor& param_hv, bool fisher) const {
+    const at::Tensor& z = a.z[c_.dims.layers - 1];
+    const at::Tensor& rz = a.rz[c_.dims.layers - 1];
     at::Tensor rdz = at::empty_like(z);
     const int64_t K = z.size(1), O = z.size(2);
     AT_DISPATCH_FLOATING_TYPES(dtype_, "mlp_layerwise_loss_r", [&] {
-      const scalar_t* w = weights.defined() ? weights.data_ptr<scalar_t>() : nullptr;
-      MAMLEXT_ELEMENTWISE(cuda_, loss_r_backward<scalar_t>(c_.loss, tasks_, K, O, z.data_ptr<scalar_t>(), w,
+      MAMLEXT_ELEMENTWISE(cuda_, loss_r_backward<scalar_t>(c_.loss, tasks_, K, O, z.data_ptr<scalar_t>(),
+                                                           task_targets<scalar_t>(a.y, c_.loss, a.weights),
+                                                           loss_params<scalar_t>(p, &v, param_hv), fisher,
                                                            rz.data_ptr<scalar_t>(), rdz.data_ptr<scalar_t>()));
     });
     return rdz;

@@ -100,8 +100,10 @@ struct MamlUpdateArgs {
 //   activation_forward:    h = f(z)
 //   activation_backward:   out = f'(z) * in                             (backward and R-forward passes)
 //   activation_r_backward: rdz = f'(z) * rdz + f''(z) * dh * rz, in place (R-backward pass)
-//   loss_forward_backward: per task t of z [T, K, O]: losses[t] = L_t, dz = dL_t/dz (dz may be null)
-//   loss_r_backward:       per task: rdz = H_loss rz, with the rows' weights [T, K] (null: all 1)
+//   loss_forward_backward: per task t of z [T, K, O]: losses[t] = L_t, dz = dL_t/dz (dz may be null) and the loss
+//                          parameter's gradient into param.out (when not null)
+//   loss_r_backward:       per task: rdz = H_loss rz (fisher: its expectation over y), with y's rows' weights, and
+//                          the loss parameter's part into param.out (common/losses.h loss_r_backward)
 //   maml_update:           see MamlUpdateArgs
 // CPU: cpu/mlp_elementwise.cpp.
 namespace cpu_elementwise {
@@ -115,10 +117,10 @@ void activation_r_backward(Activation act, scalar_t param, int64_t n, const scal
                            const scalar_t* dh, const scalar_t* rz, scalar_t* rdz);
 template <typename scalar_t>
 void loss_forward_backward(Loss loss, int64_t tasks, int64_t K, int64_t O, const scalar_t* z,
-                           TaskTargets<scalar_t> y, scalar_t* losses, scalar_t* dz);
+                           TaskTargets<scalar_t> y, TaskLossParams<scalar_t> param, scalar_t* losses, scalar_t* dz);
 template <typename scalar_t>
-void loss_r_backward(Loss loss, int64_t tasks, int64_t K, int64_t O, const scalar_t* z, const scalar_t* weights,
-                     const scalar_t* rz, scalar_t* rdz);
+void loss_r_backward(Loss loss, int64_t tasks, int64_t K, int64_t O, const scalar_t* z, TaskTargets<scalar_t> y,
+                     TaskLossParams<scalar_t> param, bool fisher, const scalar_t* rz, scalar_t* rdz);
 template <typename scalar_t>
 void maml_update(const MamlUpdateArgs<scalar_t>& args);
 }  // namespace cpu_elementwise
@@ -136,10 +138,10 @@ void activation_r_backward(Activation act, scalar_t param, int64_t n, const scal
                            const scalar_t* dh, const scalar_t* rz, scalar_t* rdz);
 template <typename scalar_t>
 void loss_forward_backward(Loss loss, int64_t tasks, int64_t K, int64_t O, const scalar_t* z,
-                           TaskTargets<scalar_t> y, scalar_t* losses, scalar_t* dz);
+                           TaskTargets<scalar_t> y, TaskLossParams<scalar_t> param, scalar_t* losses, scalar_t* dz);
 template <typename scalar_t>
-void loss_r_backward(Loss loss, int64_t tasks, int64_t K, int64_t O, const scalar_t* z, const scalar_t* weights,
-                     const scalar_t* rz, scalar_t* rdz);
+void loss_r_backward(Loss loss, int64_t tasks, int64_t K, int64_t O, const scalar_t* z, TaskTargets<scalar_t> y,
+                     TaskLossParams<scalar_t> param, bool fisher, const scalar_t* rz, scalar_t* rdz);
 template <typename scalar_t>
 void maml_update(const MamlUpdateArgs<scalar_t>& args);
 }  // namespace cuda_elementwise
@@ -153,9 +155,10 @@ void maml_update(const MamlUpdateArgs<scalar_t>& args);
   template void activation_r_backward<scalar_t>(Activation, scalar_t, int64_t, const scalar_t*, const scalar_t*,     \
                                                 const scalar_t*, const scalar_t*, scalar_t*);                        \
   template void loss_forward_backward<scalar_t>(Loss, int64_t, int64_t, int64_t, const scalar_t*,                    \
-                                                TaskTargets<scalar_t>, scalar_t*, scalar_t*);                        \
-  template void loss_r_backward<scalar_t>(Loss, int64_t, int64_t, int64_t, const scalar_t*, const scalar_t*,         \
-                                          const scalar_t*, scalar_t*);                                               \
+                                                TaskTargets<scalar_t>, TaskLossParams<scalar_t>, scalar_t*,          \
+                                                scalar_t*);                                                          \
+  template void loss_r_backward<scalar_t>(Loss, int64_t, int64_t, int64_t, const scalar_t*, TaskTargets<scalar_t>,   \
+                                          TaskLossParams<scalar_t>, bool, const scalar_t*, scalar_t*);               \
   template void maml_update<scalar_t>(const MamlUpdateArgs<scalar_t>&);
 
 }  // namespace mamlext

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from mamlext import ops
-from mamlext._mlp_codes import LOSSES
+from mamlext._mlp_codes import OUTPUT_LOSSES
 from mamlext.batched import TaskBatchedAlgorithm
 from mamlext.rates import InnerRates
 
@@ -81,8 +81,8 @@ class iMAML(TaskBatchedAlgorithm):  # noqa: N801  (the algorithm's name)
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"iMAML: model must be an nn.Module, got {type(model).__name__}")
-        if loss not in LOSSES:
-            raise ValueError(f"iMAML: loss must be one of {list(LOSSES)}, got {loss!r}")
+        if loss not in OUTPUT_LOSSES:
+            raise ValueError(f"iMAML: loss must be one of {list(OUTPUT_LOSSES)}, got {loss!r}")
         self.inner_steps = _check_positive_int("inner_steps", inner_steps)
         self.cg_steps = _check_positive_int("cg_steps", cg_steps)
         inner_lr = _check_positive_float("inner_lr", inner_lr)
