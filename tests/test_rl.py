@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from conftest import DEVICES
 from mamlext.rl.advantages import advantages, discounted_returns, gae, linear_baseline, normalize
 from mamlext.rl.envs import Navigation2D
-from mamlext.rl.passes import PolicyPasses
+from mamlext.rl.passes import PolicyPasses, policy_gradient
 from mamlext.rl.policy import CategoricalMLPPolicy, GaussianMLPPolicy, PolicySpec
 from mamlext.rl.sampling import Episodes, check_policy_fits, sample_episodes
 from mamlext.rl.trpo import MAMLTRPO, TaskData, conjugate_gradient
@@ -176,6 +176,34 @@ def test_policy_passes_against_autograd(dist, act, params_mode, reduce):
                                 oracle_dist(spec, at_task(params, t, per_task), x[t])) for t in range(T)])
     assert kl.min() > 0
     assert_rel([passes.kl_from(old)], [kl], 1e-10, "kl_from")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("params_mode", ["shared", "per_task"])
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("dist", DISTS)
+def test_policy_gradient_on_the_fused_op(dist, act, params_mode, device):
+    """policy_gradient (the fused MLP op, loss "gaussian" or "ce") is loss_grad's gradient and the autograd oracle's,
+    padding rows included; it refuses what check_samples refuses."""
+    T, K = 3, 7
+    g = gen(11)
+    spec = make_spec(dist, act)
+    per_task = params_mode == "per_task"
+    params = random_params(spec, g, T if per_task else None)
+    x = torch.randn(T, K, 3, generator=g, dtype=F64)
+    a = random_actions(spec, g, T, K)
+    w = torch.randn(T, K, generator=g, dtype=F64)
+    w[0, -2:] = 0.0
+    fused = policy_gradient(spec, [p.to(device) for p in params], x.to(device), a.to(device), w.to(device))
+    assert_rel([f.cpu() for f in fused], PolicyPasses(spec, params, x).loss_grad(a, w)[1], 1e-12, "loss_grad")
+    for t in range(T):
+        theta = [p.clone().requires_grad_() for p in at_task(params, t, per_task)]
+        loss = -(w[t] * oracle_log_prob(spec, oracle_dist(spec, theta, x[t]), a[t])).sum()
+        assert_rel([f[t].cpu() for f in fused], torch.autograd.grad(loss, theta), 1e-12, f"oracle task {t}")
+    with pytest.raises(ValueError, match="weights"):
+        policy_gradient(spec, params, x, a, w[:, 1:])
+    with pytest.raises(ValueError, match="actions"):
+        policy_gradient(spec, params, x, a[:, 1:], w)
 
 
 def test_hvp_before_loss_grad_refused():

@@ -29,6 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from mamlext import ops
 from mamlext.rl.policy import PolicySpec
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -131,6 +132,21 @@ def check_samples(spec: PolicySpec, observations: Tensor, actions: Optional[Tens
         if tensor is not None and tensor.device != observations.device:
             raise ValueError(f"{prefix}{name}: expected on {observations.device} (the observations' device), got "
                              f"{tensor.device}")
+
+
+def policy_gradient(spec: PolicySpec, params: Sequence[Tensor], observations: Tensor, actions: Tensor,
+                    weights: Tensor) -> List[Tensor]:
+    """dL_t/dparams per task [T, *shape] of L_t = -sum_k w_tk log pi(a_tk | x_tk) (PolicyPasses.loss_grad's loss) on
+    the fused MLP op (mamlext.ops.mlp_loss_grad, loss "gaussian" or "ce": one pass per task over its samples, no
+    [T, K, width] temporaries). The op averages over the K samples, so it is given the weights times K. For a gradient
+    that no product at the same parameters follows (an adaptation, the line search's candidates): PolicyPasses keeps
+    the passes that its products reuse."""
+    check_samples(spec, observations, actions, weights)
+    check_params(spec, params, observations.shape[0], observations)
+    loss = "gaussian" if spec.distribution == "gaussian" else "ce"
+    _, grads = ops.mlp_loss_grad(list(params), observations, actions, spec.activation, loss=loss,
+                                 weights=weights * observations.shape[1])
+    return grads
 
 
 class PolicyPasses:

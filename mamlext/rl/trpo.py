@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from mamlext.rl.passes import PolicyPasses, check_samples
+from mamlext.rl.passes import PolicyPasses, check_samples, policy_gradient
 from mamlext.rl.policy import CategoricalMLPPolicy, GaussianMLPPolicy
 from mamlext.rl.sampling import Episodes
 
@@ -158,7 +158,7 @@ class MAMLTRPO(nn.Module):
 
     def _adapted(self, support: TaskData, params: List[Tensor], rates: Sequence) -> List[Tensor]:
         """adapt on a support set already checked (the line search's candidates: one check per meta-update)."""
-        _, grads = PolicyPasses(self.spec, params, support.observations).loss_grad(support.actions, support.weights)
+        grads = policy_gradient(self.spec, params, support.observations, support.actions, support.weights)
         return [p - lr * g for p, lr, g in zip(params, rates, grads)]
 
     def products(self, support: TaskData, query: TaskData,
