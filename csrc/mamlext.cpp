@@ -40,6 +40,13 @@ TORCH_LIBRARY(mamlext, m) {
         "Tensor step_weights, bool first_order, int activation, float act_param, int loss, str path, "
         "int team_threads=0, Tensor? support_weights=None, Tensor? query_weights=None) -> (Tensor, Tensor[], "
         "Tensor[])");
+  // mlp_loss_grad that also returns each task's passes [T, 4 K W] (z, h, dz, dh), and mlp_hvp that reads them
+  // (_mlp_passes' at the same params, x, y, weights) instead of recomputing them; CPU only, for mamlext.rl's
+  // conjugate gradient (mamlext.rl.passes.FusedPolicyPasses holds them with what they were computed from).
+  m.def("_mlp_passes(Tensor[] params, Tensor x, Tensor y, int activation, float act_param, int loss, "
+        "Tensor? weights=None) -> (Tensor, Tensor[], Tensor)");
+  m.def("_mlp_hvp_from_passes(Tensor[] params, Tensor[] vectors, Tensor x, Tensor y, Tensor passes, int activation, "
+        "float act_param, int loss, Tensor? weights=None, bool gauss_newton=False) -> Tensor[]");
   // One step of MAML's reverse recursion for any model: v_next = v - hv (per task, or summed over tasks) and,
   // when grads (the support gradients) are given, the rate gradient lr_grads = -sum_t grads_t * v_t.
   m.def("maml_reverse_step(Tensor[] v, Tensor[] hv, Tensor[] grads, bool sum_tasks) -> (Tensor[], Tensor[])");
@@ -96,7 +103,8 @@ TORCH_LIBRARY_IMPL(mamlext, CompositeExplicitAutograd, m) {
 
 TORCH_LIBRARY_IMPL(mamlext, FuncTorchBatched, m) {
   for (const char* name : {"task_sgd", "task_sgd.tensor_lr", "mlp_loss_grad", "mlp_hvp", "mlp_maml",
-                           "_mlp_loss_grad_path", "_mlp_hvp_path", "_mlp_maml_path", "maml_reverse_step",
+                           "_mlp_loss_grad_path", "_mlp_hvp_path", "_mlp_maml_path", "_mlp_passes",
+                           "_mlp_hvp_from_passes", "maml_reverse_step",
                            "mlp_forward", "mlp_backward", "mlp_backward_backward", "clone_tensors", "sgd_update"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&no_vmap_kernel>());
   }

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from conftest import DEVICES
 from mamlext.rl.advantages import advantages, discounted_returns, gae, linear_baseline, normalize
 from mamlext.rl.envs import Navigation2D
-from mamlext.rl.passes import PolicyPasses, policy_gradient
+from mamlext.rl.passes import FusedPolicyPasses, PolicyPasses, fused_products_available, policy_gradient
 from mamlext.rl.policy import CategoricalMLPPolicy, GaussianMLPPolicy, PolicySpec
 from mamlext.rl.sampling import Episodes, check_policy_fits, sample_episodes
 from mamlext.rl.trpo import MAMLTRPO, TaskData, conjugate_gradient
@@ -22,6 +22,12 @@ from mamlext.rl.trpo import MAMLTRPO, TaskData, conjugate_gradient
 F64 = torch.float64
 DISTS = ["gaussian", "categorical"]
 ACTS = ["relu", "tanh"]
+# The passes behind MAML-TRPO's products: PolicyPasses (batched GEMMs) and FusedPolicyPasses (the fused MLP kernels,
+# which need the compiled extension).
+needs_fused = pytest.mark.skipif(not fused_products_available(torch.zeros(1, dtype=F64)),
+                                 reason="the compiled extension is not built")
+PASSES = {"bmm": PolicyPasses, "fused": FusedPolicyPasses}
+IMPLS = ["bmm", pytest.param("fused", marks=needs_fused)]
 
 
 def gen(seed):
@@ -116,11 +122,12 @@ def test_policy_param_list_matches_spec_and_forward():
             assert torch.allclose(ours.logits, theirs.logits, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("reduce", [False, True], ids=["per_task", "reduce"])
 @pytest.mark.parametrize("params_mode", ["shared", "per_task"])
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("dist", DISTS)
-def test_policy_passes_against_autograd(dist, act, params_mode, reduce):
+def test_policy_passes_against_autograd(dist, act, params_mode, reduce, impl):
     T, K = 3, 7
     g = gen(10)
     spec = make_spec(dist, act)
@@ -135,7 +142,7 @@ def test_policy_passes_against_autograd(dist, act, params_mode, reduce):
     c[0, -2:] = 0.0
     vec = {"shared": random_params(spec, g), "per_task": random_params(spec, g, T)}
 
-    passes = PolicyPasses(spec, params, x)
+    passes = PASSES[impl](spec, params, x)
     losses, grads = passes.loss_grad(a, w, reduce=reduce)
 
     exp_loss, exp_grad = [], []
@@ -206,6 +213,24 @@ def test_policy_gradient_on_the_fused_op(dist, act, params_mode, device):
         policy_gradient(spec, params, x, a[:, 1:], w)
 
 
+@needs_fused
+@pytest.mark.parametrize("dist", DISTS)
+def test_fused_fisher_product_without_loss_grad(dist):
+    """The Fisher reads the forward passes only: FusedPolicyPasses.gauss_newton before any loss_grad is
+    PolicyPasses'; a float16 batch is refused by name."""
+    T, K = 2, 6
+    g = gen(12)
+    spec = make_spec(dist, "tanh")
+    params = random_params(spec, g, T)
+    x = torch.randn(T, K, 3, generator=g, dtype=F64)
+    c = torch.rand(T, K, generator=g, dtype=F64)
+    v = random_params(spec, g)
+    expected = PolicyPasses(spec, params, x).gauss_newton(v, c)
+    assert_rel(FusedPolicyPasses(spec, params, x).gauss_newton(v, c), expected, 1e-12, "gauss_newton")
+    with pytest.raises(ValueError, match="FusedPolicyPasses"):
+        FusedPolicyPasses(spec, [p.half() for p in params], x.half())
+
+
 def test_hvp_before_loss_grad_refused():
     spec = make_spec("gaussian", "relu")
     passes = PolicyPasses(spec, random_params(spec, gen(0)), torch.zeros(2, 3, 3, dtype=F64))
@@ -239,9 +264,10 @@ def make_taskdata(spec, g, T=3, K=10):
     return TaskData(obs, actions, weights, average)
 
 
-def build_algo(dist, act, first_order, lr_mode, seed=0, damping=1e-3):
+def build_algo(dist, act, first_order, lr_mode, seed=0, damping=1e-3, products="auto"):
     policy = make_policy(dist, act, seed)
-    algo = MAMLTRPO(policy, inner_lr=0.3, first_order=first_order, lr_mode=lr_mode, cg_damping=damping)
+    algo = MAMLTRPO(policy, inner_lr=0.3, first_order=first_order, lr_mode=lr_mode, cg_damping=damping,
+                    products=products)
     if lr_mode == "per_param":
         g = gen(seed + 100)
         with torch.no_grad():
@@ -300,12 +326,14 @@ CONFIGS = [(False, "fixed"), (True, "fixed"), (False, "per_param"), (True, "per_
 CONFIG_IDS = ["second_order", "first_order", "per_param", "first_order-per_param"]
 
 
+@pytest.mark.parametrize("products", IMPLS)
 @pytest.mark.parametrize("first_order,lr_mode", CONFIGS, ids=CONFIG_IDS)
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("dist", DISTS)
-def test_meta_products_against_autograd(dist, act, first_order, lr_mode):
-    algo, support, query = build_algo(dist, act, first_order, lr_mode)
+def test_meta_products_against_autograd(dist, act, first_order, lr_mode, products):
+    algo, support, query = build_algo(dist, act, first_order, lr_mode, products=products)
     m = algo.products(support, query)
+    assert type(m.at_theta) is PASSES[products] and type(m.at_adapted) is PASSES[products]
     o = Oracle(algo, support, query)
     surr, kl = o.surrogate_kl(o.theta, o.rates, graph=True)
 
@@ -687,6 +715,7 @@ def test_check_policy_fits():
     (dict(inner_lr=0), "inner_lr"), (dict(inner_lr=float("nan")), "inner_lr"), (dict(inner_lr=True), "inner_lr"),
     (dict(max_kl=-1.0), "max_kl"), (dict(lr_mode="bad"), "lr_mode"), (dict(cg_iters=0), "cg_iters"),
     (dict(ls_steps=1.5), "ls_steps"), (dict(ls_backtrack=1.0), "ls_backtrack"), (dict(cg_damping=-1), "cg_damping"),
+    (dict(products="gpu"), "products"),
 ])
 def test_mamltrpo_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

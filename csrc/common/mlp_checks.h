@@ -214,6 +214,16 @@ inline void check_mlp_vectors(const char* op, at::TensorList vectors, at::Tensor
   }
 }
 
+// _mlp_hvp_from_passes's passes: [T, 4 K W] (z, h, dz, dh of every task, W the sum of the layers' widths) of x's
+// dtype and device.
+inline void check_mlp_passes(const char* op, const at::Tensor& passes, const MlpCall& call, const at::Tensor& x) {
+  check_same_device_dtype(op, passes, "passes", x, "x");
+  const int64_t per_task = 4 * x.size(1) * call.config.dims.layer_outputs_width();
+  TORCH_CHECK_VALUE(passes.dim() == 2 && passes.size(0) == call.tasks && passes.size(1) == per_task, op,
+                    ": passes must be [T, 4 K W] = [", call.tasks, ", ", per_task,
+                    "] (_mlp_passes' of these params and x), got ", passes.sizes());
+}
+
 // mlp_maml's lrs: lrs[i] is [N] or [N, *S_i].
 inline std::vector<bool> check_mlp_maml_lrs(const char* op, at::TensorList lrs, at::TensorList params, int64_t steps) {
   TORCH_CHECK_VALUE(lrs.size() == params.size(), op, ": lrs must hold one tensor per parameter (", params.size(), "), got ",

@@ -116,11 +116,20 @@ TaskBatched<const scalar_t*> batched_inputs(const std::vector<at::Tensor>& ts, c
 // ---------------------------------------------------------------------------------------------------------------
 // mlp_loss_grad and mlp_hvp
 
+// Elements of one task's kept passes (_mlp_passes, _mlp_hvp_from_passes): z, h, dz, dh of every layer.
+C10_HOST_DEVICE inline int64_t mlp_passes_numel(const MlpDims& d, int64_t rows) {
+  return mlp_activations_numel(d, rows, false);
+}
+
 // An mlp_loss_grad call (hvp: an mlp_hvp call, with vectors) checked, its inputs made contiguous and its outputs
 // allocated.
 struct LossGradTensors {
   bool hvp;
   bool gauss_newton;  // mlp_hvp's Gauss-Newton product instead of H v
+  // Each task's passes [T, mlp_passes_numel], or undefined (the scratch holds them): mlp_loss_grad writes them there,
+  // mlp_hvp reads them from there instead of recomputing them (the caller set them: passes at the same params, x,
+  // y and weights).
+  at::Tensor passes;
   MlpCall call;
   at::Tensor x, y;
   at::Tensor weights;  // the rows' [T, K], or undefined
@@ -149,10 +158,18 @@ struct LossGradTensors {
   }
 };
 
-// Elements of one task's scratch buffer for mlp_loss_grad (hvp: mlp_hvp) over `rows` rows: the activations and the
-// forward weights of theta (and of v).
-C10_HOST_DEVICE inline int64_t mlp_loss_grad_scratch_numel(const MlpDims& d, int64_t rows, bool hvp) {
-  return mlp_activations_numel(d, rows, hvp) + (hvp ? 2 : 1) * mlp_transposed_numel(d);
+// Elements of the activations that one task's scratch buffer for mlp_loss_grad (hvp: mlp_hvp) over `rows` rows holds:
+// all of them, or with kept passes only the R-passes' (hvp) or none.
+C10_HOST_DEVICE inline int64_t mlp_loss_grad_scratch_activations(const MlpDims& d, int64_t rows, bool hvp,
+                                                                  bool kept_passes) {
+  if (!kept_passes) return mlp_activations_numel(d, rows, hvp);
+  return hvp ? mlp_activations_numel(d, rows, true) - mlp_passes_numel(d, rows) : 0;
+}
+
+// Elements of one task's scratch buffer: its activations and the forward weights of theta (and of v).
+C10_HOST_DEVICE inline int64_t mlp_loss_grad_scratch_numel(const MlpDims& d, int64_t rows, bool hvp,
+                                                           bool kept_passes) {
+  return mlp_loss_grad_scratch_activations(d, rows, hvp, kept_passes) + (hvp ? 2 : 1) * mlp_transposed_numel(d);
 }
 
 // mlp_loss_grad's or mlp_hvp's arguments as the per-task loops read them.
@@ -168,6 +185,7 @@ struct LossGradArgs {
   TaskBatched<scalar_t*> out;      // grads (mlp_loss_grad) or H v (mlp_hvp)
   TaskBatched<scalar_t*> vectors;  // mlp_hvp's v
   scalar_t* losses = nullptr;      // mlp_loss_grad's
+  scalar_t* passes = nullptr;      // LossGradTensors::passes, or null
 
   explicit LossGradArgs(const LossGradTensors& g)
       : hvp(g.hvp),
@@ -183,9 +201,12 @@ struct LossGradArgs {
     } else {
       losses = g.losses.data_ptr<scalar_t>();
     }
+    if (g.passes.defined()) passes = g.passes.data_ptr<scalar_t>();
   }
 
-  C10_HOST_DEVICE int64_t scratch_numel() const { return mlp_loss_grad_scratch_numel(config.dims, rows, hvp); }
+  C10_HOST_DEVICE int64_t scratch_numel() const {
+    return mlp_loss_grad_scratch_numel(config.dims, rows, hvp, passes != nullptr);
+  }
 };
 
 // Tasks first, first + step, ... < end of mlp_loss_grad or mlp_hvp, run by the team with the scratch buffer
@@ -194,9 +215,13 @@ template <typename Team, typename scalar_t>
 C10_HOST_DEVICE inline void loss_grad_tasks(const Team& team, const LossGradArgs<scalar_t>& g, int64_t first,
                                             int64_t end, int64_t step, scalar_t* scratch) {
   const MlpConfig& c = g.config;
-  MlpActivations<scalar_t> a = carve_activations(c.dims, g.rows, g.hvp, scratch);
-  scalar_t* transposed = scratch + mlp_activations_numel(c.dims, g.rows, g.hvp);
+  const bool kept = g.passes != nullptr;
+  scalar_t* transposed = scratch + mlp_loss_grad_scratch_activations(c.dims, g.rows, g.hvp, kept);
   for (int64_t t = first; t < end; t += step) {
+    const MlpActivations<scalar_t> a =
+        kept ? carve_activations_at(c.dims, g.rows, g.passes + t * mlp_passes_numel(c.dims, g.rows),
+                                    g.hvp ? scratch : static_cast<scalar_t*>(nullptr))
+             : carve_activations(c.dims, g.rows, g.hvp, scratch);
     const scalar_t* x_t = g.x + t * g.rows * c.dims.width[0];
     const MlpParams<const scalar_t*> theta_t = g.params.at(t);
     const MlpForwardWeights<scalar_t> theta_fw = transpose_weights(team, c.dims, theta_t, transposed);
@@ -209,8 +234,10 @@ C10_HOST_DEVICE inline void loss_grad_tasks(const Team& team, const LossGradArgs
     const MlpParams<const scalar_t*> v_t = as_const(g.vectors.at(t));
     const MlpForwardWeights<scalar_t> v_fw =
         transpose_weights(team, c.dims, v_t, transposed + mlp_transposed_numel(c.dims));
-    mlp_loss_and_grad(team, c, g.rows, x_t, g.y.at(t), theta_t, theta_fw, a,
-                      static_cast<const MlpParams<scalar_t*>*>(nullptr));
+    if (!kept) {
+      mlp_loss_and_grad(team, c, g.rows, x_t, g.y.at(t), theta_t, theta_fw, a,
+                        static_cast<const MlpParams<scalar_t*>*>(nullptr));
+    }
     mlp_hessian_vector(team, c, g.rows, x_t, g.y.at(t), theta_t, theta_fw, v_t, v_fw, a, g.out.at(t),
                        g.gauss_newton);
   }

@@ -121,14 +121,11 @@ void run_on_thread_team(int size, const Work& work) {
   for (auto& m : members) m.join();
 }
 
-// mlp_loss_grad (hvp false) or mlp_hvp on the per-task or team path.
-LossGradTensors loss_grad_per_task(CpuPath path, bool hvp, at::TensorList params, at::TensorList vectors,
-                                   const at::Tensor& x, const at::Tensor& y, int64_t activation, double act_param,
-                                   int64_t loss, const std::optional<at::Tensor>& weights,
-                                   bool gauss_newton = false) {
-  LossGradTensors g(hvp, params, vectors, x, y, activation, act_param, loss, weights, gauss_newton);
+// Runs the mlp_loss_grad or mlp_hvp call g on the per-task or team path.
+void run_loss_grad(CpuPath path, const LossGradTensors& g) {
   const int64_t tasks = g.call.tasks;
-  if (tasks == 0) return g;
+  const bool hvp = g.hvp;
+  if (tasks == 0) return;
   AT_DISPATCH_FLOATING_TYPES(g.x.scalar_type(), "mlp_loss_grad_cpu", [&] {
     const LossGradArgs<scalar_t> args(g);
     if (path.kind == CpuPath::kTeam) {
@@ -143,6 +140,15 @@ LossGradTensors loss_grad_per_task(CpuPath path, bool hvp, at::TensorList params
       loss_grad_tasks_isa(args, begin, end, scratch.data());
     });
   });
+}
+
+// mlp_loss_grad (hvp false) or mlp_hvp on the per-task or team path.
+LossGradTensors loss_grad_per_task(CpuPath path, bool hvp, at::TensorList params, at::TensorList vectors,
+                                   const at::Tensor& x, const at::Tensor& y, int64_t activation, double act_param,
+                                   int64_t loss, const std::optional<at::Tensor>& weights,
+                                   bool gauss_newton = false) {
+  LossGradTensors g(hvp, params, vectors, x, y, activation, act_param, loss, weights, gauss_newton);
+  run_loss_grad(path, g);
   return g;
 }
 
@@ -221,6 +227,29 @@ MamlOutputs mlp_maml_cpu(at::TensorList params, const at::Tensor& xs, const at::
                      {support_weights, query_weights});
 }
 
+// mlp_loss_grad that keeps each task's passes (z, h, dz, dh), and mlp_hvp that reads them instead of recomputing
+// them: conjugate gradient's repeated products at the same parameters (mamlext.rl) cost the R-passes only.
+std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> mlp_passes_cpu(at::TensorList params, const at::Tensor& x,
+                                                                           const at::Tensor& y, int64_t activation,
+                                                                           double act_param, int64_t loss,
+                                                                           const std::optional<at::Tensor>& weights) {
+  LossGradTensors g(false, params, {}, x, y, activation, act_param, loss, weights);
+  g.passes = at::empty({g.call.tasks, mlp_passes_numel(g.call.config.dims, x.size(1))}, x.options());
+  run_loss_grad(kAutoPath, g);
+  return {g.losses, g.out, g.passes};
+}
+
+std::vector<at::Tensor> mlp_hvp_from_passes_cpu(at::TensorList params, at::TensorList vectors, const at::Tensor& x,
+                                                const at::Tensor& y, const at::Tensor& passes, int64_t activation,
+                                                double act_param, int64_t loss,
+                                                const std::optional<at::Tensor>& weights, bool gauss_newton) {
+  LossGradTensors g(true, params, vectors, x, y, activation, act_param, loss, weights, gauss_newton);
+  check_mlp_passes("_mlp_hvp_from_passes", passes, g.call, x);
+  g.passes = passes.contiguous();
+  run_loss_grad(kAutoPath, g);
+  return g.out;
+}
+
 // The private ops: the same on the path their last two arguments name.
 LossGradOutputs mlp_loss_grad_path_cpu(at::TensorList params, const at::Tensor& x, const at::Tensor& y,
                                        int64_t activation, double act_param, int64_t loss, c10::string_view path,
@@ -255,6 +284,8 @@ TORCH_LIBRARY_IMPL(mamlext, CPU, m) {
   m.impl("_mlp_loss_grad_path", &mlp_loss_grad_path_cpu);
   m.impl("_mlp_hvp_path", &mlp_hvp_path_cpu);
   m.impl("_mlp_maml_path", &mlp_maml_path_cpu);
+  m.impl("_mlp_passes", &mlp_passes_cpu);
+  m.impl("_mlp_hvp_from_passes", &mlp_hvp_from_passes_cpu);
 }
 
 }  // namespace mamlext

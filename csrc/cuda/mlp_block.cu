@@ -176,7 +176,8 @@ CudaPath resolve_cuda_path(CudaPath path, const MlpDims& d, int64_t scratch_nume
 
 CudaPath loss_grad_cuda_path(CudaPath path, bool hvp, at::TensorList params, const at::Tensor& x) {
   const MlpDims d = peek_mlp_dims(params);
-  return resolve_cuda_path(path, d, mlp_loss_grad_scratch_numel(d, peek_input_size(x, 1), hvp), x.element_size());
+  return resolve_cuda_path(path, d, mlp_loss_grad_scratch_numel(d, peek_input_size(x, 1), hvp, false),
+                           x.element_size());
 }
 
 using LossGradOutputs = std::tuple<at::Tensor, std::vector<at::Tensor>>;

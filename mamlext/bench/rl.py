@@ -31,8 +31,10 @@ a copy of 20k numbers, is inside the timing), both in interleaved rounds (the FV
 .time_impls, the meta-update, seconds per call on a CPU, by time_rounds: one call each per round), medians,
 (3) the sampling of one meta-batch (support episodes, their advantages, the adaptation, query episodes and their
 advantages), (4) the machine's float32 GEMM rate (torch.mm of 2048 x 2048) and the fused FVP's achieved rate: its
-GEMM FLOPs (fvp_gemm_flops, counted from the layer widths, T and K as mamlext.rl.passes performs them; the count is
-also checked against torch.utils.flop_counter on the real call) over its median time.
+GEMM FLOPs (fvp_gemm_flops, counted from the layer widths, T and K as mamlext.rl.passes' batched GEMMs perform them,
+checked against torch.utils.flop_counter on a call of those (MAMLTRPO products="bmm"); the fused kernels compute the
+same products with the bias outside the GEMM, about 1% fewer multiply-adds at the navigation widths) over its median
+time.
 """
 import os
 import sys
@@ -150,10 +152,10 @@ def make_policy(setting: RLSetting, seed: int, dtype: torch.dtype, device: torch
     return GaussianMLPPolicy(2, 2, tuple(setting.hidden), setting.activation).to(device=device, dtype=dtype)
 
 
-def make_algo(policy: GaussianMLPPolicy, setting: RLSetting) -> MAMLTRPO:
+def make_algo(policy: GaussianMLPPolicy, setting: RLSetting, products: str = "auto") -> MAMLTRPO:
     return MAMLTRPO(policy, inner_lr=setting.inner_lr, first_order=setting.first_order, max_kl=setting.max_kl,
                     cg_iters=setting.cg_iters, cg_damping=setting.cg_damping, ls_steps=setting.ls_steps,
-                    ls_backtrack=setting.ls_backtrack)
+                    ls_backtrack=setting.ls_backtrack, products=products)
 
 
 def sample_meta_batch(algo: MAMLTRPO, env: Navigation2D, tasks: int, episodes: int, generator: torch.Generator
@@ -593,7 +595,7 @@ def run(device: torch.device, out_dir: Optional[str], setting: RLSetting = RLSet
     flops = fvp_gemm_flops(widths, setting.tasks, setting.samples, setting.first_order)
     counted = None
     if "fused" in rows and rows["fused"]["fvp"] is not None:
-        m = make_algo(make_policy(setting, seed, DTYPE, device), setting).products(support, query)
+        m = make_algo(make_policy(setting, seed, DTYPE, device), setting, "bmm").products(support, query)
         counted = counted_gemm_flops(lambda: m.fisher_product(v))
         del m
     results["flops"] = {"fvp_gemm_flops": flops, "formula": FLOP_FORMULA, "tasks": setting.tasks,

@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from mamlext import ops
+from mamlext import _ext, ops
 from mamlext.rl.policy import PolicySpec
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -339,3 +339,99 @@ class PolicyPasses:
                 rdh = self._buffer(f"rdh{l}", rdz, self.params[2 * l].shape[-1])
                 rdz = _times(rdz, self.params[2 * l], out=rdh).mul_(self.fprime[l - 1])
         return out + head
+
+
+def fused_products_available(observations: Tensor) -> bool:
+    """Whether FusedPolicyPasses runs for these observations: the compiled extension's CPU kernels, float32/64."""
+    return _ext._C is not None and isinstance(observations, Tensor) and observations.device.type == "cpu" and \
+        observations.dtype in (torch.float32, torch.float64)
+
+
+class FusedPolicyPasses(PolicyPasses):
+    """PolicyPasses whose gradient, Hessian-vector and Fisher-vector products run on the fused MLP kernels (CPU):
+    loss_grad keeps each task's forward and backward passes (z, h, dz, dh of every layer) and every product reads
+    them and computes its R-passes only, one task at a time in cache, the element-wise work inside the passes instead
+    of in passes of its own over [T, K, width] tensors. The same values as PolicyPasses' (to rounding). The network's
+    output (log_prob, outputs, kl_from) is read from the kept passes, or computed by PolicyPasses before any
+    loss_grad."""
+
+    def __init__(self, spec: PolicySpec, params: Sequence[Tensor], observations: Tensor):
+        if not fused_products_available(observations):
+            raise ValueError(f"FusedPolicyPasses: runs on the compiled extension's CPU kernels in float32 or float64, "
+                             f"got {getattr(observations, 'dtype', None)} observations on "
+                             f"{getattr(observations, 'device', None)}")
+        check_samples(spec, observations)
+        check_params(spec, params, observations.shape[0], observations)
+        self.spec, self.params, self.x = spec, list(params), observations
+        self.tasks = observations.shape[0]
+        if spec.distribution == "gaussian":
+            s = self.params[-1]
+            self.log_std = s if s.dim() == 1 else s.unsqueeze(1)      # [A] or [T, 1, A]
+            self.inv_var = torch.exp(-2 * self.log_std)
+        loss = "gaussian" if spec.distribution == "gaussian" else "ce"
+        self._codes = ops.mlp_codes("FusedPolicyPasses", spec.activation, None, loss)
+        # (actions, the op's weights, passes) of the last loss_grad: the products are that loss's
+        self._kept: Optional[Tuple[Tensor, Tensor, Tensor]] = None
+        self._out: Optional[Tensor] = None
+        self._log_softmax: Optional[Tensor] = None
+
+    @property
+    def out(self) -> Tensor:
+        """The network's output [T, K, A]: the last layer's z in the kept passes (each task's z arrays come first,
+        the last layer's [K, A] last among them), else a forward pass."""
+        if self._out is None:
+            if self._kept is None:
+                return PolicyPasses(self.spec, self.params, self.x).out
+            K, A = self.x.shape[1], self.spec.action_dim
+            z_width = sum(self.spec.widths[1:])  # the layers' output widths
+            self._out = self._kept[2][:, K * (z_width - A):K * z_width].view(self.tasks, K, A)
+        return self._out
+
+    @property
+    def log_softmax(self) -> Tensor:
+        if self._log_softmax is None or self._out is None:
+            self._log_softmax = torch.log_softmax(self.out, dim=-1)
+        return self._log_softmax
+
+    @property
+    def probs(self) -> Tensor:
+        return self.log_softmax.exp()
+
+    def loss_grad(self, actions: Tensor, weights: Tensor, reduce: bool = False) -> Tuple[Tensor, List[Tensor]]:
+        check_samples(self.spec, self.x, actions, weights)
+        op_weights = weights * self.x.shape[1]  # the op averages over the K samples
+        losses, grads, passes = torch.ops.mamlext._mlp_passes(self.params, self.x, actions, *self._codes,
+                                                              op_weights)
+        self._kept = (actions, op_weights, passes)
+        self._out = None
+        return losses, [g.sum(0) for g in grads] if reduce else grads
+
+    def _per_task_vectors(self, vectors: Sequence[Tensor]) -> List[Tensor]:
+        check_params(self.spec, vectors, self.tasks, self.x, "vectors")
+        return [v if tuple(v.shape) != shape else v.expand(self.tasks, *shape)
+                for v, shape in zip(vectors, self.spec.shapes())]
+
+    def _products(self, vectors: Sequence[Tensor], weights: Optional[Tensor], reduce: bool) -> List[Tensor]:
+        actions, op_weights, passes = self._kept
+        gauss_newton = weights is not None
+        if gauss_newton:
+            op_weights = weights * self.x.shape[1]
+        out = torch.ops.mamlext._mlp_hvp_from_passes(self.params, self._per_task_vectors(vectors), self.x, actions,
+                                                     passes, *self._codes, op_weights, gauss_newton)
+        return [o.sum(0) for o in out] if reduce else out
+
+    def hvp(self, vectors: Sequence[Tensor], reduce: bool = False) -> List[Tensor]:
+        if self._kept is None:
+            raise RuntimeError("PolicyPasses.hvp: call loss_grad first (the Hessian is that loss's)")
+        return self._products(vectors, None, reduce)
+
+    def gauss_newton(self, vectors: Sequence[Tensor], weights: Tensor, reduce: bool = False) -> List[Tensor]:
+        check_samples(self.spec, self.x, weights=weights)
+        if self._kept is None:  # the Fisher reads the forward passes only: any actions and weights make them
+            self.loss_grad(self._any_actions(), weights)
+        return self._products(vectors, weights, reduce)
+
+    def _any_actions(self) -> Tensor:
+        if self.spec.distribution == "gaussian":
+            return self.out.detach().clone()
+        return torch.zeros(self.x.shape[:2], dtype=torch.int64, device=self.x.device)

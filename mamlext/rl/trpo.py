@@ -24,11 +24,13 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from mamlext.rl.passes import PolicyPasses, check_samples, policy_gradient
+from mamlext.rl.passes import (FusedPolicyPasses, PolicyPasses, check_samples, fused_products_available,
+                               policy_gradient)
 from mamlext.rl.policy import CategoricalMLPPolicy, GaussianMLPPolicy
 from mamlext.rl.sampling import Episodes
 
 LR_MODES = ("fixed", "per_param")
+PRODUCTS = ("auto", "fused", "bmm")
 
 
 def conjugate_gradient(product: Callable[[Tensor], Tensor], b: Tensor, iterations: int = 10,
@@ -104,11 +106,14 @@ class MAMLTRPO(nn.Module):
     inner_lr: the inner step size alpha (the paper's code: 0.5 for 2D navigation, 0.1 for the cheetahs);
     first_order: FOMAML (J_t = I); lr_mode "per_param": Meta-SGD's learned step size per parameter element,
     initialised to inner_lr and updated by TRPO with the policy; max_kl, cg_iters, cg_damping, ls_steps,
-    ls_backtrack: TRPO's (the paper's: 0.01, 10, 1e-5, 15, 0.8)."""
+    ls_backtrack: TRPO's (the paper's: 0.01, 10, 1e-5, 15, 0.8); products: what computes the meta-gradient's and
+    the Fisher-vector products' passes: "fused" (FusedPolicyPasses: the fused MLP kernels, which keep each task's
+    passes across conjugate gradient's products; CPU), "bmm" (PolicyPasses: batched GEMMs over the tasks, any device)
+    or "auto" (fused where it runs)."""
 
     def __init__(self, policy: nn.Module, inner_lr: float = 0.5, first_order: bool = False, lr_mode: str = "fixed",
                  max_kl: float = 1e-2, cg_iters: int = 10, cg_damping: float = 1e-5, ls_steps: int = 15,
-                 ls_backtrack: float = 0.8):
+                 ls_backtrack: float = 0.8, products: str = "auto"):
         super().__init__()
         if not isinstance(policy, (GaussianMLPPolicy, CategoricalMLPPolicy)):
             raise TypeError(f"MAMLTRPO: policy must be a mamlext.rl GaussianMLPPolicy or CategoricalMLPPolicy, got "
@@ -125,6 +130,9 @@ class MAMLTRPO(nn.Module):
             raise ValueError(f"MAMLTRPO: ls_backtrack must lie in (0, 1), got {ls_backtrack!r}")
         if lr_mode not in LR_MODES:
             raise ValueError(f"MAMLTRPO: lr_mode must be one of {', '.join(LR_MODES)}, got {lr_mode!r}")
+        if products not in PRODUCTS:
+            raise ValueError(f"MAMLTRPO: products must be one of {', '.join(PRODUCTS)}, got {products!r}")
+        self.products_impl = products
         self.policy, self.spec = policy, policy.spec
         self.inner_lr, self.first_order, self.lr_mode = float(inner_lr), bool(first_order), lr_mode
         self.max_kl, self.cg_iters, self.cg_damping = float(max_kl), cg_iters, float(cg_damping)
@@ -160,6 +168,12 @@ class MAMLTRPO(nn.Module):
         """adapt on a support set already checked (the line search's candidates: one check per meta-update)."""
         grads = policy_gradient(self.spec, params, support.observations, support.actions, support.weights)
         return [p - lr * g for p, lr, g in zip(params, rates, grads)]
+
+    def passes_class(self, observations: Tensor) -> type:
+        """FusedPolicyPasses or PolicyPasses for these observations (the ``products`` option)."""
+        fused = self.products_impl == "fused" or \
+            (self.products_impl == "auto" and fused_products_available(observations))
+        return FusedPolicyPasses if fused else PolicyPasses
 
     def products(self, support: TaskData, query: TaskData,
                  all_reduce: Optional[Callable[[Tensor], Tensor]] = None) -> "MetaProducts":
@@ -227,10 +241,11 @@ class MetaProducts:
         self.tasks = float(self.reduce_sum(count).item())
         self.sizes = [p.numel() for p in self.theta] * (2 if self.learn_rates else 1)
         self.shapes = [p.shape for p in self.theta]
-        self.at_theta = PolicyPasses(algo.spec, self.theta, support.observations)
+        passes = algo.passes_class(support.observations)
+        self.at_theta = passes(algo.spec, self.theta, support.observations)
         _, self.g_support = self.at_theta.loss_grad(support.actions, support.weights)
         adapted = [p - lr * g for p, lr, g in zip(self.theta, self.rates, self.g_support)]
-        self.at_adapted = PolicyPasses(algo.spec, adapted, query.observations)
+        self.at_adapted = passes(algo.spec, adapted, query.observations)
         self.old_log_prob, self.old_outputs = self.at_adapted.log_prob(query.actions), self.at_adapted.outputs()
         _, g_query = self.at_adapted.loss_grad(query.actions, query.weights)
         self.gradient = self.reduce_sum(self.flat(self.through_adaptation(g_query))) / self.tasks

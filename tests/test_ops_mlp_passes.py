@@ -1,0 +1,66 @@
+"""The private ops that keep each task's passes across products (CPU): _mlp_passes is mlp_loss_grad plus the passes
+[T, 4 K W] (z, h, dz, dh of every layer), and _mlp_hvp_from_passes, reading them, is mlp_hvp (H v and the
+Gauss-Newton product) for every loss, shared and per-task parameters; the last layer's z in the passes is the network's
+output (what mamlext.rl.passes.FusedPolicyPasses reads); passes of the wrong shape, dtype or device are refused."""
+import pytest
+import torch
+
+from mamlext import _ext, reference
+from mamlext._checks import task_shapes
+from mamlext._mlp_codes import ACTIVATIONS, LOSSES
+
+pytestmark = pytest.mark.skipif(_ext._C is None, reason="the compiled extension is not built")
+
+
+def make_case(loss, per_task, tasks=3, rows=6, sizes=(3, 7, 5, 4), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for layer in range(len(sizes) - 1):
+        for j, shape in enumerate(((sizes[layer + 1], sizes[layer]), (sizes[layer + 1],))):
+            lead = (tasks,) if per_task else ()
+            params.append(0.5 * torch.randn(*lead, *shape, generator=gen, dtype=torch.float64))
+    if loss == "gaussian":
+        params.append(0.3 * torch.randn(*((tasks,) if per_task else ()), sizes[-1], generator=gen,
+                                        dtype=torch.float64))
+    x = torch.randn(tasks, rows, sizes[0], generator=gen, dtype=torch.float64)
+    y = torch.randint(0, sizes[-1], (tasks, rows), generator=gen) if loss == "ce" else \
+        torch.randn(tasks, rows, sizes[-1], generator=gen, dtype=torch.float64)
+    weights = torch.randn(tasks, rows, generator=gen, dtype=torch.float64)
+    vectors = [torch.randn(*s, generator=gen, dtype=torch.float64) for s in task_shapes(params, tasks)]
+    return params, x, y, weights, vectors
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("per_task", [False, True], ids=["shared", "per_task"])
+@pytest.mark.parametrize("act", ["tanh", "relu"])
+@pytest.mark.parametrize("loss", ["mse", "ce", "gaussian"])
+def test_kept_passes_give_the_ops_values(loss, act, per_task, dtype):
+    params, x, y, weights, vectors = make_case(loss, per_task)
+    cast = lambda ts: [t.to(dtype) for t in ts]  # noqa: E731
+    params, vectors, x, weights = cast(params), cast(vectors), x.to(dtype), weights.to(dtype)
+    y = y if loss == "ce" else y.to(dtype)
+    codes = (ACTIVATIONS[act], 0.0, LOSSES[loss])
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    for w in (None, weights):
+        losses, grads, passes = torch.ops.mamlext._mlp_passes(params, x, y, *codes, w)
+        e_losses, e_grads = torch.ops.mamlext.mlp_loss_grad(params, x, y, *codes, w)
+        torch.testing.assert_close([losses, *grads], [e_losses, *e_grads], **tol)
+        T, K = x.shape[:2]
+        widths = [p.shape[-2] for i, p in enumerate(params[:len(params) // 2 * 2]) if i % 2 == 0]
+        assert passes.shape == (T, 4 * K * sum(widths)) and passes.dtype == dtype
+        out = reference.mlp_forward(params, x, *codes[:2])
+        last = passes[:, K * (sum(widths) - widths[-1]):K * sum(widths)].reshape(T, K, widths[-1])
+        torch.testing.assert_close(last, out, **tol)
+        for gauss_newton in (False, True):
+            got = torch.ops.mamlext._mlp_hvp_from_passes(params, vectors, x, y, passes, *codes, w, gauss_newton)
+            expected = torch.ops.mamlext.mlp_hvp(params, vectors, x, y, *codes, w, gauss_newton)
+            torch.testing.assert_close(got, expected, **tol)
+
+
+def test_bad_passes_are_refused_by_name():
+    params, x, y, weights, vectors = make_case("mse", False)
+    codes = (ACTIVATIONS["tanh"], 0.0, LOSSES["mse"])
+    passes = torch.ops.mamlext._mlp_passes(params, x, y, *codes, weights)[2]
+    for bad in (passes[:, 1:], passes[1:], passes.float(), passes.unsqueeze(0)):
+        with pytest.raises(ValueError, match="passes"):
+            torch.ops.mamlext._mlp_hvp_from_passes(params, vectors, x, y, bad, *codes, weights)
