@@ -40,11 +40,12 @@ TORCH_LIBRARY(mamlext, m) {
         "Tensor step_weights, bool first_order, int activation, float act_param, int loss, str path, "
         "int team_threads=0, Tensor? support_weights=None, Tensor? query_weights=None) -> (Tensor, Tensor[], "
         "Tensor[])");
-  // mlp_loss_grad that also returns each task's passes [T, 4 K W] (z, h, dz, dh), and mlp_hvp that reads them
+  // mlp_loss_grad that also writes each task's passes (z, h, dz, dh) into `passes`, a contiguous [T, 4 K W] buffer
+  // (reused across calls by its caller: a fresh one of this size costs page faults), and mlp_hvp that reads them
   // (_mlp_passes' at the same params, x, y, weights) instead of recomputing them; CPU only, for mamlext.rl's
   // conjugate gradient (mamlext.rl.passes.FusedPolicyPasses holds them with what they were computed from).
   m.def("_mlp_passes(Tensor[] params, Tensor x, Tensor y, int activation, float act_param, int loss, "
-        "Tensor? weights=None) -> (Tensor, Tensor[], Tensor)");
+        "Tensor? weights, Tensor(a!) passes) -> (Tensor, Tensor[])");
   m.def("_mlp_hvp_from_passes(Tensor[] params, Tensor[] vectors, Tensor x, Tensor y, Tensor passes, int activation, "
         "float act_param, int loss, Tensor? weights=None, bool gauss_newton=False) -> Tensor[]");
   // One step of MAML's reverse recursion for any model: v_next = v - hv (per task, or summed over tasks) and,

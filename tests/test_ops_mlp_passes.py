@@ -1,7 +1,8 @@
-"""The private ops that keep each task's passes across products (CPU): _mlp_passes is mlp_loss_grad plus the passes
-[T, 4 K W] (z, h, dz, dh of every layer), and _mlp_hvp_from_passes, reading them, is mlp_hvp (H v and the
-Gauss-Newton product) for every loss, shared and per-task parameters; the last layer's z in the passes is the network's
-output (what mamlext.rl.passes.FusedPolicyPasses reads); passes of the wrong shape, dtype or device are refused."""
+"""The private ops that keep each task's passes across products (CPU): _mlp_passes is mlp_loss_grad that also writes
+the passes (z, h, dz, dh of every layer) into a [T, 4 K W] buffer, and _mlp_hvp_from_passes, reading them, is mlp_hvp
+(H v and the Gauss-Newton product) for every loss, shared and per-task parameters; the last layer's z in the passes is
+the network's output (what mamlext.rl.passes.FusedPolicyPasses reads); passes of the wrong shape or dtype, or a
+non-contiguous buffer, are refused."""
 import pytest
 import torch
 
@@ -42,12 +43,12 @@ def test_kept_passes_give_the_ops_values(loss, act, per_task, dtype):
     codes = (ACTIVATIONS[act], 0.0, LOSSES[loss])
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
     for w in (None, weights):
-        losses, grads, passes = torch.ops.mamlext._mlp_passes(params, x, y, *codes, w)
-        e_losses, e_grads = torch.ops.mamlext.mlp_loss_grad(params, x, y, *codes, w)
-        torch.testing.assert_close([losses, *grads], [e_losses, *e_grads], **tol)
         T, K = x.shape[:2]
         widths = [p.shape[-2] for i, p in enumerate(params[:len(params) // 2 * 2]) if i % 2 == 0]
-        assert passes.shape == (T, 4 * K * sum(widths)) and passes.dtype == dtype
+        passes = torch.empty(T, 4 * K * sum(widths), dtype=dtype)
+        losses, grads = torch.ops.mamlext._mlp_passes(params, x, y, *codes, w, passes)
+        e_losses, e_grads = torch.ops.mamlext.mlp_loss_grad(params, x, y, *codes, w)
+        torch.testing.assert_close([losses, *grads], [e_losses, *e_grads], **tol)
         out = reference.mlp_forward(params, x, *codes[:2])
         last = passes[:, K * (sum(widths) - widths[-1]):K * sum(widths)].reshape(T, K, widths[-1])
         torch.testing.assert_close(last, out, **tol)
@@ -60,7 +61,12 @@ def test_kept_passes_give_the_ops_values(loss, act, per_task, dtype):
 def test_bad_passes_are_refused_by_name():
     params, x, y, weights, vectors = make_case("mse", False)
     codes = (ACTIVATIONS["tanh"], 0.0, LOSSES["mse"])
-    passes = torch.ops.mamlext._mlp_passes(params, x, y, *codes, weights)[2]
+    passes = torch.empty(3, 4 * 6 * (7 + 5 + 4), dtype=torch.float64)
+    torch.ops.mamlext._mlp_passes(params, x, y, *codes, weights, passes)
     for bad in (passes[:, 1:], passes[1:], passes.float(), passes.unsqueeze(0)):
         with pytest.raises(ValueError, match="passes"):
             torch.ops.mamlext._mlp_hvp_from_passes(params, vectors, x, y, bad, *codes, weights)
+        with pytest.raises(ValueError, match="passes"):
+            torch.ops.mamlext._mlp_passes(params, x, y, *codes, weights, bad.clone())
+    with pytest.raises(ValueError, match="contiguous"):
+        torch.ops.mamlext._mlp_passes(params, x, y, *codes, weights, passes.t().contiguous().t())

@@ -2,6 +2,7 @@
 meta-Fisher by third-order autograd through the adaptation), surrogate/KL at the start, conjugate gradient, a TRPO
 step on Navigation2D, returns/GAE/baseline/normalisation against per-episode loops, the environment, the sampler
 and the bad arguments."""
+import copy
 import math
 
 import numpy as np
@@ -457,6 +458,27 @@ def test_trpo_step_on_navigation(lr_mode):
         assert kl.item() == pytest.approx(info["kl"], rel=1e-9, abs=1e-14)
         assert kl.item() < algo.max_kl and surr.item() < info["loss_before"]
     assert info["step_fraction"] > 0, "expected an accepted step on this seed"
+
+
+@needs_fused
+def test_search_reuses_its_passes_buffers_without_stale_values():
+    """MAMLTRPO.search keeps the fused passes in buffers reused by every meta-update: a second search (other data,
+    other parameters) gives bit for bit what a fresh MAMLTRPO gives, and what the batched GEMMs give to rounding
+    (amplified by conjugate gradient on the damped Fisher: 2e-8 relative here in float64)."""
+    torch.manual_seed(0)
+    policy = GaussianMLPPolicy(2, 2, (16, 16)).double()
+    algo = MAMLTRPO(policy, inner_lr=0.1)
+    algo.step(*nav_meta_batch(algo, seed=5))
+    buffers = dict(algo._passes_buffers)
+    assert set(buffers) == {"support", "query"}
+    support, query = nav_meta_batch(algo, seed=6)
+    values, info = algo.search(support, query)
+    assert all(algo._passes_buffers[k] is b for k, b in buffers.items())  # the same buffers, reused
+    fresh = MAMLTRPO(copy.deepcopy(policy), inner_lr=0.1)
+    fresh_values, fresh_info = fresh.search(support, query)
+    assert info == fresh_info and all(torch.equal(a, b) for a, b in zip(values, fresh_values))
+    bmm_values, _ = MAMLTRPO(copy.deepcopy(policy), inner_lr=0.1, products="bmm").search(support, query)
+    assert_rel(values, bmm_values, 1e-6, "fused vs bmm step")
 
 
 def test_trpo_step_without_signal_keeps_parameters():

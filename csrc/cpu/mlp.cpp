@@ -229,14 +229,15 @@ MamlOutputs mlp_maml_cpu(at::TensorList params, const at::Tensor& xs, const at::
 
 // mlp_loss_grad that keeps each task's passes (z, h, dz, dh), and mlp_hvp that reads them instead of recomputing
 // them: conjugate gradient's repeated products at the same parameters (mamlext.rl) cost the R-passes only.
-std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> mlp_passes_cpu(at::TensorList params, const at::Tensor& x,
-                                                                           const at::Tensor& y, int64_t activation,
-                                                                           double act_param, int64_t loss,
-                                                                           const std::optional<at::Tensor>& weights) {
+LossGradOutputs mlp_passes_cpu(at::TensorList params, const at::Tensor& x, const at::Tensor& y, int64_t activation,
+                               double act_param, int64_t loss, const std::optional<at::Tensor>& weights,
+                               const at::Tensor& passes) {
   LossGradTensors g(false, params, {}, x, y, activation, act_param, loss, weights);
-  g.passes = at::empty({g.call.tasks, mlp_passes_numel(g.call.config.dims, x.size(1))}, x.options());
+  check_mlp_passes("_mlp_passes", passes, g.call, x);
+  TORCH_CHECK_VALUE(passes.is_contiguous(), "_mlp_passes: passes (the buffer to write into) must be contiguous");
+  g.passes = passes;
   run_loss_grad(kAutoPath, g);
-  return {g.losses, g.out, g.passes};
+  return {g.losses, g.out};
 }
 
 std::vector<at::Tensor> mlp_hvp_from_passes_cpu(at::TensorList params, at::TensorList vectors, const at::Tensor& x,

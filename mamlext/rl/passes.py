@@ -353,9 +353,12 @@ class FusedPolicyPasses(PolicyPasses):
     them and computes its R-passes only, one task at a time in cache, the element-wise work inside the passes instead
     of in passes of its own over [T, K, width] tensors. The same values as PolicyPasses' (to rounding). The network's
     output (log_prob, outputs, kl_from) is read from the kept passes, or computed by PolicyPasses before any
-    loss_grad."""
+    loss_grad. ``buffers`` (optional): a dict whose entry ``key`` holds the passes, reused by the next
+    FusedPolicyPasses given the same dict and key (a fresh [T, 4 K W] buffer costs page faults at every meta-update);
+    the passes of an earlier one with that dict and key are then overwritten, so its owner must be done with it."""
 
-    def __init__(self, spec: PolicySpec, params: Sequence[Tensor], observations: Tensor):
+    def __init__(self, spec: PolicySpec, params: Sequence[Tensor], observations: Tensor,
+                 buffers: Optional[Dict[str, Tensor]] = None, key: str = "passes"):
         if not fused_products_available(observations):
             raise ValueError(f"FusedPolicyPasses: runs on the compiled extension's CPU kernels in float32 or float64, "
                              f"got {getattr(observations, 'dtype', None)} observations on "
@@ -374,6 +377,7 @@ class FusedPolicyPasses(PolicyPasses):
         self._kept: Optional[Tuple[Tensor, Tensor, Tensor]] = None
         self._out: Optional[Tensor] = None
         self._log_softmax: Optional[Tensor] = None
+        self._buffers, self._key = ({} if buffers is None else buffers), key
 
     @property
     def out(self) -> Tensor:
@@ -400,11 +404,20 @@ class FusedPolicyPasses(PolicyPasses):
     def loss_grad(self, actions: Tensor, weights: Tensor, reduce: bool = False) -> Tuple[Tensor, List[Tensor]]:
         check_samples(self.spec, self.x, actions, weights)
         op_weights = weights * self.x.shape[1]  # the op averages over the K samples
-        losses, grads, passes = torch.ops.mamlext._mlp_passes(self.params, self.x, actions, *self._codes,
-                                                              op_weights)
+        passes = self._passes_buffer()
+        losses, grads = torch.ops.mamlext._mlp_passes(self.params, self.x, actions, *self._codes, op_weights, passes)
         self._kept = (actions, op_weights, passes)
         self._out = None
         return losses, [g.sum(0) for g in grads] if reduce else grads
+
+    def _passes_buffer(self) -> Tensor:
+        """The [T, 4 K W] buffer for the passes (z, h, dz, dh of every layer, W the layers' output widths summed)."""
+        T, K = self.x.shape[:2]
+        shape = (T, 4 * K * sum(self.spec.widths[1:]))
+        buffer = self._buffers.get(self._key)
+        if buffer is None or tuple(buffer.shape) != shape or buffer.dtype != self.x.dtype:
+            buffer = self._buffers[self._key] = self.x.new_empty(shape)
+        return buffer
 
     def _per_task_vectors(self, vectors: Sequence[Tensor]) -> List[Tensor]:
         check_params(self.spec, vectors, self.tasks, self.x, "vectors")

@@ -133,6 +133,9 @@ class MAMLTRPO(nn.Module):
         if products not in PRODUCTS:
             raise ValueError(f"MAMLTRPO: products must be one of {', '.join(PRODUCTS)}, got {products!r}")
         self.products_impl = products
+        # the kept passes' buffers of search's products, reused by every meta-update (search holds them until it
+        # returns; products() allocates its own)
+        self._passes_buffers: Dict[str, Tensor] = {}
         self.policy, self.spec = policy, policy.spec
         self.inner_lr, self.first_order, self.lr_mode = float(inner_lr), bool(first_order), lr_mode
         self.max_kl, self.cg_iters, self.cg_damping = float(max_kl), cg_iters, float(cg_damping)
@@ -189,7 +192,7 @@ class MAMLTRPO(nn.Module):
         after, and the accepted fraction of the full step). ``all_reduce`` (under torchrun): sums a tensor over the
         ranks, each holding a share of the tasks, for the meta-gradient, every Fisher-vector product and the line
         search's losses."""
-        m = self.products(support, query, all_reduce)
+        m = MetaProducts(self, support, query, all_reduce, self._passes_buffers)
         full_step = trpo_full_step(m.fisher_product, m.gradient, self.max_kl, self.cg_iters)
         before = m.before
         step_size = 1.0
@@ -222,11 +225,13 @@ class MetaProducts:
     """A meta-batch's products at the current meta-parameters (see the module's docstring), over flat vectors of the
     meta-parameters (MAMLTRPO.meta_parameters order): ``gradient`` (of the mean surrogate), ``fisher_product(v)``
     (F v + damping v), ``surrogate_and_kl(flat candidate)`` (the mean surrogate and KL after re-adapting at it).
-    The passes at theta (support) and at the adapted parameters (query) are computed once, here."""
+    The passes at theta (support) and at the adapted parameters (query) are computed once, here; ``buffers``: where
+    fused passes keep them (FusedPolicyPasses; MAMLTRPO.search passes its own, reused by every meta-update)."""
 
     @torch.no_grad()
     def __init__(self, algo: MAMLTRPO, support: TaskData, query: TaskData,
-                 all_reduce: Optional[Callable[[Tensor], Tensor]] = None):
+                 all_reduce: Optional[Callable[[Tensor], Tensor]] = None,
+                 buffers: Optional[Dict[str, Tensor]] = None):
         check_task_data(algo.spec, support, "support")
         check_task_data(algo.spec, query, "query")
         if support.observations.shape[0] != query.observations.shape[0]:
@@ -242,10 +247,16 @@ class MetaProducts:
         self.sizes = [p.numel() for p in self.theta] * (2 if self.learn_rates else 1)
         self.shapes = [p.shape for p in self.theta]
         passes = algo.passes_class(support.observations)
-        self.at_theta = passes(algo.spec, self.theta, support.observations)
+
+        def make(params, observations, key):  # buffers: the fused passes' (see FusedPolicyPasses)
+            if passes is FusedPolicyPasses:
+                return passes(algo.spec, params, observations, buffers, key)
+            return passes(algo.spec, params, observations)
+
+        self.at_theta = make(self.theta, support.observations, "support")
         _, self.g_support = self.at_theta.loss_grad(support.actions, support.weights)
         adapted = [p - lr * g for p, lr, g in zip(self.theta, self.rates, self.g_support)]
-        self.at_adapted = passes(algo.spec, adapted, query.observations)
+        self.at_adapted = make(adapted, query.observations, "query")
         self.old_log_prob, self.old_outputs = self.at_adapted.log_prob(query.actions), self.at_adapted.outputs()
         _, g_query = self.at_adapted.loss_grad(query.actions, query.weights)
         self.gradient = self.reduce_sum(self.flat(self.through_adaptation(g_query))) / self.tasks
