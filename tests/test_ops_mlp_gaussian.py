@@ -18,7 +18,7 @@ from conftest import DEVICES
 from mamlext import _ext, ops, reference
 from mamlext._checks import is_per_task, task_shapes
 from mamlext._mlp_codes import ACTIVATIONS, LOSSES
-from test_ops_mlp_weights import PATHS, cast
+from test_ops_mlp_weights import PATHS, assert_loss_grad_autograd, cast, maml_autograd_loop
 
 needs_ext = pytest.mark.skipif(_ext._C is None, reason="the compiled extension is not built")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -329,21 +329,8 @@ def maml_oracle(params, xs, ys, xq, yq, rates, step_weights, sw, qw, act, first_
     the rates."""
     sw = torch.ones(xs.shape[:2], dtype=xs.dtype) if sw is None else sw
     qw = torch.ones(xq.shape[:2], dtype=xq.dtype) if qw is None else qw
-    losses, metas, lr_grads = [], [], []
-    for t in range(xs.shape[0]):
-        theta = [p.detach().clone().requires_grad_() for p in params]
-        alpha = [r.detach().clone().requires_grad_() for r in rates]
-        current, total = theta, 0
-        for k, w_k in enumerate(step_weights.tolist()):
-            g = torch.autograd.grad(surrogate(current, xs[t], ys[t], sw[t], act), current,
-                                    create_graph=not first_order)
-            current = [cur - a[k] * (gi.detach() if first_order else gi) for cur, a, gi in zip(current, alpha, g)]
-            total = total + w_k * surrogate(current, xq[t], yq[t], qw[t], act)
-        d = torch.autograd.grad(total, theta + alpha)
-        losses.append(total.detach())
-        metas.append(d[:len(params)])
-        lr_grads.append(d[len(params):])
-    return torch.stack(losses), [torch.stack(m) for m in zip(*metas)], [torch.stack(r) for r in zip(*lr_grads)]
+    return maml_autograd_loop(params, xs, ys, xq, yq, rates, step_weights, sw, qw,
+                              lambda ps, x, y, w: surrogate(ps, x, y, w, act), first_order)
 
 
 def maml_case(sizes, steps, seed, per_element=False, tasks=3):
@@ -421,15 +408,7 @@ def test_autograd_and_gradcheck(log_std):
     """mlp_loss_grad's losses are differentiable w.r.t. params, log_std included (shared: summed over the tasks);
     the weights get no gradient."""
     params, x, y, _, weights = make_case([3, 4, 3], (1, 4) if log_std == "per_task" else (1,), tasks=2, rows=4)
-    leaves = [p.clone().requires_grad_() for p in params]
-    losses, grads = ops.mlp_loss_grad(leaves, x, y, "tanh", loss="gaussian", weights=weights)
-    losses.sum().backward()
-    for i, (leaf, g) in enumerate(zip(leaves, grads)):
-        expected = g if leaf.dim() == g.dim() else g.sum(0)
-        torch.testing.assert_close(leaf.grad, expected, rtol=1e-12, atol=1e-14, msg=f"params[{i}]")
-    assert torch.autograd.gradcheck(
-        lambda *ps: ops.mlp_loss_grad(list(ps), x, y, "tanh", loss="gaussian", weights=weights)[0],
-        [p.clone().requires_grad_() for p in params])
+    assert_loss_grad_autograd(params, x, y, "gaussian", weights)
 
 
 def test_mlp_maml_autograd_and_gradcheck():

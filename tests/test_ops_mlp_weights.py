@@ -139,18 +139,24 @@ def test_zero_weights_leave_padding_rows_out(loss):
         torch.testing.assert_close(task(hv), [scale * h for h in e_hv], rtol=1e-12, atol=1e-14)
 
 
-def test_autograd_and_gradcheck_with_weights():
-    """losses is differentiable w.r.t. params (first order) with the weights in it; the weights get no gradient."""
-    params, x, y, _, weights = make_case([3, 4, 3], (1,), "ce", tasks=2, rows=4)
+def assert_loss_grad_autograd(params, x, y, loss, weights):
+    """mlp_loss_grad's losses differentiable w.r.t. params (first order, a shared one's gradient summed over the
+    tasks) with the weights in them; a float64 gradcheck."""
     leaves = [p.clone().requires_grad_() for p in params]
-    losses, grads = ops.mlp_loss_grad(leaves, x, y, "tanh", loss="ce", weights=weights)
+    losses, grads = ops.mlp_loss_grad(leaves, x, y, "tanh", loss=loss, weights=weights)
     losses.sum().backward()
     for i, (leaf, g) in enumerate(zip(leaves, grads)):
         expected = g if leaf.dim() == g.dim() else g.sum(0)
         torch.testing.assert_close(leaf.grad, expected, rtol=1e-12, atol=1e-14, msg=f"params[{i}]")
     assert torch.autograd.gradcheck(
-        lambda *ps: ops.mlp_loss_grad(list(ps), x, y, "tanh", loss="ce", weights=weights)[0],
+        lambda *ps: ops.mlp_loss_grad(list(ps), x, y, "tanh", loss=loss, weights=weights)[0],
         [p.clone().requires_grad_() for p in params])
+
+
+def test_autograd_and_gradcheck_with_weights():
+    """losses is differentiable w.r.t. params (first order) with the weights in it; the weights get no gradient."""
+    params, x, y, _, weights = make_case([3, 4, 3], (1,), "ce", tasks=2, rows=4)
+    assert_loss_grad_autograd(params, x, y, "ce", weights)
 
 
 def test_opcheck_and_fake_kernels_with_weights():
@@ -215,15 +221,22 @@ def maml_oracle(params, xs, ys, xq, yq, rates, step_weights, sw, qw, act, loss, 
             return (w.unsqueeze(-1) * (h - y) ** 2).sum() / h.numel()
         return -(w * torch.log_softmax(h, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)).mean()
 
+    return maml_autograd_loop(params, xs, ys, xq, yq, rates, step_weights, sw, qw, weighted_loss, first_order)
+
+
+def maml_autograd_loop(params, xs, ys, xq, yq, rates, step_weights, sw, qw, task_loss, first_order):
+    """Per task: N inner steps theta_{k+1} = theta_k - rates[:, k] * grad task_loss(support) (create_graph unless
+    first order), sum_k w_k task_loss(query, theta_{k+1}), and its gradients w.r.t. params and rates. task_loss(ps,
+    x, y, w) is one task's weighted loss; sw, qw the support's and query's row weights [T, K]."""
     losses, metas, lr_grads = [], [], []
     for t in range(xs.shape[0]):
         theta = [p.detach().clone().requires_grad_() for p in params]
         alpha = [r.detach().clone().requires_grad_() for r in rates]
         current, total = theta, 0
         for k, w_k in enumerate(step_weights.tolist()):
-            g = torch.autograd.grad(weighted_loss(current, xs[t], ys[t], sw[t]), current, create_graph=not first_order)
+            g = torch.autograd.grad(task_loss(current, xs[t], ys[t], sw[t]), current, create_graph=not first_order)
             current = [c - a[k] * (gi.detach() if first_order else gi) for c, a, gi in zip(current, alpha, g)]
-            total = total + w_k * weighted_loss(current, xq[t], yq[t], qw[t])
+            total = total + w_k * task_loss(current, xq[t], yq[t], qw[t])
         d = torch.autograd.grad(total, theta + alpha)
         losses.append(total.detach())
         metas.append(d[:len(params)])

@@ -99,6 +99,17 @@ def dot(a, b):
     return sum((x * y).sum() for x, y in zip(a, b))
 
 
+def passes_case(dist, act, per_task, g, T=3, K=7):
+    """(spec, params shared or per task, observations, actions, weights with padding rows) in float64."""
+    spec = make_spec(dist, act)
+    params = random_params(spec, g, T if per_task else None)
+    x = torch.randn(T, K, 3, generator=g, dtype=F64)
+    a = random_actions(spec, g, T, K)
+    w = torch.randn(T, K, generator=g, dtype=F64)
+    w[0, -2:] = 0.0                          # padding rows
+    return spec, params, x, a, w
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 1. PolicyPasses
 
@@ -131,13 +142,8 @@ def test_policy_param_list_matches_spec_and_forward():
 def test_policy_passes_against_autograd(dist, act, params_mode, reduce, impl):
     T, K = 3, 7
     g = gen(10)
-    spec = make_spec(dist, act)
     per_task = params_mode == "per_task"
-    params = random_params(spec, g, T if per_task else None)
-    x = torch.randn(T, K, 3, generator=g, dtype=F64)
-    a = random_actions(spec, g, T, K)
-    w = torch.randn(T, K, generator=g, dtype=F64)
-    w[0, -2:] = 0.0                          # padding rows
+    spec, params, x, a, w = passes_case(dist, act, per_task, g, T, K)
     w[2, 0] = 0.0
     c = torch.rand(T, K, generator=g, dtype=F64)
     c[0, -2:] = 0.0
@@ -193,15 +199,9 @@ def test_policy_passes_against_autograd(dist, act, params_mode, reduce, impl):
 def test_policy_gradient_on_the_fused_op(dist, act, params_mode, device):
     """policy_gradient (the fused MLP op, loss "gaussian" or "ce") is loss_grad's gradient and the autograd oracle's,
     padding rows included; it refuses what check_samples refuses."""
-    T, K = 3, 7
-    g = gen(11)
-    spec = make_spec(dist, act)
+    T = 3
     per_task = params_mode == "per_task"
-    params = random_params(spec, g, T if per_task else None)
-    x = torch.randn(T, K, 3, generator=g, dtype=F64)
-    a = random_actions(spec, g, T, K)
-    w = torch.randn(T, K, generator=g, dtype=F64)
-    w[0, -2:] = 0.0
+    spec, params, x, a, w = passes_case(dist, act, per_task, gen(11), T)
     fused = policy_gradient(spec, [p.to(device) for p in params], x.to(device), a.to(device), w.to(device))
     assert_rel([f.cpu() for f in fused], PolicyPasses(spec, params, x).loss_grad(a, w)[1], 1e-12, "loss_grad")
     for t in range(T):
