@@ -16,7 +16,8 @@ Per sample, with e = a - mu and iv = exp(-2 s):
                 Hessian: mu-mu w iv, mu-s 2 w e iv, s-s 2 w e^2 iv; Fisher: mu-mu iv, s-s 2, mu-s 0.
   Categorical:  -log pi = lse(z) - z_a; dL/dz = w (p - onehot(a)); Hessian (and Fisher with c) w (diag(p) - p p^T).
 The forward activations and the backward pass at the parameters are computed once (construction, loss_grad) and
-reused by every product, as conjugate gradient calls them repeatedly at the same parameters.
+reused by every product, as conjugate gradient calls them repeatedly at the same parameters. FusedPolicyPasses (below)
+computes the same on the fused MLP kernels (CPU), and policy_gradient the gradient alone.
 
 Layout, for speed on the CPU: every product is a batched GEMM over the tasks (MKL runs T GEMMs of K rows faster
 than one tall GEMM of T * K rows), and each layer's input is kept with a column of ones, [h | 1], so
@@ -385,7 +386,8 @@ class FusedPolicyPasses(PolicyPasses):
         the last layer's [K, A] last among them), else a forward pass."""
         if self._out is None:
             if self._kept is None:
-                return PolicyPasses(self.spec, self.params, self.x).out
+                self._out = PolicyPasses(self.spec, self.params, self.x).out
+                return self._out
             K, A = self.x.shape[1], self.spec.action_dim
             z_width = sum(self.spec.widths[1:])  # the layers' output widths
             self._out = self._kept[2][:, K * (z_width - A):K * z_width].view(self.tasks, K, A)
