@@ -232,9 +232,14 @@ def test_fused_fisher_product_without_loss_grad(dist):
         FusedPolicyPasses(spec, [p.half() for p in params], x.half())
 
 
-def test_hvp_before_loss_grad_refused():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_hvp_before_loss_grad_refused(impl):
+    """The Hessian is loss_grad's loss: before it, also after a Fisher product (which needs no loss), hvp refuses."""
     spec = make_spec("gaussian", "relu")
-    passes = PolicyPasses(spec, random_params(spec, gen(0)), torch.zeros(2, 3, 3, dtype=F64))
+    passes = PASSES[impl](spec, random_params(spec, gen(0)), torch.zeros(2, 3, 3, dtype=F64))
+    with pytest.raises(RuntimeError, match="loss_grad"):
+        passes.hvp(random_params(spec, gen(1)))
+    passes.gauss_newton(random_params(spec, gen(2)), torch.ones(2, 3, dtype=F64))
     with pytest.raises(RuntimeError, match="loss_grad"):
         passes.hvp(random_params(spec, gen(1)))
 

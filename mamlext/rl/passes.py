@@ -374,8 +374,10 @@ class FusedPolicyPasses(PolicyPasses):
             self.inv_var = torch.exp(-2 * self.log_std)
         loss = "gaussian" if spec.distribution == "gaussian" else "ce"
         self._codes = ops.mlp_codes("FusedPolicyPasses", spec.activation, None, loss)
-        # (actions, the op's weights, passes) of the last loss_grad: the products are that loss's
+        # (actions, the op's weights, passes) that the products read, and whether they are loss_grad's (the loss
+        # whose Hessian hvp multiplies) rather than made for a Fisher product alone
         self._kept: Optional[Tuple[Tensor, Tensor, Tensor]] = None
+        self._loss_kept = False
         self._out: Optional[Tensor] = None
         self._log_softmax: Optional[Tensor] = None
         self._buffers, self._key = ({} if buffers is None else buffers), key
@@ -405,12 +407,19 @@ class FusedPolicyPasses(PolicyPasses):
 
     def loss_grad(self, actions: Tensor, weights: Tensor, reduce: bool = False) -> Tuple[Tensor, List[Tensor]]:
         check_samples(self.spec, self.x, actions, weights)
+        losses, grads = self._keep_passes(actions, weights)
+        self._loss_kept = True
+        return losses, [g.sum(0) for g in grads] if reduce else grads
+
+    def _keep_passes(self, actions: Tensor, weights: Tensor) -> Tuple[Tensor, List[Tensor]]:
+        """The loss's passes into the buffer, kept for the products; returns the loss and its gradient per task."""
         op_weights = weights * self.x.shape[1]  # the op averages over the K samples
         passes = self._passes_buffer()
         losses, grads = torch.ops.mamlext._mlp_passes(self.params, self.x, actions, *self._codes, op_weights, passes)
         self._kept = (actions, op_weights, passes)
+        self._loss_kept = False
         self._out = None
-        return losses, [g.sum(0) for g in grads] if reduce else grads
+        return losses, grads
 
     def _passes_buffer(self) -> Tensor:
         """The [T, 4 K W] buffer for the passes (z, h, dz, dh of every layer, W the layers' output widths summed)."""
@@ -436,17 +445,14 @@ class FusedPolicyPasses(PolicyPasses):
         return [o.sum(0) for o in out] if reduce else out
 
     def hvp(self, vectors: Sequence[Tensor], reduce: bool = False) -> List[Tensor]:
-        if self._kept is None:
+        if not self._loss_kept:
             raise RuntimeError("PolicyPasses.hvp: call loss_grad first (the Hessian is that loss's)")
         return self._products(vectors, None, reduce)
 
     def gauss_newton(self, vectors: Sequence[Tensor], weights: Tensor, reduce: bool = False) -> List[Tensor]:
         check_samples(self.spec, self.x, weights=weights)
-        if self._kept is None:  # the Fisher reads the forward passes only: any actions and weights make them
-            self.loss_grad(self._any_actions(), weights)
+        if self._kept is None:  # the Fisher reads the forward passes only (z, h): any actions make them
+            T, K = self.x.shape[:2]
+            self._keep_passes(self.x.new_zeros(T, K, self.spec.action_dim) if self.spec.distribution == "gaussian"
+                              else torch.zeros(T, K, dtype=torch.int64, device=self.x.device), weights)
         return self._products(vectors, weights, reduce)
-
-    def _any_actions(self) -> Tensor:
-        if self.spec.distribution == "gaussian":
-            return self.out.detach().clone()
-        return torch.zeros(self.x.shape[:2], dtype=torch.int64, device=self.x.device)
