@@ -336,7 +336,7 @@ def mlp_maml_mean(params: Sequence[Tensor], xs: Tensor, ys: Tensor, xq: Tensor, 
 def _mlp_loss_grad_fake(params, x, y, activation, act_param, loss, weights=None):
     _checks.check_mlp_loss_grad(params, x, y, activation, act_param, loss, check_values=False, weights=weights)
     tasks = x.shape[0]
-    return x.new_empty(tasks), [params[0].new_empty(s) for s in reference._task_shapes(params, tasks)]
+    return x.new_empty(tasks), [params[0].new_empty(s) for s in _checks.task_shapes(params, tasks)]
 
 
 def _mlp_hvp_fake(params, vectors, x, y, activation, act_param, loss, weights=None, gauss_newton=False):

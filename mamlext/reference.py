@@ -125,10 +125,6 @@ def _per_task(params: Sequence[Tensor], tasks: int) -> List[Tensor]:
     return [p if is_per_task(i, p, len(params)) else p.expand(tasks, *p.shape) for i, p in enumerate(params)]
 
 
-def _task_shapes(params: Sequence[Tensor], tasks: int) -> List[List[int]]:
-    return task_shapes(params, tasks)
-
-
 def _rows_weights(weights: Optional[Tensor], x: Tensor) -> Tensor:
     """The rows' weights [T, K] (ones when None), for torch.func.vmap."""
     return x.new_ones(x.shape[:2]) if weights is None else weights
@@ -141,7 +137,7 @@ def mlp_loss_grad(params: Sequence[Tensor], x: Tensor, y: Tensor, activation: in
     check_mlp_loss_grad(params, x, y, activation, act_param, loss, weights=weights)
     tasks = x.shape[0]
     if tasks == 0 or x.shape[1] == 0:  # no rows: the mean of nothing is nan (as F.mse_loss), the gradient 0
-        return (x.new_full((tasks,), math.nan), [params[0].new_zeros(s) for s in _task_shapes(params, tasks)])
+        return (x.new_full((tasks,), math.nan), [params[0].new_zeros(s) for s in task_shapes(params, tasks)])
 
     task_loss = _task_loss(activation, act_param, loss)
     grads, losses = torch.func.vmap(torch.func.grad_and_value(task_loss))(_per_task(params, tasks), x, y,
@@ -159,7 +155,7 @@ def mlp_hvp(params: Sequence[Tensor], vectors: Sequence[Tensor], x: Tensor, y: T
     check_mlp_hvp(params, vectors, x, y, activation, act_param, loss, weights=weights)
     tasks = x.shape[0]
     if tasks == 0 or x.shape[1] == 0:
-        return [params[0].new_zeros(s) for s in _task_shapes(params, tasks)]
+        return [params[0].new_zeros(s) for s in task_shapes(params, tasks)]
 
     task_loss = _task_loss(activation, act_param, loss)
 

@@ -10,6 +10,7 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from mamlext import _ext, ops, reference
+from mamlext._checks import task_shapes
 from mamlext._mlp_codes import ACTIVATIONS, LOSSES
 
 from conftest import DEVICES
@@ -209,7 +210,7 @@ def test_mlp_hvp_matches_oracle(device, impl, dtype, loss, act):
     for sizes, per_task in ARCHS:
         params = make_params(sizes, 3, dtype, device, gen, per_task)
         x, y = make_data(sizes, 3, 5, loss, dtype, device, gen)
-        vectors = [rand(gen, *s, dtype=dtype, device=device) for s in reference._task_shapes(params, 3)]
+        vectors = [rand(gen, *s, dtype=dtype, device=device) for s in task_shapes(params, 3)]
         out = call(impl, "mlp_hvp", params, vectors, x, y, *codes(act, loss))
         assert_rel(out, oracle_hvp(sizes, act, loss, params, vectors, x, y), dtype, f"{sizes} hvp")
 
@@ -522,7 +523,7 @@ def _opcheck_args(name):
     if name == "mlp_loss_grad":
         return (params, x, y, *c), True
     if name == "mlp_hvp":
-        vectors = [rand(gen, *s) for s in reference._task_shapes(params, 2)]
+        vectors = [rand(gen, *s) for s in task_shapes(params, 2)]
         return (params, vectors, x, y, *c), False  # no autograd formula: no input requires grad
     lrs = make_rates(params, 2, "mixed", torch.float64, "cpu", gen)
     return (params, x, y, x, y, lrs, torch.tensor([0.5, 1.0], dtype=torch.float64), False, *c), True

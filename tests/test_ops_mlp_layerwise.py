@@ -11,6 +11,7 @@ import torch
 
 from conftest import DEVICES
 from mamlext import _ext, ops, reference
+from mamlext._checks import task_shapes
 from mamlext._mlp_codes import ACTIVATIONS, LOSSES
 
 pytestmark = pytest.mark.skipif(_ext._C is None, reason="the compiled extension is not built")
@@ -119,7 +120,7 @@ def test_loss_grad_and_hvp(dtype, loss, act, device):
         tasks = 3
         params = make_params(sizes, tasks, dtype, gen, per_task)
         x, y = make_data(sizes, tasks, 5, loss, dtype, gen)
-        vectors = [rand(gen, *s, dtype=dtype) for s in reference._task_shapes(params, tasks)]
+        vectors = [rand(gen, *s, dtype=dtype) for s in task_shapes(params, tasks)]
         losses, grads = loss_grad(on(device, params), *on(device, [x, y]), *c)
         e_losses, e_grads = reference.mlp_loss_grad(f64(params), *f64([x, y]), *c)
         assert_rel(losses.cpu(), e_losses, dtype, f"{sizes} losses")
@@ -251,8 +252,8 @@ def test_zero_tasks(loss):
     x, y = make_data(sizes, 0, 2, loss, torch.float64, gen)
     c = codes("tanh", loss)
     losses, grads = loss_grad(params, x, y, *c)
-    assert losses.shape == (0,) and [list(g.shape) for g in grads] == reference._task_shapes(params, 0)
-    vectors = [torch.ones(s, dtype=torch.float64) for s in reference._task_shapes(params, 0)]
+    assert losses.shape == (0,) and [list(g.shape) for g in grads] == task_shapes(params, 0)
+    vectors = [torch.ones(s, dtype=torch.float64) for s in task_shapes(params, 0)]
     assert [o.shape for o in hvp(params, vectors, x, y, *c)] == [v.shape for v in vectors]
     shared = make_params(sizes, 0, torch.float64, gen)
     lrs = [torch.full((2,), 0.1, dtype=torch.float64) for _ in shared[:-1]] + [torch.full((2, 2), 0.1,

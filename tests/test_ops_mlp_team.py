@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mamlext import _ext, reference
+from mamlext._checks import task_shapes
 from mamlext._mlp_codes import ACTIVATIONS, LOSSES
 
 from conftest import GPU
@@ -114,7 +115,7 @@ def check_loss_grad_and_hvp(loss, device, path, team_threads=0):
         params = [p.detach().double() for p in mlp(widths, "gelu").parameters()]
         params[0] = params[0].expand(3, *params[0].shape).contiguous()  # one per-task tensor
         x, y = make_tasks(widths, 3, 10, 0, loss, torch.float64, "cpu", gen)[:2]
-        vectors = [torch.randn(s, generator=gen, dtype=torch.float64) for s in reference._task_shapes(params, 3)]
+        vectors = [torch.randn(s, generator=gen, dtype=torch.float64) for s in task_shapes(params, 3)]
         on_device = cast([params, vectors, x, y], torch.float64, device)
         losses, grads = torch.ops.mamlext._mlp_loss_grad_path(on_device[0], *on_device[2:], *c, path, team_threads)
         hv = torch.ops.mamlext._mlp_hvp_path(*on_device, *c, path, team_threads)

@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 from conftest import DEVICES
 from mamlext import _ext, ops, reference
+from mamlext._checks import task_shapes
 from mamlext._mlp_codes import ACTIVATIONS, LOSSES
 
 pytestmark = pytest.mark.skipif(_ext._C is None, reason="the compiled extension is not built")
@@ -39,7 +40,7 @@ def make_case(sizes, per_task, loss, tasks=3, rows=5, seed=0):
         y = torch.randn(tasks, rows, sizes[-1], generator=gen, dtype=torch.float64)
     else:
         y = torch.randint(0, sizes[-1], (tasks, rows), generator=gen)
-    vectors = [torch.randn(*s, generator=gen, dtype=torch.float64) for s in reference._task_shapes(params, tasks)]
+    vectors = [torch.randn(*s, generator=gen, dtype=torch.float64) for s in task_shapes(params, tasks)]
     weights = torch.randn(tasks, rows, generator=gen, dtype=torch.float64)
     weights[0, -1] = 0.0
     return params, x, y, vectors, weights
