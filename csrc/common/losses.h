@@ -108,7 +108,9 @@ C10_HOST_DEVICE inline scalar_t softmax_row(int64_t O, const scalar_t* __restric
 }
 
 // The Gaussian's loss (returned to every member), dz = dL/dz when dz is not null and, when param.out is not null,
-// dL/ds into it. The team splits the rows; each dL/ds_j is one team sum.
+// dL/ds into it. Per output j (iv_j once), the team splits the rows:
+//   L = (sum_k w_k (sum_j s_j + O log(2 pi) / 2) + sum_j iv_j S_j / 2) / K,  S_j = sum_k w_k e_kj^2,
+//   dL/ds_j = (sum_k w_k - iv_j S_j) / K  (each a team sum; no rows: 0, as torch's).
 template <typename Team, typename scalar_t>
 C10_HOST_DEVICE inline scalar_t gaussian_forward_backward(const Team& team, int64_t K, int64_t O,
                                                           const scalar_t* __restrict__ z, LossTarget<scalar_t> y,
@@ -116,29 +118,25 @@ C10_HOST_DEVICE inline scalar_t gaussian_forward_backward(const Team& team, int6
   const scalar_t* __restrict__ w = y.weights;
   const scalar_t* __restrict__ s = param.value;
   const scalar_t inv_k = scalar_t(1) / static_cast<scalar_t>(K);
-  const scalar_t row_constant = static_cast<scalar_t>(O) * static_cast<scalar_t>(kHalfLog2Pi);
-  scalar_t sum = 0;
-  for (int64_t k = team.rank(); k < K; k += team.size()) {
-    const scalar_t w_k = w == nullptr ? scalar_t(1) : w[k];
-    scalar_t row = row_constant;
-    for (int64_t j = 0; j < O; ++j) {
+  scalar_t weight_sum = 0;
+  for (int64_t k = team.rank(); k < K; k += team.size()) weight_sum += w == nullptr ? scalar_t(1) : w[k];
+  scalar_t row_constant = static_cast<scalar_t>(O) * static_cast<scalar_t>(kHalfLog2Pi);
+  for (int64_t j = 0; j < O; ++j) row_constant += s[j];
+  scalar_t sum = weight_sum * row_constant;
+  const scalar_t all_weights = param.out != nullptr ? team.sum(weight_sum) : scalar_t(0);
+  for (int64_t j = 0; j < O; ++j) {
+    const scalar_t iv = std::exp(scalar_t(-2) * s[j]);
+    scalar_t squares = 0;
+    for (int64_t k = team.rank(); k < K; k += team.size()) {
+      const scalar_t w_k = w == nullptr ? scalar_t(1) : w[k];
       const scalar_t e = y.values[k * O + j] - z[k * O + j];
-      const scalar_t iv = std::exp(scalar_t(-2) * s[j]);
-      row += scalar_t(0.5) * e * e * iv + s[j];
+      squares += w_k * e * e;
       if (dz != nullptr) dz[k * O + j] = -(w_k * inv_k) * e * iv;
     }
-    sum += w_k * row;
-  }
-  if (param.out != nullptr) {
-    for (int64_t j = 0; j < O; ++j) {  // dL/ds_j = mean_k w_k (1 - e_kj^2 iv_j)
-      const scalar_t iv = std::exp(scalar_t(-2) * s[j]);
-      scalar_t partial = 0;
-      for (int64_t k = team.rank(); k < K; k += team.size()) {
-        const scalar_t e = y.values[k * O + j] - z[k * O + j];
-        partial += (w == nullptr ? scalar_t(1) : w[k]) * (scalar_t(1) - e * e * iv);
-      }
-      const scalar_t total = team.sum(partial);
-      if (team.rank() == 0) param.out[j] = K == 0 ? scalar_t(0) : total * inv_k;  // no rows: 0, as torch's
+    sum += scalar_t(0.5) * iv * squares;
+    if (param.out != nullptr) {
+      const scalar_t all_squares = team.sum(squares);
+      if (team.rank() == 0) param.out[j] = K == 0 ? scalar_t(0) : (all_weights - iv * all_squares) * inv_k;
     }
   }
   return team.sum(sum) * inv_k;
@@ -207,7 +205,7 @@ C10_HOST_DEVICE inline scalar_t loss_forward_backward(const Team& team, Loss los
   return team.sum(sum) * inv_k;
 }
 
-// loss_r_backward of the gaussian loss (below).
+// loss_r_backward of the gaussian loss (below): per output j (iv_j once), rdz's column and the team sum for s_j.
 template <typename Team, typename scalar_t>
 C10_HOST_DEVICE inline void gaussian_r_backward(const Team& team, int64_t K, int64_t O, const scalar_t* __restrict__ z,
                                                 LossTarget<scalar_t> y, const scalar_t* __restrict__ rz,
@@ -216,28 +214,23 @@ C10_HOST_DEVICE inline void gaussian_r_backward(const Team& team, int64_t K, int
   const scalar_t* __restrict__ s = param.value;
   const scalar_t* __restrict__ vs = param.direction;
   const scalar_t inv_k = scalar_t(1) / static_cast<scalar_t>(K);
-  for (int64_t k = team.rank(); k < K; k += team.size()) {
-    const scalar_t scale = (w == nullptr ? scalar_t(1) : w[k]) * inv_k;
-    for (int64_t j = 0; j < O; ++j) {
-      const scalar_t iv = std::exp(scalar_t(-2) * s[j]);
-      const scalar_t cross = fisher ? scalar_t(0) : scalar_t(2) * (y.values[k * O + j] - z[k * O + j]) * vs[j];
-      rdz[k * O + j] = scale * iv * (rz[k * O + j] + cross);
-    }
-  }
   for (int64_t j = 0; j < O; ++j) {
     const scalar_t iv = std::exp(scalar_t(-2) * s[j]);
-    scalar_t partial = 0;
+    scalar_t partial = 0;  // sum_k w_k (fisher: 1; else e iv (rz + e v_s))
     for (int64_t k = team.rank(); k < K; k += team.size()) {
       const scalar_t w_k = w == nullptr ? scalar_t(1) : w[k];
+      const int64_t o = k * O + j;
       if (fisher) {
-        partial += w_k * scalar_t(2) * vs[j];
+        rdz[o] = w_k * inv_k * iv * rz[o];
+        partial += w_k;
       } else {
-        const scalar_t e = y.values[k * O + j] - z[k * O + j];
-        partial += w_k * scalar_t(2) * e * iv * (rz[k * O + j] + e * vs[j]);
+        const scalar_t e = y.values[o] - z[o];
+        rdz[o] = w_k * inv_k * iv * (rz[o] + scalar_t(2) * e * vs[j]);
+        partial += w_k * e * iv * (rz[o] + e * vs[j]);
       }
     }
     const scalar_t total = team.sum(partial);
-    if (team.rank() == 0) param.out[j] = K == 0 ? scalar_t(0) : total * inv_k;
+    if (team.rank() == 0) param.out[j] = K == 0 ? scalar_t(0) : scalar_t(2) * (fisher ? total * vs[j] : total) * inv_k;
   }
 }
 
