@@ -18,7 +18,7 @@ from conftest import DEVICES
 from mamlext import _ext, ops, reference
 from mamlext._checks import is_per_task, task_shapes
 from mamlext._mlp_codes import ACTIVATIONS, LOSSES
-from test_ops_mlp_weights import PATHS, assert_loss_grad_autograd, cast, maml_autograd_loop
+from test_ops_mlp_weights import PATHS, assert_loss_grad_autograd, cast, maml_autograd_loop, mlp_maml_on
 
 needs_ext = pytest.mark.skipif(_ext._C is None, reason="the compiled extension is not built")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -542,15 +542,5 @@ def _bad_maml_cases():
 def test_mlp_maml_bad_input_is_refused_by_name(impl, case):
     _, xs, _, xq, _, _, step_weights, sw, qw = maml_case([3, 4, 2], 2, seed=4)
     params, rates, ys, yq, loss, message = _bad_maml_cases()[case]
-    c = codes("tanh", loss)
     with pytest.raises(ValueError, match=message):
-        if impl == "ops":
-            ops.mlp_maml(params, xs, ys, xq, yq, rates, step_weights, activation="tanh", loss=loss,
-                         support_weights=sw, query_weights=qw)
-        elif impl == "reference":
-            reference.mlp_maml(params, xs, ys, xq, yq, rates, step_weights, False, *c, sw, qw)
-        elif impl == "torch.ops":
-            torch.ops.mamlext.mlp_maml(params, xs, ys, xq, yq, rates, step_weights, False, *c, sw, qw)
-        else:
-            torch.ops.mamlext._mlp_maml_path(params, xs, ys, xq, yq, rates, step_weights, False, *c, "layerwise", 0,
-                                             sw, qw)
+        mlp_maml_on(impl, params, xs, ys, xq, yq, rates, step_weights, loss, sw, qw)

@@ -292,23 +292,27 @@ def test_mlp_maml_weights_autograd_and_opcheck():
                            step_weights.to("meta"), False, *c, sw.to("meta"), sw.to("meta"))
 
 
+def mlp_maml_on(impl, params, xs, ys, xq, yq, rates, step_weights, loss, support, query):
+    """mlp_maml (second order, tanh) through one entry point: ops, reference, torch.ops or the layerwise path."""
+    c = codes("tanh", loss)
+    if impl == "ops":
+        return ops.mlp_maml(params, xs, ys, xq, yq, rates, step_weights, activation="tanh", loss=loss,
+                            support_weights=support, query_weights=query)
+    if impl == "reference":
+        return reference.mlp_maml(params, xs, ys, xq, yq, rates, step_weights, False, *c, support, query)
+    if impl == "torch.ops":
+        return torch.ops.mamlext.mlp_maml(params, xs, ys, xq, yq, rates, step_weights, False, *c, support, query)
+    return torch.ops.mamlext._mlp_maml_path(params, xs, ys, xq, yq, rates, step_weights, False, *c, "layerwise", 0,
+                                            support, query)
+
+
 @pytest.mark.parametrize("impl", ["ops", "reference", "torch.ops", "layerwise"])
 def test_mlp_maml_bad_weights_are_refused_by_name(impl):
     params, xs, ys, xq, yq, rates, step_weights, sw, qw = maml_case([3, 4, 2], "ce", 2, seed=4)
-    c = codes("tanh", "ce")
     cases = [((qw, qw), r"support_weights \(one weight per row\) must be \[T, K\] = \[3, 5\]"),
              ((sw, sw), r"query_weights \(one weight per row\) must be \[T, K\] = \[3, 4\]"),
              ((sw.clone().fill_(math.inf), qw), "support_weights must be finite"),
              ((sw, qw.float()), "query_weights")]
     for (support, query), message in cases:
         with pytest.raises(ValueError, match=message):
-            if impl == "ops":
-                ops.mlp_maml(params, xs, ys, xq, yq, rates, step_weights, activation="tanh", loss="ce",
-                             support_weights=support, query_weights=query)
-            elif impl == "reference":
-                reference.mlp_maml(params, xs, ys, xq, yq, rates, step_weights, False, *c, support, query)
-            elif impl == "torch.ops":
-                torch.ops.mamlext.mlp_maml(params, xs, ys, xq, yq, rates, step_weights, False, *c, support, query)
-            else:
-                torch.ops.mamlext._mlp_maml_path(params, xs, ys, xq, yq, rates, step_weights, False, *c, "layerwise",
-                                                 0, support, query)
+            mlp_maml_on(impl, params, xs, ys, xq, yq, rates, step_weights, "ce", support, query)
