@@ -72,7 +72,9 @@ C10_HOST_DEVICE inline scalar_t activation_value(scalar_t z, scalar_t param) {
 template <Activation A, typename scalar_t>
 C10_HOST_DEVICE inline scalar_t activation_derivative(scalar_t z, scalar_t h, scalar_t param) {
   if constexpr (A == Activation::kRelu) {
-    return z <= scalar_t(0) ? scalar_t(0) : scalar_t(1);
+    // From h, which is 0 exactly where z <= 0 and NaN where z is: the same value, and a pass that reads h for its
+    // products anyway need not stream z from memory too.
+    return h <= scalar_t(0) ? scalar_t(0) : scalar_t(1);
   } else if constexpr (A == Activation::kLeakyRelu) {
     return z > scalar_t(0) ? scalar_t(1) : param;
   } else if constexpr (A == Activation::kTanh) {

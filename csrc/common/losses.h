@@ -71,6 +71,15 @@ struct LossTarget {
   const scalar_t* values = nullptr;
   const int64_t* classes = nullptr;
   const scalar_t* weights = nullptr;
+
+  // The targets of rows k0, k0 + 1, ... (O outputs per row).
+  C10_HOST_DEVICE LossTarget<scalar_t> rows_from(int64_t k0, int64_t O) const {
+    LossTarget<scalar_t> target;
+    if (values != nullptr) target.values = values + k0 * O;
+    if (classes != nullptr) target.classes = classes + k0;
+    if (weights != nullptr) target.weights = weights + k0;
+    return target;
+  }
 };
 
 // The targets of T tasks, contiguous: values [T, K, O] (mse) or classes [T, K] (ce), and the rows' weights [T, K]
@@ -209,11 +218,12 @@ C10_HOST_DEVICE inline scalar_t loss_forward_backward(const Team& team, Loss los
 template <typename Team, typename scalar_t>
 C10_HOST_DEVICE inline void gaussian_r_backward(const Team& team, int64_t K, int64_t O, const scalar_t* __restrict__ z,
                                                 LossTarget<scalar_t> y, const scalar_t* __restrict__ rz,
-                                                scalar_t* __restrict__ rdz, LossParam<scalar_t> param, bool fisher) {
+                                                scalar_t* __restrict__ rdz, LossParam<scalar_t> param, bool fisher,
+                                                int64_t mean_rows, bool accumulate_param) {
   const scalar_t* __restrict__ w = y.weights;
   const scalar_t* __restrict__ s = param.value;
   const scalar_t* __restrict__ vs = param.direction;
-  const scalar_t inv_k = scalar_t(1) / static_cast<scalar_t>(K);
+  const scalar_t inv_k = scalar_t(1) / static_cast<scalar_t>(mean_rows);
   for (int64_t j = 0; j < O; ++j) {
     const scalar_t iv = std::exp(scalar_t(-2) * s[j]);
     scalar_t partial = 0;  // sum_k w_k (fisher: 1; else e iv (rz + e v_s))
@@ -230,7 +240,10 @@ C10_HOST_DEVICE inline void gaussian_r_backward(const Team& team, int64_t K, int
       }
     }
     const scalar_t total = team.sum(partial);
-    if (team.rank() == 0) param.out[j] = K == 0 ? scalar_t(0) : scalar_t(2) * (fisher ? total * vs[j] : total) * inv_k;
+    if (team.rank() == 0) {
+      const scalar_t part = mean_rows == 0 ? scalar_t(0) : scalar_t(2) * (fisher ? total * vs[j] : total) * inv_k;
+      param.out[j] = accumulate_param ? param.out[j] + part : part;
+    }
   }
 }
 
@@ -244,19 +257,23 @@ C10_HOST_DEVICE inline void gaussian_r_backward(const Team& team, int64_t K, int
 //   rdz = w_k iv rz_k / K and mean_k 2 w_k v_s.
 // The team splits mse by elements (by rows when weighted), ce and gaussian by rows (no sync: the caller separates
 // passes; gaussian's sums for s are team sums).
+// The means are over mean_rows rows (negative: K): a tile of K of a task's rows passes the task's row count, and
+// with accumulate_param adds its part for the loss's parameter to param.out.
 template <typename Team, typename scalar_t>
 C10_HOST_DEVICE inline void loss_r_backward(const Team& team, Loss loss, int64_t K, int64_t O,
                                             const scalar_t* __restrict__ z, LossTarget<scalar_t> y,
                                             const scalar_t* __restrict__ rz, scalar_t* __restrict__ rdz,
-                                            LossParam<scalar_t> param = LossParam<scalar_t>(), bool fisher = false) {
+                                            LossParam<scalar_t> param = LossParam<scalar_t>(), bool fisher = false,
+                                            int64_t mean_rows = -1, bool accumulate_param = false) {
+  if (mean_rows < 0) mean_rows = K;
   if (loss == Loss::kGaussian) {
-    gaussian_r_backward(team, K, O, z, y, rz, rdz, param, fisher);
+    gaussian_r_backward(team, K, O, z, y, rz, rdz, param, fisher, mean_rows, accumulate_param);
     return;
   }
   const scalar_t* __restrict__ w = y.weights;
   if (loss == Loss::kMse) {
     const int64_t n = K * O;
-    const scalar_t scale = scalar_t(2) / static_cast<scalar_t>(n);
+    const scalar_t scale = scalar_t(2) / static_cast<scalar_t>(mean_rows * O);
     if (w == nullptr) {
       for (int64_t j = team.rank(); j < n; j += team.size()) rdz[j] = scale * rz[j];
       return;
@@ -266,7 +283,7 @@ C10_HOST_DEVICE inline void loss_r_backward(const Team& team, Loss loss, int64_t
     }
     return;
   }
-  const scalar_t inv_k = scalar_t(1) / static_cast<scalar_t>(K);
+  const scalar_t inv_k = scalar_t(1) / static_cast<scalar_t>(mean_rows);
   for (int64_t k = team.rank(); k < K; k += team.size()) {
     const scalar_t* r = rz + k * O;
     scalar_t* p = rdz + k * O;

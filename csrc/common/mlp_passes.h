@@ -14,8 +14,9 @@
 //   R-backward: Rdz_{L-1} = H_loss Rz_{L-1}; (Hv)_W_l = Rdz_l^T h_{l-1} + dz_l^T Rh_{l-1}, (Hv)_b_l = sum_k Rdz_l;
 //               Rdh_{l-1} = Rdz_l W_l + dz_l VW_l, Rdz_{l-1} = f'(z_{l-1}) * Rdh_{l-1} + f''(z_{l-1}) * dh_{l-1} * Rz_{l-1}.
 //
-// Every matrix product is one gemm (common/small_gemm.h, B row-major). The forward products h W^T therefore read the
-// weights transposed (MlpForwardWeights: W^T [in, out], made once per parameter set by transpose_weights); the
+// Every matrix product is one gemm (common/small_gemm.h). The forward products h W^T therefore read the weights
+// transposed (MlpForwardWeights: W^T [in, out], made once per parameter set by transpose_weights), but for a layer of
+// at most kGemmDotMaxColumns outputs (a policy's actions), whose products are dot products with W's rows; the
 // backward products read W as it is.
 //
 // Every pass takes a team (common/team.h), the threads that run the task together: one on the CPU (SerialTeam),
@@ -134,10 +135,14 @@ C10_HOST_DEVICE inline MlpParams<const scalar_t*> as_const(const MlpParams<scala
   return MlpParams<const scalar_t*>(p);
 }
 
-// The weights of a parameter set as the forward passes read them: w(l) = W_l^T [in, out], row-major, every layer's
-// in one buffer of mlp_transposed_numel elements (written by transpose_weights). A layer with one input or one output
-// feature is its own transpose, but a copy of it costs little and keeps this view two pointers.
+// The weights of a parameter set as the forward passes read them: w(l) = W_l^T [in, out] row-major, or for a layer
+// with few outputs (is_dot_layer) W_l [out, in] itself, every layer's in one buffer of mlp_transposed_numel elements
+// (written by transpose_weights). A copy of a layer that is its own transpose costs little and keeps this view two
+// pointers.
 C10_HOST_DEVICE inline int64_t mlp_transposed_numel(const MlpDims& d) { return d.transposed_numel(); }
+
+// Whether layer l's forward products are dot products with W_l's rows (common/small_gemm.h is_dot_form).
+C10_HOST_DEVICE inline bool is_dot_layer(const MlpDims& d, int l) { return d.out(l) <= kGemmDotMaxColumns; }
 
 template <typename scalar_t>
 struct MlpForwardWeights {
@@ -167,6 +172,10 @@ C10_HOST_DEVICE inline MlpForwardWeights<scalar_t> transpose_weights(const Team&
     const int64_t I = d.in(l), O = d.out(l);
     const scalar_t* __restrict__ W = p.weight(l);
     scalar_t* __restrict__ WT = buffer + d.transposed_offset(l);
+    if (is_dot_layer(d, l)) {
+      for (int64_t j = team.rank(); j < I * O; j += team.size()) WT[j] = W[j];
+      continue;
+    }
     // In tiles, so that the rows a tile writes stay in L1 (column by column, a wide W misses on every element).
     constexpr int64_t kTile = 16;
     int64_t tile = 0;
@@ -184,14 +193,27 @@ C10_HOST_DEVICE inline MlpForwardWeights<scalar_t> transpose_weights(const Team&
   return f;
 }
 
+// The R-passes of mlp_hessian_vector run over a task's rows in tiles of at most this many rows, each tile through
+// all layers, so that a tile's R arrays and the kept arrays it reads stay in L2 from one layer's product to the
+// next (with whole tasks of thousands of rows they went to memory and back between products). Each product's sums
+// over the rows (the parameters' parts of H v) carry on from tile to tile in row order.
+constexpr int64_t kMlpRowTile = 256;
+
+// The rows of the R arrays that a pass over `rows` rows uses: a tile's.
+C10_HOST_DEVICE inline int64_t mlp_r_rows(int64_t rows) { return rows < kMlpRowTile ? rows : kMlpRowTile; }
+
 // Per-layer values of one forward/backward (and R-) pass over K = rows rows, each layer's array [K, width[l + 1]]:
 // z, h = f(z), dz = dL/dz, dh = dL/dh (h, dh unused for the last layer), and with R: Rz, Rh, Rdz. Each kind's
 // layers follow one another from its base (layer l at base + rows * dims->output_offset(l)); z_last and rz_last,
 // when not null, hold the last layer's z and Rz instead (the network's output where the caller wants it).
+// A view of rows [row0, row0 + tile) (row_tile) reads z, h, dz, dh from row row0 on, and its R arrays (laid out for
+// r_rows rows; 0: rows) from their first row: they hold the tile's R-passes only.
 template <typename scalar_t>
 struct MlpActivations {
   const MlpDims* dims = nullptr;
   int64_t rows = 0;
+  int64_t row0 = 0;
+  int64_t r_rows = 0;
   scalar_t* z_base = nullptr;
   scalar_t* h_base = nullptr;
   scalar_t* dz_base = nullptr;
@@ -201,38 +223,49 @@ struct MlpActivations {
   scalar_t* rdz_base = nullptr;
   scalar_t* z_last = nullptr;
   scalar_t* rz_last = nullptr;
+  // dz and dh read as Rdz and Rh: the Gauss-Newton product's backward pass of R{dL/dz} (mlp_hessian_vector).
+  bool backward_of_r = false;
 
-  C10_HOST_DEVICE scalar_t* layer(scalar_t* base, int l) const { return base + rows * dims->output_offset(l); }
+  C10_HOST_DEVICE scalar_t* layer(scalar_t* base, int l) const {
+    return base + rows * dims->output_offset(l) + row0 * dims->out(l);
+  }
+  C10_HOST_DEVICE scalar_t* r_layer(scalar_t* base, int l) const {
+    return base + (r_rows > 0 ? r_rows : rows) * dims->output_offset(l);
+  }
   C10_HOST_DEVICE bool last(int l) const { return l == dims->layers - 1; }
-  C10_HOST_DEVICE scalar_t* z(int l) const { return z_last != nullptr && last(l) ? z_last : layer(z_base, l); }
+  C10_HOST_DEVICE scalar_t* z(int l) const {
+    return z_last != nullptr && last(l) ? z_last + row0 * dims->out(l) : layer(z_base, l);
+  }
   C10_HOST_DEVICE scalar_t* h(int l) const { return layer(h_base, l); }
-  C10_HOST_DEVICE scalar_t* dz(int l) const { return layer(dz_base, l); }
-  C10_HOST_DEVICE scalar_t* dh(int l) const { return layer(dh_base, l); }
-  C10_HOST_DEVICE scalar_t* rz(int l) const { return rz_last != nullptr && last(l) ? rz_last : layer(rz_base, l); }
-  C10_HOST_DEVICE scalar_t* rh(int l) const { return layer(rh_base, l); }
-  C10_HOST_DEVICE scalar_t* rdz(int l) const { return layer(rdz_base, l); }
+  C10_HOST_DEVICE scalar_t* dz(int l) const { return backward_of_r ? rdz(l) : layer(dz_base, l); }
+  C10_HOST_DEVICE scalar_t* dh(int l) const { return backward_of_r ? rh(l) : layer(dh_base, l); }
+  C10_HOST_DEVICE scalar_t* rz(int l) const { return rz_last != nullptr && last(l) ? rz_last : r_layer(rz_base, l); }
+  C10_HOST_DEVICE scalar_t* rh(int l) const { return r_layer(rh_base, l); }
+  C10_HOST_DEVICE scalar_t* rdz(int l) const { return r_layer(rdz_base, l); }
 };
 
 C10_HOST_DEVICE inline int64_t mlp_activations_numel(const MlpDims& d, int64_t rows, bool with_r) {
-  return (with_r ? 7 : 4) * rows * d.layer_outputs_width();
+  return (4 * rows + (with_r ? 3 * mlp_r_rows(rows) : 0)) * d.layer_outputs_width();
 }
 
-// The arrays z, h, dz, dh from base and, when r_base is not null, rz, rh, rdz from r_base; d must outlive them.
+// The arrays z, h, dz, dh from base and, when r_base is not null, rz, rh, rdz (of mlp_r_rows(rows) rows) from
+// r_base; d must outlive them.
 template <typename scalar_t>
 C10_HOST_DEVICE inline MlpActivations<scalar_t> carve_activations_at(const MlpDims& d, int64_t rows, scalar_t* base,
                                                                      scalar_t* r_base) {
-  const int64_t n = rows * d.layer_outputs_width();
+  const int64_t n = rows * d.layer_outputs_width(), r_n = mlp_r_rows(rows) * d.layer_outputs_width();
   MlpActivations<scalar_t> a;
   a.dims = &d;
   a.rows = rows;
+  a.r_rows = mlp_r_rows(rows);
   a.z_base = base;
   a.h_base = base + n;
   a.dz_base = base + 2 * n;
   a.dh_base = base + 3 * n;
   if (r_base != nullptr) {
     a.rz_base = r_base;
-    a.rh_base = r_base + n;
-    a.rdz_base = r_base + 2 * n;
+    a.rh_base = r_base + r_n;
+    a.rdz_base = r_base + 2 * r_n;
   }
   return a;
 }
@@ -244,20 +277,28 @@ C10_HOST_DEVICE inline MlpActivations<scalar_t> carve_activations(const MlpDims&
   return carve_activations_at(d, rows, base, with_r ? base + mlp_activations_numel(d, rows, false) : nullptr);
 }
 
+// The view of a's rows from row0 on (see MlpActivations).
+template <typename scalar_t>
+C10_HOST_DEVICE inline MlpActivations<scalar_t> row_tile(const MlpActivations<scalar_t>& a, int64_t row0) {
+  MlpActivations<scalar_t> tile = a;
+  tile.row0 = a.row0 + row0;
+  return tile;
+}
+
 // ---------------------------------------------------------------------------------------------------------------
-// One layer's products. Shapes: in [K, I], W [O, I] (WT = W^T [I, O]), d/out [K, O].
+// One layer's products. Shapes: in [K, I], W [O, I] (WT = W^T [I, O], or W for a dot layer), d/out [K, O].
 
 // out = bias + in W^T (each row), or with bias null out += in W^T.
 template <typename Team, typename scalar_t>
 C10_HOST_DEVICE inline void linear_forward(const Team& team, int64_t K, int64_t I, int64_t O, const scalar_t* in,
                                            const scalar_t* WT, const scalar_t* bias, scalar_t* out) {
-  if (bias != nullptr) {
-    for (int64_t k = team.rank(); k < K; k += team.size()) {
-      for (int64_t o = 0; o < O; ++o) out[k * O + o] = bias[o];
-    }
-    team.sync();  // the product's blocks are dealt out otherwise
+  GemmOperands<scalar_t> g = gemm_operands(K, O, I, in, I, 1, WT, O, out, O);
+  if (O <= kGemmDotMaxColumns) {  // WT is W (is_dot_layer): B[i, o] = W[o, i]
+    g.ldb = 1;
+    g.b_col = I;
   }
-  team_gemm(team, gemm_operands(K, O, I, in, I, 1, WT, O, out, O), true);
+  g.bias = bias;
+  team_gemm(team, g, bias == nullptr);
   team.sync();
 }
 
@@ -265,7 +306,14 @@ C10_HOST_DEVICE inline void linear_forward(const Team& team, int64_t K, int64_t 
 template <typename Team, typename scalar_t>
 C10_HOST_DEVICE inline void linear_param_grad(const Team& team, int64_t K, int64_t I, int64_t O, const scalar_t* d,
                                               const scalar_t* in, scalar_t* gW, scalar_t* gb, bool accumulate) {
-  team_gemm(team, gemm_operands(O, I, K, d, 1, O, in, I, gW, I), accumulate);
+  if (I < O && I <= kGemmDotMaxColumns) {
+    // gW^T = in^T d written transposed: its O columns fill the vector lanes, which gW's few would not.
+    GemmOperands<scalar_t> g = gemm_operands(I, O, K, in, 1, I, d, O, gW, 1);
+    g.c_col = I;
+    team_gemm(team, g, accumulate);
+  } else {
+    team_gemm(team, gemm_operands(O, I, K, d, 1, O, in, I, gW, I), accumulate);
+  }
   if (gb != nullptr) {
     const scalar_t one = 1;  // gb (+)= ones [1, K] d
     team_gemm(team, gemm_operands(1, O, K, &one, 0, 0, d, O, gb, O), accumulate);
@@ -302,16 +350,20 @@ C10_HOST_DEVICE inline void mlp_forward(const Team& team, const MlpConfig& c, in
 }
 
 // Backward, from a.dz(L - 1) = dL/dz_{L-1}: fills a.dz and a.dh of every layer and, when grads is not null, writes
-// the gradient w.r.t. the parameters to *grads; when dx is not null, the gradient w.r.t. the input x [K, in] to dx.
+// (accumulate: adds) the gradient w.r.t. the parameters to *grads; when dx is not null, the gradient w.r.t. the input
+// x [K, in] to dx.
 template <typename Team, typename scalar_t>
 C10_HOST_DEVICE inline void mlp_backward(const Team& team, const MlpConfig& c, int64_t K, const scalar_t* x,
                                          const MlpParams<const scalar_t*>& p, const MlpActivations<scalar_t>& a,
-                                         const MlpParams<scalar_t*>* grads, scalar_t* dx = nullptr) {
+                                         const MlpParams<scalar_t*>* grads, scalar_t* dx = nullptr,
+                                         bool accumulate = false) {
   const MlpDims& d = c.dims;
   for (int l = d.layers - 1; l >= 0; --l) {
     const int64_t I = d.in(l), O = d.out(l);
     const scalar_t* in = l == 0 ? x : a.h(l - 1);
-    if (grads != nullptr) linear_param_grad(team, K, I, O, a.dz(l), in, grads->weight(l), grads->bias(l), false);
+    if (grads != nullptr) {
+      linear_param_grad(team, K, I, O, a.dz(l), in, grads->weight(l), grads->bias(l), accumulate);
+    }
     if (l > 0) {
       linear_input_grad(team, K, I, O, a.dz(l), p.weight(l), a.dh(l - 1), false);
       activation_backward(team, c.activation, static_cast<scalar_t>(c.act_param), K * I, a.z(l - 1), a.h(l - 1),
@@ -348,18 +400,19 @@ C10_HOST_DEVICE inline void mlp_r_forward(const Team& team, const MlpConfig& c, 
 }
 
 // R-backward, from a.rdz(L - 1) = R{dL/dz_{L-1}}, after mlp_backward and mlp_r_forward (with the same rx): writes
-// H v to hv and, when rdx is not null, R{dL/dx} to rdx [K, in].
+// (accumulate: adds) H v to hv and, when rdx is not null, R{dL/dx} to rdx [K, in].
 template <typename Team, typename scalar_t>
 C10_HOST_DEVICE inline void mlp_r_backward(const Team& team, const MlpConfig& c, int64_t K, const scalar_t* x,
                                            const MlpParams<const scalar_t*>& p, const MlpParams<const scalar_t*>& v,
                                            const MlpActivations<scalar_t>& a, const MlpParams<scalar_t*>& hv,
-                                           const scalar_t* rx = nullptr, scalar_t* rdx = nullptr) {
+                                           const scalar_t* rx = nullptr, scalar_t* rdx = nullptr,
+                                           bool accumulate = false) {
   const MlpDims& d = c.dims;
   for (int l = d.layers - 1; l >= 0; --l) {
     const int64_t I = d.in(l), O = d.out(l);
     const scalar_t* in = l == 0 ? x : a.h(l - 1);
     const scalar_t* r_in = l == 0 ? rx : a.rh(l - 1);
-    linear_param_grad(team, K, I, O, a.rdz(l), in, hv.weight(l), hv.bias(l), false);  // Rdz^T h, sum_k Rdz
+    linear_param_grad(team, K, I, O, a.rdz(l), in, hv.weight(l), hv.bias(l), accumulate);  // Rdz^T h, sum_k Rdz
     if (r_in != nullptr) {
       linear_param_grad(team, K, I, O, a.dz(l), r_in, hv.weight(l), static_cast<scalar_t*>(nullptr),
                         true);  // + dz^T Rh
@@ -405,7 +458,8 @@ C10_HOST_DEVICE inline scalar_t mlp_loss_and_grad(const Team& team, const MlpCon
 // hv = H v, H the Hessian of the task's loss at p, after mlp_loss_and_grad at the same p, x, y filled a; with
 // gauss_newton, the Gauss-Newton product J^T H_loss J v instead (J the output's Jacobian: H without the terms of the
 // network's own curvature; for gaussian H_loss is the Fisher's, common/losses.h): the R-forward pass, then the
-// loss's Hessian, then a plain backward pass of R{dL/dz}. pt, vt: the forward weights of p and v.
+// loss's Hessian, then a plain backward pass of R{dL/dz}. pt, vt: the forward weights of p and v. The passes run
+// over the rows in tiles of a's R arrays' rows (kMlpRowTile), each tile adding its part to hv.
 template <typename Team, typename scalar_t>
 C10_HOST_DEVICE inline void mlp_hessian_vector(const Team& team, const MlpConfig& c, int64_t K, const scalar_t* x,
                                                LossTarget<scalar_t> y, const MlpParams<const scalar_t*>& p,
@@ -414,23 +468,30 @@ C10_HOST_DEVICE inline void mlp_hessian_vector(const Team& team, const MlpConfig
                                                const MlpActivations<scalar_t>& a, const MlpParams<scalar_t*>& hv,
                                                bool gauss_newton = false) {
   const int last = c.dims.layers - 1;
-  mlp_r_forward(team, c, K, x, pt, v, vt, a);
+  const int64_t in = c.dims.width[0], O = c.dims.output_width();
+  const int64_t tile = a.r_rows > 0 ? a.r_rows : K > 0 ? K : 1;  // K == 0: one empty tile
   LossParam<scalar_t> param;
   param.value = p.loss_param(c.dims);
   param.direction = v.loss_param(c.dims);
   param.out = hv.loss_param(c.dims);
-  loss_r_backward(team, c.loss, K, c.dims.output_width(), a.z(last), y, a.rz(last), a.rdz(last), param,
-                  gauss_newton);
-  team.sync();
-  if (!gauss_newton) {
-    mlp_r_backward(team, c, K, x, p, v, a, hv);
-    return;
+  for (int64_t k0 = 0; k0 == 0 || k0 < K; k0 += tile) {  // once for K == 0: hv = 0
+    const int64_t rows = K - k0 < tile ? K - k0 : tile;
+    const bool accumulate = k0 > 0;
+    const scalar_t* x_tile = x + k0 * in;
+    MlpActivations<scalar_t> t = row_tile(a, k0);
+    mlp_r_forward(team, c, rows, x_tile, pt, v, vt, t);
+    loss_r_backward(team, c.loss, rows, O, t.z(last), y.rows_from(k0, O), t.rz(last), t.rdz(last), param,
+                    gauss_newton, K, accumulate);
+    team.sync();
+    if (!gauss_newton) {
+      mlp_r_backward(team, c, rows, x_tile, p, v, t, hv, static_cast<const scalar_t*>(nullptr),
+                     static_cast<scalar_t*>(nullptr), accumulate);
+      continue;
+    }
+    // The backward pass of R{dL/dz}: its dz arrays are Rdz, its dh arrays Rh's (the R-forward's, read no more).
+    t.backward_of_r = true;
+    mlp_backward(team, c, rows, x_tile, p, t, &hv, static_cast<scalar_t*>(nullptr), accumulate);
   }
-  // The backward pass of R{dL/dz}: its dz arrays are Rdz, its dh arrays Rh's (the R-forward's, read no more).
-  MlpActivations<scalar_t> backward = a;
-  backward.dz_base = a.rdz_base;
-  backward.dh_base = a.rh_base;
-  mlp_backward(team, c, K, x, p, backward, &hv);
 }
 
 }  // namespace mamlext
