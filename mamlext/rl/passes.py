@@ -150,7 +150,73 @@ def policy_gradient(spec: PolicySpec, params: Sequence[Tensor], observations: Te
     return grads
 
 
-class PolicyPasses:
+def _forward(spec: PolicySpec, params: Sequence[Tensor], observations: Tensor) -> Tensor:
+    """The network's output [T, K, A]: a batched GEMM per layer with the bias as its addend and the activation in
+    place, none of PolicyPasses' buffers for the products."""
+    h = observations
+    for l in range(spec.layers):
+        Wt = _per_task(params[2 * l], h.shape[0]).transpose(1, 2)
+        z = torch.baddbmm(_bias(params[2 * l + 1]), h, Wt.contiguous() if Wt.shape[1] < Wt.shape[2] else Wt)
+        if l == spec.layers - 1:
+            return z
+        h = torch.relu_(z) if spec.activation == "relu" else torch.tanh_(z)
+
+
+class PolicyOutputs:
+    """A policy's action distributions at ``params`` on observations [T, K, D], from the network's output ``out``
+    [T, K, A] (the Gaussian's mean or the logits): their log-likelihoods and KL divergences. ``policy_outputs``
+    makes one from a forward pass alone; PolicyPasses adds the passes of the products."""
+
+    def __init__(self, spec: PolicySpec, params: Sequence[Tensor], observations: Tensor, out: Tensor):
+        self.spec, self.params, self.x = spec, list(params), observations
+        self.tasks = observations.shape[0]
+        self.out = out
+        self._set_log_std()
+        if spec.distribution != "gaussian":
+            self.log_softmax = torch.log_softmax(out, dim=-1)
+            self.probs = self.log_softmax.exp()
+
+    def _set_log_std(self) -> None:
+        """The Gaussian's log standard deviation [A] or [T, 1, A] and 1 / variance (nothing for categorical)."""
+        if self.spec.distribution == "gaussian":
+            s = self.params[-1]
+            self.log_std = s if s.dim() == 1 else s.unsqueeze(1)
+            self.inv_var = torch.exp(-2 * self.log_std)
+
+    def log_prob(self, actions: Tensor) -> Tensor:
+        """log pi(a | x) [T, K]."""
+        check_samples(self.spec, self.x, actions)
+        if self.spec.distribution == "gaussian":
+            e = actions - self.out
+            return -(0.5 * e * e * self.inv_var + self.log_std + _HALF_LOG_2PI).sum(-1)
+        return self.log_softmax.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+
+    def outputs(self) -> Tuple[Tensor, Tensor]:
+        """What kl() compares with: (mean, log std [T, 1 or K, A]) or (log-probabilities, empty)."""
+        if self.spec.distribution == "gaussian":
+            return self.out, self.log_std.expand(self.tasks, 1, self.spec.action_dim) if self.log_std.dim() == 1 \
+                else self.log_std
+        return self.log_softmax, self.log_softmax.new_empty(0)
+
+    def kl_from(self, old: Tuple[Tensor, Tensor]) -> Tensor:
+        """KL(old || this policy) per sample [T, K]."""
+        if self.spec.distribution == "gaussian":
+            mu_old, s_old = old
+            diff = mu_old - self.out
+            return (self.log_std - s_old + (torch.exp(2 * s_old) + diff * diff) * 0.5 * self.inv_var - 0.5).sum(-1)
+        log_p_old = old[0]
+        return (log_p_old.exp() * (log_p_old - self.log_softmax)).sum(-1)
+
+
+def policy_outputs(spec: PolicySpec, params: Sequence[Tensor], observations: Tensor) -> PolicyOutputs:
+    """The policy's distributions at ``params`` (shared [shape] or per task [T, *shape] each) on observations
+    [T, K, D] from one forward pass: for acting and for the line search's candidates, which need no products."""
+    check_samples(spec, observations)
+    check_params(spec, params, observations.shape[0], observations)
+    return PolicyOutputs(spec, params, observations, _forward(spec, params, observations))
+
+
+class PolicyPasses(PolicyOutputs):
     """One policy's passes at ``params`` (shared [shape] or per task [T, *shape] each) on observations [T, K, D].
     Shapes, dtypes and devices are checked; values are not (mamlext.rl.trpo checks a meta-batch's once)."""
 
@@ -185,41 +251,11 @@ class PolicyPasses:
                 self.fsecond.append(-2 * h * d)
             layer_input = torch.cat([h, ones], dim=-1)
             self.inputs.append(layer_input)
-        if spec.distribution == "gaussian":
-            s = self.params[-1]
-            self.log_std = s if s.dim() == 1 else s.unsqueeze(1)      # [A] or [T, 1, A]
-            self.inv_var = torch.exp(-2 * self.log_std)
-        else:
+        self._set_log_std()
+        if spec.distribution != "gaussian":
             self.log_softmax = torch.log_softmax(self.out, dim=-1)
             self.probs = self.log_softmax.exp()
         self._dz: Optional[List[Tensor]] = None
-
-    # ---------------------------------------------------------------------------------------------------------
-    # log-likelihoods and divergences
-
-    def log_prob(self, actions: Tensor) -> Tensor:
-        """log pi(a | x) [T, K]."""
-        check_samples(self.spec, self.x, actions)
-        if self.spec.distribution == "gaussian":
-            e = actions - self.out
-            return -(0.5 * e * e * self.inv_var + self.log_std + _HALF_LOG_2PI).sum(-1)
-        return self.log_softmax.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
-
-    def outputs(self) -> Tuple[Tensor, Tensor]:
-        """What kl() compares with: (mean, log std [T, 1 or K, A]) or (log-probabilities, empty)."""
-        if self.spec.distribution == "gaussian":
-            return self.out, self.log_std.expand(self.tasks, 1, self.spec.action_dim) if self.log_std.dim() == 1 \
-                else self.log_std
-        return self.log_softmax, self.log_softmax.new_empty(0)
-
-    def kl_from(self, old: Tuple[Tensor, Tensor]) -> Tensor:
-        """KL(old || this policy) per sample [T, K]."""
-        if self.spec.distribution == "gaussian":
-            mu_old, s_old = old
-            diff = mu_old - self.out
-            return (self.log_std - s_old + (torch.exp(2 * s_old) + diff * diff) * 0.5 * self.inv_var - 0.5).sum(-1)
-        log_p_old = old[0]
-        return (log_p_old.exp() * (log_p_old - self.log_softmax)).sum(-1)
 
     # ---------------------------------------------------------------------------------------------------------
     # the loss, its gradient, Hessian-vector and Fisher-vector products
@@ -368,10 +404,7 @@ class FusedPolicyPasses(PolicyPasses):
         check_params(spec, params, observations.shape[0], observations)
         self.spec, self.params, self.x = spec, list(params), observations
         self.tasks = observations.shape[0]
-        if spec.distribution == "gaussian":
-            s = self.params[-1]
-            self.log_std = s if s.dim() == 1 else s.unsqueeze(1)      # [A] or [T, 1, A]
-            self.inv_var = torch.exp(-2 * self.log_std)
+        self._set_log_std()
         loss = "gaussian" if spec.distribution == "gaussian" else "ce"
         self._codes = ops.mlp_codes("FusedPolicyPasses", spec.activation, None, loss)
         # (actions, the op's weights, passes) that the products read, and whether they are loss_grad's (the loss

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from mamlext.rl.envs import TaskEnv
-from mamlext.rl.passes import PolicyPasses
+from mamlext.rl.passes import policy_outputs
 from mamlext.rl.policy import PolicySpec
 
 
@@ -84,15 +84,15 @@ def sample_episodes(env: TaskEnv, tasks: Tensor, spec: PolicySpec, params: Seque
     mask = obs.new_zeros(T, B, H)
     alive = torch.ones(T, B, dtype=torch.bool, device=device)
     for t in range(H):
-        passes = PolicyPasses(spec, params, obs)
+        policy = policy_outputs(spec, params, obs)
         if spec.distribution == "gaussian":
-            action = passes.out
+            action = policy.out
             if not deterministic:
-                action = action + passes.log_std.exp() * noise[:, :, t]
+                action = action + policy.log_std.exp() * noise[:, :, t]
         elif deterministic:
-            action = passes.out.argmax(-1)
+            action = policy.out.argmax(-1)
         else:
-            cumulative = passes.probs.cumsum(-1)
+            cumulative = policy.probs.cumsum(-1)
             action = torch.searchsorted(cumulative, noise[:, :, t].unsqueeze(-1).contiguous()).squeeze(-1)
             action = action.clamp_max(spec.action_dim - 1)  # a uniform above the rounded total
         observations[:, :, t] = obs

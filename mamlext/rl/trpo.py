@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from mamlext.rl.passes import (FusedPolicyPasses, PolicyPasses, check_samples, fused_products_available,
-                               policy_gradient)
+                               policy_gradient, policy_outputs)
 from mamlext.rl.policy import CategoricalMLPPolicy, GaussianMLPPolicy
 from mamlext.rl.sampling import Episodes
 
@@ -257,8 +257,8 @@ class MetaProducts:
         _, self.g_support = self.at_theta.loss_grad(support.actions, support.weights)
         adapted = [p - lr * g for p, lr, g in zip(self.theta, self.rates, self.g_support)]
         self.at_adapted = make(adapted, query.observations, "query")
+        _, g_query = self.at_adapted.loss_grad(query.actions, query.weights)  # first: fused passes keep the output
         self.old_log_prob, self.old_outputs = self.at_adapted.log_prob(query.actions), self.at_adapted.outputs()
-        _, g_query = self.at_adapted.loss_grad(query.actions, query.weights)
         self.gradient = self.reduce_sum(self.flat(self.through_adaptation(g_query))) / self.tasks
         self.start = self.flat(self.theta + (list(self.rates) if self.learn_rates else []))
         # the surrogate and KL at the start: the ratios are 1 (the query's policies are these adapted ones)
@@ -307,8 +307,8 @@ class MetaProducts:
         n = len(self.theta)
         rates = parts[n:] if self.learn_rates else self.rates
         adapted = self.algo._adapted(self.support, parts[:n], rates)
-        passes = PolicyPasses(self.algo.spec, adapted, self.query.observations)
-        ratio = torch.exp(passes.log_prob(self.query.actions) - self.old_log_prob)
+        policy = policy_outputs(self.algo.spec, adapted, self.query.observations)
+        ratio = torch.exp(policy.log_prob(self.query.actions) - self.old_log_prob)
         loss = -(self.query.weights * ratio).sum(1).sum()
-        kl = (self.query.average * passes.kl_from(self.old_outputs)).sum(1).sum()
+        kl = (self.query.average * policy.kl_from(self.old_outputs)).sum(1).sum()
         return self.reduce_sum(torch.stack([loss, kl]).to(torch.float64)) / self.tasks
