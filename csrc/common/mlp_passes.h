@@ -206,8 +206,8 @@ C10_HOST_DEVICE inline int64_t mlp_r_rows(int64_t rows) { return rows < kMlpRowT
 // z, h = f(z), dz = dL/dz, dh = dL/dh (h, dh unused for the last layer), and with R: Rz, Rh, Rdz. Each kind's
 // layers follow one another from its base (layer l at base + rows * dims->output_offset(l)); z_last and rz_last,
 // when not null, hold the last layer's z and Rz instead (the network's output where the caller wants it).
-// A view of rows [row0, row0 + tile) (row_tile) reads z, h, dz, dh from row row0 on, and its R arrays (laid out for
-// r_rows rows; 0: rows) from their first row: they hold the tile's R-passes only.
+// A view of rows [row0, row0 + tile) reads z, h, dz, dh from row row0 on, and its R arrays (laid out for r_rows
+// rows; 0: rows) from their first row: they hold the tile's R-passes only (mlp_hessian_vector's tiles).
 template <typename scalar_t>
 struct MlpActivations {
   const MlpDims* dims = nullptr;
@@ -275,14 +275,6 @@ template <typename scalar_t>
 C10_HOST_DEVICE inline MlpActivations<scalar_t> carve_activations(const MlpDims& d, int64_t rows, bool with_r,
                                                                   scalar_t* base) {
   return carve_activations_at(d, rows, base, with_r ? base + mlp_activations_numel(d, rows, false) : nullptr);
-}
-
-// The view of a's rows from row0 on (see MlpActivations).
-template <typename scalar_t>
-C10_HOST_DEVICE inline MlpActivations<scalar_t> row_tile(const MlpActivations<scalar_t>& a, int64_t row0) {
-  MlpActivations<scalar_t> tile = a;
-  tile.row0 = a.row0 + row0;
-  return tile;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -474,23 +466,25 @@ C10_HOST_DEVICE inline void mlp_hessian_vector(const Team& team, const MlpConfig
   param.value = p.loss_param(c.dims);
   param.direction = v.loss_param(c.dims);
   param.out = hv.loss_param(c.dims);
+  // With gauss_newton, the backward pass of R{dL/dz}: its dz arrays are Rdz, its dh arrays Rh's (the R-forward's,
+  // read no more); neither the R-forward nor the loss reads dz or dh.
+  MlpActivations<scalar_t> t = a;
+  t.backward_of_r = gauss_newton;
   for (int64_t k0 = 0; k0 == 0 || k0 < K; k0 += tile) {  // once for K == 0: hv = 0
     const int64_t rows = K - k0 < tile ? K - k0 : tile;
     const bool accumulate = k0 > 0;
     const scalar_t* x_tile = x + k0 * in;
-    MlpActivations<scalar_t> t = row_tile(a, k0);
+    t.row0 = a.row0 + k0;
     mlp_r_forward(team, c, rows, x_tile, pt, v, vt, t);
     loss_r_backward(team, c.loss, rows, O, t.z(last), y.rows_from(k0, O), t.rz(last), t.rdz(last), param,
                     gauss_newton, K, accumulate);
     team.sync();
-    if (!gauss_newton) {
+    if (gauss_newton) {
+      mlp_backward(team, c, rows, x_tile, p, t, &hv, static_cast<scalar_t*>(nullptr), accumulate);
+    } else {
       mlp_r_backward(team, c, rows, x_tile, p, v, t, hv, static_cast<const scalar_t*>(nullptr),
                      static_cast<scalar_t*>(nullptr), accumulate);
-      continue;
     }
-    // The backward pass of R{dL/dz}: its dz arrays are Rdz, its dh arrays Rh's (the R-forward's, read no more).
-    t.backward_of_r = true;
-    mlp_backward(team, c, rows, x_tile, p, t, &hv, static_cast<scalar_t*>(nullptr), accumulate);
   }
 }
 

@@ -387,15 +387,18 @@ C10_HOST_DEVICE inline void gemm(const GemmOperands<scalar_t>& g, bool accumulat
 // GPU block): blocks of at most 2 x 2 elements of C, small enough that every thread of a block has some for the
 // narrow layers, dealt out in turn; the dot form as dot products, by rows. Every element of C outside the dot form is
 // summed in the same order as by gemm.
-// A block of C written as g.c_col says.
+// A block of C written as g.c_col says (the portable block reads it at run time; the host's vector block takes it as
+// a template argument).
 template <int MR, int NR, typename scalar_t>
 C10_HOST_DEVICE inline void gemm_block_any_c(const GemmOperands<scalar_t>& g, int64_t r0, int64_t c0,
                                              bool accumulate) {
-  if (g.c_col == 1) {
-    gemm_block<MR, NR, scalar_t, true>(g, r0, c0, accumulate);
-  } else {
+#if defined(__GNUC__) && !defined(__CUDACC__)
+  if (g.c_col != 1) {
     gemm_block<MR, NR, scalar_t, false>(g, r0, c0, accumulate);
+    return;
   }
+#endif
+  gemm_block<MR, NR, scalar_t, true>(g, r0, c0, accumulate);
 }
 
 template <typename scalar_t>
