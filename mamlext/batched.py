@@ -252,39 +252,67 @@ class BatchedMAML(TaskBatchedAlgorithm):
 
     # --- MAML ----------------------------------------------------------------------------------------------------
 
-    def meta_loss(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Tensor:
+    def meta_loss(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, support_weights: Optional[Tensor] = None,
+                  query_weights: Optional[Tensor] = None) -> Tensor:
         """The mean over tasks of the query loss after the inner loop (MAML++: the step_weights-weighted sum of the
         query losses after each step). Its backward puts the exact meta-gradient into model.parameters() and
         inner_lrs (no gradient flows to the data). The per-task losses are kept in ``last_task_losses``.
 
-        xs [T, K, in], ys [T, K, out] (mse) or [T, K] int64 (ce); xq [T, Kq, in], yq likewise."""
+        xs [T, K, in], ys [T, K, out] (mse) or [T, K] int64 (ce); xq [T, Kq, in], yq likewise.
+        support_weights [T, K], query_weights [T, Kq] (optional, fused MLP engine): each row's loss times its weight
+        before the mean, as mamlext.ops.mlp_maml; with "ce" and advantages as weights, the inner step is a
+        categorical policy's policy-gradient step and the meta-loss its query surrogate."""
         engine = self._current_engine()
         args = (xs, ys, xq, yq, self._inner_steps, self._rates, self.step_weights, self._multi_step, self.first_order)
+        row_weights = dict(support_weights=support_weights, query_weights=query_weights)
         if isinstance(xs, Tensor) and isinstance(xq, Tensor) and engine.inputs_checked_by_kernel(xs) \
                 and xq.numel() > 0:
             try:  # the kernel checks every input as it reads it; this class's checks only word what it refused
-                mean, losses = engine.meta_loss(*args)
+                mean, losses = engine.meta_loss(*args, **row_weights)
             except (ValueError, TypeError, RuntimeError):
                 self._check_support_query(xs, ys, xq, yq)
+                self._check_row_weights("meta_loss", (("support_weights", support_weights, xs),
+                                                      ("query_weights", query_weights, xq)))
                 raise
         else:
             with engine.guard():
                 self._check_support_query(xs, ys, xq, yq)
-                mean, losses = engine.meta_loss(*args)
+                self._check_row_weights("meta_loss", (("support_weights", support_weights, xs),
+                                                      ("query_weights", query_weights, xq)))
+                mean, losses = engine.meta_loss(*args, **row_weights)
         self.last_task_losses = losses.detach()
         return mean
 
-    def adapt(self, xs: Tensor, ys: Tensor, steps: Optional[int] = None) -> List[Tensor]:
+    def _check_row_weights(self, method: str, named: Sequence[Tuple[str, Optional[Tensor], Tensor]]) -> None:
+        """Each (name, weights, x) with weights given: a finite tensor [T, K] of x's rows, in the model's dtype and on
+        its device."""
+        like = self._engine.params()[0]
+        for name, w, x in named:
+            if w is None:
+                continue
+            if not isinstance(w, Tensor):
+                raise TypeError(f"{self._owner}.{method}: {name} must be a tensor or None, got {type(w).__name__}")
+            if list(w.shape) != list(x.shape[:2]):
+                raise ValueError(f"{self._owner}.{method}: {name} must be [T, K] = {list(x.shape[:2])} (one weight per "
+                                 f"row), got {list(w.shape)}")
+            if (w.dtype, w.device) != (like.dtype, like.device):
+                raise ValueError(f"{self._owner}.{method}: {name} must have the model's dtype {like.dtype} on "
+                                 f"{like.device}, got {w.dtype} on {w.device}")
+            self._check_finite(method, ((name, w),))
+
+    def adapt(self, xs: Tensor, ys: Tensor, steps: Optional[int] = None,
+              support_weights: Optional[Tensor] = None) -> List[Tensor]:
         """Per-task adapted parameters after `steps` (default inner_steps) inner SGD steps on the support set:
         P tensors [T, *S_i], without a graph (for evaluation). per_layer_step rates beyond inner_steps stay at the
-        last step's rate."""
+        last step's rate. support_weights: as in meta_loss."""
         engine = self._current_engine()
         steps = self._inner_steps if steps is None else steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"{self._owner}.adapt: steps must be an int >= 0, got {steps!r}")
         with engine.guard():
             self._check_pair("adapt", xs, ys, "xs", "ys")
-            return engine.adapt(xs, ys, steps, self._rates)
+            self._check_row_weights("adapt", (("support_weights", support_weights, xs),))
+            return engine.adapt(xs, ys, steps, self._rates, support_weights=support_weights)
 
     def extra_repr(self) -> str:
         engine = f"activation={self.activation!r}" if self.engine == "fused_mlp" else f"memory={self.memory!r}"

@@ -1,9 +1,10 @@
 // The small dense linear algebra of one task's MLP math (common/mlp_passes.h), on raw pointers, shared by the CPU
 // and CUDA kernels so that both run the same arithmetic.
 //
-// Every matrix product is one register-tiled kernel, gemm (C (+)= A B, B row-major): blocks of C stay in registers
-// while the shared dimension streams by, and each element of C is summed over that dimension in order, whatever the
-// tiling (but for products of at most kGemmDotMaxColumns columns read as dot products, vectorized).
+// Every matrix product is one call of gemm (C (+)= A B, each operand read through strides, GemmOperands): blocks of C
+// stay in registers while the shared dimension streams by in chunks, and each element of C is summed over that
+// dimension in order, whatever the tiling; products of at most kGemmDotMaxColumns columns whose operands are both
+// contiguous along the shared dimension are dot products instead, vectorized along it.
 //
 // The team helpers (fill, dot, axpy, team_gemm) take a team (common/team.h), the threads that run a task together:
 // one on the CPU (SerialTeam), for which team_gemm is gemm; a thread block on the GPU (cuda/mlp_block.cu), whose

@@ -11,8 +11,12 @@ An engine is bound to one model and computes with the model's parameters as they
                                   checks run only to word an error the kernel raised)
     check_pair(where, x, y, ...)  shapes, dtypes and labels of an input pair, errors prefixed with `where`
     check_predict_input(where, x)
-    meta_loss(xs, ys, xq, yq, steps, rates, step_weights, multi_step, first_order) -> (mean, per-task losses)
-    adapt(xs, ys, steps, rates) -> per-task parameters [T, *S_i]
+    meta_loss(xs, ys, xq, yq, steps, rates, step_weights, multi_step, first_order, support_weights=None,
+              query_weights=None) -> (mean, per-task losses)
+    adapt(xs, ys, steps, rates, support_weights=None) -> per-task parameters [T, *S_i]
+                                  (support_weights, query_weights: [T, K] weights of the loss's rows, e.g. a
+                                  policy gradient's advantages; the fused MLP engine takes them, the generic engine
+                                  refuses them)
     predict(adapted, x) -> [T, K, *out]
 
 The algorithms (BatchedMAML, ANIL, Reptile, iMAML) own the rates, the step weights and the checks every engine

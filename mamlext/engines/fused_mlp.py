@@ -9,7 +9,7 @@ engine runs no checks of its own before it: ``inputs_checked_by_kernel`` tells t
 runs its own checks only to word an error the kernel raised.
 """
 import contextlib
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -85,22 +85,30 @@ class FusedMLPEngine:
     # --- MAML ----------------------------------------------------------------------------------------------------
 
     def meta_loss(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, steps: int, rates: InnerRates,
-                  step_weights: Tensor, multi_step: bool, first_order: bool) -> Tuple[Tensor, Tensor]:
+                  step_weights: Tensor, multi_step: bool, first_order: bool, support_weights: Optional[Tensor] = None,
+                  query_weights: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """(mean query loss, per-task losses [T]); the mean's backward is the exact meta-gradient."""
         params = self._params
         # Plain MAML's weights on the CPU: the layerwise CUDA kernels then skip the unweighted query passes without
         # reading the weights back from the GPU.
         weights = step_weights if multi_step else ops.last_step_weights(steps, params[0].dtype)
-        return ops.mlp_maml_mean(params, xs, ys, xq, yq, rates.of_every_step(params, steps), weights,
-                                 first_order, *self.codes)
+        lrs = rates.of_every_step(params, steps)
+        if support_weights is None and query_weights is None:
+            return ops.mlp_maml_mean(params, xs, ys, xq, yq, lrs, weights, first_order, *self.codes)
+        # the rows' weights: mlp_maml itself (mlp_maml_mean's binding takes none)
+        losses = ops.mlp_maml(params, xs, ys, xq, yq, lrs, weights, first_order, self.activation, self.act_param,
+                              self.loss, support_weights, query_weights)[0]
+        return losses.mean(), losses
 
-    def adapt(self, xs: Tensor, ys: Tensor, steps: int, rates: InnerRates) -> List[Tensor]:
+    def adapt(self, xs: Tensor, ys: Tensor, steps: int, rates: InnerRates,
+              support_weights: Optional[Tensor] = None) -> List[Tensor]:
         params = self._params
         tasks = xs.shape[0]
         with torch.no_grad():
             current = [p.detach().unsqueeze(0).expand(tasks, *p.shape).clone() for p in params]
             for step in range(steps):
-                _, grads = ops.mlp_loss_grad(current, xs, ys, self.activation, self.act_param, self.loss)
+                _, grads = ops.mlp_loss_grad(current, xs, ys, self.activation, self.act_param, self.loss,
+                                             weights=support_weights)
                 current = ops.task_sgd(current, grads, rates.at(step, params))
         return current
 

@@ -355,8 +355,15 @@ class GenericEngine:
         dims = None if shared else 0
         return vmap(self._loss_native, in_dims=(dims, None, 0, 0))(list(theta), self._buffers(False), x, y)
 
-    def adapt(self, xs: Tensor, ys: Tensor, steps: int, rates: InnerRates) -> List[Tensor]:
+    def _refuse_row_weights(self, method: str, *weights: Optional[Tensor]) -> None:
+        if any(w is not None for w in weights):
+            raise ValueError(f"{self.owner}.{method}: support_weights and query_weights (weights of the loss's rows) "
+                             f"run on the fused MLP engine only, not on the generic engine that serves this model")
+
+    def adapt(self, xs: Tensor, ys: Tensor, steps: int, rates: InnerRates,
+              support_weights: Optional[Tensor] = None) -> List[Tensor]:
         """Per-task parameters after `steps` inner SGD steps, without a graph: P tensors [T, *S_i]."""
+        self._refuse_row_weights("adapt", support_weights)
         params = self.params()
         theta = [p.detach() for p in params]
         shared = True
@@ -380,9 +387,11 @@ class GenericEngine:
     # --- meta-gradients ------------------------------------------------------------------------------------------
 
     def meta_loss(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, steps: int, rates: InnerRates,
-                  step_weights: Tensor, multi_step: bool, first_order: bool) -> Tuple[Tensor, Tensor]:
+                  step_weights: Tensor, multi_step: bool, first_order: bool, support_weights: Optional[Tensor] = None,
+                  query_weights: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """(mean query loss, per-task losses [T]) in the engine's memory mode; the mean's backward is the exact
         meta-gradient."""
+        self._refuse_row_weights("meta_loss", support_weights, query_weights)
         weights = step_weights if multi_step else None
         if self.memory == "graph":
             losses = self.task_losses_graph(xs, ys, xq, yq, steps, rates, weights, first_order)
