@@ -141,8 +141,9 @@ C10_HOST_DEVICE inline MlpParams<const scalar_t*> as_const(const MlpParams<scala
 // pointers.
 C10_HOST_DEVICE inline int64_t mlp_transposed_numel(const MlpDims& d) { return d.transposed_numel(); }
 
-// Whether layer l's forward products are dot products with W_l's rows (common/small_gemm.h is_dot_form).
-C10_HOST_DEVICE inline bool is_dot_layer(const MlpDims& d, int l) { return d.out(l) <= kGemmDotMaxColumns; }
+// Whether a layer of `outputs` outputs runs its forward products as dot products with W's rows (common/small_gemm.h
+// is_dot_form): transpose_weights then keeps W as it is, and linear_forward reads it so.
+C10_HOST_DEVICE inline bool is_dot_layer(int64_t outputs) { return outputs <= kGemmDotMaxColumns; }
 
 template <typename scalar_t>
 struct MlpForwardWeights {
@@ -172,7 +173,7 @@ C10_HOST_DEVICE inline MlpForwardWeights<scalar_t> transpose_weights(const Team&
     const int64_t I = d.in(l), O = d.out(l);
     const scalar_t* __restrict__ W = p.weight(l);
     scalar_t* __restrict__ WT = buffer + d.transposed_offset(l);
-    if (is_dot_layer(d, l)) {
+    if (is_dot_layer(O)) {
       for (int64_t j = team.rank(); j < I * O; j += team.size()) WT[j] = W[j];
       continue;
     }
@@ -285,7 +286,7 @@ template <typename Team, typename scalar_t>
 C10_HOST_DEVICE inline void linear_forward(const Team& team, int64_t K, int64_t I, int64_t O, const scalar_t* in,
                                            const scalar_t* WT, const scalar_t* bias, scalar_t* out) {
   GemmOperands<scalar_t> g = gemm_operands(K, O, I, in, I, 1, WT, O, out, O);
-  if (O <= kGemmDotMaxColumns) {  // WT is W (is_dot_layer): B[i, o] = W[o, i]
+  if (is_dot_layer(O)) {  // WT is W: B[i, o] = W[o, i]
     g.ldb = 1;
     g.b_col = I;
   }
