@@ -135,3 +135,28 @@ def test_unit_weights_give_the_unweighted_gradients_of_learned_rates(lr_mode):
     ones = maml.meta_loss(xs, ys, xq, yq, support_weights=torch.ones(T, K, dtype=torch.float64),
                           query_weights=torch.ones(T, KQ, dtype=torch.float64))
     assert_close(torch.autograd.grad(ones, leaves), unweighted, f"unit weights, {lr_mode}")
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_meta_gradient_matches_central_differences(loss):
+    """The weighted meta-loss's derivative along a random direction of the parameters, by central differences."""
+    model = make_model(loss)
+    xs, ys, xq, yq, ws, wq = make_data(loss)
+    maml = mamlext.BatchedMAML(model, inner_lr=LR, inner_steps=2, loss=loss)
+    params = list(model.parameters())
+    grads = torch.autograd.grad(maml.meta_loss(xs, ys, xq, yq, support_weights=ws, query_weights=wq), params)
+    direction = [torch.randn_like(p) for p in params]
+    eps = 1e-5
+
+    def shifted(sign):
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.add_(sign * eps * d)
+            value = maml.meta_loss(xs, ys, xq, yq, support_weights=ws, query_weights=wq)
+            for p, d in zip(params, direction):
+                p.sub_(sign * eps * d)
+        return value
+
+    finite_difference = (shifted(1.0) - shifted(-1.0)) / (2 * eps)
+    analytic = sum((g * d).sum() for g, d in zip(grads, direction))
+    assert abs(float(finite_difference - analytic)) <= 1e-7 * max(1.0, abs(float(analytic)))

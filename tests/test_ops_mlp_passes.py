@@ -70,3 +70,40 @@ def test_bad_passes_are_refused_by_name():
             torch.ops.mamlext._mlp_passes(params, x, y, *codes, weights, bad.clone())
     with pytest.raises(ValueError, match="contiguous"):
         torch.ops.mamlext._mlp_passes(params, x, y, *codes, weights, passes.t().contiguous().t())
+
+
+def normwise_close(actual, expected, rtol, what):
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        err = float((a - e).norm() / e.norm().clamp_min(1e-300))
+        assert err <= rtol, f"{what}[{i}]: relative error {err:.3e}"
+
+
+@pytest.mark.parametrize("act", ["tanh", "relu"])
+@pytest.mark.parametrize("loss", ["mse", "ce", "gaussian"])
+def test_more_rows_than_a_tile_match_the_reference(loss, act):
+    """600 rows: three R-pass tiles (common/mlp_passes.h kMlpRowTile = 256) and three depth chunks of the weight
+    gradients' GEMMs (small_gemm.h kGemmDepthChunk), on a 2-9-7-2 network whose first layer writes its weight gradient
+    transposed and whose last is dot products: every product against the autograd reference twins, float64, on the
+    per-task and the team path, and through kept passes."""
+    params, x, y, weights, vectors = make_case(loss, False, tasks=2, rows=600, sizes=(2, 9, 7, 2))
+    codes = (ACTIVATIONS[act], 0.0, LOSSES[loss])
+    e_losses, e_grads = reference.mlp_loss_grad(params, x, y, *codes, weights)
+    losses, grads = torch.ops.mamlext.mlp_loss_grad(params, x, y, *codes, weights)
+    normwise_close([losses, *grads], [e_losses, *e_grads], 1e-10, "mlp_loss_grad")
+    T, K = x.shape[:2]
+    passes = torch.empty(T, 4 * K * (9 + 7 + 2), dtype=torch.float64)
+    torch.ops.mamlext._mlp_passes(params, x, y, *codes, weights, passes)
+    for gauss_newton in (False, True):
+        expected = reference.mlp_hvp(params, vectors, x, y, *codes, weights, gauss_newton)
+        for path, team in (("per_task", 0), ("team", 3)):
+            got = torch.ops.mamlext._mlp_hvp_path(params, vectors, x, y, *codes, path, team, weights, gauss_newton)
+            normwise_close(got, expected, 1e-10, f"{path} gauss_newton={gauss_newton}")
+        got = torch.ops.mamlext._mlp_hvp_from_passes(params, vectors, x, y, passes, *codes, weights, gauss_newton)
+        normwise_close(got, expected, 1e-10, f"kept passes gauss_newton={gauss_newton}")
+    lrs = [torch.full((2,), 0.1, dtype=torch.float64) for _ in params]
+    step_weights = torch.tensor([0.5, 1.0], dtype=torch.float64)
+    expected = reference.mlp_maml(params, x, y, x[:, :300], y[:, :300], lrs, step_weights, False, *codes, weights,
+                                  weights[:, :300])
+    got = torch.ops.mamlext.mlp_maml(params, x, y, x[:, :300], y[:, :300], lrs, step_weights, False, *codes, weights,
+                                     weights[:, :300])
+    normwise_close([got[0], *got[1], *got[2]], [expected[0], *expected[1], *expected[2]], 1e-9, "mlp_maml")
